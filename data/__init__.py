@@ -1,0 +1,1 @@
+"""Data: feature schema, Parquet shard writing/preparation, and sharded streaming batches."""

@@ -1,0 +1,64 @@
+"""The training batch: sparse ids as a TorchRec KeyedJaggedTensor plus dense features and labels.
+
+Shapes (B = rows in the batch, F = dense features, T = tasks)::
+
+    sparse      KeyedJaggedTensor, keys = sparse feature names, stride B
+    dense       (B, F) float32
+    labels      (B, T) float32
+    label_mask  (B, T) float32   1 where the task's label counts (0: padding row, masked task, bad row)
+    weights     (B,)   float32   per-row sample weight (0 for padding rows)
+    row_id      (B,)   int64     position of the row in the epoch's row sequence (its position in the split
+                                 when the stream is not shuffled, as in evaluation); -1 for padding rows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    sparse: KeyedJaggedTensor
+    dense: torch.Tensor
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+    weights: torch.Tensor
+    row_id: torch.Tensor
+    position: int = -1
+    """Index of this batch within its epoch on this rank (the reader position after it is consumed
+    is ``position + 1``)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.dense.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            sparse=self.sparse.to(device=device, non_blocking=non_blocking),
+            dense=self.dense.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            label_mask=self.label_mask.to(device=device, non_blocking=non_blocking),
+            weights=self.weights.to(device=device, non_blocking=non_blocking),
+            row_id=self.row_id.to(device=device, non_blocking=non_blocking),
+            position=self.position,
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse.record_stream(stream)
+        for tensor in (self.dense, self.labels, self.label_mask, self.weights, self.row_id):
+            tensor.record_stream(stream)
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            sparse=self.sparse.pin_memory(),
+            dense=self.dense.pin_memory(),
+            labels=self.labels.pin_memory(),
+            label_mask=self.label_mask.pin_memory(),
+            weights=self.weights.pin_memory(),
+            row_id=self.row_id.pin_memory(),
+            position=self.position,
+        )

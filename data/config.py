@@ -1,0 +1,124 @@
+"""Typed configuration of the data: where the Parquet data set lives, its feature schema, batching.
+
+Every field is documented; `trainer.config.load_config` builds these from YAML and rejects unknown
+keys and wrong types with the dotted key in the message (for example ``data.batch_size``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class SparseFeature:
+    """One sparse (categorical id) feature, looked up in a TorchRec embedding table.
+
+    A single-valued feature has one id per row (``int64`` column); a multi-hot feature has a
+    variable-length list of ids per row (``list<int64>`` column), pooled by ``pooling``.
+    """
+
+    name: str
+    """Feature key in the KeyedJaggedTensor and in the model."""
+    column: Optional[str] = None
+    """Parquet column holding the ids (default: ``name``)."""
+    num_embeddings: Optional[int] = None
+    """Rows of the embedding table. ``null`` takes the vocabulary size from the data set's metadata."""
+    embedding_dim: int = 16
+    """Width of the embedding vectors."""
+    pooling: str = "sum"
+    """How a multi-hot bag is reduced: ``sum`` or ``mean``."""
+    multi_hot: bool = False
+    """True for ``list<int64>`` columns (variable number of ids per row)."""
+    table: Optional[str] = None
+    """Embedding table name; features naming the same table share it (default: ``t_<name>``)."""
+    id_mapping: str = "vocab"
+    """``vocab``: ids were mapped to ``[0, num_embeddings)`` at preparation (0 = out-of-vocabulary);
+    ids outside that range at read time go to row 0. ``hash``: raw non-negative ids are hashed into
+    ``num_embeddings`` rows."""
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+    @property
+    def table_name(self) -> str:
+        return self.table or f"t_{self.name}"
+
+
+@dataclass
+class DenseFeature:
+    """One dense float feature (a ``float``/``double`` Parquet column)."""
+
+    name: str
+    """Feature name."""
+    column: Optional[str] = None
+    """Parquet column (default: ``name``)."""
+    fill_nan: Optional[float] = None
+    """Value that replaces NaN/inf at read time; ``null`` makes NaN/inf an error naming file and row."""
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+
+@dataclass
+class PrepareConfig:
+    """How to build the data set on first use when ``data.path`` holds no complete data set."""
+
+    format: str = "synthetic"
+    """``synthetic`` (generated), ``movielens100k`` (the ml-100k folder), or another format that
+    ``towerrec prepare --help`` lists."""
+    source: Optional[str] = None
+    """Input file or folder for converted formats (ignored for ``synthetic``)."""
+    split: str = "random"
+    """Split rule: ``random``, ``time``, ``user``, or a canonical MovieLens split such as ``u1``."""
+    val_fraction: float = 0.1
+    """Fraction of the training rows held out as the validation split (for early stopping/tuning)."""
+    test_fraction: float = 0.1
+    """Fraction of rows in the test split (for ``random``/``time``/``user`` splits)."""
+    num_shards: int = 4
+    """Parquet files written per split."""
+    row_group_size: int = 16384
+    """Rows per Parquet row group (the unit of reading and of rank assignment)."""
+    num_rows: int = 200_000
+    """Synthetic: number of interactions."""
+    num_users: int = 2_000
+    """Synthetic: number of users."""
+    num_items: int = 1_000
+    """Synthetic: number of items."""
+    zipf_exponent: float = 1.05
+    """Synthetic: power-law exponent of user/item popularity."""
+    seed: int = 0
+    """Seed of the generator and of the split."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data set is and how batches are built."""
+
+    path: str = "runs/data/synthetic"
+    """Data set folder: ``metadata.json`` plus one sub-folder of Parquet shards per split."""
+    prepare: Optional[PrepareConfig] = None
+    """If set and ``path`` holds no complete data set, build it first (the embedded default does)."""
+    train_split: str = "train"
+    """Split used for training."""
+    val_split: Optional[str] = "val"
+    """Split evaluated during training (``null`` disables validation)."""
+    test_split: Optional[str] = "test"
+    """Split evaluated by ``towerrec test`` and at the end of ``fit``."""
+    batch_size: int = 512
+    """Training batch size per rank."""
+    eval_batch_size: int = 4096
+    """Evaluation batch size per rank."""
+    shuffle_window_rows: int = 65536
+    """Rows shuffled together (row groups are also visited in a seeded random order each epoch)."""
+    sparse: list[SparseFeature] = field(default_factory=list)
+    """Sparse id features."""
+    dense: list[DenseFeature] = field(default_factory=list)
+    """Dense float features."""
+    sample_weight_column: Optional[str] = None
+    """Optional per-row sample weight column (float)."""
+    bad_rows: str = "error"
+    """What to do with a row whose label/feature value is invalid: ``error`` (stop, naming file,
+    row group and row) or ``skip`` (drop it, count it and report the count)."""

@@ -1,0 +1,185 @@
+"""MovieLens 100K (``u.data``, ``u.user``, ``u.item``) → the project's Parquet data set.
+
+Columns written: ``user_id``, ``item_id``, ``gender``, ``age_bucket``, ``occupation``,
+``zip_prefix``, ``release_decade`` (sparse, vocabularies fitted on the training split, row 0 =
+unseen), ``genres`` (multi-hot), ``timestamp`` (int64), dense history features computed on the
+training split only (``user_mean_rating``, ``item_mean_rating``, ``user_log_count``,
+``item_log_count``; for training rows leave-one-out, so a row never sees its own label), and the
+labels ``rating`` (1..5) and ``click`` (= rating >= 4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from data.config import PrepareConfig
+from data.dataset import DataError, DatasetMeta, DatasetWriter
+from data.vocab import Vocabulary
+
+CANONICAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
+AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])
+NUM_GENRES = 19
+SPARSE_COLUMNS = ("user_id", "item_id", "gender", "age_bucket", "occupation", "zip_prefix", "release_decade")
+
+
+def _read_delimited(path: Path, delimiter: str, names: list[str], types: dict) -> pa.Table:
+    if not path.exists():
+        raise DataError(f"{path}: file not found (expected the MovieLens 100K folder layout)")
+    try:
+        return pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, encoding="latin-1"),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False),
+            convert_options=pacsv.ConvertOptions(column_types=types),
+        )
+    except pa.ArrowInvalid as err:
+        raise DataError(f"{path}: cannot parse as MovieLens 100K ({err})") from err
+
+
+def read_ratings(path: Path) -> dict[str, np.ndarray]:
+    table = _read_delimited(
+        path,
+        "\t",
+        ["user", "item", "rating", "timestamp"],
+        {"user": pa.int64(), "item": pa.int64(), "rating": pa.float32(), "timestamp": pa.int64()},
+    )
+    ratings = {name: table.column(name).to_numpy() for name in table.column_names}
+    bad = np.flatnonzero((ratings["rating"] < 1) | (ratings["rating"] > 5))
+    if len(bad):
+        raise DataError(f"{path}: column rating, row {bad[0]}: value {ratings['rating'][bad[0]]} outside [1, 5]")
+    bad = np.flatnonzero((ratings["user"] < 0) | (ratings["item"] < 0))
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0]}: negative user or item id")
+    return ratings
+
+
+def _user_table(root: Path) -> dict[str, np.ndarray]:
+    names = ["user", "age", "gender", "occupation", "zip"]
+    table = _read_delimited(root / "u.user", "|", names, {"user": pa.int64(), "age": pa.int64(), "zip": pa.string()})
+    users = table.column("user").to_numpy()
+    size = users.max() + 1
+    out = {}
+    for name in ("age", "gender", "occupation", "zip"):
+        values = table.column(name).to_numpy(zero_copy_only=False)
+        if name == "zip":
+            values = np.array([z[:1] if z[:1].isdigit() else "X" for z in values])
+        full = np.empty(size, dtype=values.dtype)
+        full[users] = values
+        out[name] = full
+    return out
+
+
+def _item_table(root: Path) -> dict[str, np.ndarray]:
+    names = ["item", "title", "release", "video", "url"] + [f"g{i}" for i in range(NUM_GENRES)]
+    table = _read_delimited(root / "u.item", "|", names, {"item": pa.int64(), "release": pa.string()})
+    items = table.column("item").to_numpy()
+    size = items.max() + 1
+    genre_matrix = np.zeros((size, NUM_GENRES), dtype=bool)
+    for i in range(NUM_GENRES):
+        genre_matrix[items, i] = table.column(f"g{i}").to_numpy() == 1
+    release = table.column("release").to_numpy(zero_copy_only=False)
+    years = np.array([int(r[-4:]) if r and r[-4:].isdigit() else 0 for r in release])
+    decade = np.zeros(size, dtype=np.int64)
+    decade[items] = np.where(years > 0, years // 10, 0)
+    return {"genres": genre_matrix, "decade": decade}
+
+
+def _history_features(
+    users: np.ndarray, items: np.ndarray, train_users, train_items, train_ratings, leave_one_out: bool, ratings
+) -> dict[str, np.ndarray]:
+    """Mean rating and log count per user and item from the training split (smoothed to the global mean)."""
+    global_mean = float(train_ratings.mean())
+    out = {}
+    for prefix, keys, train_keys in (("user", users, train_users), ("item", items, train_items)):
+        size = max(keys.max(), train_keys.max()) + 1
+        sums = np.bincount(train_keys, weights=train_ratings, minlength=size)
+        counts = np.bincount(train_keys, minlength=size).astype(np.float64)
+        row_sums, row_counts = sums[keys], counts[keys]
+        if leave_one_out:
+            row_sums = row_sums - ratings
+            row_counts = row_counts - 1
+        prior = 5.0
+        out[f"{prefix}_mean_rating"] = ((row_sums + prior * global_mean) / (row_counts + prior)).astype(np.float32)
+        out[f"{prefix}_log_count"] = np.log1p(row_counts).astype(np.float32)
+    return out
+
+
+def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
+    """Converts the ml-100k folder ``cfg.source``; ``cfg.split`` is ``u1``..``u5``/``ua``/``ub`` or ``random``."""
+    if not cfg.source:
+        raise DataError("data.prepare.source: set it to the ml-100k folder (with u.data, u.user, u.item)")
+    root = Path(cfg.source)
+    if not root.is_dir():
+        raise DataError(f"{root}: data.prepare.source is not a folder")
+    if cfg.split in CANONICAL_SPLITS:
+        split_dir = root / "splits" if (root / "splits").is_dir() else root
+        base = read_ratings(split_dir / f"{cfg.split}.base")
+        test = read_ratings(split_dir / f"{cfg.split}.test")
+    elif cfg.split == "random":
+        everything = read_ratings(root / "u.data")
+        rng = np.random.default_rng(cfg.seed)
+        is_test = rng.random(len(everything["user"])) < cfg.test_fraction
+        base = {k: v[~is_test] for k, v in everything.items()}
+        test = {k: v[is_test] for k, v in everything.items()}
+    else:
+        raise DataError(f"data.prepare.split: {cfg.split!r} is not one of {CANONICAL_SPLITS + ('random',)}")
+    rng = np.random.default_rng(cfg.seed + 1)
+    is_val = rng.random(len(base["user"])) < cfg.val_fraction
+    splits = {
+        "train": {k: v[~is_val] for k, v in base.items()},
+        "val": {k: v[is_val] for k, v in base.items()},
+        "test": test,
+    }
+    user_info = _user_table(root)
+    item_info = _item_table(root)
+    train = splits["train"]
+
+    def raw_columns(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        users, items = rows["user"], rows["item"]
+        return {
+            "user_id": users,
+            "item_id": items,
+            "gender": (user_info["gender"][users] == "F").astype(np.int64),
+            "age_bucket": np.searchsorted(AGE_EDGES, user_info["age"][users], side="right"),
+            "occupation": user_info["occupation"][users],
+            "zip_prefix": user_info["zip"][users],
+            "release_decade": item_info["decade"][items],
+        }
+
+    train_raw = raw_columns(train)
+    vocabs = {name: Vocabulary.fit(train_raw[name]) for name in SPARSE_COLUMNS}
+    writer = DatasetWriter(out, num_shards=cfg.num_shards, row_group_size=cfg.row_group_size)
+    genre_values = np.arange(NUM_GENRES, dtype=np.int64) + 1  # row 0 stays unused (no genre)
+    for name, rows in splits.items():
+        raw = train_raw if name == "train" else raw_columns(rows)
+        columns: dict[str, pa.Array] = {name_: pa.array(vocabs[name_].lookup(raw[name_])) for name_ in SPARSE_COLUMNS}
+        genre_mask = item_info["genres"][rows["item"]]
+        offsets = np.concatenate([[0], np.cumsum(genre_mask.sum(1))]).astype(np.int32)
+        columns["genres"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.tile(genre_values, len(genre_mask))[genre_mask.ravel()]))
+        history = _history_features(
+            rows["user"], rows["item"], train["user"], train["item"], train["rating"], name == "train", rows["rating"]
+        )
+        columns.update({key: pa.array(value) for key, value in history.items()})
+        columns["timestamp"] = pa.array(rows["timestamp"])
+        columns["rating"] = pa.array(rows["rating"].astype(np.float32))
+        columns["click"] = pa.array((rows["rating"] >= 4).astype(np.float32))
+        writer.write(name, pa.table(columns))
+    meta_columns = {name: {"kind": "sparse", "num_embeddings": vocabs[name].num_embeddings} for name in SPARSE_COLUMNS}
+    meta_columns["genres"] = {"kind": "multi_hot", "num_embeddings": NUM_GENRES + 1}
+    for key in ("user_mean_rating", "item_mean_rating", "user_log_count", "item_log_count"):
+        meta_columns[key] = {"kind": "dense"}
+    meta_columns["timestamp"] = {"kind": "other"}
+    meta_columns["rating"] = {"kind": "label", "min": 1.0, "max": 5.0}
+    meta_columns["click"] = {"kind": "label", "min": 0.0, "max": 1.0}
+    report = {
+        "converter": "movielens100k",
+        "source": str(root),
+        "split": cfg.split,
+        "rows_per_split": {name: int(len(rows["user"])) for name, rows in splits.items()},
+        "train_rating_mean": float(train["rating"].mean()),
+    }
+    return writer.commit(columns=meta_columns, report=report)

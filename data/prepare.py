@@ -1,0 +1,24 @@
+"""``towerrec prepare``: build a Parquet data set from a known format.
+
+Each format is a function ``(cfg: PrepareConfig, out: str) -> DatasetMeta``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from data.config import PrepareConfig
+from data.dataset import DataError, DatasetMeta
+from data.movielens import prepare_movielens100k
+from data.synthetic import prepare_synthetic
+
+FORMATS: dict[str, Callable[[PrepareConfig, str], DatasetMeta]] = {
+    "synthetic": prepare_synthetic,
+    "movielens100k": prepare_movielens100k,
+}
+
+
+def prepare(cfg: PrepareConfig, out: str) -> DatasetMeta:
+    if cfg.format not in FORMATS:
+        raise DataError(f"data.prepare.format: unknown format {cfg.format!r}; choose one of {', '.join(sorted(FORMATS))}")
+    return FORMATS[cfg.format](cfg, out)

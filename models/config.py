@@ -1,0 +1,88 @@
+"""Typed configuration of the tasks and the multi-task model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TaskConfig:
+    """One prediction task with its own head, label and loss."""
+
+    name: str
+    """Task name (used in metric names, e.g. ``val/rating/rmse``)."""
+    type: str = "binary"
+    """``regression`` (predicts a value) or ``binary`` (predicts a probability from a logit)."""
+    label: str = ""
+    """Parquet column holding the label (float). Defaults to the task name."""
+    weight: float = 1.0
+    """Fixed loss weight (``fixed`` balancing). ``model.alpha`` overrides it for two tasks."""
+    loss: Optional[str] = None
+    """``mse`` or ``huber`` for regression, ``bce`` for binary (default: mse / bce)."""
+    mask: Optional[str] = None
+    """Optional column: the task's loss and metrics only count rows where it is non-zero
+    (e.g. CVR is defined on clicked rows only)."""
+    min_value: Optional[float] = None
+    """Regression: lower bound of the label (also bounds the prediction when ``max_value`` is set)."""
+    max_value: Optional[float] = None
+    """Regression: upper bound of the label; with ``min_value`` the head outputs
+    ``min + (max - min) * sigmoid(x)``."""
+
+    @property
+    def label_column(self) -> str:
+        return self.label or self.name
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss or ("mse" if self.type == "regression" else "bce")
+
+
+@dataclass
+class ModelConfig:
+    """The dense part of the model; embedding tables come from ``data.sparse``."""
+
+    tower: str = "shared_bottom"
+    """Architecture: ``shared_bottom``, ``mmoe``, ``ple`` or ``esmm``."""
+    interaction: str = "none"
+    """Feature interaction before the tower: ``none`` (concatenate), ``dot`` (DLRM pairwise dot
+    products) or ``dcn`` (DCNv2 cross layers)."""
+    bottom_dims: list[int] = field(default_factory=lambda: [128, 64])
+    """Shared-bottom MLP widths (shared_bottom, esmm)."""
+    num_experts: int = 4
+    """MMoE: number of shared experts."""
+    expert_dims: list[int] = field(default_factory=lambda: [64])
+    """MMoE/PLE: widths of each expert MLP."""
+    num_shared_experts: int = 2
+    """PLE: shared experts per level."""
+    num_task_experts: int = 1
+    """PLE: task-specific experts per task and level."""
+    num_levels: int = 2
+    """PLE: extraction levels (1 = CGC)."""
+    head_dims: list[int] = field(default_factory=lambda: [32])
+    """Per-task tower MLP widths before the output unit."""
+    dcn_num_layers: int = 2
+    """DCNv2: number of cross layers."""
+    dcn_low_rank: Optional[int] = None
+    """DCNv2: rank of the low-rank cross weight (``null`` = full rank)."""
+    dropout: float = 0.0
+    """Dropout in the dense tower."""
+    loss_balancing: str = "fixed"
+    """``fixed`` (task weights / alpha), ``uncertainty`` (Kendall et al.), ``gradnorm`` or ``pcgrad``."""
+    alpha: Optional[float] = None
+    """Two-task shortcut of the original design: loss = alpha * L_task0 + (1 - alpha) * L_task1."""
+    gradnorm_alpha: float = 1.5
+    """GradNorm: restoring-force exponent."""
+    dense_dims: list[int] = field(default_factory=lambda: [64])
+    """``dot`` interaction: hidden widths of the MLP that projects the dense features to the
+    embedding dim (DLRM's bottom MLP; a last layer of the embedding dim is added)."""
+    esmm_ctr_task: str = "ctr"
+    """ESMM: name of the click task (binary, label = click, over all impressions)."""
+    esmm_cvr_task: str = "cvr"
+    """ESMM: name of the conversion-given-click task (binary). It has no loss over the entire space:
+    give it ``weight: 0`` (pure ESMM) or ``mask: <click column>`` (loss on clicked rows only)."""
+    esmm_ctcvr_task: str = "ctcvr"
+    """ESMM: name of the click-and-convert task (binary, over all impressions); its output is the
+    probability pCTR × pCVR."""
+    pcgrad_seed: int = 0
+    """PCGrad: seed of the generator that draws the task order of each projection step."""

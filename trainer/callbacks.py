@@ -1,0 +1,59 @@
+"""Callbacks: step/epoch checkpoints, preemption (save and stop), throughput in the progress bar."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "checkpoint saved, requeue me" (launch/slurm/towerrec.sbatch)
+
+
+def save_step_checkpoint(trainer: L.Trainer, root: Path) -> None:
+    trainer.save_checkpoint(root / f"step-{trainer.global_step:08d}", weights_only=False)
+
+
+class StepCheckpoint(L.Callback):
+    """Saves every ``every_n_steps`` optimizer steps and at the end of each training epoch."""
+
+    def __init__(self, root: Path, every_n_steps: int):
+        self.root = root
+        self.every_n_steps = every_n_steps
+        self._last_saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step != self._last_saved_step:
+            save_step_checkpoint(trainer, self.root)
+            self._last_saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.preempt_now:
+            self._save(trainer)
+            trainer.should_stop = True
+            self.preempted = True
+            return
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    preempted = False
+
+
+class Throughput(L.Callback):
+    """Shows training samples/s (all ranks) in the progress bar and logs it."""
+
+    def __init__(self) -> None:
+        self._start = None
+        self._samples = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._samples = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._samples += batch.batch_size * trainer.world_size
+        elapsed = time.perf_counter() - self._start
+        if elapsed > 0:
+            pl_module.log("samples_per_s", self._samples / elapsed, prog_bar=True, batch_size=batch.batch_size)

@@ -1,0 +1,171 @@
+"""Atomic, sharded checkpoints: torch.distributed.checkpoint (DCP) for tensors, JSON for the rest.
+
+Layout under ``<run_dir>/checkpoints``::
+
+    step-00000400/            a complete checkpoint: DCP shards + .metadata + trainer_state.json
+    step-00000500.partial/    a save in progress (or one that crashed): never loaded, removed later
+    latest                    text file naming the newest complete checkpoint; replaced atomically
+
+A save writes into ``*.partial``; after every rank's DCP write has finished (DCP's own collective
+finish) rank 0 writes ``trainer_state.json``, renames the folder and only then moves ``latest``.
+A crash at any point leaves the previous checkpoint and pointer untouched.
+
+Only tensors go through DCP (loaded with ``weights_only``); everything else (loop progress,
+reader position, learning rates, config) is JSON, so loading never unpickles arbitrary objects.
+DCP reshards on load: a checkpoint written by N ranks loads into M ranks or another plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not match the model."""
+
+
+# ------------------------------------------------------------------------------------ JSON encoding
+def to_json_tree(value: Any) -> Any:
+    """Converts Lightning's checkpoint metadata (which may hold scalar tensors) to JSON-able values."""
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {str(k): to_json_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_tree(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"checkpoint metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def from_json_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
+        if "__float__" in value:
+            return float(value["__float__"])
+        return {k: from_json_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_tree(v) for v in value]
+    return value
+
+
+def _check_tensors_only(tree: Any, path: str = "") -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_tensors_only(v, f"{path}.{k}" if path else str(k))
+    else:
+        assert isinstance(tree, torch.Tensor), f"non-tensor {type(tree).__name__} at {path} would be pickled by DCP"
+
+
+# ------------------------------------------------------------------------------------ save / load
+def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def save(
+    root: str | os.PathLike,
+    step: int,
+    tensors: dict[str, Any],
+    state: dict[str, Any],
+    is_rank_zero: bool,
+    barrier,
+    keep_last: int,
+    process_group=None,
+) -> Path:
+    """Saves on every rank (collective). ``tensors`` may hold ShardedTensors/DTensors."""
+    _check_tensors_only(tensors)
+    final = checkpoint_dir(root, step)
+    partial = final.with_name(final.name + ".partial")
+    if is_rank_zero:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    dcp.save(tensors, checkpoint_id=str(partial), process_group=process_group)
+    barrier()
+    if is_rank_zero:
+        state_path = partial / STATE_FILE
+        with open(state_path, "w") as f:
+            json.dump(to_json_tree(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        pointer = Path(root) / (LATEST_FILE + ".tmp")
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, Path(root) / LATEST_FILE)
+        _prune(Path(root), keep_last, keep=final.name)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
+    for old in complete[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for partial in root.glob("step-*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).exists() and (path / ".metadata").exists()
+
+
+def find_latest(root: str | os.PathLike) -> Path | None:
+    """The checkpoint named by ``latest`` if complete, else the newest complete one, else None."""
+    root = Path(root)
+    if not root.exists():
+        return None
+    pointer = root / LATEST_FILE
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and is_complete(p))
+    return complete[-1] if complete else None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a checkpoints root / run folder (→ its latest complete checkpoint)."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = find_latest(root)
+        if latest is not None:
+            return latest
+    raise CheckpointError(f"{path}: no complete checkpoint there (a folder with .metadata and {STATE_FILE})")
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return from_json_tree(json.loads((path / STATE_FILE).read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / STATE_FILE}: cannot be read ({err})") from err
+
+
+def load_tensors(path: Path, tensors: dict[str, Any], process_group=None) -> None:
+    """Loads in place into ``tensors`` (the live, possibly differently sharded, state)."""
+    try:
+        dcp.load(tensors, checkpoint_id=str(path), process_group=process_group)
+    except Exception as err:  # DCP wraps per-rank failures in CheckpointException
+        raise CheckpointError(f"{path}: cannot be loaded into this model ({str(err).splitlines()[0][:500]})") from err

@@ -1,0 +1,387 @@
+"""The run configuration: typed dataclasses loaded from YAML with dotted command-line overrides.
+
+Unknown keys, wrong types and impossible values are rejected before any process group starts,
+with the dotted key in the message (``trainer.max_epochs: expected int, got 'three'``).
+
+Example::
+
+    cfg = load_config("configs/default.yaml", overrides=["trainer.max_epochs=3", "model.tower=mmoe"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from data.config import DataConfig, DenseFeature, PrepareConfig, SparseFeature
+from models.config import ModelConfig, TaskConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible; names the key."""
+
+
+@dataclass
+class OptimizerConfig:
+    """An optimizer with a learning-rate schedule."""
+
+    type: str = "adam"
+    """Embeddings (fused into backward): ``rowwise_adagrad``, ``adagrad``, ``adam``, ``sgd``.
+    Dense: ``adam``, ``adamw``, ``sgd``, ``adagrad``."""
+    lr: float = 0.001
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """L2 weight decay (dense optimizers; ``adam``/``adamw`` embedding optimizers)."""
+    eps: float = 1e-8
+    """Numerical epsilon (adam/adagrad)."""
+    momentum: float = 0.0
+    """SGD momentum (dense only)."""
+
+
+@dataclass
+class ShardingConfig:
+    """How TorchRec's planner places the embedding tables."""
+
+    sharding_types: Optional[list[str]] = None
+    """Sharding types the planner may use for every table (``table_wise``, ``row_wise``,
+    ``column_wise``, ``table_row_wise``, ``table_column_wise``, ``data_parallel``); ``null`` = all
+    the device supports (on CPU: table_wise, column_wise, table_column_wise, data_parallel)."""
+    table_constraints: dict[str, list[str]] = field(default_factory=dict)
+    """Per-table sharding types, e.g. ``{t_user_id: [row_wise]}``; overrides ``sharding_types``."""
+    compute_kernel: Optional[str] = None
+    """``fused`` (default on CPU), ``fused_uvm_caching`` (CUDA: tables larger than HBM) or ``dense``."""
+    hbm_gb: Optional[float] = None
+    """Memory budget per device in GB given to the planner (default: the device's; on CPU 64)."""
+    ddr_gb: Optional[float] = None
+    """Host memory per rank in GB for UVM caching (default: planner's)."""
+    cache_load_factor: float = 0.2
+    """UVM caching: fraction of each table kept in HBM."""
+    embedding_precision: str = "fp32"
+    """Storage precision of embedding weights: ``fp32``, ``fp16`` (CUDA) or ``int8`` (inference)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (torch.distributed.checkpoint) under ``<run_dir>/checkpoints``."""
+
+    every_n_steps: int = 0
+    """Save every N optimizer steps (0: only at the end of each epoch)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted after a newer one is complete)."""
+    resume: str = "auto"
+    """``auto``: resume from ``checkpoints/latest`` when it exists; ``never``; or a checkpoint path."""
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning trainer and optimisation settings."""
+
+    accelerator: str = "auto"
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when available)."""
+    devices: int = 1
+    """Processes per node (each drives one GPU on CUDA). With torchrun/SLURM it must match the launcher."""
+    num_nodes: int = 1
+    """Nodes in the job."""
+    max_epochs: int = 1
+    """Training epochs."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: no limit)."""
+    precision: str = "32-true"
+    """Dense-tower precision: ``32-true``, ``bf16-mixed`` (autocast; CUDA or CPU with bf16)."""
+    gradient_clip_val: Optional[float] = None
+    """Clip the dense gradients' norm to this value."""
+    embedding_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(type="rowwise_adagrad", lr=0.05)
+    )
+    """Optimizer fused into the embedding tables' backward pass."""
+    dense_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer of the dense tower."""
+    lr_schedule: str = "constant"
+    """Dense learning-rate schedule: ``constant``, ``cosine`` (to 0 over the run) or ``step``."""
+    warmup_steps: int = 0
+    """Linear warm-up steps of the dense learning rate."""
+    val_check_interval: Optional[int] = None
+    """Validate every N training steps (``null``: at the end of each epoch)."""
+    log_every_n_steps: int = 50
+    """How often training losses are logged."""
+    early_stopping_patience: Optional[int] = None
+    """Stop when ``early_stopping_metric`` has not improved for N validations."""
+    early_stopping_metric: str = "val/loss"
+    """Metric watched by early stopping and by best-checkpoint selection."""
+    non_finite_loss: str = "stop"
+    """On a NaN/inf task loss: ``stop`` (raise, naming task and step) or ``skip`` (skip the batch)."""
+    max_skipped_batches: int = 10
+    """With ``non_finite_loss: skip``: stop after this many skipped batches."""
+    collective_timeout_s: int = 600
+    """Timeout of process-group collectives: a dead peer ends the job with an error after this."""
+    deterministic: bool = False
+    """Use deterministic algorithms (slower)."""
+    num_threads: Optional[int] = None
+    """torch intra-op threads per process (default: cores / processes on the node)."""
+    progress_bar: bool = True
+    """Show a progress bar with samples/s."""
+
+
+@dataclass
+class Config:
+    """A whole run. See configs/*.yaml for commented examples."""
+
+    seed: int = 0
+    """Seeds data order, initialisation and dropout."""
+    run_dir: str = "runs/default"
+    """Where logs, metrics, plan, resolved config and checkpoints go."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data set and batching."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """The tasks, each with a head, a label and a loss."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The dense architecture."""
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    """Embedding table placement."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build_dataclass(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_build(item_type, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, value_type = typing.get_args(tp)
+        return {str(k): _build(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp} at {key}")
+
+
+def _build_dataclass(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in known:
+            where = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in values:
+            kwargs[f.name] = _build(hints[f.name], values[f.name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{dotted}: {part} is not a mapping")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["trainer.max_epochs=3", ...]`` → [(key, YAML-parsed value), ...]."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. trainer.max_epochs=3)")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip().removeprefix("--"), yaml.safe_load(raw) if raw else None))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML file (or the defaults when ``path`` is None), applies overrides, validates."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"--config: {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    cfg = _build_dataclass(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------- validation
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+DENSE_OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks values that types alone cannot; every error names the key."""
+    data = cfg.data
+    _positive("data.batch_size", data.batch_size)
+    _positive("data.eval_batch_size", data.eval_batch_size)
+    _positive("data.shuffle_window_rows", data.shuffle_window_rows)
+    _one_of("data.bad_rows", data.bad_rows, ("error", "skip"))
+    if not data.sparse:
+        raise ConfigError("data.sparse: at least one sparse feature is needed (the model embeds ids)")
+    names = [f.name for f in data.sparse]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sparse: duplicate feature names in {names}")
+    dims_of_table: dict[str, int] = {}
+    for i, feature in enumerate(data.sparse):
+        key = f"data.sparse[{i}]"
+        _positive(f"{key}.embedding_dim", feature.embedding_dim)
+        _positive(f"{key}.num_embeddings", feature.num_embeddings)
+        _one_of(f"{key}.pooling", feature.pooling, ("sum", "mean"))
+        _one_of(f"{key}.id_mapping", feature.id_mapping, ("vocab", "hash"))
+        if feature.id_mapping == "hash" and feature.num_embeddings is None:
+            raise ConfigError(f"{key}.num_embeddings: required with id_mapping: hash")
+        previous = dims_of_table.setdefault(feature.table_name, feature.embedding_dim)
+        if previous != feature.embedding_dim:
+            raise ConfigError(f"{key}.embedding_dim: table {feature.table_name!r} is shared with another feature of dim {previous}")
+    if data.prepare is not None:
+        prep = data.prepare
+        _positive("data.prepare.num_shards", prep.num_shards)
+        _positive("data.prepare.row_group_size", prep.row_group_size)
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(prep, name)
+            if not 0 <= value < 1:
+                raise ConfigError(f"data.prepare.{name}: must be in [0, 1), got {value}")
+    if not cfg.tasks:
+        raise ConfigError("tasks: at least one task is needed")
+    task_names = [t.name for t in cfg.tasks]
+    if len(set(task_names)) != len(task_names):
+        raise ConfigError(f"tasks: duplicate task names in {task_names}")
+    for i, task in enumerate(cfg.tasks):
+        key = f"tasks[{i}]"
+        _one_of(f"{key}.type", task.type, ("regression", "binary"))
+        allowed_losses = ("mse", "huber") if task.type == "regression" else ("bce",)
+        _one_of(f"{key}.loss", task.loss_name, allowed_losses)
+        _positive(f"{key}.weight", task.weight, allow_zero=True)
+        if task.min_value is not None and task.max_value is not None and task.min_value >= task.max_value:
+            raise ConfigError(f"{key}.max_value: must exceed min_value ({task.min_value})")
+    model = cfg.model
+    if model.alpha is not None and not 0 <= model.alpha <= 1:
+        raise ConfigError(f"model.alpha: must be in [0, 1], got {model.alpha}")
+    for name in ("bottom_dims", "expert_dims", "head_dims"):
+        for dim in getattr(model, name):
+            _positive(f"model.{name}", dim)
+    if not 0 <= model.dropout < 1:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {model.dropout}")
+    trainer = cfg.trainer
+    _one_of("trainer.accelerator", trainer.accelerator, ("auto", "cpu", "cuda", "gpu"))
+    _positive("trainer.devices", trainer.devices)
+    _positive("trainer.num_nodes", trainer.num_nodes)
+    _positive("trainer.max_epochs", trainer.max_epochs)
+    _one_of("trainer.precision", trainer.precision, ("32-true", "32", "bf16-mixed", "16-mixed"))
+    _one_of("trainer.embedding_optimizer.type", trainer.embedding_optimizer.type, EMBEDDING_OPTIMIZERS)
+    _one_of("trainer.dense_optimizer.type", trainer.dense_optimizer.type, DENSE_OPTIMIZERS)
+    _positive("trainer.embedding_optimizer.lr", trainer.embedding_optimizer.lr)
+    _positive("trainer.dense_optimizer.lr", trainer.dense_optimizer.lr)
+    _one_of("trainer.lr_schedule", trainer.lr_schedule, ("constant", "cosine", "step"))
+    _one_of("trainer.non_finite_loss", trainer.non_finite_loss, ("stop", "skip"))
+    _positive("trainer.collective_timeout_s", trainer.collective_timeout_s)
+    _positive("trainer.gradient_clip_val", trainer.gradient_clip_val)
+    _positive("trainer.val_check_interval", trainer.val_check_interval)
+    sharding = cfg.sharding
+    for i, kind in enumerate(sharding.sharding_types or []):
+        _one_of(f"sharding.sharding_types[{i}]", kind, SHARDING_TYPES)
+    for table, kinds in sharding.table_constraints.items():
+        for kind in kinds:
+            _one_of(f"sharding.table_constraints.{table}", kind, SHARDING_TYPES)
+    if sharding.compute_kernel is not None:
+        _one_of("sharding.compute_kernel", sharding.compute_kernel, ("fused", "fused_uvm_caching", "dense"))
+    _one_of("sharding.embedding_precision", sharding.embedding_precision, ("fp32", "fp16", "int8"))
+    _positive("sharding.hbm_gb", sharding.hbm_gb)
+    _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, allow_zero=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+
+
+def validate_for_device(cfg: Config, device_type: str) -> None:
+    """Device-dependent checks (a sharding type the device cannot do), run before process groups start."""
+    if device_type == "cpu":
+        requested = list(cfg.sharding.sharding_types or [])
+        for table, kinds in cfg.sharding.table_constraints.items():
+            requested += kinds
+        for kind in requested:
+            if kind not in CPU_SHARDING_TYPES:
+                raise ConfigError(
+                    f"sharding: {kind!r} needs CUDA; on CPU use one of {', '.join(CPU_SHARDING_TYPES)}"
+                )
+        if cfg.sharding.compute_kernel == "fused_uvm_caching":
+            raise ConfigError("sharding.compute_kernel: fused_uvm_caching needs CUDA")
+
+
+__all__ = ["Config", "ConfigError", "DataConfig", "SparseFeature", "DenseFeature", "PrepareConfig", "load_config"]

@@ -1,0 +1,89 @@
+"""Lightning data module over the Parquet data set: one ``BatchStream`` per split for this rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from data.dataset import DatasetMeta
+from data.reader import BatchStream, LabelSpec, ReadSpec
+from trainer.config import Config
+
+
+def read_spec(cfg: Config, num_embeddings: dict[str, int]) -> ReadSpec:
+    labels = tuple(
+        LabelSpec(
+            column=task.label_column,
+            mask_column=task.mask,
+            min_value=task.min_value,
+            max_value=task.max_value,
+            binary=task.type == "binary",
+        )
+        for task in cfg.tasks
+    )
+    return ReadSpec(
+        sparse=tuple(cfg.data.sparse),
+        dense=tuple(cfg.data.dense),
+        labels=labels,
+        num_embeddings=num_embeddings,
+        sample_weight_column=cfg.data.sample_weight_column,
+        skip_bad_rows=cfg.data.bad_rows == "skip",
+    )
+
+
+class ParquetDataModule(L.LightningDataModule):
+    """Train/val/test/predict streams for ``trainer.global_rank`` of ``trainer.world_size``.
+
+    Its ``state_dict`` is the training reader's position, saved in every checkpoint, so a resumed
+    run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, cfg: Config, meta: DatasetMeta, spec: ReadSpec, predict_split: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.meta = meta
+        self.spec = spec
+        self.predict_split = predict_split
+        self.train_stream: BatchStream | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def _stream(self, split: str, train: bool) -> BatchStream:
+        return BatchStream(
+            self.meta,
+            split,
+            self.spec,
+            batch_size=self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+            seed=self.cfg.seed,
+            shuffle=train,
+            window_rows=self.cfg.data.shuffle_window_rows,
+        )
+
+    def train_dataloader(self) -> BatchStream:
+        if self.train_stream is None:
+            self.train_stream = self._stream(self.cfg.data.train_split, train=True)
+            if self._pending_state is not None:
+                self.train_stream.load_state_dict(self._pending_state)
+        return self.train_stream
+
+    def val_dataloader(self):
+        return self._stream(self.cfg.data.val_split, train=False) if self.cfg.data.val_split else []
+
+    def test_dataloader(self) -> BatchStream:
+        return self._stream(self.cfg.data.test_split, train=False)
+
+    def predict_dataloader(self) -> BatchStream:
+        return self._stream(self.predict_split or self.cfg.data.test_split, train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train_stream.state_dict()} if self.train_stream is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "train" not in state:
+            return
+        if self.train_stream is not None:
+            self.train_stream.load_state_dict(state["train"])
+        else:
+            self._pending_state = state["train"]

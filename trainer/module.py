@@ -1,0 +1,206 @@
+"""The LightningModule: builds the model on ``meta``, hands it to the strategy for sharding, and
+runs the training/evaluation steps with per-task losses and metrics."""
+
+from __future__ import annotations
+
+import math
+import signal
+from typing import Any
+
+import lightning as L
+import torch
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from data.batch import Batch
+from models.heads import predictions
+from models.multitask import MultiTaskModel
+from trainer.config import Config
+from trainer.metrics import task_metrics, trivial_baseline
+from trainer.sharding import embedding_tables
+
+
+class NonFiniteLossError(RuntimeError):
+    """A task's loss became NaN or infinite (policy ``trainer.non_finite_loss: stop``)."""
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1/SIGTERM (what SLURM sends before a time limit or preemption)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+class MultiTaskModule(L.LightningModule):
+    """Args:
+    cfg: the run configuration.
+    num_embeddings: rows of each sparse feature's table (config or data set metadata).
+    """
+
+    def __init__(self, cfg: Config, num_embeddings: dict[str, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.tables = embedding_tables(cfg, num_embeddings)
+        self.task_names = [t.name for t in cfg.tasks]
+        self.task_types = [t.type for t in cfg.tasks]
+        self.model: torch.nn.Module | None = None
+        self.preemption = PreemptionFlag()
+        self.preempt_now = False
+        self.skipped_batches = 0
+        self.last_metrics: dict[str, dict[str, dict[str, float]]] = {}
+        self.last_baseline: dict[str, dict[str, dict[str, float]]] = {}
+        self._eval_rows: list[tuple[torch.Tensor, ...]] = []
+
+    # ------------------------------------------------------------------------------ model
+    def build_model(self) -> MultiTaskModel:
+        """The unsharded model: tables on ``meta`` (the sharder materialises them), dense part seeded."""
+        torch.manual_seed(self.cfg.seed)
+        return MultiTaskModel(
+            tables=self.tables,
+            feature_names=[f.name for f in self.cfg.data.sparse],
+            num_dense=len(self.cfg.data.dense),
+            tasks=self.cfg.tasks,
+            cfg=self.cfg.model,
+            embedding_device="meta",
+        )
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.trainer.strategy.shard(self.build_model(), self.tables)
+
+    @property
+    def inner(self) -> MultiTaskModel:
+        """The MultiTaskModel inside DMP (for losses and output kinds)."""
+        return self.model.module
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch.sparse, batch.dense)
+
+    # ------------------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        self.preemption.install()  # after Lightning's own handlers, which would broadcast inside a handler
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        # Dropout randomness is a function of (seed, step, rank): identical after a resume.
+        torch.manual_seed((self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
+        self.trainer.datamodule.train_stream.mark_consumed(batch)
+
+    def training_step(self, batch: Batch, batch_idx: int):
+        outputs = self(batch)
+        losses = self.inner.losses(outputs, batch.labels, batch.label_mask, batch.weights)
+        finite = torch.isfinite(losses.detach())
+        flags = torch.tensor([float(not bool(finite.all())), float(self.preemption.requested)])
+        if self.trainer.world_size > 1:  # every rank must take the same decision (DDP, all-to-all)
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        self.preempt_now = bool(flags[1] > 0)
+        if flags[0] > 0:
+            bad = [f"{name}={losses[i].item()}" for i, name in enumerate(self.task_names) if not finite[i]]
+            where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            message = f"non-finite loss at {where}: {', '.join(bad) or 'on another rank'}"
+            if self.cfg.trainer.non_finite_loss == "stop":
+                raise NonFiniteLossError(message + " (trainer.non_finite_loss: stop)")
+            self.skipped_batches += 1
+            print(f"[towerrec] skipping batch: {message} ({self.skipped_batches} skipped)", flush=True)
+            if self.skipped_batches > self.cfg.trainer.max_skipped_batches:
+                raise NonFiniteLossError(
+                    f"{message}: more than trainer.max_skipped_batches={self.cfg.trainer.max_skipped_batches} skipped"
+                )
+            return None
+        loss = self.inner.balancer(losses)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
+        for name, value in zip(self.task_names, losses.detach()):
+            self.log(f"train/{name}/loss", value, batch_size=batch.batch_size)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        weights = self.inner.balancer.weights().detach()
+        for name, value in zip(self.task_names, weights):
+            self.log(f"balance/{name}/weight", value)
+
+    def configure_optimizers(self):
+        params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        opt = self.cfg.trainer.dense_optimizer
+        if opt.type == "adam":
+            optimizer = torch.optim.Adam(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
+        elif opt.type == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
+        elif opt.type == "adagrad":
+            optimizer = torch.optim.Adagrad(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        schedule = self.cfg.trainer.lr_schedule
+        warmup = self.cfg.trainer.warmup_steps
+        if schedule == "constant" and warmup == 0:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            if schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            if schedule == "step":
+                return 0.1 ** int(progress * 3)  # x0.1 at one third and two thirds of the run
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _collect(self, batch: Batch) -> None:
+        preds = predictions(self(batch), self.inner.output_kinds)
+        self._eval_rows.append(
+            (preds.detach().float().cpu(), batch.labels.cpu(), batch.label_mask.cpu(), batch.weights.cpu(), batch.row_id.cpu())
+        )
+
+    def gathered_eval_rows(self) -> tuple[torch.Tensor, ...]:
+        """Every rank's evaluation rows (ranks hold equal row counts thanks to padding), concatenated."""
+        if not self._eval_rows:
+            empty = torch.zeros(0, len(self.task_names))
+            return empty, empty, empty, torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        parts = [torch.cat(column) for column in zip(*self._eval_rows)]
+        self._eval_rows = []
+        if self.trainer.world_size > 1:
+            device = self.trainer.strategy.root_device
+            parts = [self.trainer.strategy.all_gather(p.to(device)).flatten(0, 1).cpu() for p in parts]
+        return tuple(parts)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def _finish_eval(self, stage: str) -> None:
+        preds, labels, mask, weights, _ = self.gathered_eval_rows()
+        metrics = task_metrics(preds, labels, mask, weights, self.task_names, self.task_types)
+        self.last_metrics[stage] = metrics
+        constant = trivial_baseline(labels, mask, weights, self.task_types)
+        self.last_baseline[stage] = task_metrics(constant, labels, mask, weights, self.task_names, self.task_types)
+        flat = {f"{stage}/{task}/{name}": value for task, values in metrics.items() for name, value in values.items()}
+        balance = self.inner.balancer.weights().detach().cpu()
+        loss = 0.0
+        for i, (task, values) in enumerate(metrics.items()):
+            if values:
+                loss += float(balance[i]) * (values["rmse"] ** 2 if "rmse" in values else values["logloss"])
+        flat[f"{stage}/loss"] = loss
+        self.log_dict({k: float(v) for k, v in flat.items() if not math.isnan(v)}, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        preds = predictions(self(batch), self.inner.output_kinds)
+        return {"row_id": batch.row_id.cpu(), "predictions": preds.detach().float().cpu()}

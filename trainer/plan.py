@@ -1,0 +1,58 @@
+"""``towerrec plan`` and ``towerrec prepare``: planning without a GPU, building data sets."""
+
+from __future__ import annotations
+
+import json
+
+
+from data.dataset import DatasetMeta, is_complete
+from models.multitask import MultiTaskModel
+from trainer.config import Config, ConfigError
+from trainer.sharding import (
+    ClusterSpec,
+    apply_embedding_optimizer,
+    describe_plan,
+    embedding_tables,
+    plan_for_cluster,
+    resolve_num_embeddings,
+)
+
+
+def plan_command(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, device: str) -> int:
+    if nodes < 1 or gpus_per_node < 1:
+        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    if hbm_gb <= 0:
+        raise ConfigError("--hbm-gb must be > 0")
+    meta = DatasetMeta.load(cfg.data.path) if is_complete(cfg.data.path) else None
+    tables = embedding_tables(cfg, resolve_num_embeddings(cfg, meta))
+    model = MultiTaskModel(
+        tables, [f.name for f in cfg.data.sparse], len(cfg.data.dense), cfg.tasks, cfg.model, embedding_device="meta"
+    )
+    apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
+    world_size = nodes * gpus_per_node
+    cluster = ClusterSpec(world_size, device, gpus_per_node, memory_gb_per_device=hbm_gb)
+    plan = plan_for_cluster(cfg, model, tables, cluster)
+    text, summary = describe_plan(plan, tables, world_size, cfg)
+    params = sum(t.num_embeddings * t.embedding_dim for t in tables)
+    print(
+        f"cluster: {nodes} node(s) x {gpus_per_node} {device} device(s), {hbm_gb:g} GB each; "
+        f"{len(tables)} tables, {params / 1e9:.2f} B embedding parameters"
+    )
+    print(text)
+
+    return 0
+
+
+def prepare_command(cfg: Config) -> int:
+    from data.prepare import prepare
+
+    if cfg.data.prepare is None:
+        raise ConfigError("data.prepare: not set (give --format and --source, or a config with data.prepare)")
+    meta = prepare(cfg.data.prepare, cfg.data.path)
+    counts = {split: meta.num_rows(split) for split in meta.splits}
+    print(f"wrote {cfg.data.path}: rows per split {json.dumps(counts)}")
+    report = meta.report
+    if report:
+        print("report: " + json.dumps(report, indent=1))
+
+    return 0

@@ -1,0 +1,294 @@
+"""Building and running a job: data → module → strategy → Lightning trainer → fit/evaluate/predict.
+
+Each public function is one CLI command; ``trainer.cli`` only parses arguments and calls these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import (
+    LightningEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
+
+from data.dataset import DatasetMeta, is_complete
+from trainer import checkpoint as ckpt
+from trainer.callbacks import EXIT_PREEMPTED, StepCheckpoint, Throughput
+from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
+from trainer.datamodule import ParquetDataModule, read_spec
+from trainer.module import MultiTaskModule
+from trainer.sharding import resolve_num_embeddings
+from trainer.strategy import TorchRecStrategy
+
+
+# Evaluation metrics are computed on predictions gathered from all ranks, so they are already global;
+# Lightning cannot know that and suggests sync_dist. The srun hint fires whenever slurm is installed.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+warnings.filterwarnings("ignore", message=r".*The `srun` command is available.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+# ------------------------------------------------------------------------------------------ environment
+def launch_environment(cfg: Config) -> dict[str, Any]:
+    """Device, processes per node, nodes and cluster environment, detected from the launcher."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator in ("auto", "gpu"):
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator: cuda requested but no CUDA device is visible")
+    devices, num_nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    if TorchElasticEnvironment.detect():  # torchrun: the launcher decides the world
+        environment = TorchElasticEnvironment()
+        devices = int(os.environ["LOCAL_WORLD_SIZE"])
+        num_nodes = int(os.environ["WORLD_SIZE"]) // devices
+    elif SLURMEnvironment.detect():
+        environment = SLURMEnvironment(auto_requeue=False)  # our sbatch script requeues (exit 75)
+        num_nodes = int(os.environ.get("SLURM_NNODES", "1"))
+        devices = int(os.environ["SLURM_NTASKS"]) // num_nodes
+    else:
+        environment = LightningEnvironment()
+    return {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "environment": environment}
+
+
+def _set_threads(cfg: Config, processes_per_node: int) -> None:
+    threads = cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // processes_per_node)
+    torch.set_num_threads(threads)
+
+
+def ensure_dataset(cfg: Config) -> DatasetMeta:
+    """Loads the data set, building it first (on global rank 0) when ``data.prepare`` says how."""
+    path = Path(cfg.data.path)
+    if not is_complete(path) and cfg.data.prepare is not None:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        if rank == 0:
+            from data.prepare import prepare
+
+            print(f"[towerrec] preparing data set {path} ({cfg.data.prepare.format}) on first use", flush=True)
+            prepare(cfg.data.prepare, str(path))
+        else:
+            deadline = time.time() + 1800
+            while not is_complete(path):
+                if time.time() > deadline:
+                    raise TimeoutError(f"{path}: rank 0 did not finish preparing the data set within 30 minutes")
+                time.sleep(1)
+    return DatasetMeta.load(path)
+
+
+def check_data_against_config(cfg: Config, meta: DatasetMeta) -> None:
+    """Schema and metadata must agree before any process group starts."""
+    known = meta.columns
+    where = meta.root / "metadata.json"
+    for i, feature in enumerate(cfg.data.sparse):
+        column = known.get(feature.source_column)
+        if column is None:
+            raise ConfigError(f"data.sparse[{i}].column: {where} has no column {feature.source_column!r}")
+        expected = "multi_hot" if feature.multi_hot else "sparse"
+        if column.get("kind") in ("sparse", "multi_hot") and column["kind"] != expected:
+            raise ConfigError(
+                f"data.sparse[{i}].multi_hot: column {feature.source_column!r} is {column['kind']} in {where}"
+            )
+    for i, feature in enumerate(cfg.data.dense):
+        if feature.source_column not in known:
+            raise ConfigError(f"data.dense[{i}].column: {where} has no column {feature.source_column!r}")
+    for i, task in enumerate(cfg.tasks):
+        if task.label_column not in known:
+            raise ConfigError(f"tasks[{i}].label: {where} has no column {task.label_column!r}")
+        if task.mask and task.mask not in known:
+            raise ConfigError(f"tasks[{i}].mask: {where} has no column {task.mask!r}")
+    for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
+        if split is not None and split not in meta.splits:
+            raise ConfigError(f"data: split {split!r} is not in {where} (have: {', '.join(sorted(meta.splits))})")
+
+
+def versions() -> dict[str, str]:
+    import fbgemm_gpu
+    import pyarrow
+    import torchrec
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchrec": torchrec.__version__,
+        "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
+        "lightning": L.__version__,
+        "pyarrow": pyarrow.__version__,
+        "git_commit": commit or "unknown",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+    }
+
+
+class RunInfo(L.Callback):
+    """Writes the resolved config, versions and sharding plan to the run folder and prints the plan."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        strategy = trainer.strategy
+        if trainer.is_global_zero:
+            run_dir = Path(self.cfg.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
+            if strategy.plan_text:
+                (run_dir / "plan.txt").write_text(strategy.plan_text + "\n")
+                (run_dir / "plan.json").write_text(json.dumps(strategy.plan_summary, indent=1))
+                print(f"[towerrec] sharding plan ({trainer.world_size} ranks):\n{strategy.plan_text}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ building
+def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str | None = None):
+    """Returns (trainer, module, datamodule, checkpoint callback) for ``cfg``."""
+    env = launch_environment(cfg)
+    validate_for_device(cfg, env["accelerator"])
+    _set_threads(cfg, env["devices"])
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+    meta = ensure_dataset(cfg)
+    check_data_against_config(cfg, meta)
+    num_embeddings = resolve_num_embeddings(cfg, meta)
+    datamodule = ParquetDataModule(cfg, meta, read_spec(cfg, num_embeddings), predict_split=predict_split)
+    module = MultiTaskModule(cfg, num_embeddings)
+    run_dir = Path(cfg.run_dir)
+    checkpointing = StepCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps)
+    callbacks = [checkpointing, Throughput(), RunInfo(cfg), *(extra_callbacks or [])]
+    if cfg.trainer.early_stopping_patience:
+        callbacks.append(
+            L.pytorch.callbacks.EarlyStopping(
+                monitor=cfg.trainer.early_stopping_metric, patience=cfg.trainer.early_stopping_patience, mode="min"
+            )
+        )
+    trainer = L.Trainer(
+        accelerator=env["accelerator"],
+        devices=env["devices"],
+        num_nodes=env["num_nodes"],
+        strategy=TorchRecStrategy(cfg, cluster_environment=env["environment"]),
+        max_epochs=cfg.trainer.max_epochs,
+        max_steps=cfg.trainer.max_steps,
+        precision=cfg.trainer.precision,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        val_check_interval=cfg.trainer.val_check_interval,
+        check_val_every_n_epoch=None if cfg.trainer.val_check_interval else 1,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        logger=[
+            CSVLogger(run_dir, name="logs", version=""),
+            TensorBoardLogger(run_dir, name="tensorboard", version=""),
+        ],
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        limit_val_batches=None if cfg.data.val_split else 0,
+        deterministic=cfg.trainer.deterministic or None,
+    )
+    return trainer, module, datamodule, checkpointing
+
+
+def _resume_path(cfg: Config) -> Path | None:
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return ckpt.find_latest(Path(cfg.run_dir) / "checkpoints")
+    return ckpt.resolve(cfg.checkpoint.resume)
+
+
+def format_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = []
+    for stage, per_task in metrics.items():
+        for task, values in per_task.items():
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "count")
+            lines.append(f"{stage:<9} {task:<12} {shown}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ commands
+def fit(cfg: Config) -> int:
+    """Trains (resuming from the latest checkpoint when there is one), then evaluates on the test
+    split. Returns the process exit code (0, or EXIT_PREEMPTED after a preemption checkpoint)."""
+    trainer, module, datamodule, checkpointing = build(cfg)
+    resume = _resume_path(cfg)
+    if resume is not None and trainer.is_global_zero:
+        print(f"[towerrec] resuming from {resume}", flush=True)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    train_seconds = time.perf_counter() - started
+    if checkpointing.preempted:
+        if trainer.is_global_zero:
+            print(f"[towerrec] preempted ({module.preemption.signal_name}): checkpoint saved, exiting {EXIT_PREEMPTED}")
+        _finish()
+        return EXIT_PREEMPTED
+    result = _evaluate_loaded(cfg, trainer, module, datamodule, "test")
+    result["train_seconds"] = train_seconds
+    result["global_step"] = trainer.global_step
+    result["skipped_non_finite_batches"] = module.skipped_batches
+    stream = datamodule.train_stream
+    result["skipped_bad_rows"] = stream.skipped_bad_rows if stream is not None else 0
+    if "val" in module.last_metrics:
+        result["metrics"]["val"] = module.last_metrics["val"]
+    if "test" in module.last_baseline:
+        result["baseline"] = {"test": module.last_baseline["test"]}
+    _write_result(cfg, trainer, result)
+    _finish()
+    return 0
+
+
+def _evaluate_loaded(cfg, trainer, module, datamodule, stage: str) -> dict:
+    if cfg.data.test_split is None and stage == "test":
+        return {"metrics": {}}
+    if stage == "test":
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    else:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {"metrics": {stage: module.last_metrics[stage]}}
+
+
+def _write_result(cfg: Config, trainer: L.Trainer, result: dict) -> None:
+    if not trainer.is_global_zero:
+        return
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    print("[towerrec] per-task metrics:\n" + format_metrics(result["metrics"]), flush=True)
+    if "baseline" in result:
+        print("[towerrec] trivial predictor (each task's mean label):\n" + format_metrics(result["baseline"]), flush=True)
+    print(f"[towerrec] run folder: {run_dir}", flush=True)
+
+
+def evaluate(cfg: Config, stage: str, checkpoint: str | None) -> int:
+    """``validate``/``test`` a checkpoint (default: the run's latest)."""
+    trainer, module, datamodule, _ = build(cfg)
+    path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
+    run = trainer.test if stage == "test" else trainer.validate
+    run(module, datamodule=datamodule, ckpt_path=str(path), verbose=False)
+    result = {"checkpoint": str(path), "metrics": {stage: module.last_metrics[stage]}}
+    _write_result(cfg, trainer, result)
+    _finish()
+    return 0
+
+
+def _finish() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

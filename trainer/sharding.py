@@ -1,0 +1,234 @@
+"""Embedding tables, TorchRec planning and DistributedModelParallel wrapping.
+
+Only the trainer (through ``TorchRecStrategy``) calls these: models never pick a sharding. The
+``towerrec plan`` command uses the same planner on a hypothetical cluster without any GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from data.dataset import DatasetMeta
+from trainer.config import CPU_SHARDING_TYPES, Config, ConfigError, OptimizerConfig
+
+GB = 1024**3
+BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
+DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
+
+
+def resolve_num_embeddings(cfg: Config, meta: DatasetMeta | None) -> dict[str, int]:
+    """Rows of each sparse feature's table: from config, else from the data set's vocabulary."""
+    rows = {}
+    for i, feature in enumerate(cfg.data.sparse):
+        if feature.num_embeddings is not None:
+            rows[feature.name] = feature.num_embeddings
+            continue
+        size = meta.vocab_size(feature.source_column) if meta is not None else None
+        if size is None:
+            raise ConfigError(
+                f"data.sparse[{i}].num_embeddings: not set and the data set's metadata has no vocabulary "
+                f"size for column {feature.source_column!r}"
+            )
+        rows[feature.name] = int(size)
+    return rows
+
+
+def embedding_tables(cfg: Config, num_embeddings: dict[str, int]) -> list[EmbeddingBagConfig]:
+    """One TorchRec table per ``table`` name; features sharing a table get its largest row count."""
+    grouped: dict[str, list] = {}
+    for feature in cfg.data.sparse:
+        grouped.setdefault(feature.table_name, []).append(feature)
+    tables = []
+    for name, features in grouped.items():
+        tables.append(
+            EmbeddingBagConfig(
+                name=name,
+                embedding_dim=features[0].embedding_dim,
+                num_embeddings=max(num_embeddings[f.name] for f in features),
+                feature_names=[f.name for f in features],
+                pooling=PoolingType.MEAN if features[0].pooling == "mean" else PoolingType.SUM,
+                data_type=DATA_TYPES[cfg.sharding.embedding_precision],
+            )
+        )
+    return tables
+
+
+def _fused_optimizer(opt: OptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+    if opt.type == "rowwise_adagrad":
+        return RowWiseAdagrad, {"lr": opt.lr, "eps": opt.eps}
+    if opt.type == "adagrad":
+        return torch.optim.Adagrad, {"lr": opt.lr, "eps": opt.eps}
+    if opt.type == "adam":
+        return torch.optim.Adam, {"lr": opt.lr, "eps": opt.eps, "weight_decay": opt.weight_decay}
+    return torch.optim.SGD, {"lr": opt.lr}
+
+
+def apply_embedding_optimizer(model: nn.Module, opt: OptimizerConfig) -> None:
+    """Marks every embedding table parameter for an optimizer fused into the backward pass."""
+    optimizer_class, kwargs = _fused_optimizer(opt)
+    table_params = [p for name, p in model.named_parameters() if "embedding_bags" in name]
+    apply_optimizer_in_backward(optimizer_class, table_params, kwargs)
+
+
+def planner_constraints(cfg: Config, tables: list[EmbeddingBagConfig], device_type: str) -> dict[str, ParameterConstraints]:
+    default_types = cfg.sharding.sharding_types
+    if default_types is None and device_type == "cpu":
+        default_types = list(CPU_SHARDING_TYPES)
+    kernel = cfg.sharding.compute_kernel
+    constraints = {}
+    table_names = {t.name for t in tables}
+    for name in cfg.sharding.table_constraints:
+        if name not in table_names:
+            raise ConfigError(f"sharding.table_constraints.{name}: no such table (tables: {', '.join(sorted(table_names))})")
+    for table in tables:
+        types = cfg.sharding.table_constraints.get(table.name, default_types)
+        constraints[table.name] = ParameterConstraints(
+            sharding_types=list(types) if types else None,
+            compute_kernels=[kernel] if kernel else None,
+        )
+    return constraints
+
+
+@dataclass
+class ClusterSpec:
+    """A (possibly hypothetical) cluster to plan for."""
+
+    world_size: int
+    device_type: str
+    local_world_size: int
+    memory_gb_per_device: float | None = None
+    ddr_gb_per_rank: float | None = None
+
+
+def make_planner(cfg: Config, tables: list[EmbeddingBagConfig], cluster: ClusterSpec) -> EmbeddingShardingPlanner:
+    memory = cluster.memory_gb_per_device or cfg.sharding.hbm_gb
+    hbm_cap = ddr_cap = None
+    if cluster.device_type == "cuda":
+        hbm_cap = int(memory * GB) if memory else None
+        ddr_gb = cluster.ddr_gb_per_rank or cfg.sharding.ddr_gb
+        ddr_cap = int(ddr_gb * GB) if ddr_gb else None
+    else:
+        ddr_cap = int(memory * GB) if memory else None
+    topology = Topology(
+        world_size=cluster.world_size,
+        compute_device=cluster.device_type,
+        hbm_cap=hbm_cap,
+        ddr_cap=ddr_cap,
+        local_world_size=cluster.local_world_size,
+    )
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=cfg.data.batch_size,
+        constraints=planner_constraints(cfg, tables, cluster.device_type),
+    )
+
+
+def sharders(cfg: Config) -> list:
+    fused_params = {}
+    if cfg.sharding.compute_kernel == "fused_uvm_caching":
+        fused_params["cache_load_factor"] = cfg.sharding.cache_load_factor
+    return [EmbeddingBagCollectionSharder(fused_params=fused_params or None)]
+
+
+class PlanDoesNotFit(ValueError):
+    """The tables cannot be placed within the given memory budget."""
+
+
+def plan_for_cluster(cfg: Config, model: nn.Module, tables, cluster: ClusterSpec, process_group=None) -> ShardingPlan:
+    """Runs TorchRec's planner; with a process group all ranks agree on one plan (collective)."""
+    planner = make_planner(cfg, tables, cluster)
+    try:
+        if process_group is not None:
+            return planner.collective_plan(model, sharders(cfg), process_group)
+        return planner.plan(model, sharders(cfg))
+    except PlannerError as err:
+        total_gb = sum(t.num_embeddings * t.embedding_dim for t in tables) * 4 / GB
+        raise PlanDoesNotFit(
+            f"the embedding tables ({total_gb:.1f} GB of fp32 weights before optimizer state) do not fit on "
+            f"{cluster.world_size} x {cluster.device_type} devices with the given memory budget "
+            f"(sharding.hbm_gb / --hbm-gb): add devices, raise the budget, lower embedding dims or rows, "
+            f"or allow fused_uvm_caching on CUDA. Planner said: {str(err).splitlines()[0]}"
+        ) from err
+
+
+def shard_model(
+    model: nn.Module, cfg: Config, tables, cluster: ClusterSpec, process_group, device: torch.device
+) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Fused optimizer → plan → DMP. Tables built on ``meta`` are materialised on their shards."""
+    apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
+    plan = plan_for_cluster(cfg, model, tables, cluster, process_group)
+    dmp = DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(process_group),
+        device=device,
+        plan=plan,
+        sharders=sharders(cfg),
+    )
+    return dmp, plan
+
+
+def describe_plan(plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_size: int, cfg: Config) -> tuple[str, dict]:
+    """Human-readable table of the plan and an estimate of each rank's embedding memory.
+
+    Memory per rank = weights (rows × dim × bytes) + optimizer state of its shards (row-wise
+    Adagrad: one float per row; Adagrad: one per element; Adam: two per element; SGD: none).
+    """
+    by_name = {t.name: t for t in tables}
+    bytes_per = BYTES_PER_ELEMENT[cfg.sharding.embedding_precision]
+    opt = cfg.trainer.embedding_optimizer.type
+    per_rank = [0.0] * world_size
+    rows_out = []
+    for module_plan in plan.plan.values():
+        for table_name, sharding in module_plan.items():
+            table = by_name[table_name]
+            shards = []
+            if sharding.sharding_spec is not None:
+                for shard in sharding.sharding_spec.shards:
+                    rank = shard.placement.rank()
+                    rows, cols = shard.shard_sizes
+                    shards.append((rank, rows, cols))
+            else:  # data_parallel: a full replica on every rank
+                shards = [(r, table.num_embeddings, table.embedding_dim) for r in range(world_size)]
+            for rank, rows, cols in shards:
+                state = {"rowwise_adagrad": rows * 4, "adagrad": rows * cols * 4, "adam": 2 * rows * cols * 4}.get(opt, 0)
+                per_rank[rank] += rows * cols * bytes_per + state
+            ranks = sorted({s[0] for s in shards})
+            rows_out.append(
+                (table_name, table.num_embeddings, table.embedding_dim, sharding.sharding_type, sharding.compute_kernel, ranks)
+            )
+    lines = [f"{'table':<24} {'rows':>14} {'dim':>5}  {'sharding':<18} {'kernel':<18} ranks"]
+    for name, rows, dim, kind, kernel, ranks in sorted(rows_out):
+        shown = ",".join(map(str, ranks)) if len(ranks) <= 16 else f"{len(ranks)} ranks ({ranks[0]}..{ranks[-1]})"
+        lines.append(f"{name:<24} {rows:>14,} {dim:>5}  {kind:<18} {kernel:<18} {shown}")
+    gb = [b / GB for b in per_rank]
+    lines.append(
+        f"embedding memory per rank (weights + optimizer state): max {max(gb):.3f} GB, "
+        f"min {min(gb):.3f} GB, total {sum(gb):.3f} GB over {world_size} ranks"
+    )
+    summary = {
+        "tables": [
+            {"table": n, "rows": r, "dim": d, "sharding_type": k, "compute_kernel": c, "ranks": rk}
+            for n, r, d, k, c, rk in sorted(rows_out)
+        ],
+        "memory_gb_per_rank": gb,
+    }
+    return "\n".join(lines), summary
+
+
+def total_parameters(tables: list[EmbeddingBagConfig]) -> int:
+    return sum(t.num_embeddings * t.embedding_dim for t in tables)
+
+
+__all__ = ["ClusterSpec", "PlanDoesNotFit", "embedding_tables", "shard_model", "describe_plan", "math"]
