@@ -15,31 +15,33 @@ def save_step_checkpoint(trainer: L.Trainer, root: Path) -> None:
 
 
 class StepCheckpoint(L.Callback):
-    """Saves every ``every_n_steps`` optimizer steps and at the end of each training epoch."""
+    """Saves after the step of: every ``every_n_steps``-th step, the last batch of each epoch, the
+    step that reaches ``max_steps``, and a preemption request (then stops the run).
+
+    Saving at a batch end (never at ``on_train_epoch_end``) keeps Lightning's loop state and the
+    reader position consistent: a resumed run continues at exactly the next batch.
+    """
 
     def __init__(self, root: Path, every_n_steps: int):
         self.root = root
         self.every_n_steps = every_n_steps
+        self.preempted = False
         self._last_saved_step = -1
 
-    def _save(self, trainer: L.Trainer) -> None:
-        if trainer.global_step != self._last_saved_step:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stream = trainer.datamodule.train_stream
+        due = (
+            pl_module.preempt_now
+            or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0)
+            or batch.position + 1 == len(stream)
+            or trainer.global_step == trainer.max_steps
+        )
+        if due and trainer.global_step != self._last_saved_step:
             save_step_checkpoint(trainer, self.root)
             self._last_saved_step = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.preempt_now:
-            self._save(trainer)
             trainer.should_stop = True
             self.preempted = True
-            return
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._save(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
-
-    preempted = False
 
 
 class Throughput(L.Callback):
@@ -51,6 +53,10 @@ class Throughput(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start, self._samples = time.perf_counter(), 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:  # a run resumed mid-epoch skips on_train_epoch_start
+            self._start, self._samples = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += batch.batch_size * trainer.world_size

@@ -292,3 +292,28 @@ def _finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str | None) -> int:
+    """Scores a split with a checkpoint; each rank writes ``part-rankNNNNN.parquet`` with the
+    row's position in the split (``row``) and one prediction column per task."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    trainer, module, datamodule, _ = build(cfg, predict_split=split)
+    path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
+    outputs = trainer.predict(module, datamodule=datamodule, ckpt_path=str(path), return_predictions=True)
+    out_dir = Path(output or Path(cfg.run_dir) / "predictions")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    row_id = torch.cat([o["row_id"] for o in outputs]).numpy()
+    preds = torch.cat([o["predictions"] for o in outputs]).numpy()
+    keep = row_id >= 0
+    columns = {"row": pa.array(row_id[keep])}
+    for t, name in enumerate(module.task_names):
+        columns[name] = pa.array(np.ascontiguousarray(preds[keep, t]))
+    pq.write_table(pa.table(columns), out_dir / f"part-rank{trainer.global_rank:05d}.parquet")
+    if trainer.is_global_zero:
+        print(f"[towerrec] predictions of {path} for split {split or cfg.data.test_split} in {out_dir}", flush=True)
+    _finish()
+    return 0

@@ -123,7 +123,7 @@ class TorchRecStrategy(DDPStrategy):
             process_group=self.process_group,
         )
 
-    def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = ckpt.resolve(checkpoint_path)
         self._checkpoint_to_load = path
         state = ckpt.load_state(path)

@@ -22,8 +22,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "launch" / "slurm" / "cluster.sh"
-SBATCH_SCRIPT = REPO / "launch" / "slurm" / "towerrec.sbatch"
-TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,8 +55,22 @@ class SlurmCluster:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait_job(self, job_id: str, timeout: float = 60, states=("COMPLETED", "FAILED", "CANCELLED",
-                 "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")) -> dict:
+    def wait_job(
+        self,
+        job_id: str,
+        timeout: float = 60,
+        states=(
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        ),
+    ) -> dict:
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
@@ -89,8 +101,9 @@ def slurm_cluster() -> SlurmCluster:
     env = dict(os.environ)
     state_dir = Path(env.get("TOWERREC_SLURM_DIR", "/tmp/towerrec-slurm"))
     try:
-        inst = subprocess.run([str(CLUSTER_SH), "install"], env=env, capture_output=True, text=True,
-                              timeout=900)
+        inst = subprocess.run(
+            [str(CLUSTER_SH), "install"], env=env, capture_output=True, text=True, timeout=900
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("`launch/slurm/cluster.sh install` timed out (no package registry?)")
     if inst.returncode != 0:

@@ -21,7 +21,7 @@ SBATCH_SCRIPT = REPO / "launch" / "slurm" / "towerrec.sbatch"
 
 pytestmark = pytest.mark.slurm
 
-ALL_REDUCE = r'''
+ALL_REDUCE = r"""
 import json, os, sys
 import torch, torch.distributed as dist
 out = sys.argv[1]
@@ -35,12 +35,12 @@ with open(os.path.join(out, f"result.{rank}.json"), "w") as f:
     json.dump({"rank": rank, "world": world, "sum": t.item(),
                "env": {k: os.environ.get(k) for k in keys}}, f)
 dist.destroy_process_group()
-'''
+"""
 
 # Stand-in for the trainer's preemption contract: on SIGUSR1/SIGTERM write a checkpoint and exit
 # 75; when started with a checkpoint present, "resume" (all_reduce to prove the new rendezvous
 # works) and finish with 0.
-PREEMPTIBLE = r'''
+PREEMPTIBLE = r"""
 import datetime, json, os, signal, sys, time
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -74,7 +74,7 @@ deadline = time.time() + 120
 while time.time() < deadline:
     time.sleep(0.1)
 sys.exit(3)   # never preempted: fail
-'''
+"""
 
 
 def _write(path: Path, text: str) -> Path:
@@ -89,9 +89,22 @@ def _submit(cluster, tmp_path: Path, cmd: str, *sbatch_args: str) -> str:
         GLOO_SOCKET_IFNAME="lo",
     )
     r = subprocess.run(
-        ["sbatch", "--parsable", "-D", str(tmp_path), "-o", str(tmp_path / "slurm-%j.out"),
-         "--job-name", "towerrec-test", *sbatch_args, str(SBATCH_SCRIPT)],
-        env=env, capture_output=True, text=True, timeout=30,
+        [
+            "sbatch",
+            "--parsable",
+            "-D",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "slurm-%j.out"),
+            "--job-name",
+            "towerrec-test",
+            *sbatch_args,
+            str(SBATCH_SCRIPT),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
@@ -213,8 +226,19 @@ def test_sbatch_requires_config_or_cmd(slurm_cluster, tmp_path: Path):
     env.pop("TOWERREC_CMD", None)
     env.pop("TOWERREC_CONFIG", None)
     r = subprocess.run(
-        ["sbatch", "--parsable", "-D", str(tmp_path), "-o", str(tmp_path / "slurm-%j.out"), str(SBATCH_SCRIPT)],
-        env=env, capture_output=True, text=True, timeout=30,
+        [
+            "sbatch",
+            "--parsable",
+            "-D",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "slurm-%j.out"),
+            str(SBATCH_SCRIPT),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]

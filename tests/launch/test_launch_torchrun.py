@@ -9,12 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 
-ALL_REDUCE = r'''
+ALL_REDUCE = r"""
 import datetime, json, os, sys
 import torch, torch.distributed as dist
 out = sys.argv[1]
@@ -27,7 +25,7 @@ with open(os.path.join(out, f"result.{rank}.json"), "w") as f:
     json.dump({"rank": rank, "world": world, "sum": t.item(), "argv": sys.argv[2:],
                "env": {k: os.environ.get(k) for k in keys}}, f)
 dist.destroy_process_group()
-'''
+"""
 
 
 def _env() -> dict[str, str]:
@@ -42,8 +40,13 @@ def _results(out: Path, world: int) -> list[dict]:
 
 
 def test_dry_run_defaults():
-    r = subprocess.run([str(TORCHRUN_SH), "--dry-run", "--", "fit", "--config", "c.yaml"],
-                       env=_env(), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(TORCHRUN_SH), "--dry-run", "--", "fit", "--config", "c.yaml"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     cmd = r.stdout.split()
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
@@ -54,27 +57,66 @@ def test_dry_run_defaults():
 
 
 def test_dry_run_multinode():
-    r = subprocess.run([str(TORCHRUN_SH), "--dry-run", "--nproc", "4", "--nnodes", "2", "--node-rank", "1",
-                        "--endpoint", "10.0.0.1:29400", "--rdzv-id", "job7", "--max-restarts", "3",
-                        "fit", "--config", "c.yaml"],
-                       env=_env(), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            str(TORCHRUN_SH),
+            "--dry-run",
+            "--nproc",
+            "4",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--endpoint",
+            "10.0.0.1:29400",
+            "--rdzv-id",
+            "job7",
+            "--max-restarts",
+            "3",
+            "fit",
+            "--config",
+            "c.yaml",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     cmd = r.stdout.split()
-    for a in ["--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
-              "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=job7", "--max-restarts=3", "--rdzv-conf=is_host=0"]:
+    for a in [
+        "--nproc-per-node=4",
+        "--nnodes=2",
+        "--node-rank=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=10.0.0.1:29400",
+        "--rdzv-id=job7",
+        "--max-restarts=3",
+        "--rdzv-conf=is_host=0",
+    ]:
         assert a in cmd
     assert "--standalone" not in cmd
     assert cmd[-5:] == ["-m", "trainer.cli", "fit", "--config", "c.yaml"]
-    bad = subprocess.run([str(TORCHRUN_SH), "--nnodes", "2", "--", "fit"], env=_env(),
-                         capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        [str(TORCHRUN_SH), "--nnodes", "2", "--", "fit"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 2 and "--endpoint" in bad.stderr
 
 
 def test_single_node_two_processes(tmp_path: Path):
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE)
-    r = subprocess.run([str(TORCHRUN_SH), "--nproc", "2", "--script", str(script), "--", str(tmp_path), "--flag"],
-                       env=_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(TORCHRUN_SH), "--nproc", "2", "--script", str(script), "--", str(tmp_path), "--flag"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     for rank, res in enumerate(_results(tmp_path, 2)):
         assert res["world"] == 2 and res["sum"] == 3.0
@@ -85,11 +127,28 @@ def test_single_node_two_processes(tmp_path: Path):
 def test_two_nodes_on_localhost(tmp_path: Path, free_port: int):
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE)
-    common = ["--nnodes", "2", "--nproc", "1", "--endpoint", f"127.0.0.1:{free_port}",
-              "--rdzv-id", f"test-{free_port}", "--script", str(script), "--", str(tmp_path)]
+    common = [
+        "--nnodes",
+        "2",
+        "--nproc",
+        "1",
+        "--endpoint",
+        f"127.0.0.1:{free_port}",
+        "--rdzv-id",
+        f"test-{free_port}",
+        "--script",
+        str(script),
+        "--",
+        str(tmp_path),
+    ]
     procs = [
-        subprocess.Popen([str(TORCHRUN_SH), "--node-rank", str(node), *common], env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [str(TORCHRUN_SH), "--node-rank", str(node), *common],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in (0, 1)
     ]
     outs = []
