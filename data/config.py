@@ -36,6 +36,9 @@ class SparseFeature:
     """``vocab``: ids were mapped to ``[0, num_embeddings)`` at preparation (0 = out-of-vocabulary);
     ids outside that range at read time go to row 0. ``hash``: raw non-negative ids are hashed into
     ``num_embeddings`` rows."""
+    side: Optional[str] = None
+    """``user`` or ``item`` when the feature describes the user or the item of a row (used to build
+    candidate rows for recommendation and cold start); ``null`` for context features."""
 
     @property
     def source_column(self) -> str:
@@ -56,6 +59,8 @@ class DenseFeature:
     """Parquet column (default: ``name``)."""
     fill_nan: Optional[float] = None
     """Value that replaces NaN/inf at read time; ``null`` makes NaN/inf an error naming file and row."""
+    side: Optional[str] = None
+    """``user``, ``item`` or ``null`` (context), as for sparse features."""
 
     @property
     def source_column(self) -> str:

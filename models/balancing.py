@@ -42,7 +42,8 @@ def task_gradients(losses: torch.Tensor, params: list[torch.Tensor]) -> list[lis
     second-order graph is built. ``losses`` (T,) → T lists of tensors shaped like ``params``.
     """
     return [
-        list(torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)) for loss in losses.unbind()
+        list(torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True))
+        for loss in losses.unbind()
     ]
 
 
@@ -146,7 +147,9 @@ class PCGrad(FixedWeights):
         if len({len(grads) for grads in per_task_grads}) != 1:
             raise ValueError("PCGrad.surgery: every task needs one gradient per shared parameter")
         like = per_task_grads[0]
-        flat = torch.stack([torch.cat([g.reshape(-1).float() for g in grads]) for grads in per_task_grads])  # (T, N)
+        flat = torch.stack(
+            [torch.cat([g.reshape(-1).float() for g in grads]) for grads in per_task_grads]
+        )  # (T, N)
         squared_norms = (flat * flat).sum(dim=1).clamp_min(1e-20)  # (T,)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.num_surgeries))
         self.num_surgeries += 1
@@ -245,5 +248,7 @@ BALANCERS: dict[str, type[nn.Module]] = {
 
 def build_balancer(cfg: ModelConfig, tasks: list[TaskConfig]) -> nn.Module:
     if cfg.loss_balancing not in BALANCERS:
-        raise ValueError(f"model.loss_balancing: unknown method {cfg.loss_balancing!r}; choose one of {sorted(BALANCERS)}")
+        raise ValueError(
+            f"model.loss_balancing: unknown method {cfg.loss_balancing!r}; choose one of {sorted(BALANCERS)}"
+        )
     return BALANCERS[cfg.loss_balancing](tasks, cfg)

@@ -49,11 +49,14 @@ class TaskHeads(nn.Module):
         for t, (a, b) in self.probability_products.items():
             names = [tasks[u].name for u in (t, a, b)]
             if any(tasks[u].type != "binary" for u in (t, a, b)):
-                raise ValueError(f"tasks {names}: a probability product (ESMM) needs binary tasks (type: binary)")
+                raise ValueError(
+                    f"tasks {names}: a probability product (ESMM) needs binary tasks (type: binary)"
+                )
             if a in self.probability_products or b in self.probability_products:
                 raise ValueError(f"tasks {names}: the factors of a probability product need their own logit")
         self.output_kinds = [
-            "probability" if t in self.probability_products else output_kind(task) for t, task in enumerate(tasks)
+            "probability" if t in self.probability_products else output_kind(task)
+            for t, task in enumerate(tasks)
         ]
         self.unit_tasks = [t for t in range(len(tasks)) if t not in self.probability_products]
         self.units = nn.ModuleList(nn.Linear(in_dim, 1) for _ in self.unit_tasks)
@@ -75,7 +78,9 @@ class TaskHeads(nn.Module):
 
 def predictions(outputs: torch.Tensor, kinds: list[str]) -> torch.Tensor:
     """(B, T) outputs → (B, T) predictions: probabilities for binary tasks, values for regression."""
-    columns = [torch.sigmoid(outputs[:, t]) if kind == "logit" else outputs[:, t] for t, kind in enumerate(kinds)]
+    columns = [
+        torch.sigmoid(outputs[:, t]) if kind == "logit" else outputs[:, t] for t, kind in enumerate(kinds)
+    ]
     return torch.stack(columns, dim=1)
 
 

@@ -51,7 +51,8 @@ class DotInteraction(nn.Module):
             )
         self.dim = max(embedding_dims)
         self.projections = nn.ModuleList(
-            nn.Identity() if dim == self.dim else nn.Linear(dim, self.dim, bias=False) for dim in embedding_dims
+            nn.Identity() if dim == self.dim else nn.Linear(dim, self.dim, bias=False)
+            for dim in embedding_dims
         )
         self.dense_mlp = MLP(num_dense, [*cfg.dense_dims, self.dim], cfg.dropout) if num_dense else None
         rows, columns = torch.triu_indices(num_vectors, num_vectors, offset=1)
@@ -96,7 +97,9 @@ class CrossInteraction(nn.Module):
         if cfg.dcn_low_rank is not None and cfg.dcn_low_rank < 1:
             raise ValueError(f"model.dcn_low_rank: must be >= 1 or null (full rank), got {cfg.dcn_low_rank}")
         self.out_dim = sum(embedding_dims) + num_dense
-        self.layers = nn.ModuleList(CrossLayer(self.out_dim, cfg.dcn_low_rank) for _ in range(cfg.dcn_num_layers))
+        self.layers = nn.ModuleList(
+            CrossLayer(self.out_dim, cfg.dcn_low_rank) for _ in range(cfg.dcn_num_layers)
+        )
 
     def forward(self, embeddings: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
         x0 = torch.cat([*embeddings, dense], dim=1)
@@ -106,10 +109,16 @@ class CrossInteraction(nn.Module):
         return x
 
 
-INTERACTIONS: dict[str, type[nn.Module]] = {"none": ConcatInteraction, "dot": DotInteraction, "dcn": CrossInteraction}
+INTERACTIONS: dict[str, type[nn.Module]] = {
+    "none": ConcatInteraction,
+    "dot": DotInteraction,
+    "dcn": CrossInteraction,
+}
 
 
 def build_interaction(cfg: ModelConfig, embedding_dims: list[int], num_dense: int) -> nn.Module:
     if cfg.interaction not in INTERACTIONS:
-        raise ValueError(f"model.interaction: unknown interaction {cfg.interaction!r}; choose one of {sorted(INTERACTIONS)}")
+        raise ValueError(
+            f"model.interaction: unknown interaction {cfg.interaction!r}; choose one of {sorted(INTERACTIONS)}"
+        )
     return INTERACTIONS[cfg.interaction](embedding_dims, num_dense, cfg)

@@ -37,7 +37,9 @@ class SharedBottom(nn.Module):
     def __init__(self, input_dim: int, num_tasks: int, cfg: ModelConfig):
         super().__init__()
         self.bottom = MLP(input_dim, cfg.bottom_dims, cfg.dropout)
-        self.task_towers = nn.ModuleList(MLP(self.bottom.out_dim, cfg.head_dims, cfg.dropout) for _ in range(num_tasks))
+        self.task_towers = nn.ModuleList(
+            MLP(self.bottom.out_dim, cfg.head_dims, cfg.dropout) for _ in range(num_tasks)
+        )
         self.out_dim = self.task_towers[0].out_dim
         self.probability_products: dict[int, tuple[int, int]] = {}
 
@@ -69,7 +71,9 @@ class MMoE(nn.Module):
             raise ValueError("model.expert_dims: mmoe needs at least one expert layer")
         self.experts = Experts(input_dim, cfg.num_experts, cfg.expert_dims, cfg.dropout)
         self.gates = nn.ModuleList(Gate(input_dim, cfg.num_experts) for _ in range(num_tasks))
-        self.task_towers = nn.ModuleList(MLP(self.experts.out_dim, cfg.head_dims, cfg.dropout) for _ in range(num_tasks))
+        self.task_towers = nn.ModuleList(
+            MLP(self.experts.out_dim, cfg.head_dims, cfg.dropout) for _ in range(num_tasks)
+        )
         self.out_dim = self.task_towers[0].out_dim
         self.probability_products: dict[int, tuple[int, int]] = {}
 
@@ -115,7 +119,9 @@ class ExtractionLevel(nn.Module):
         ]
         if self.shared_gate is None:
             return next_task_inputs, None
-        return next_task_inputs, self.shared_gate(shared_input, torch.cat([*task_outputs, shared_outputs], dim=1))
+        return next_task_inputs, self.shared_gate(
+            shared_input, torch.cat([*task_outputs, shared_outputs], dim=1)
+        )
 
     def shared_parameters(self) -> list[nn.Parameter]:
         gate = [] if self.shared_gate is None else list(self.shared_gate.parameters())
@@ -138,7 +144,11 @@ class PLE(nn.Module):
         super().__init__()
         if cfg.num_levels < 1:
             raise ValueError(f"model.num_levels: must be >= 1 for ple, got {cfg.num_levels}")
-        if cfg.num_shared_experts < 0 or cfg.num_task_experts < 0 or cfg.num_shared_experts + cfg.num_task_experts < 1:
+        if (
+            cfg.num_shared_experts < 0
+            or cfg.num_task_experts < 0
+            or cfg.num_shared_experts + cfg.num_task_experts < 1
+        ):
             raise ValueError(
                 "model.num_shared_experts / model.num_task_experts: must be >= 0 and give each task at least "
                 f"one expert, got {cfg.num_shared_experts} / {cfg.num_task_experts}"
@@ -172,7 +182,9 @@ class PLE(nn.Module):
 def esmm_task_indices(cfg: ModelConfig, task_names: Sequence[str] | None) -> tuple[int, int, int]:
     """Positions of the (CTR, CVR, CTCVR) tasks named by ``model.esmm_*_task`` in ``task_names``."""
     if task_names is None:
-        raise ValueError("model.tower=esmm: the tower needs the task names (build_tower(..., task_names=...))")
+        raise ValueError(
+            "model.tower=esmm: the tower needs the task names (build_tower(..., task_names=...))"
+        )
     keys = {
         "model.esmm_ctr_task": cfg.esmm_ctr_task,
         "model.esmm_cvr_task": cfg.esmm_cvr_task,
@@ -213,7 +225,9 @@ class ESMM(nn.Module):
         ctr, cvr, ctcvr = esmm_task_indices(cfg, task_names)
         self.bottom = MLP(input_dim, cfg.bottom_dims, cfg.dropout)
         self.tower_tasks = [t for t in range(num_tasks) if t != ctcvr]
-        self.task_towers = nn.ModuleList(MLP(self.bottom.out_dim, cfg.head_dims, cfg.dropout) for _ in self.tower_tasks)
+        self.task_towers = nn.ModuleList(
+            MLP(self.bottom.out_dim, cfg.head_dims, cfg.dropout) for _ in self.tower_tasks
+        )
         self.out_dim = self.task_towers[0].out_dim
         self.probability_products = {ctcvr: (ctr, cvr)}
         self._ctr, self._ctcvr = ctr, ctcvr

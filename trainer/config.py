@@ -129,6 +129,30 @@ class TrainerConfig:
 
 
 @dataclass
+class RecommendConfig:
+    """Top-K recommendation lists (``towerrec recommend``) and ranking evaluation."""
+
+    user_feature: str = "user_id"
+    """Sparse feature holding the user id."""
+    item_feature: str = "item_id"
+    """Sparse feature holding the item id."""
+    k: int = 10
+    """Length of each recommendation list."""
+    score: str = "weighted_sum"
+    """How task predictions combine into the ranking score: ``weighted_sum`` (Σ w_t · pred_t) or
+    ``product`` (Π pred_t^w_t, e.g. pCTR × rating)."""
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Weight of each task in the score (tasks not listed get 0; empty = 1 for the first task)."""
+    exclude_seen: bool = True
+    """Leave out items the user interacted with in the training split."""
+    item_block_size: int = 65536
+    """Candidates scored per block (bounds memory for million-item catalogues)."""
+    relevance_task: Optional[str] = None
+    """Binary task whose positive test rows count as relevant in ranking evaluation (default: the
+    first binary task)."""
+
+
+@dataclass
 class Config:
     """A whole run. See configs/*.yaml for commented examples."""
 
@@ -148,6 +172,8 @@ class Config:
     """Training loop."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing and resume."""
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    """Recommendation lists and ranking evaluation."""
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -306,6 +332,8 @@ def validate(cfg: Config) -> None:
         _positive(f"{key}.num_embeddings", feature.num_embeddings)
         _one_of(f"{key}.pooling", feature.pooling, ("sum", "mean"))
         _one_of(f"{key}.id_mapping", feature.id_mapping, ("vocab", "hash"))
+        if feature.side is not None:
+            _one_of(f"{key}.side", feature.side, ("user", "item"))
         if feature.id_mapping == "hash" and feature.num_embeddings is None:
             raise ConfigError(f"{key}.num_embeddings: required with id_mapping: hash")
         previous = dims_of_table.setdefault(feature.table_name, feature.embedding_dim)
@@ -332,6 +360,9 @@ def validate(cfg: Config) -> None:
         _positive(f"{key}.weight", task.weight, allow_zero=True)
         if task.min_value is not None and task.max_value is not None and task.min_value >= task.max_value:
             raise ConfigError(f"{key}.max_value: must exceed min_value ({task.min_value})")
+    for i, feature in enumerate(data.dense):
+        if feature.side is not None:
+            _one_of(f"data.dense[{i}].side", feature.side, ("user", "item"))
     model = cfg.model
     if model.alpha is not None and not 0 <= model.alpha <= 1:
         raise ConfigError(f"model.alpha: must be in [0, 1], got {model.alpha}")
@@ -367,6 +398,12 @@ def validate(cfg: Config) -> None:
     _positive("sharding.hbm_gb", sharding.hbm_gb)
     _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    rec = cfg.recommend
+    _positive("recommend.k", rec.k)
+    _positive("recommend.item_block_size", rec.item_block_size)
+    _one_of("recommend.score", rec.score, ("weighted_sum", "product"))
+    for name in rec.task_weights:
+        _one_of("recommend.task_weights", name, tuple(task_names))
 
 
 def validate_for_device(cfg: Config, device_type: str) -> None:

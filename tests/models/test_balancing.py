@@ -34,7 +34,9 @@ def regression_problem(noise: tuple[float, float], scale: tuple[float, float] = 
 
 def model_losses(tower, heads, x, labels):
     outputs = heads(tower(x))
-    return task_losses(outputs, labels, torch.ones_like(labels), torch.ones(len(x)), heads.output_kinds, ["mse", "mse"])
+    return task_losses(
+        outputs, labels, torch.ones_like(labels), torch.ones(len(x)), heads.output_kinds, ["mse", "mse"]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BALANCERS))
@@ -65,7 +67,9 @@ def test_uncertainty_loss_form():
     s, losses = balancer.log_variances.detach(), torch.tensor([2.0, 0.7, 5.0])
     expected = 0.5 * torch.exp(-s[0]) * losses[0] + 0.5 * s[0] + torch.exp(-s[1]) * losses[1] + 0.5 * s[1]
     torch.testing.assert_close(balancer(losses), expected)
-    torch.testing.assert_close(balancer.weights(), torch.stack([0.5 * torch.exp(-s[0]), torch.exp(-s[1]), torch.tensor(0.0)]))
+    torch.testing.assert_close(
+        balancer.weights(), torch.stack([0.5 * torch.exp(-s[0]), torch.exp(-s[1]), torch.tensor(0.0)])
+    )
 
 
 def test_uncertainty_down_weights_the_task_with_label_noise():

@@ -57,7 +57,9 @@ def test_dot_without_dense_features_is_dots_only():
 
 @pytest.mark.parametrize("low_rank", [None, 2])
 def test_cross_layers_follow_dcn_v2(low_rank):
-    interaction = CrossInteraction([3, 2], num_dense=2, cfg=ModelConfig(dcn_num_layers=2, dcn_low_rank=low_rank))
+    interaction = CrossInteraction(
+        [3, 2], num_dense=2, cfg=ModelConfig(dcn_num_layers=2, dcn_low_rank=low_rank)
+    )
     assert interaction.out_dim == 7
     embeddings, dense = inputs([3, 2], 2)
     x0 = torch.cat([*embeddings, dense], dim=1)
@@ -83,7 +85,10 @@ def test_cross_with_zero_weights_is_identity():
 
 @pytest.mark.parametrize(
     "overrides, key",
-    [({"interaction": "cross"}, "model.interaction"), ({"interaction": "dcn", "dcn_low_rank": 0}, "model.dcn_low_rank")],
+    [
+        ({"interaction": "cross"}, "model.interaction"),
+        ({"interaction": "dcn", "dcn_low_rank": 0}, "model.dcn_low_rank"),
+    ],
 )
 def test_bad_interaction_config_names_the_key(overrides, key):
     with pytest.raises(ValueError, match=key):

@@ -139,7 +139,14 @@ def train(module, heads, balancer, features, labels, label_mask=None, steps=200,
     label_mask = torch.ones_like(labels) if label_mask is None else label_mask
     loss_names = loss_names or ["mse" if kind == "value" else "bce" for kind in heads.output_kinds]
     for _ in range(steps):
-        losses = task_losses(heads(module(features)), labels, label_mask, torch.ones(len(labels)), heads.output_kinds, loss_names)
+        losses = task_losses(
+            heads(module(features)),
+            labels,
+            label_mask,
+            torch.ones(len(labels)),
+            heads.output_kinds,
+            loss_names,
+        )
         optimizer.zero_grad()
         balancer(losses).backward()
         optimizer.step()
@@ -178,7 +185,15 @@ def test_esmm_learns_ctr_ctcvr_and_cvr_over_the_entire_space():
     tasks = esmm_tasks()
     torch.manual_seed(0)
     module, heads = build("esmm", 8, tasks)
-    train(module, heads, FixedWeights(tasks, ModelConfig()), x[:2048], labels[:2048], label_mask[:2048], steps=150)
+    train(
+        module,
+        heads,
+        FixedWeights(tasks, ModelConfig()),
+        x[:2048],
+        labels[:2048],
+        label_mask[:2048],
+        steps=150,
+    )
     with torch.no_grad():
         predicted = predictions(heads(module(x[2048:])), heads.output_kinds)
     test, train_labels = labels[2048:], labels[:2048]
@@ -197,7 +212,9 @@ def test_zero_weight_task_gets_no_gradient(tower, planted_problem):
     balancer = FixedWeights(planted_problem.tasks, ModelConfig(alpha=1.0))  # weights (1, 0)
     features, labels = planted_problem.split("train")
     outputs = heads(module(features))
-    losses = task_losses(outputs, labels, torch.ones_like(labels), torch.ones(len(labels)), heads.output_kinds, ["mse", "bce"])
+    losses = task_losses(
+        outputs, labels, torch.ones_like(labels), torch.ones(len(labels)), heads.output_kinds, ["mse", "bce"]
+    )
     balancer(losses).backward()
     second_task = [*heads.units[1].parameters(), *module.task_towers[1].parameters()]
     if tower == "mmoe":
