@@ -96,6 +96,43 @@ class PrepareConfig:
     """Synthetic: power-law exponent of user/item popularity."""
     seed: int = 0
     """Seed of the generator and of the split."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """``csv``/``parquet``: input column → kind: ``sparse`` (one id, integer or string), ``multi_hot``
+    (a list, or a ``list_delimiter``-separated string in CSV), ``dense`` (number), ``label`` (number)
+    or ``other`` (copied as is). Only listed columns are written, in this order."""
+    label_ranges: dict[str, list[float]] = field(default_factory=dict)
+    """``csv``/``parquet``: label column → ``[min, max]`` (inclusive); rows outside are an error."""
+    binary_labels: list[str] = field(default_factory=list)
+    """``csv``/``parquet``: label columns that must be exactly 0 or 1 (e.g. ``click``)."""
+    list_delimiter: str = "|"
+    """``csv``: separator inside a multi-hot string (``Action|Comedy``)."""
+    csv_delimiter: str = ","
+    """``csv``: field separator (the file must have a header row)."""
+    user_column: Optional[str] = None
+    """``csv``/``parquet``: column identifying the user (needed by ``user``/``leave_last_out`` splits)."""
+    time_column: Optional[str] = None
+    """``csv``/``parquet``: column ordering rows in time (``time``/``leave_last_out``; default: row order)."""
+    cut_time: Optional[float] = None
+    """``time`` split: rows with time >= this are test (default: the ``1 - test_fraction`` quantile)."""
+    min_count: int = 1
+    """Ids seen fewer times than this in the training split map to the out-of-vocabulary row 0."""
+    sparse_mapping: str = "vocab"
+    """``vocab``: ids → rows of a vocabulary fitted on the training split; ``hash``: ids are hashed
+    into ``num_hash_buckets`` rows (row 0 is kept for missing ids); no vocabulary pass."""
+    num_hash_buckets: int = 1_000_000
+    """Rows of every hashed id table (``sparse_mapping: hash``), plus row 0."""
+    dedup: bool = True
+    """Drop exact duplicate rows (memory: 8 bytes per distinct row; see ``data.cleaning``)."""
+    missing_sparse: str = "fill"
+    """Missing sparse/multi-hot id: ``fill`` (out-of-vocabulary row 0 / empty list) or ``drop`` the row."""
+    missing_dense: str = "fill"
+    """Missing/NaN dense value: ``fill`` (with ``dense_fill``) or ``drop`` the row."""
+    dense_fill: float = 0.0
+    """Value of a missing dense feature with ``missing_dense: fill``."""
+    log_transform: Optional[bool] = None
+    """Dense x → log(1 + max(x, 0)); ``null`` = the format's default (``criteo``: true, others: false)."""
+    clip_quantile: Optional[float] = None
+    """Clip dense features to the [1 - q, q] quantiles of the training split (q in (0.5, 1)); ``null``: no clipping."""
 
 
 @dataclass

@@ -54,7 +54,9 @@ class DatasetMeta:
     def load(cls, path: str | os.PathLike) -> DatasetMeta:
         root = Path(path)
         if not root.exists():
-            raise DataError(f"{root}: data set folder does not exist (run `towerrec prepare` or set data.prepare)")
+            raise DataError(
+                f"{root}: data set folder does not exist (run `towerrec prepare` or set data.prepare)"
+            )
         meta_path = root / METADATA_FILE
         if not meta_path.exists():
             raise DataError(
@@ -66,7 +68,9 @@ class DatasetMeta:
         except json.JSONDecodeError as err:
             raise DataError(f"{meta_path}: not valid JSON ({err})") from err
         if raw.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{meta_path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}")
+            raise DataError(
+                f"{meta_path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}"
+            )
         splits = {
             name: [RowGroup(str(root / rg[0]), int(rg[1]), int(rg[2])) for rg in groups]
             for name, groups in raw["splits"].items()
@@ -115,8 +119,10 @@ class DatasetWriter:
         self._buffered_rows: dict[str, int] = {}
         self._next_shard: dict[str, int] = {}
         self._schema: pa.Schema | None = None
+        self._splits_seen: set[str] = set()
 
     def write(self, split: str, table: pa.Table) -> None:
+        self._splits_seen.add(split)
         if table.num_rows == 0:
             return
         if self._schema is None:
@@ -129,6 +135,8 @@ class DatasetWriter:
             self._flush(split, final=False)
 
     def _flush(self, split: str, final: bool) -> None:
+        if not self._buffers.get(split):
+            return
         buffered = pa.concat_tables(self._buffers.pop(split, [])).combine_chunks()
         start = 0
         while buffered.num_rows - start >= self.row_group_size or (final and start < buffered.num_rows):
@@ -146,7 +154,9 @@ class DatasetWriter:
         if key not in self._writers:
             (self.tmp / split).mkdir(exist_ok=True)
             assert self._schema is not None
-            self._writers[key] = pq.ParquetWriter(self.tmp / split / f"part-{shard:05d}.parquet", self._schema)
+            self._writers[key] = pq.ParquetWriter(
+                self.tmp / split / f"part-{shard:05d}.parquet", self._schema
+            )
         return self._writers[key]
 
     def commit(
@@ -160,7 +170,7 @@ class DatasetWriter:
             self._flush(split, final=True)
         for writer in self._writers.values():
             writer.close()
-        splits: dict[str, list[list[Any]]] = {}
+        splits: dict[str, list[list[Any]]] = {split: [] for split in self._splits_seen}
         for split_dir in sorted(p for p in self.tmp.iterdir() if p.is_dir()):
             groups = []
             for file in sorted(split_dir.glob("*.parquet")):

@@ -50,7 +50,9 @@ def read_ratings(path: Path) -> dict[str, np.ndarray]:
     ratings = {name: table.column(name).to_numpy() for name in table.column_names}
     bad = np.flatnonzero((ratings["rating"] < 1) | (ratings["rating"] > 5))
     if len(bad):
-        raise DataError(f"{path}: column rating, row {bad[0]}: value {ratings['rating'][bad[0]]} outside [1, 5]")
+        raise DataError(
+            f"{path}: column rating, row {bad[0]}: value {ratings['rating'][bad[0]]} outside [1, 5]"
+        )
     bad = np.flatnonzero((ratings["user"] < 0) | (ratings["item"] < 0))
     if len(bad):
         raise DataError(f"{path}: row {bad[0]}: negative user or item id")
@@ -59,7 +61,9 @@ def read_ratings(path: Path) -> dict[str, np.ndarray]:
 
 def _user_table(root: Path) -> dict[str, np.ndarray]:
     names = ["user", "age", "gender", "occupation", "zip"]
-    table = _read_delimited(root / "u.user", "|", names, {"user": pa.int64(), "age": pa.int64(), "zip": pa.string()})
+    table = _read_delimited(
+        root / "u.user", "|", names, {"user": pa.int64(), "age": pa.int64(), "zip": pa.string()}
+    )
     users = table.column("user").to_numpy()
     size = users.max() + 1
     out = {}
@@ -89,7 +93,13 @@ def _item_table(root: Path) -> dict[str, np.ndarray]:
 
 
 def _history_features(
-    users: np.ndarray, items: np.ndarray, train_users, train_items, train_ratings, leave_one_out: bool, ratings
+    users: np.ndarray,
+    items: np.ndarray,
+    train_users,
+    train_items,
+    train_ratings,
+    leave_one_out: bool,
+    ratings,
 ) -> dict[str, np.ndarray]:
     """Mean rating and log count per user and item from the training split (smoothed to the global mean)."""
     global_mean = float(train_ratings.mean())
@@ -103,7 +113,9 @@ def _history_features(
             row_sums = row_sums - ratings
             row_counts = row_counts - 1
         prior = 5.0
-        out[f"{prefix}_mean_rating"] = ((row_sums + prior * global_mean) / (row_counts + prior)).astype(np.float32)
+        out[f"{prefix}_mean_rating"] = ((row_sums + prior * global_mean) / (row_counts + prior)).astype(
+            np.float32
+        )
         out[f"{prefix}_log_count"] = np.log1p(row_counts).astype(np.float32)
     return out
 
@@ -156,19 +168,31 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     genre_values = np.arange(NUM_GENRES, dtype=np.int64) + 1  # row 0 stays unused (no genre)
     for name, rows in splits.items():
         raw = train_raw if name == "train" else raw_columns(rows)
-        columns: dict[str, pa.Array] = {name_: pa.array(vocabs[name_].lookup(raw[name_])) for name_ in SPARSE_COLUMNS}
+        columns: dict[str, pa.Array] = {
+            name_: pa.array(vocabs[name_].lookup(raw[name_])) for name_ in SPARSE_COLUMNS
+        }
         genre_mask = item_info["genres"][rows["item"]]
         offsets = np.concatenate([[0], np.cumsum(genre_mask.sum(1))]).astype(np.int32)
-        columns["genres"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.tile(genre_values, len(genre_mask))[genre_mask.ravel()]))
+        columns["genres"] = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(np.tile(genre_values, len(genre_mask))[genre_mask.ravel()])
+        )
         history = _history_features(
-            rows["user"], rows["item"], train["user"], train["item"], train["rating"], name == "train", rows["rating"]
+            rows["user"],
+            rows["item"],
+            train["user"],
+            train["item"],
+            train["rating"],
+            name == "train",
+            rows["rating"],
         )
         columns.update({key: pa.array(value) for key, value in history.items()})
         columns["timestamp"] = pa.array(rows["timestamp"])
         columns["rating"] = pa.array(rows["rating"].astype(np.float32))
         columns["click"] = pa.array((rows["rating"] >= 4).astype(np.float32))
         writer.write(name, pa.table(columns))
-    meta_columns = {name: {"kind": "sparse", "num_embeddings": vocabs[name].num_embeddings} for name in SPARSE_COLUMNS}
+    meta_columns = {
+        name: {"kind": "sparse", "num_embeddings": vocabs[name].num_embeddings} for name in SPARSE_COLUMNS
+    }
     meta_columns["genres"] = {"kind": "multi_hot", "num_embeddings": NUM_GENRES + 1}
     for key in ("user_mean_rating", "item_mean_rating", "user_log_count", "item_log_count"):
         meta_columns[key] = {"kind": "dense"}

@@ -159,7 +159,9 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the position; a different world or batch size restarts the interrupted epoch."""
         self.epoch = int(state["epoch"])
-        same_layout = state.get("world_size") == self.world_size and state.get("batch_size") == self.batch_size
+        same_layout = (
+            state.get("world_size") == self.world_size and state.get("batch_size") == self.batch_size
+        )
         self.consumed = int(state["consumed"]) if same_layout else 0
 
     def mark_consumed(self, batch: Batch) -> None:
@@ -181,10 +183,14 @@ class BatchStream:
         lo = self.rank * self.num_rows // self.world_size
         hi = (self.rank + 1) * self.num_rows // self.world_size
         skip_rows = start_batch * self.batch_size
-        for window_start in range(skip_rows - skip_rows % self.window_rows, self.rows_per_rank, self.window_rows):
+        for window_start in range(
+            skip_rows - skip_rows % self.window_rows, self.rows_per_rank, self.window_rows
+        ):
             window_end = min(window_start + self.window_rows, self.rows_per_rank)
             real_end = min(window_end, hi - lo)
-            window = self._read_window(order, lo + window_start, lo + real_end, window_end - real_end, epoch, window_start)
+            window = self._read_window(
+                order, lo + window_start, lo + real_end, window_end - real_end, epoch, window_start
+            )
             first = max(skip_rows - window_start, 0)
             for begin in range(first, window.num_rows, self.batch_size):
                 batch = self._make_batch(window, begin, min(begin + self.batch_size, window.num_rows))
@@ -337,7 +343,9 @@ class BatchStream:
                 label_mask[:, j] = np.where(np.isfinite(mask) & (mask != 0), 1.0, 0.0)
 
         if spec.sample_weight_column:
-            weights = _floats(_column(table, spec.sample_weight_column, locator), spec.sample_weight_column, locator)
+            weights = _floats(
+                _column(table, spec.sample_weight_column, locator), spec.sample_weight_column, locator
+            )
             if (~np.isfinite(weights) | (weights < 0)).any():
                 row = int(np.flatnonzero(~np.isfinite(weights) | (weights < 0))[0])
                 raise DataError(
@@ -396,8 +404,14 @@ def _ints(column, feature: SparseFeature, locator: _Locator) -> np.ndarray:
 
 
 def _floats(column, name: str, locator: _Locator) -> np.ndarray:
-    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
-        raise DataError(f"{locator.parts[0][0].file}: column {name!r} has type {column.type}, expected numbers")
+    if not (
+        pa.types.is_floating(column.type)
+        or pa.types.is_integer(column.type)
+        or pa.types.is_boolean(column.type)
+    ):
+        raise DataError(
+            f"{locator.parts[0][0].file}: column {name!r} has type {column.type}, expected numbers"
+        )
     if column.null_count:
         column = column.cast(pa.float32()).fill_null(float("nan"))
     return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32)

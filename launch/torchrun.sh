@@ -109,8 +109,14 @@ fi
 cmd+=("$@")
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# Restarts (--max-restarts, or a node leaving/joining) need a fresh TCPStore for the workers'
+# process group: with torch's default (workers share the rendezvous store, no per-attempt key
+# prefix) the restarted ranks read the previous attempt's gloo/NCCL addresses and fail with
+# "connectFullMesh failed ... Connection refused" (pytorch/pytorch#135712). 1 = the agent of group
+# rank 0 picks a free port and worker rank 0 hosts a new store on it in every round.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 if [[ $DRY_RUN == 1 ]]; then
-  printf '%q ' "${cmd[@]}"; echo
+  printf '%q ' "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "${cmd[@]}"; echo
   exit 0
 fi
 exec "${cmd[@]}"

@@ -127,12 +127,19 @@ class PCGrad(FixedWeights):
         shared = model.tower.shared_parameters()
         grads = task_gradients(balancer.weights() * losses, shared)           # before backward
         loss.backward()              # all grads (embeddings: fused update; DDP all-reduce of dense)
+        # data parallel: all-reduce (average) every tensor of `grads` over ranks first: exact
+        # PCGrad on the global batch (averaging `combined` instead is cheaper: PCGrad per rank).
+        # Either way every rank must end with the same grads; models/ has no collectives.
         combined = balancer.surgery(grads)
-        # data parallel: average `grads` (each tensor) or `combined` over ranks here, since the
-        # surgery is not linear and ran on this rank's batch only (models/ has no collectives)
         for param, grad in zip(shared, combined):
             param.grad = grad                                                  # replaces the sum
         optimizer.step()
+
+    With Lightning's automatic optimisation: compute ``grads`` in ``training_step`` (before
+    returning ``loss``) and do the surgery and the ``param.grad`` replacement in
+    ``on_after_backward`` (after backward and DDP's all-reduce, before the optimizer step).
+    ``torch.autograd.grad`` does not accumulate into ``.grad``, so it does not trigger DDP's
+    reduction or the fused embedding update.
     """
 
     gradient_surgery = True
@@ -190,6 +197,8 @@ class GradNorm(nn.Module):
         optimizer.step()             # w is a dense parameter of this module (no weight decay)
         balancer.renormalize()
 
+    With Lightning's automatic optimisation: return ``loss + gradnorm_loss`` from
+    ``training_step`` and call ``renormalize()`` in ``on_train_batch_end`` (after the step).
     ``norms`` are of the *unweighted* L_t and are detached; only w gets the GradNorm gradient.
     Data parallel: DDP averages w's gradient like any dense parameter; for identical w on every
     rank also average ``losses`` and ``norms`` over ranks before ``gradnorm_loss`` (trainer side).

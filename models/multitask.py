@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.balancing import build_balancer
 from models.config import ModelConfig, TaskConfig
-from models.heads import TaskHeads, output_kind, task_losses
+from models.heads import TaskHeads, task_losses
 from models.interaction import build_interaction
 from models.towers import build_tower
 
@@ -47,13 +47,13 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.feature_names = list(feature_names)
         self.task_names = [task.name for task in tasks]
-        self.output_kinds = [output_kind(task) for task in tasks]
         self.loss_names = [task.loss_name for task in tasks]
         dim_of_feature = {name: table.embedding_dim for table in tables for name in table.feature_names}
         self.embeddings = EmbeddingBagCollection(tables=tables, device=torch.device(embedding_device))
         self.interaction = build_interaction(cfg, [dim_of_feature[name] for name in self.feature_names], num_dense)
-        self.tower = build_tower(cfg, self.interaction.out_dim, len(tasks))
-        self.heads = TaskHeads(tasks, self.tower.out_dim)
+        self.tower = build_tower(cfg, self.interaction.out_dim, len(tasks), task_names=self.task_names)
+        self.heads = TaskHeads(tasks, self.tower.out_dim, self.tower.probability_products)
+        self.output_kinds = self.heads.output_kinds
         self.balancer = build_balancer(cfg, tasks)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("write per-row predictions of a checkpoint to Parquet", "trainer.commands"),
     "prepare": ("build the Parquet data set (data.prepare, or --format/--source/--out)", "trainer.commands"),
     "plan": ("print the sharding plan and per-rank memory for a cluster, no GPU needed", "trainer.commands"),
+    "export": ("write an unsharded model.pt and a torch.export serving artifact from a checkpoint", "trainer.export"),
+    "recommend": ("top-K items per user from a checkpoint (Parquet/CSV), optionally with ranking metrics", "trainer.recommend"),
+    "rank-eval": ("ranking metrics @K (model vs popularity) on the test split", "trainer.ranking"),
+    "report": ("learning-curve and test-metric PNGs plus report.md for a run folder", "trainer.report"),
 }
 
 

@@ -150,6 +150,15 @@ class RecommendConfig:
     relevance_task: Optional[str] = None
     """Binary task whose positive test rows count as relevant in ranking evaluation (default: the
     first binary task)."""
+    seen_splits: Optional[list[str]] = None
+    """Splits whose (user, item) pairs count as already seen by ``exclude_seen`` (default: the
+    training and validation splits, the interactions the model could have learnt from)."""
+    popularity_exponent: float = 0.0
+    """Multiply each item's (positive) ranking score by (1 + its training-split interactions)^exponent.
+    A model trained on observed interactions only predicts how a user would rate an item *given*
+    an interaction; exponent 1 approximates P(interaction) × P(liked | interaction)."""
+    max_pairs_per_step: int = 262144
+    """(user, item) pairs scored per forward pass (bounds activation memory: pairs × interaction width)."""
 
 
 @dataclass
@@ -266,19 +275,41 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Reads a config file; a top-level ``base: other.yaml`` (relative to this file) is loaded first
+    and deep-merged under this file's values (lists are replaced, not merged)."""
+    if not path.exists():
+        raise ConfigError(f"--config: {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: base: {base} includes itself")
+    return _deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), tree)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML file (or the defaults when ``path`` is None), applies overrides, validates."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"--config: {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = _read_yaml(Path(path))
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     cfg = _build_dataclass(Config, tree, "")

@@ -12,6 +12,7 @@ import torch
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.batch import Batch
+from models.balancing import gradient_norms, task_gradients
 from models.heads import predictions
 from models.multitask import MultiTaskModel
 from trainer.config import Config
@@ -114,11 +115,48 @@ class MultiTaskModule(L.LightningModule):
                     f"{message}: more than trainer.max_skipped_batches={self.cfg.trainer.max_skipped_batches} skipped"
                 )
             return None
-        loss = self.inner.balancer(losses)
+        balancer = self.inner.balancer
+        loss = balancer(losses)
+        if balancer.gradient_surgery:  # PCGrad on the shared tower; see on_after_backward
+            shared = list(self.inner.tower.shared_parameters())
+            self._pcgrad = (shared, task_gradients(balancer.weights().detach() * losses, shared))
+        if balancer.gradient_norm_balancing:  # GradNorm: norms at the last shared layer
+            norms = gradient_norms(task_gradients(losses, list(self.inner.tower.last_shared_parameters())))
+            mean_losses = self._mean_over_ranks(losses.detach())
+            loss = loss + balancer.gradnorm_loss(mean_losses, self._mean_over_ranks(norms.detach()))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
         for name, value in zip(self.task_names, losses.detach()):
             self.log(f"train/{name}/loss", value, batch_size=batch.batch_size)
         return loss
+
+    def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="mean")
+
+    def on_after_backward(self) -> None:
+        """PCGrad: replace the shared tower's gradients by the projected per-task gradients,
+        averaged over ranks (embeddings were already updated by their fused optimizer)."""
+        pending = getattr(self, "_pcgrad", None)
+        if pending is None:
+            return
+        self._pcgrad = None
+        shared, per_task = pending
+        flat = torch.cat([g.reshape(-1) for grads in per_task for g in grads])
+        flat = self._mean_over_ranks(flat)
+        averaged, offset = [], 0
+        for grads in per_task:
+            task = []
+            for g in grads:
+                task.append(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            averaged.append(task)
+        for param, grad in zip(shared, self.inner.balancer.surgery(averaged)):
+            param.grad = grad.clone()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.inner.balancer.gradient_norm_balancing:
+            self.inner.balancer.renormalize()
 
     def on_train_epoch_end(self) -> None:
         weights = self.inner.balancer.weights().detach()

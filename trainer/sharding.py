@@ -6,7 +6,6 @@ Only the trainer (through ``TorchRecStrategy``) calls these: models never pick a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -214,8 +213,8 @@ def describe_plan(plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_si
         lines.append(f"{name:<24} {rows:>14,} {dim:>5}  {kind:<18} {kernel:<18} {shown}")
     gb = [b / GB for b in per_rank]
     lines.append(
-        f"embedding memory per rank (weights + optimizer state): max {max(gb):.3f} GB, "
-        f"min {min(gb):.3f} GB, total {sum(gb):.3f} GB over {world_size} ranks"
+        f"embedding memory per rank (weights + optimizer state): max {_human(max(per_rank))}, "
+        f"min {_human(min(per_rank))}, total {_human(sum(per_rank))} over {world_size} ranks"
     )
     summary = {
         "tables": [
@@ -227,8 +226,14 @@ def describe_plan(plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_si
     return "\n".join(lines), summary
 
 
+def _human(num_bytes: float) -> str:
+    for unit, size in (("GB", GB), ("MB", 1024**2), ("KB", 1024)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
 def total_parameters(tables: list[EmbeddingBagConfig]) -> int:
     return sum(t.num_embeddings * t.embedding_dim for t in tables)
 
 
-__all__ = ["ClusterSpec", "PlanDoesNotFit", "embedding_tables", "shard_model", "describe_plan", "math"]

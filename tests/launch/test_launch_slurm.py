@@ -1,12 +1,13 @@
-"""launch/slurm: one-node SLURM cluster, towerrec.sbatch, preemption -> checkpoint -> requeue.
-
-The trainer CLI is replaced by small stand-in scripts (TOWERREC_CMD) so that only the launch
-machinery is under test.
+"""launch/slurm: one-node SLURM cluster, towerrec.sbatch with the real trainer (2 tasks; preemption
+-> checkpoint -> requeue -> exact resume), and the batch script's own logic (SIGTERM, the real
+time-limit signal, user scancel, missing config) with a small stand-in for the trainer
+(TOWERREC_CMD) that honours the same contract.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -15,27 +16,23 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-CLUSTER_SH = REPO / "launch" / "slurm" / "cluster.sh"
+from tests.launch.conftest import (
+    CLUSTER_SH,
+    CONFIG,
+    REPO,
+    assert_same_metrics,
+    fit_args,
+    load_metrics,
+    record_two_rank_result,
+    tail,
+)
+
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "towerrec.sbatch"
+# as in test_launch_torchrun: 2 tasks x batch 64 = 252 steps, a periodic checkpoint every 50
+TWO_RANK_ARGS = ("--data.batch_size", "64", "--checkpoint.every_n_steps", "50")
+TOTAL_STEPS = 252
 
 pytestmark = pytest.mark.slurm
-
-ALL_REDUCE = r"""
-import json, os, sys
-import torch, torch.distributed as dist
-out = sys.argv[1]
-dist.init_process_group("gloo", init_method="env://", timeout=__import__("datetime").timedelta(seconds=30))
-rank, world = dist.get_rank(), dist.get_world_size()
-t = torch.tensor([float(rank + 1)])
-dist.all_reduce(t)
-keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
-        "MASTER_PORT", "TOWERREC_RESTART_COUNT", "SLURM_PROCID"]
-with open(os.path.join(out, f"result.{rank}.json"), "w") as f:
-    json.dump({"rank": rank, "world": world, "sum": t.item(),
-               "env": {k: os.environ.get(k) for k in keys}}, f)
-dist.destroy_process_group()
-"""
 
 # Stand-in for the trainer's preemption contract: on SIGUSR1/SIGTERM write a checkpoint and exit
 # 75; when started with a checkpoint present, "resume" (all_reduce to prove the new rendezvous
@@ -82,12 +79,30 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _submit(cluster, tmp_path: Path, cmd: str, *sbatch_args: str) -> str:
+def _submit_fit(cluster, out_dir: Path, run_dir: Path, data: Path) -> str:
+    """The real trainer, as in launch/README.md: submitted from the repository root."""
+    trainer_args = fit_args(data, run_dir, *TWO_RANK_ARGS)
+    assert trainer_args[:3] == ["fit", "--config", CONFIG]
     env = cluster.env(
-        TOWERREC_CMD=cmd,
+        TOWERREC_CONFIG=CONFIG,
+        TOWERREC_ARGS=shlex.join(trainer_args[3:]),
         TOWERREC_MASTER_ADDR="127.0.0.1",  # loopback only
-        GLOO_SOCKET_IFNAME="lo",
     )
+    r = subprocess.run(
+        ["sbatch", "--parsable", "-n", "2", "-o", str(out_dir / "slurm-%j.out"), str(SBATCH_SCRIPT)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def _submit(cluster, tmp_path: Path, cmd: str, *sbatch_args: str) -> str:
+    """A stand-in command (TOWERREC_CMD) instead of the trainer."""
+    env = cluster.env(TOWERREC_CMD=cmd, TOWERREC_MASTER_ADDR="127.0.0.1")
     r = subprocess.run(
         [
             "sbatch",
@@ -136,53 +151,86 @@ def test_cluster_start_is_idempotent(slurm_cluster):
     assert st.returncode == 0 and "debug*" in st.stdout
 
 
-def test_sbatch_two_tasks_all_reduce(slurm_cluster, tmp_path: Path):
-    script = _write(tmp_path / "all_reduce.py", ALL_REDUCE)
-    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {shlex.quote(str(tmp_path))}"
-    job = _submit(slurm_cluster, tmp_path, cmd, "-n", "2")
+@pytest.fixture(scope="module")
+def slurm_reference(slurm_cluster, launch_dataset: Path, tmp_path_factory) -> tuple[str, dict, Path, str]:
+    """`sbatch -n 2` of the real trainer, uninterrupted: (job id, final job info, run dir, log)."""
+    out_dir = tmp_path_factory.mktemp("slurm-2")
+    run_dir = out_dir / "run"
+    job = _submit_fit(slurm_cluster, out_dir, run_dir, launch_dataset)
     try:
-        info = slurm_cluster.wait_job(job, timeout=60)
+        info = slurm_cluster.wait_job(job, timeout=120)
+    finally:
+        slurm_cluster.cancel(job)
+    return job, info, run_dir, _log(out_dir, job)
+
+
+@pytest.mark.slow
+def test_sbatch_two_tasks_real_trainer(slurm_reference):
+    job, info, run_dir, log = slurm_reference
+    assert info["JobState"] == "COMPLETED", tail(log)
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", tail(log)
+    assert f"job {job} restart 0 nodes=" in log and "ntasks=2 master=127.0.0.1:" in log
+    result = load_metrics(run_dir)
+    assert result["global_step"] == TOTAL_STEPS
+    test, base = result["metrics"]["test"], result["baseline"]["test"]
+    assert test["rating"]["rmse"] < base["rating"]["rmse"] and test["ctr"]["auc"] > 0.5
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{TOTAL_STEPS:08d}"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    id_ranks = {r for t in plan["tables"] if t["table"] in ("t_user_id", "t_item_id") for r in t["ranks"]}
+    assert id_ranks == {0, 1}, plan
+    record_two_rank_result("sbatch -n 2", result)
+
+
+@pytest.mark.slow
+def test_preemption_usr1_requeue_resumes_exactly(
+    slurm_cluster, slurm_reference, launch_dataset: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "run"
+    latest = run_dir / "checkpoints" / "latest"
+    job = _submit_fit(slurm_cluster, tmp_path, run_dir, launch_dataset)
+    try:
+        assert _wait_files([latest], 60), tail(_log(tmp_path, job))
+        saved = int(latest.read_text().strip().removeprefix("step-"))
+        # what `#SBATCH --signal=B:USR1@120` does before the time limit (see towerrec.sbatch)
+        slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+        info = slurm_cluster.wait_job(job, timeout=120)
     finally:
         slurm_cluster.cancel(job)
     log = _log(tmp_path, job)
-    assert info["JobState"] == "COMPLETED", log
-    assert info["ExitCode"] == "0:0", log
-    results = [json.loads((tmp_path / f"result.{r}.json").read_text()) for r in range(2)]
-    ports = set()
-    for r, res in enumerate(results):
-        assert res["rank"] == r and res["world"] == 2
-        assert res["sum"] == 3.0  # 1 + 2
-        env = res["env"]
-        assert env["RANK"] == env["SLURM_PROCID"] == str(r)
-        assert env["LOCAL_RANK"] == str(r) and env["NODE_RANK"] == "0"
-        assert env["WORLD_SIZE"] == "2" and env["LOCAL_WORLD_SIZE"] == "2"
-        assert env["MASTER_ADDR"] == "127.0.0.1"
-        assert env["TOWERREC_RESTART_COUNT"] == "0"
-        ports.add(env["MASTER_PORT"])
-    assert ports == {str(20000 + (int(job) * 16) % 40000)}
+    assert info["JobState"] == "COMPLETED", tail(log)
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", tail(log)
+    assert "[towerrec] preempted (SIGUSR1): checkpoint saved, exiting 75" in log, tail(log)
+    assert "srun exited with code 75 (after SIGUSR1)" in log and "requeueing job" in log, tail(log)
+    resumed = re.findall(r"\[towerrec\] resuming from (\S+)", log)
+    assert len(resumed) == 1, tail(log)
+    step = int(re.search(r"step-(\d+)$", resumed[0]).group(1))
+    assert saved <= step < TOTAL_STEPS, (saved, resumed)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{TOTAL_STEPS:08d}"
+    _, reference, reference_dir, reference_log = slurm_reference
+    assert reference["JobState"] == "COMPLETED", tail(reference_log)
+    assert_same_metrics(load_metrics(run_dir), load_metrics(reference_dir))
 
 
-@pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
-def test_preemption_checkpoint_requeue_resume(slurm_cluster, tmp_path: Path, signal_name: str):
+def test_preemption_term_requeue_stand_in(slurm_cluster, tmp_path: Path):
+    """SIGTERM to the batch shell (a preemption / `scancel --signal=TERM`) takes the same path."""
     script = _write(tmp_path / "preemptible.py", PREEMPTIBLE)
     cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {shlex.quote(str(tmp_path))}"
     job = _submit(slurm_cluster, tmp_path, cmd, "-n", "2")
     try:
         assert _wait_files([tmp_path / "started.0", tmp_path / "started.1"], 30), _log(tmp_path, job)
-        # what `#SBATCH --signal=B:USR1@120` does before the time limit / a preemption does
-        slurm_cluster.run("scancel", "--batch", f"--signal={signal_name}", job)
+        slurm_cluster.run("scancel", "--batch", "--signal=TERM", job)
         info = slurm_cluster.wait_job(job, timeout=60)
     finally:
         slurm_cluster.cancel(job)
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
     assert info["Restarts"] == "1", log
-    assert f"srun exited with code 75 (after SIG{signal_name})" in log
+    assert "srun exited with code 75 (after SIGTERM)" in log
     assert "requeueing job" in log
     for r in range(2):
         res = json.loads((tmp_path / f"resumed.{r}.json").read_text())
         assert res["restart"] == 1
-        assert res["state"] == {"step": 42, "signal": f"SIG{signal_name}"}
+        assert res["state"] == {"step": 42, "signal": "SIGTERM"}
         assert res["sum"] == 2.0
 
 

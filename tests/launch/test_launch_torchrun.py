@@ -1,55 +1,107 @@
-"""launch/torchrun.sh: single node (standalone) and two "nodes" on localhost (c10d rendezvous)."""
+"""The real trainer in every non-SLURM launch mode (commands as in launch/README.md):
+
+- debug: one plain `towerrec fit` process;
+- `launch/torchrun.sh --nproc 2`: one node, two ranks, tables sharded over both;
+- two "nodes" on localhost (two torchrun.sh invocations, c10d rendezvous);
+- elastic restart: a worker SIGKILLed mid-epoch, torchrun restarts the group, the trainer resumes
+  from checkpoints/latest and ends with exactly the metrics of an uninterrupted run.
+
+Plus dry-run checks of the wrapper's command line.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
+import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
+import pytest
 
-ALL_REDUCE = r"""
-import datetime, json, os, sys
-import torch, torch.distributed as dist
-out = sys.argv[1]
-dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=30))
-rank, world = dist.get_rank(), dist.get_world_size()
-t = torch.tensor([float(rank + 1)])
-dist.all_reduce(t)
-keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"]
-with open(os.path.join(out, f"result.{rank}.json"), "w") as f:
-    json.dump({"rank": rank, "world": world, "sum": t.item(), "argv": sys.argv[2:],
-               "env": {k: os.environ.get(k) for k in keys}}, f)
-dist.destroy_process_group()
-"""
+from tests.launch.conftest import (
+    REPO,
+    TORCHRUN_SH,
+    TOWERREC,
+    assert_same_metrics,
+    fit_args,
+    launch_env,
+    load_metrics,
+    record_two_rank_result,
+    tail,
+)
 
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    env["TOWERREC_PYTHON"] = sys.executable
-    return env
+# 2 ranks x batch 64 = 126 steps per epoch, 252 in all: long enough (~7 s of training) to kill a
+# worker mid-epoch after the first periodic checkpoint (step 50).
+TWO_RANK_ARGS = ("--data.batch_size", "64", "--checkpoint.every_n_steps", "50")
+TOTAL_STEPS = 252
+ID_TABLES = ("t_user_id", "t_item_id")
 
 
-def _results(out: Path, world: int) -> list[dict]:
-    return [json.loads((out / f"result.{r}.json").read_text()) for r in range(world)]
-
-
-def test_dry_run_defaults():
-    r = subprocess.run(
-        [str(TORCHRUN_SH), "--dry-run", "--", "fit", "--config", "c.yaml"],
-        env=_env(),
-        capture_output=True,
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=30,
+        timeout=timeout,
     )
-    assert r.returncode == 0, r.stderr
+
+
+def _popen(cmd: list[str]) -> subprocess.Popen:
+    # own session: the whole tree (agent + workers) can be killed if the test fails
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _table_ranks(run_dir: Path) -> dict[str, set[int]]:
+    import json
+
+    plan = json.loads((run_dir / "plan.json").read_text())
+    return {t["table"]: set(t["ranks"]) for t in plan["tables"]}
+
+
+def _assert_id_tables_sharded_over_two_ranks(run_dir: Path) -> None:
+    ranks = _table_ranks(run_dir)
+    user, item = (ranks[t] for t in ID_TABLES)
+    assert user | item == {0, 1}, ranks
+    assert user != item, f"both id tables on ranks {user}: {ranks}"
+
+
+def _assert_beats_baseline(result: dict) -> None:
+    test, base = result["metrics"]["test"], result["baseline"]["test"]
+    assert test["rating"]["rmse"] < base["rating"]["rmse"], (test, base)
+    assert test["ctr"]["auc"] > 0.5 and base["ctr"]["auc"] == pytest.approx(0.5)
+    assert test["ctr"]["logloss"] < base["ctr"]["logloss"], (test, base)
+
+
+# ----------------------------------------------------------------------------- wrapper logic
+def test_dry_run_defaults():
+    r = _run([str(TORCHRUN_SH), "--dry-run", "--", "fit", "--config", "c.yaml"], timeout=30)
+    assert r.returncode == 0, r.stdout
     cmd = r.stdout.split()
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # restarts need a fresh store (see torchrun.sh)
+    assert cmd[2:4] == ["-m", "torch.distributed.run"]
     assert "--standalone" in cmd
     assert cmd[-5:] == ["-m", "trainer.cli", "fit", "--config", "c.yaml"]
     if shutil.which("nvidia-smi") is None:
@@ -57,32 +109,15 @@ def test_dry_run_defaults():
 
 
 def test_dry_run_multinode():
-    r = subprocess.run(
+    r = _run(
         [
-            str(TORCHRUN_SH),
-            "--dry-run",
-            "--nproc",
-            "4",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            "1",
-            "--endpoint",
-            "10.0.0.1:29400",
-            "--rdzv-id",
-            "job7",
-            "--max-restarts",
-            "3",
-            "fit",
-            "--config",
-            "c.yaml",
+            str(TORCHRUN_SH), "--dry-run", "--nproc", "4", "--nnodes", "2", "--node-rank", "1",
+            "--endpoint", "10.0.0.1:29400", "--rdzv-id", "job7", "--max-restarts", "3",
+            "fit", "--config", "c.yaml",
         ],
-        env=_env(),
-        capture_output=True,
-        text=True,
         timeout=30,
-    )
-    assert r.returncode == 0, r.stderr
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout
     cmd = r.stdout.split()
     for a in [
         "--nproc-per-node=4",
@@ -97,72 +132,121 @@ def test_dry_run_multinode():
         assert a in cmd
     assert "--standalone" not in cmd
     assert cmd[-5:] == ["-m", "trainer.cli", "fit", "--config", "c.yaml"]
-    bad = subprocess.run(
-        [str(TORCHRUN_SH), "--nnodes", "2", "--", "fit"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    bad = _run([str(TORCHRUN_SH), "--nnodes", "2", "--", "fit"], timeout=30)
+    assert bad.returncode == 2 and "--endpoint" in bad.stdout
+
+
+# ----------------------------------------------------------------------------- real trainer
+def test_debug_single_process(launch_dataset: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    r = _run([str(TOWERREC), *fit_args(launch_dataset, run_dir)], timeout=120)
+    assert r.returncode == 0, tail(r.stdout)
+    result = load_metrics(run_dir)
+    _assert_beats_baseline(result)
+    assert (run_dir / "checkpoints" / "latest").exists()
+    assert all(ranks == {0} for ranks in _table_ranks(run_dir).values())
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(launch_dataset: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One node, 2 processes, uninterrupted: also the reference of the elastic-restart test."""
+    run_dir = tmp_path_factory.mktemp("torchrun-2") / "run"
+    r = _run(
+        [str(TORCHRUN_SH), "--nproc", "2", "--", *fit_args(launch_dataset, run_dir, *TWO_RANK_ARGS)],
+        timeout=120,
     )
-    assert bad.returncode == 2 and "--endpoint" in bad.stderr
+    return run_dir, r
 
 
-def test_single_node_two_processes(tmp_path: Path):
-    script = tmp_path / "all_reduce.py"
-    script.write_text(ALL_REDUCE)
-    r = subprocess.run(
-        [str(TORCHRUN_SH), "--nproc", "2", "--script", str(script), "--", str(tmp_path), "--flag"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    for rank, res in enumerate(_results(tmp_path, 2)):
-        assert res["world"] == 2 and res["sum"] == 3.0
-        assert res["argv"] == ["--flag"]
-        assert res["env"]["LOCAL_RANK"] == str(rank) and res["env"]["LOCAL_WORLD_SIZE"] == "2"
+@pytest.mark.slow
+def test_torchrun_one_node_two_processes(two_rank_run):
+    run_dir, r = two_rank_run
+    assert r.returncode == 0, tail(r.stdout)
+    result = load_metrics(run_dir)
+    assert result["global_step"] == TOTAL_STEPS
+    _assert_beats_baseline(result)
+    _assert_id_tables_sharded_over_two_ranks(run_dir)
+    record_two_rank_result("torchrun --nproc 2", result)
 
 
-def test_two_nodes_on_localhost(tmp_path: Path, free_port: int):
-    script = tmp_path / "all_reduce.py"
-    script.write_text(ALL_REDUCE)
+@pytest.mark.slow
+def test_torchrun_two_nodes_on_localhost(launch_dataset: Path, tmp_path: Path, free_port: int):
+    run_dir = tmp_path / "run"
+    # both "nodes" share this host's cores: one thread each instead of all cores each
+    args = fit_args(launch_dataset, run_dir, "--trainer.num_threads", "1")
     common = [
         "--nnodes",
         "2",
-        "--nproc",
-        "1",
         "--endpoint",
         f"127.0.0.1:{free_port}",
         "--rdzv-id",
-        f"test-{free_port}",
-        "--script",
-        str(script),
-        "--",
-        str(tmp_path),
+        f"t{free_port}",
+        "--nproc",
+        "1",
     ]
-    procs = [
-        subprocess.Popen(
-            [str(TORCHRUN_SH), "--node-rank", str(node), *common],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
+    procs = [_popen([str(TORCHRUN_SH), *common, "--node-rank", str(node), "--", *args]) for node in (0, 1)]
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=60)[0])
+            outs.append(p.communicate(timeout=90)[0])
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
-    results = _results(tmp_path, 2)
-    assert all(r["world"] == 2 and r["sum"] == 3.0 for r in results)
-    # one process per "node": both have LOCAL_RANK 0, different group ranks
-    assert {r["env"]["LOCAL_RANK"] for r in results} == {"0"}
-    assert {r["env"]["GROUP_RANK"] for r in results} == {"0", "1"}
+            _kill_tree(p)
+    assert [p.returncode for p in procs] == [0, 0], "\n--- node 1:\n".join(tail(o) for o in outs)
+    # one worker per node, each with its own global rank
+    ranks = sorted(set(re.findall(r"GLOBAL_RANK: (\d+)", o)) for o in outs)
+    assert ranks == [{"0"}, {"1"}], ranks
+    _assert_id_tables_sharded_over_two_ranks(run_dir)
+    _assert_beats_baseline(load_metrics(run_dir))
+    # metrics.json is written by global rank 0 only: exactly one node reports the results
+    assert sum("[towerrec] run folder:" in o for o in outs) == 1
+
+
+def _workers(agent: subprocess.Popen) -> dict[int, int]:
+    """Global rank -> pid of the agent's worker processes (torchrun.sh execs torchrun)."""
+    found = {}
+    children = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = pid
+    return found
+
+
+@pytest.mark.slow
+def test_torchrun_elastic_restart_resumes_exactly(launch_dataset: Path, tmp_path: Path, two_rank_run):
+    reference_dir, reference = two_rank_run
+    assert reference.returncode == 0, tail(reference.stdout)
+    run_dir = tmp_path / "run"
+    latest = run_dir / "checkpoints" / "latest"
+    agent = _popen(
+        [str(TORCHRUN_SH), "--nproc", "2", "--max-restarts", "1", "--",
+         *fit_args(launch_dataset, run_dir, *TWO_RANK_ARGS)]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not latest.exists() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not latest.exists():
+            _kill_tree(agent)
+            pytest.fail("no checkpoint within 60 s:\n" + tail(agent.communicate()[0]))
+        saved = int(latest.read_text().strip().removeprefix("step-"))
+        workers = _workers(agent)
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGKILL)  # rank 1 dies mid-epoch, after a periodic checkpoint
+        out = agent.communicate(timeout=90)[0]
+    finally:
+        _kill_tree(agent)
+    assert agent.returncode == 0, tail(out)
+    assert re.search(r"failed \(exitcode: -9\) local_rank: 1", out), tail(out)
+    resumed = re.findall(r"\[towerrec\] resuming from (\S+)", out)
+    assert len(resumed) == 1, tail(out)
+    step = int(re.search(r"step-(\d+)$", resumed[0]).group(1))
+    # the latest complete checkpoint at the failure: the one seen before the kill (or one that rank 0
+    # finished just after it, if rank 1 had already done its part)
+    assert saved <= step < TOTAL_STEPS, (resumed, saved)
+    assert_same_metrics(load_metrics(run_dir), load_metrics(reference_dir))

@@ -1,0 +1,171 @@
+"""Data-path benchmark: reader throughput against plain pyarrow, and peak memory vs data size.
+
+    python -m benchmarks.bench_data                                   # 1M vs 20M rows (minutes)
+    python -m benchmarks.bench_data --rows-small 200000 --rows-large 2000000
+
+1. Throughput: rows/s from the Parquet shards to ready ``Batch`` objects (``data.reader.BatchStream``,
+   one process, batch 4096, shuffled) against ``pyarrow.parquet.read_table`` of the same columns
+   of the same files, in the same run (best of 3 each). Target: ratio >= 0.5.
+2. Memory: peak RSS of a fresh process streaming one epoch of the small and of the large
+   synthetic data set. Streaming is bounded, so the peak should not grow with the data: target
+   growth < 10%. Linux keeps ``ru_maxrss`` across fork+exec (a child starts with its parent's
+   peak), so the data sets are generated in subprocesses too (this parent imports torch only after
+   them), and the child also reports ``VmHWM`` (``/proc/self/status``): the peak of its own
+   address space, used for the growth figure where available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH_SIZE = 4096
+
+
+def synthetic_spec(meta):
+    """The ReadSpec of every synthetic feature and label (imports torch: call in children)."""
+    from data.config import DenseFeature, SparseFeature
+    from data.reader import LabelSpec, ReadSpec
+    from data.synthetic import SYNTHETIC_COLUMN_SIZES
+
+    sparse = [SparseFeature(n) for n in ("user_id", "item_id", *SYNTHETIC_COLUMN_SIZES)]
+    sparse.append(SparseFeature("genres", multi_hot=True))
+    labels = (
+        LabelSpec("rating", min_value=1, max_value=5),
+        LabelSpec("click", binary=True),
+        LabelSpec("conversion", binary=True),
+    )
+    return ReadSpec(
+        sparse=tuple(sparse),
+        dense=(DenseFeature("price"), DenseFeature("user_activity")),
+        labels=labels,
+        num_embeddings={f.name: meta.vocab_size(f.source_column) for f in sparse},
+    )
+
+
+def stream_epoch(meta, spec) -> int:
+    from data.reader import BatchStream
+
+    rows = 0
+    for batch in BatchStream(meta, "train", spec, batch_size=BATCH_SIZE, shuffle=True):
+        rows += int(batch.weights.sum())
+    return rows
+
+
+def throughput(meta) -> dict[str, float]:
+    import pyarrow.parquet as pq
+
+    spec = synthetic_spec(meta)
+    files = sorted({rg.file for rg in meta.row_groups("train")})
+    arrow_s = reader_s = float("inf")
+    for _ in range(3):  # best of 3, alternating, so neither side pays the cold start
+        start = time.perf_counter()
+        rows_arrow = sum(pq.read_table(f, columns=spec.columns()).num_rows for f in files)
+        arrow_s = min(arrow_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        rows_reader = stream_epoch(meta, spec)
+        reader_s = min(reader_s, time.perf_counter() - start)
+    assert rows_arrow == rows_reader == meta.num_rows("train")
+    return {
+        "rows": rows_reader,
+        "arrow_rows_per_s": rows_arrow / arrow_s,
+        "reader_rows_per_s": rows_reader / reader_s,
+    }
+
+
+def _vm_hwm_mib() -> float | None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def child_rss(path: str) -> None:
+    """In a fresh process: stream one epoch, print peak memory (MiB) before and after as JSON."""
+    from data.dataset import DatasetMeta
+
+    meta = DatasetMeta.load(path)
+    spec = synthetic_spec(meta)
+    before = _vm_hwm_mib()
+    rows = stream_epoch(meta, spec)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {"rows": rows, "hwm_before_mib": before, "hwm_mib": _vm_hwm_mib(), "ru_maxrss_mib": maxrss}
+        )
+    )
+
+
+def child_prepare(path: str, rows: int) -> None:
+    from data.config import PrepareConfig
+    from data.synthetic import prepare_synthetic
+
+    cfg = PrepareConfig(
+        num_rows=rows, num_users=max(2000, rows // 100), num_items=max(1000, rows // 200), num_shards=4
+    )
+    prepare_synthetic(cfg, path)
+
+
+def _child(*args: str) -> str:
+    command = [sys.executable, "-m", "benchmarks.bench_data", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Data-path benchmark (see the module docstring).")
+    parser.add_argument("--rows-small", type=int, default=1_000_000, help="rows of the small data set")
+    parser.add_argument("--rows-large", type=int, default=20_000_000, help="rows of the large data set")
+    parser.add_argument("--workdir", help="where to write the data sets (default: a temporary folder)")
+    parser.add_argument("--child-rss", help=argparse.SUPPRESS)
+    parser.add_argument("--child-prepare", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_rss:
+        child_rss(args.child_rss)
+        return 0
+    if args.child_prepare:
+        child_prepare(args.child_prepare[0], int(args.child_prepare[1]))
+        return 0
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        results = {}
+        for label, rows in (("small", args.rows_small), ("large", args.rows_large)):
+            start = time.perf_counter()
+            _child("--child-prepare", str(Path(tmp) / label), str(rows))
+            prepare_s = time.perf_counter() - start
+            measured = json.loads(_child("--child-rss", str(Path(tmp) / label)).strip().splitlines()[-1])
+            results[label] = {"rows": rows, "prepare_s": prepare_s, **measured}
+        from data.dataset import DatasetMeta
+
+        speed = throughput(DatasetMeta.load(Path(tmp) / "small"))
+
+    peak = "hwm_mib" if results["small"]["hwm_mib"] is not None else "ru_maxrss_mib"
+    ratio = speed["reader_rows_per_s"] / speed["arrow_rows_per_s"]
+    growth = results["large"][peak] / results["small"][peak] - 1
+    print("| measure | value | target |")
+    print("|---|---|---|")
+    print(
+        f"| pyarrow read_table ({speed['rows']:,} train rows) | {speed['arrow_rows_per_s']:,.0f} rows/s | |"
+    )
+    print(f"| BatchStream, batch {BATCH_SIZE} | {speed['reader_rows_per_s']:,.0f} rows/s | |")
+    print(f"| reader / pyarrow | {ratio:.2f} | >= 0.5 {'ok' if ratio >= 0.5 else 'MISSED'} |")
+    for label in ("small", "large"):
+        r = results[label]
+        print(
+            f"| peak RSS streaming {r['rows']:,} rows (prepare {r['prepare_s']:.0f} s) | {r[peak]:,.0f} MiB "
+            f"(before streaming {r['hwm_before_mib'] or 0:,.0f}; ru_maxrss {r['ru_maxrss_mib']:,.0f}) | |"
+        )
+    print(f"| peak RSS growth, large vs small | {growth:+.1%} | < 10% {'ok' if growth < 0.1 else 'MISSED'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Shared fixtures: small data sets built once per session, and a way to run the CLI for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = REPO.parent / "shared" / "data" / "ml-100k"
+
+# A small synthetic data set keeps integration tests fast on 2 cores.
+SMALL_SYNTHETIC = [
+    "--data.prepare.num_rows", "30000",
+    "--data.prepare.num_users", "600",
+    "--data.prepare.num_items", "400",
+    "--data.prepare.row_group_size", "2048",
+]  # fmt: skip
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None, check: bool = True):
+    """Runs ``towerrec ARGS`` (through torchrun when nproc > 1); returns the CompletedProcess."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += ["-m", "trainer.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "trainer.cli", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A 30k-row synthetic data set (24k train / 3k val / 3k test) prepared once."""
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    run_cli(["prepare", "--config", "configs/default.yaml", "--out", str(path), *SMALL_SYNTHETIC])
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    if not (ML100K / "u.data").exists():
+        pytest.skip(f"MovieLens 100K not found at {ML100K} (licensed data, not in the repo)")
+    return ML100K
+
+
+def fit_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """`towerrec fit` on the small synthetic data set."""
+    return [
+        "fit", "--config", "configs/default.yaml",
+        "--data.path", str(data),
+        "--run_dir", str(run_dir),
+        "--trainer.progress_bar", "false",
+        *extra,
+    ]  # fmt: skip

@@ -1,0 +1,219 @@
+"""The bad-input catalogue: each problem gives a DataError/ValueError naming file, column (row) and problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.config import DenseFeature, PrepareConfig, SparseFeature
+from data.dataset import DataError, DatasetMeta, DatasetWriter
+from data.prepare import prepare
+from data.reader import LabelSpec, ReadSpec
+from data.validate import validate_dataset
+
+COLUMNS = {
+    "user_id": {"kind": "sparse", "num_embeddings": 10},
+    "genres": {"kind": "multi_hot", "num_embeddings": 5},
+    "price": {"kind": "dense"},
+    "rating": {"kind": "label", "min": 1.0, "max": 5.0},
+    "click": {"kind": "label", "min": 0.0, "max": 1.0},
+}
+
+
+def good_table(num: int = 12) -> dict:
+    return {
+        "user_id": pa.array(np.arange(num) % 10, pa.int64()),
+        "genres": pa.array([[k % 5, (k + 1) % 5][: k % 3] for k in range(num)], pa.list_(pa.int64())),
+        "price": pa.array(np.linspace(0, 1, num)),
+        "rating": pa.array((np.arange(num) % 5 + 1).astype(np.float32)),
+        "click": pa.array((np.arange(num) % 2).astype(np.float32)),
+    }
+
+
+def spec(fill_nan=None, skip=False) -> ReadSpec:
+    return ReadSpec(
+        sparse=(SparseFeature("user_id"), SparseFeature("genres", multi_hot=True)),
+        dense=(DenseFeature("price", fill_nan=fill_nan),),
+        labels=(LabelSpec("rating", min_value=1.0, max_value=5.0), LabelSpec("click", binary=True)),
+        num_embeddings={"user_id": 10, "genres": 5},
+        skip_bad_rows=skip,
+    )
+
+
+def build(path: Path, **overrides) -> DatasetMeta:
+    columns = {**good_table(), **overrides}
+    writer = DatasetWriter(path, num_shards=2, row_group_size=5)  # groups: 0-4, 5-9 (shard 1), 10-11
+    writer.write("train", pa.table(columns))
+    return writer.commit(columns={k: v for k, v in COLUMNS.items() if k in columns})
+
+
+def first_file(meta: DatasetMeta) -> Path:
+    return Path(meta.row_groups("train")[0].file)
+
+
+def check(meta: DatasetMeta, *patterns: str, read_spec: ReadSpec | None = None) -> str:
+    with pytest.raises(DataError) as info:
+        validate_dataset(meta, read_spec or spec())
+    for pattern in patterns:
+        assert pattern in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_good_dataset_passes(tmp_path):
+    summary = validate_dataset(build(tmp_path / "d"), spec())
+    assert summary == {"rows": {"train": 12}, "bad_rows": 0, "ids_out_of_range": {}}
+
+
+def test_missing_file(tmp_path):
+    meta = build(tmp_path / "d")
+    first_file(meta).unlink()
+    check(meta, str(first_file(meta)), "listed in metadata.json but missing")
+
+
+def test_not_parquet_and_truncated(tmp_path):
+    meta = build(tmp_path / "d")
+    files = sorted({rg.file for rg in meta.row_groups("train")})
+    Path(files[0]).write_text("user_id,price\n1,2\n")
+    data = Path(files[1]).read_bytes()
+    Path(files[1]).write_bytes(data[: len(data) // 2])
+    message = check(meta, "not a readable Parquet file")
+    assert files[0] in message and files[1] in message
+
+
+def test_missing_and_mistyped_columns(tmp_path):
+    meta = build(tmp_path / "d", user_id=pa.array([str(k) for k in range(12)]))
+    missing = build(tmp_path / "m", **{})
+    for file in {rg.file for rg in missing.row_groups("train")}:
+        pq.write_table(pq.read_table(file).drop_columns(["price"]), file, row_group_size=5)
+    check(meta, "column 'user_id' (sparse feature 'user_id') has type string, expected integer ids")
+    check(missing, "column 'price' of metadata.json is missing from the file")
+    flat_genres = build(tmp_path / "g", genres=pa.array(np.arange(12)))
+    check(
+        flat_genres,
+        "column 'genres' (sparse feature 'genres') has type int64, expected a list of integer ids",
+    )
+
+
+def test_labels_out_of_range(tmp_path):
+    rating = np.arange(12) % 5 + 1.0
+    rating[6] = 7.0
+    meta = build(tmp_path / "d", rating=pa.array(rating))
+    file = meta.row_groups("train")[2].file  # rows 5..9 went to the second shard: row 6 is its row 1
+    check(meta, f"{file}: row group 0, row 1: column 'rating' is a label outside [1.0, 5.0]", "value 7.0")
+    click = np.zeros(12)
+    click[1] = 0.5
+    check(
+        build(tmp_path / "c", click=pa.array(click)), "row 1: column 'click' is a label outside {0, 1}", "0.5"
+    )
+    missing = pa.array([1.0] * 11 + [None])
+    check(build(tmp_path / "n", rating=missing), "column 'rating' is a label outside [1.0, 5.0] or missing")
+
+
+def test_nan_dense_unless_fill(tmp_path):
+    price = np.linspace(0, 1, 12)
+    price[[3, 9]] = [np.nan, np.inf]
+    meta = build(tmp_path / "d", price=pa.array(price))
+    check(meta, "row 3: column 'price' is NaN/inf/missing (set fill_nan for dense feature 'price')")
+    assert validate_dataset(meta, spec(fill_nan=0.0))["rows"] == {"train": 12}
+
+
+def test_negative_ids(tmp_path):
+    users = np.arange(12) % 10
+    users[5] = -4
+    check(
+        build(tmp_path / "d", user_id=pa.array(users)),
+        "row group 0, row 0: column 'user_id' has a negative id",
+        "-4",
+    )
+    genres = pa.array([[1]] * 11 + [[2, -1]], pa.list_(pa.int64()))
+    check(
+        build(tmp_path / "g", genres=genres),
+        "row group 1, row 1: column 'genres' has a negative id in its list",
+    )
+
+
+def test_skip_bad_rows_counts_instead(tmp_path):
+    users = np.arange(12) % 10
+    users[[0, 1]] = -1
+    click = np.zeros(12)
+    click[1] = 3
+    summary = validate_dataset(
+        build(tmp_path / "d", user_id=pa.array(users), click=pa.array(click)), spec(skip=True)
+    )
+    assert summary["bad_rows"] == 2
+
+
+def test_empty_shard_and_row_count_mismatch(tmp_path):
+    meta = build(tmp_path / "d")
+    file = first_file(meta)
+    pq.write_table(pq.read_table(file).slice(0, 0), file)
+    check(meta, f"{file}: empty shard (0 rows)")
+
+    meta = build(tmp_path / "e")
+    raw = json.loads((meta.root / "metadata.json").read_text())
+    raw["splits"]["train"][0][2] = 3
+    (meta.root / "metadata.json").write_text(json.dumps(raw))
+    check(DatasetMeta.load(meta.root), "row group 0 has 5 rows, metadata.json says 3")
+
+
+def test_ids_beyond_vocabulary_are_counted(tmp_path):
+    users = np.arange(12) % 10
+    users[0] = 50
+    assert validate_dataset(build(tmp_path / "d", user_id=pa.array(users)), spec())["ids_out_of_range"] == {
+        "user_id": 1
+    }
+
+
+def test_missing_split(tmp_path):
+    with pytest.raises(DataError, match="no split 'val'"):
+        validate_dataset(build(tmp_path / "d"), spec(), splits=["train", "val"])
+
+
+# --------------------------------------------------------------------------------------------- converters
+def test_criteo_wrong_field_count(tmp_path):
+    (tmp_path / "c.tsv").write_text("1\t2\t3\n")
+    with pytest.raises(DataError, match=r"c\.tsv: cannot parse after data row 0.*Expected 40 columns"):
+        prepare(PrepareConfig(format="criteo", source=str(tmp_path / "c.tsv")), str(tmp_path / "o"))
+
+
+def test_criteo_bad_click(tmp_path):
+    lines = ["0" + "\t1" * 13 + "\tab" * 26, "2" + "\t1" * 13 + "\tab" * 26]
+    (tmp_path / "c.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"c\.tsv: row 1, column 'click': label value 2\.0 outside \{0, 1\}"):
+        prepare(PrepareConfig(format="criteo", source=str(tmp_path / "c.tsv")), str(tmp_path / "o"))
+
+
+def test_movielens_bad_values(tmp_path):
+    (tmp_path / "ratings.dat").write_text("1::2::5::100\n1::3::five::101\n")
+    with pytest.raises(DataError, match=r"ratings\.dat: cannot parse .*column 'rating'"):
+        prepare(PrepareConfig(format="movielens", source=str(tmp_path)), str(tmp_path / "o"))
+    (tmp_path / "ratings.dat").write_text("1::2::5::100\n1::3::6::101\n")
+    with pytest.raises(DataError, match=r"row 1, column 'rating': label value 6\.0 outside \[0\.5, 5\.0\]"):
+        prepare(PrepareConfig(format="movielens", source=str(tmp_path)), str(tmp_path / "o"))
+    with pytest.raises(DataError, match="no ratings.dat"):
+        prepare(PrepareConfig(format="movielens", source=str(tmp_path / "o")), str(tmp_path / "o2"))
+
+
+def test_generic_config_and_header_errors(tmp_path):
+    (tmp_path / "t.csv").write_text("a,b\n1,2\n")
+    base = {"format": "csv", "source": str(tmp_path / "t.csv")}
+    with pytest.raises(ValueError, match="data.prepare.label_ranges.b"):
+        prepare(PrepareConfig(**base, columns={"a": "sparse", "b": "label"}), str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="data.prepare.columns.a: kind 'id'"):
+        prepare(PrepareConfig(**base, columns={"a": "id"}), str(tmp_path / "o"))
+    with pytest.raises(DataError, match=r"t\.csv: columns \['c'\] named in data.prepare are missing"):
+        prepare(PrepareConfig(**base, columns={"a": "sparse", "c": "dense"}), str(tmp_path / "o"))
+    (tmp_path / "t.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"t\.parquet: not a readable Parquet file"):
+        prepare(
+            PrepareConfig(format="parquet", source=str(tmp_path / "t.parquet"), columns={"a": "sparse"}),
+            str(tmp_path / "o"),
+        )
+    with pytest.raises(DataError, match="unknown format 'tsv'"):
+        prepare(PrepareConfig(format="tsv"), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

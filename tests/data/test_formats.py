@@ -1,0 +1,329 @@
+"""Converters end to end on small files written by the tests (and the real ML-100K when present)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import data.formats as formats
+from data.config import DenseFeature, PrepareConfig, SparseFeature
+from data.dataset import DatasetMeta, DatasetWriter, is_complete
+from data.prepare import FORMATS, prepare
+from data.reader import BatchStream, LabelSpec, ReadSpec
+from tests.conftest import ML100K
+
+
+def read_split(meta: DatasetMeta, split: str) -> pa.Table:
+    files = sorted({rg.file for rg in meta.row_groups(split)})
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
+
+
+def all_rows(meta: DatasetMeta) -> pa.Table:
+    return pa.concat_tables([read_split(meta, s) for s in meta.splits])
+
+
+def test_formats_registered():
+    assert {"synthetic", "movielens100k", "movielens", "criteo", "csv", "parquet"} <= set(FORMATS)
+
+
+# --------------------------------------------------------------------------------------------- movielens
+def write_ml1m(root: Path) -> None:
+    root.mkdir()
+    ratings = [
+        (u, i, r, 978300000 + 10 * k)
+        for k, (u, i, r) in enumerate(
+            [
+                (1, 10, 5),
+                (1, 20, 3),
+                (1, 30, 4),
+                (2, 10, 4),
+                (2, 30, 1),
+                (2, 20, 2),
+                (3, 20, 2),
+                (3, 30, 5),
+                (3, 10, 1),
+            ]
+        )
+    ]
+    lines = [f"{u}::{i}::{r}::{t}" for u, i, r, t in ratings] + ["1::10::5::978300000"]  # an exact duplicate
+    (root / "ratings.dat").write_text("\n".join(lines) + "\n")
+    (root / "movies.dat").write_text(
+        "10::Toy Story: The Movie (1995)::Animation|Children's|Comedy\n20::Heat (1995)::Action|Crime\n30::Odd::(no genres listed)\n"
+    )
+    (root / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072-1234\n3::M::25::15::55117\n")
+
+
+def test_movielens_1m_double_colon(tmp_path):
+    write_ml1m(tmp_path / "ml-1m")
+    cfg = PrepareConfig(
+        format="movielens", source=str(tmp_path / "ml-1m"), val_fraction=0.0, test_fraction=0.0, num_shards=2
+    )
+    meta = prepare(cfg, str(tmp_path / "out"))
+    table = read_split(meta, "train")
+    assert table.num_rows == 9  # the duplicate line is dropped
+    assert meta.report["cleaning"]["duplicates_dropped"] == 1
+    assert meta.report["genres"] == ["Action", "Animation", "Children's", "Comedy", "Crime"]
+    assert meta.columns["genres"]["kind"] == "multi_hot"
+    assert meta.columns["rating"] == {"kind": "label", "min": 0.5, "max": 5.0, "binary": False}
+    rows = table.to_pylist()
+    by_time = {r["timestamp"]: r for r in rows}
+    first = by_time[978300000]  # user 1, movie 10 (3 genres), rating 5
+    assert len(first["genres"]) == 3 and first["rating"] == 5.0 and first["click"] == 1.0
+    assert by_time[978300020]["genres"] == []  # (no genres listed)
+    assert [r["click"] for r in rows] == [float(r["rating"] >= 4) for r in rows]
+    # vocabularies fitted on train: 3 users, 3 items, genders M/F → rows 1..V-1
+    assert (
+        meta.vocab_size("user_id") == 4 and meta.vocab_size("item_id") == 4 and meta.vocab_size("gender") == 3
+    )
+    users = np.array([r["user_id"] for r in rows])
+    assert set(users) == {1, 2, 3}
+    genders = {r["timestamp"] // 10 % 100: r["gender"] for r in rows}
+    assert len({genders[0], genders[3]}) == 2  # F vs M map to different rows
+
+
+def test_movielens_20m_csv_half_stars_leave_last_out(tmp_path):
+    root = tmp_path / "ml-20m"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["userId,movieId,rating,timestamp"]
+    expected_last = {}
+    for user in range(1, 21):
+        times = rng.permutation(np.arange(5)) + 1000 * user
+        for k, t in enumerate(times):
+            lines.append(f"{user},{k + 1},{rng.integers(1, 11) / 2},{t}")
+        expected_last[user] = int(times.max())
+    (root / "ratings.csv").write_text("\n".join(lines) + "\n")
+    (root / "movies.csv").write_text(
+        'movieId,title,genres\n1,"Heat, The (1995)",Action|Crime\n2,X,Comedy\n3,Y,(no genres listed)\n'
+    )
+    cfg = PrepareConfig(
+        format="movielens", source=str(root), split="leave_last_out", val_fraction=0.1, num_shards=1
+    )
+    meta = prepare(cfg, str(tmp_path / "out"))
+    test, val, train = (read_split(meta, s) for s in ("test", "val", "train"))
+    assert test.num_rows == 20 and val.num_rows == 20 and train.num_rows == 60
+    assert sorted(test.column("timestamp").to_pylist()) == sorted(expected_last.values())
+    ratings = all_rows(meta).column("rating").to_numpy()
+    assert ratings.min() >= 0.5 and ratings.max() <= 5 and (ratings * 2 == np.round(ratings * 2)).all()
+    assert meta.report["passes"] == 3  # split fit, vocabulary, write
+    # every user's val row is its second-to-last interaction
+    val_times = sorted(val.column("timestamp").to_pylist())
+    assert all(t < expected_last[t // 1000] for t in val_times)
+
+
+def test_movielens_folder_with_u_data_uses_100k_converter(tmp_path):
+    if not (ML100K / "u.data").exists():
+        pytest.skip(f"{ML100K} not present")
+    meta = prepare(
+        PrepareConfig(format="movielens", source=str(ML100K), split="u1", num_shards=1), str(tmp_path / "out")
+    )
+    assert meta.report["converter"] == "movielens100k"
+    assert sum(meta.num_rows(s) for s in meta.splits) == 100_000
+    assert meta.num_rows("test") == 20_000
+
+
+# --------------------------------------------------------------------------------------------- criteo
+def criteo_lines(num_rows: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(num_rows):
+        fields = [str(int(rng.random() < 0.3))]
+        for i in range(13):
+            fields.append(
+                ""
+                if rng.random() < 0.2
+                else str(int(rng.integers(-2, 1000)) if i == 1 else int(rng.integers(0, 500)))
+            )
+        for i in range(26):
+            fields.append("" if rng.random() < 0.1 else f"{int(rng.zipf(1.5)) % 1000 * 7919 + i:08x}")
+        lines.append("\t".join(fields))
+    return lines
+
+
+def test_criteo_missing_values_log_and_min_count(tmp_path):
+    lines = criteo_lines(400)
+    lines.append(lines[5])  # exact duplicate
+    lines.append(
+        "1\t123456\t-3" + "\t" * 11 + "\tdeadbeef" + "\t" * 25
+    )  # I1 unique, I2 negative, most fields missing
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    cfg = PrepareConfig(
+        format="criteo", source=str(tmp_path / "train.txt"), min_count=3, num_shards=2, row_group_size=64
+    )
+    meta = prepare(cfg, str(tmp_path / "out"))
+    rows = all_rows(meta)
+    assert rows.num_rows == 401
+    report = meta.report["cleaning"]
+    assert report["duplicates_dropped"] == 1
+    raw_i1_missing = sum(1 for line in lines[:-2] if line.split("\t")[1] == "")
+    assert report["dense_missing_filled"]["I1"] == raw_i1_missing
+    assert meta.report["dense"]["log_transformed"][0] == "I1"
+    # log(1 + max(x, 0)): the hand-written row has I1 = 123456 → log(123457), I2 = -3 → 0, I3 missing → 0
+    special = rows.filter(pa.compute.equal(rows.column("I1"), np.float32(math.log(123457))))
+    assert (
+        special.num_rows == 1
+        and special.column("I2")[0].as_py() == 0.0
+        and special.column("I3")[0].as_py() == 0.0
+    )
+    assert set(rows.column("click").to_pylist()) <= {0.0, 1.0}
+    for name in formats.CRITEO_SPARSE:
+        ids = rows.column(name).to_numpy()
+        assert ids.min() >= 0 and ids.max() < meta.vocab_size(name)
+    # min_count: an id seen fewer than 3 times in train is row 0
+    train = read_split(meta, "train")
+    c3 = train.column("C3").to_numpy()
+    counts = np.bincount(c3)
+    assert counts[0] > 0 and (counts[1:][counts[1:] > 0] >= 3).all()
+
+
+def test_criteo_chunked_equals_single_chunk_and_hashing(tmp_path, monkeypatch):
+    (tmp_path / "day_0").write_text("\n".join(criteo_lines(300, seed=1) * 2) + "\n")  # every row twice
+    cfg = PrepareConfig(format="criteo", source=str(tmp_path / "day_0"), num_shards=1)
+    whole = all_rows(prepare(cfg, str(tmp_path / "a")))
+    monkeypatch.setattr(formats, "CSV_BLOCK_BYTES", 4096)  # many chunks: dedup and vocab across chunks
+    chunked_meta = prepare(cfg, str(tmp_path / "b"))
+    assert chunked_meta.report["cleaning"]["rows_in"] == 600
+    assert whole.equals(all_rows(chunked_meta))
+    hashed = prepare(
+        PrepareConfig(**{**cfg.__dict__, "sparse_mapping": "hash", "num_hash_buckets": 50}),
+        str(tmp_path / "c"),
+    )
+    assert hashed.vocab_size("C1") == 51 and hashed.report["passes"] == 1
+    ids = all_rows(hashed).column("C1").to_numpy()
+    assert ids.min() >= 0 and ids.max() <= 50
+
+
+def test_criteo_time_split_keeps_file_order(tmp_path):
+    (tmp_path / "t.tsv").write_text("\n".join(criteo_lines(500, seed=2)) + "\n")
+    cfg = PrepareConfig(
+        format="criteo", source=str(tmp_path / "t.tsv"), split="time", dedup=False, num_shards=1
+    )
+    meta = prepare(cfg, str(tmp_path / "out"))
+    assert [meta.num_rows(s) for s in ("train", "val", "test")] == [400, 50, 50]
+
+
+def test_criteo_reads_through_batch_stream(tmp_path):
+    (tmp_path / "t.tsv").write_text("\n".join(criteo_lines(300, seed=3)) + "\n")
+    meta = prepare(
+        PrepareConfig(format="criteo", source=str(tmp_path / "t.tsv"), num_shards=2, row_group_size=50),
+        str(tmp_path / "o"),
+    )
+    spec = ReadSpec(
+        sparse=tuple(SparseFeature(n) for n in formats.CRITEO_SPARSE),
+        dense=tuple(DenseFeature(n) for n in formats.CRITEO_DENSE),
+        labels=(LabelSpec("click", binary=True),),
+        num_embeddings={n: meta.vocab_size(n) for n in formats.CRITEO_SPARSE},
+    )
+    batches = list(BatchStream(meta, "train", spec, batch_size=64))
+    assert sum(int(b.weights.sum()) for b in batches) == meta.num_rows("train")
+
+
+# --------------------------------------------------------------------------------------------- generic
+def test_generic_csv_multi_hot_and_user_split(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = ["user,item,tags,price,stars,bought,ts"]
+    for k in range(600):
+        tags = "|".join(rng.choice(["a", "b", "c", "d"], rng.integers(0, 3), replace=False))
+        price = "" if k % 50 == 0 else f"{rng.random() * 100:.2f}"
+        lines.append(f"u{k % 40},i{rng.integers(0, 30)},{tags},{price},{rng.integers(1, 6)},{k % 2},{k}")
+    (tmp_path / "events.csv").write_text("\n".join(lines) + "\n")
+    cfg = PrepareConfig(
+        format="csv",
+        source=str(tmp_path / "events.csv"),
+        columns={
+            "user": "sparse",
+            "item": "sparse",
+            "tags": "multi_hot",
+            "price": "dense",
+            "stars": "label",
+            "bought": "label",
+            "ts": "other",
+        },
+        label_ranges={"stars": [1, 5]},
+        binary_labels=["bought"],
+        user_column="user",
+        split="user",
+        clip_quantile=0.9,
+        num_shards=1,
+    )
+    meta = prepare(cfg, str(tmp_path / "out"))
+    assert meta.report["cleaning"]["dense_missing_filled"]["price"] == 12
+    assert meta.columns["tags"]["num_embeddings"] == 5
+    users_per_split = {s: set(read_split(meta, s).column("ts").to_numpy() % 40) for s in meta.splits}
+    splits = list(users_per_split.values())
+    assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1 :])  # a user is in one split
+    low, high = meta.columns["price"]["clip"]
+    price = all_rows(meta).column("price").to_numpy()
+    assert price.min() >= np.float32(low) and price.max() <= np.float32(high)
+    assert meta.report["dense"]["clipped"]["price"] > 0
+    tag_lengths = [len(t) for t in all_rows(meta).column("tags").to_pylist()]
+    assert max(tag_lengths) == 2 and min(tag_lengths) == 0
+
+
+def test_generic_parquet_time_split(tmp_path):
+    num = 1000
+    table = pa.table(
+        {
+            "uid": pa.array(np.arange(num) % 17),
+            "genres": pa.array([[1, 2][: k % 3] for k in range(num)], pa.list_(pa.int64())),
+            "score": pa.array(np.linspace(0, 1, num)),
+            "y": pa.array((np.arange(num) % 2).astype(np.int8)),
+            "when": pa.array(np.random.default_rng(0).permutation(num)),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=100)
+    cfg = PrepareConfig(
+        format="parquet",
+        source=str(tmp_path / "in.parquet"),
+        columns={"uid": "sparse", "genres": "multi_hot", "score": "dense", "y": "label", "when": "other"},
+        binary_labels=["y"],
+        time_column="when",
+        split="time",
+        num_shards=1,
+    )
+    meta = prepare(cfg, str(tmp_path / "out"))
+    times = {s: read_split(meta, s).column("when").to_numpy() for s in ("train", "val", "test")}
+    assert times["train"].max() < times["val"].min() and times["val"].max() < times["test"].min()
+    assert len(times["test"]) == 100 and len(times["val"]) == 100
+
+
+# --------------------------------------------------------------------------------------------- atomicity
+def test_rerun_replaces_and_crash_keeps_previous(tmp_path, monkeypatch):
+    write_ml1m(tmp_path / "ml")
+    out = tmp_path / "out"
+    cfg = PrepareConfig(
+        format="movielens", source=str(tmp_path / "ml"), val_fraction=0.0, test_fraction=0.0, num_shards=1
+    )
+    first = prepare(cfg, str(out))
+    assert first.report["seed"] == 0
+    second = prepare(PrepareConfig(**{**cfg.__dict__, "seed": 7}), str(out))
+    assert (
+        json.loads((out / "metadata.json").read_text())["report"]["seed"] == 7 and second.report["seed"] == 7
+    )
+
+    calls = {"n": 0}
+    original = DatasetWriter.write
+
+    def failing_write(self, split, table):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full (simulated)")
+        return original(self, split, table)
+
+    monkeypatch.setattr(DatasetWriter, "write", failing_write)
+    with pytest.raises(RuntimeError, match="simulated"):
+        prepare(PrepareConfig(**{**cfg.__dict__, "seed": 9}), str(out))
+    assert is_complete(out) and DatasetMeta.load(out).report["seed"] == 7  # previous data set intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ml", "out"]  # no partial folder left
+
+    calls["n"] = 0
+    crash_out = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        prepare(cfg, str(crash_out))
+    assert not crash_out.exists() and not is_complete(crash_out)

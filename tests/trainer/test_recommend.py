@@ -1,0 +1,210 @@
+"""Recommendation lists: exact agreement with row-by-row scoring, ordering, exclusion of seen
+items, unknown ids, short catalogues, block streaming and a 200k-item catalogue."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data.prepare import prepare
+from trainer.config import load_config
+from trainer.export import build_unsharded_model
+from trainer.ranking import evaluate_ranking, predict_rows
+from trainer.recommend import (
+    Entities,
+    Jagged,
+    ModelScorer,
+    Rows,
+    load_catalogue,
+    read_ids,
+    recommend,
+    to_table,
+    top_k,
+    write_table,
+)
+
+SMALL = [
+    "data.prepare.num_rows=4000",
+    "data.prepare.num_users=150",
+    "data.prepare.num_items=90",
+    "data.prepare.num_shards=2",
+    "data.prepare.row_group_size=512",
+    "recommend.k=5",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny synthetic data set, its catalogue and an (untrained, seeded) unsharded model."""
+    tmp = tmp_path_factory.mktemp("rec")
+    cfg = load_config("configs/default.yaml", [f"data.path={tmp / 'data'}", f"run_dir={tmp / 'run'}", *SMALL])
+    meta = prepare(cfg.data.prepare, cfg.data.path)
+    catalogue = load_catalogue(cfg, meta)
+    torch.manual_seed(0)
+    model = build_unsharded_model(cfg, catalogue.num_embeddings).eval()
+    return cfg, meta, catalogue, model
+
+
+def pair_rows(cfg, catalogue, user_rows: np.ndarray, item_rows: np.ndarray) -> Rows:
+    """Explicit rows for every (user, item) pair: what a data set row of that pair would hold."""
+    users = np.repeat(user_rows, len(item_rows))
+    items = np.tile(item_rows, len(user_rows))
+    sparse = {}
+    for feature in cfg.data.sparse:
+        if feature.side == "user":
+            sparse[feature.name] = catalogue.users.sparse[feature.name].take(users)
+        else:
+            sparse[feature.name] = catalogue.items.sparse[feature.name].take(items)
+    dense = np.zeros((len(users), len(cfg.data.dense)), dtype=np.float32)
+    user_cols = [j for j, f in enumerate(cfg.data.dense) if f.side == "user"]
+    item_cols = [j for j, f in enumerate(cfg.data.dense) if f.side == "item"]
+    dense[:, user_cols] = catalogue.users.dense[users]
+    dense[:, item_cols] = catalogue.items.dense[items]
+    empty = np.zeros((len(users), len(cfg.tasks)), dtype=np.float32)
+    return Rows(sparse, dense, catalogue.users.ids[users], catalogue.items.ids[items], empty, empty)
+
+
+def test_entities_take_each_ids_last_row(setup):
+    cfg, meta, catalogue, _ = setup
+    rows = catalogue.splits[cfg.data.test_split]  # the last split read: its rows win
+    last = {}
+    for r, item in enumerate(rows.items):
+        last[int(item)] = r
+    item, r = next(iter(last.items()))
+    position = catalogue.items.positions(np.array([item]))[0]
+    genres = catalogue.items.sparse["genres"].take(np.array([position]))
+    expected = rows.sparse["genres"].take(np.array([r]))
+    np.testing.assert_array_equal(genres.values, expected.values)
+    price_column = [f.name for f in cfg.data.dense if f.side == "item"].index("price")
+    assert (
+        catalogue.items.dense[position, price_column]
+        == rows.dense[r, [f.name for f in cfg.data.dense].index("price")]
+    )
+
+
+def test_scores_equal_row_by_row_model_and_are_ranked(setup):
+    cfg, _, catalogue, model = setup
+    cfg.recommend.exclude_seen = False
+    try:
+        user_ids, item_ids, result = recommend(cfg, model, catalogue, catalogue.users.ids[:7])
+    finally:
+        cfg.recommend.exclude_seen = True
+    num_items = len(catalogue.items.ids)
+    assert result.items.shape == (7, 5) and len(item_ids) == num_items
+    brute = predict_rows(model, pair_rows(cfg, catalogue, np.arange(7), np.arange(num_items))).reshape(
+        7, num_items, -1
+    )
+    expected_scores, expected_items = torch.topk(
+        brute[:, :, 0], 5, dim=1
+    )  # default score: first task (rating)
+    torch.testing.assert_close(result.scores, expected_scores, rtol=1e-5, atol=1e-5)
+    assert (result.items == expected_items).float().mean() > 0.99  # only exact ties may swap
+    assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()
+    torch.testing.assert_close(
+        result.predictions, brute.gather(1, result.items[:, :, None].expand(-1, -1, 2))
+    )
+
+
+def test_seen_items_are_excluded(setup):
+    cfg, _, catalogue, model = setup
+    users, items, result = recommend(cfg, model, catalogue)
+    table = to_table(users, items, result, model.task_names)
+    recommended = set(zip(table.column("user").to_pylist(), table.column("item").to_pylist()))
+    seen = set(zip(catalogue.seen.users.tolist(), catalogue.seen.items.tolist()))
+    assert recommended and not recommended & seen
+    cfg.recommend.exclude_seen = False
+    try:
+        users, items, result = recommend(cfg, model, catalogue)
+    finally:
+        cfg.recommend.exclude_seen = True
+    table = to_table(users, items, result, model.task_names)
+    assert set(zip(table.column("user").to_pylist(), table.column("item").to_pylist())) & seen
+
+
+def test_unknown_ids_and_k_larger_than_candidates(setup, tmp_path):
+    cfg, meta, _, model = setup
+    known_item = 1
+    users_file = tmp_path / "users.csv"
+    users_file.write_text("user_id\n1\n999999\n")
+    candidates_file = tmp_path / "items.txt"
+    candidates_file.write_text(f"{known_item}\n888888\n2\n")
+    user_ids = read_ids(users_file, "user_id", "--users")
+    candidate_ids = read_ids(candidates_file, "item_id", "--candidates")
+    catalogue = load_catalogue(cfg, meta, extra_users=user_ids, extra_items=candidate_ids)
+    assert not catalogue.users.known[catalogue.users.positions(np.array([999999]))[0]]
+    users, items, result = recommend(cfg, model, catalogue, user_ids, candidate_ids, k=10)
+    table = to_table(users, items, result, model.task_names)
+    rows_of_new_user = [r for r, u in enumerate(table.column("user").to_pylist()) if u == 999999]
+    assert len(rows_of_new_user) == 3  # no history: nothing excluded, every candidate ranked
+    assert sorted(table.column("item").to_pylist()[r] for r in rows_of_new_user) == [1, 2, 888888]
+    assert np.isfinite(table.column("score").to_numpy()).all()
+    ranks = table.column("rank").to_pylist()
+    assert ranks[rows_of_new_user[0] : rows_of_new_user[-1] + 1] == [1, 2, 3]
+    path = write_table(table, tmp_path / "recs.parquet")
+    assert pq.read_table(path).column_names == ["user", "rank", "item", "score", "rating", "ctr"]
+
+
+def test_blocks_give_the_same_lists(setup):
+    cfg, _, catalogue, model = setup
+    _, _, whole = recommend(cfg, model, catalogue)
+    cfg.recommend.item_block_size, cfg.recommend.max_pairs_per_step = 7, 50
+    try:
+        _, _, blocked = recommend(cfg, model, catalogue)
+    finally:
+        cfg.recommend.item_block_size, cfg.recommend.max_pairs_per_step = 65536, 262144
+    torch.testing.assert_close(blocked.scores, whole.scores)
+    assert (blocked.items == whole.items).float().mean() > 0.99
+
+
+def test_large_synthetic_catalogue_streams_in_blocks(setup):
+    cfg, _, catalogue, model = setup
+    num_items = 200_000
+    rng = np.random.default_rng(0)
+    items = {}
+    for feature in cfg.data.sparse:
+        if feature.side == "item":
+            rows = catalogue.num_embeddings[feature.name]
+            if feature.multi_hot:
+                lengths = rng.integers(0, 4, num_items)
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                items[feature.name] = Jagged(rng.integers(0, rows, offsets[-1]), offsets)
+            else:
+                items[feature.name] = Jagged.single(rng.integers(0, rows, num_items))
+    num_item_dense = sum(f.side == "item" for f in cfg.data.dense)
+    catalogue_items = Entities(
+        np.arange(num_items),
+        items,
+        rng.random((num_items, num_item_dense), dtype=np.float32),
+        np.ones(num_items, bool),
+    )
+    scorer = ModelScorer(model, cfg, catalogue.users, catalogue_items, np.arange(4), np.arange(num_items))
+    started = time.perf_counter()
+    result = top_k(scorer, lambda p: p[..., 1], 4, num_items, 10, item_block_size=32768, max_pairs=65536)
+    assert time.perf_counter() - started < 30
+    assert result.items.shape == (4, 10) and (result.items >= 0).all()
+    assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()
+    # the best of the last block competes with the earlier ones: check against a full scan of a user
+    full = torch.cat(
+        [
+            scorer(0, 1, scorer.item_block(s, min(s + 50000, num_items)))[0, :, 1]
+            for s in range(0, num_items, 50000)
+        ]
+    )
+    torch.testing.assert_close(result.scores[0], torch.topk(full, 10).values)
+
+
+def test_evaluate_ranking_on_tiny_data(setup):
+    cfg, meta, catalogue, model = setup
+    result = evaluate_ranking(cfg, model, catalogue, meta, k=5)
+    test = catalogue.splits["test"]
+    positives = np.unique(test.users[test.labels[:, 1] == 1])
+    assert result["model"]["num_users"] == result["popularity"]["num_users"] <= len(positives)
+    for who in ("model", "popularity"):
+        assert all(
+            0 <= result[who][m] <= 1 for m in ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
+        )
+    assert 0 <= result["classification"]["ctr"]["f1"] <= 1

@@ -1,0 +1,245 @@
+"""Consolidated export: a (possibly sharded) DCP checkpoint → one unsharded model and a serving artifact.
+
+    towerrec export --config configs/movielens100k.yaml --output runs/ml100k-u1/export
+    towerrec export --config configs/default.yaml --checkpoint runs/default/checkpoints/step-00000400 --output out/
+
+The checkpoint's ``model`` entry holds ``DistributedModelParallel.state_dict()``, whose keys equal
+those of the plain ``MultiTaskModel`` (DMP strips its wrapper prefixes), so DCP loads it — in one
+process, without a process group, resharding whatever N ranks wrote — straight into a model built
+with ``embedding_device="cpu"``. The output folder holds::
+
+    model.pt       the unsharded state dict (tensors only: ``torch.load(path, weights_only=True)``)
+    serving.pt2    ``torch.export`` program: plain tensors in, predictions (B, T) out (see ``ServingModel``)
+    serving.json   its inputs (feature order, dtypes, id ranges, dense order) and outputs (tasks, kinds)
+
+Serving needs nothing but torch::
+
+    program = torch.export.load("serving.pt2").module()
+    predictions = program(dense, [values_f for f in features], [lengths_f for f in features])
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+
+from data.dataset import DatasetMeta, is_complete
+from models.heads import predictions
+from models.multitask import MultiTaskModel
+from trainer import checkpoint as ckpt
+from trainer.config import Config
+from trainer.sharding import embedding_tables, resolve_num_embeddings
+
+MODEL_FILE = "model.pt"
+SERVING_FILE = "serving.pt2"
+SERVING_SPEC_FILE = "serving.json"
+PREDICTION_KINDS = {"logit": "probability", "probability": "probability", "value": "value"}
+
+
+# ------------------------------------------------------------------------------------------ loading
+def dataset_meta_if_present(cfg: Config) -> DatasetMeta | None:
+    """The data set's metadata when ``data.path`` holds a complete data set (vocabulary sizes)."""
+    return DatasetMeta.load(cfg.data.path) if is_complete(cfg.data.path) else None
+
+
+def build_unsharded_model(cfg: Config, num_embeddings: dict[str, int]) -> MultiTaskModel:
+    """The plain model with real tables on CPU (what DMP wraps during training)."""
+    return MultiTaskModel(
+        tables=embedding_tables(cfg, num_embeddings),
+        feature_names=[f.name for f in cfg.data.sparse],
+        num_dense=len(cfg.data.dense),
+        tasks=cfg.tasks,
+        cfg=cfg.model,
+        embedding_device="cpu",
+    )
+
+
+def load_unsharded_model(
+    cfg: Config, checkpoint: str | Path | None = None, num_embeddings: dict[str, int] | None = None
+) -> tuple[MultiTaskModel, Path]:
+    """Loads a checkpoint written by any number of ranks into one unsharded model (eval mode).
+
+    Args:
+        cfg: the run configuration (architecture, features, tasks).
+        checkpoint: a checkpoint folder, or a checkpoints root / run folder (default: the run's latest).
+        num_embeddings: table rows per sparse feature (default: config, else the data set's metadata).
+
+    Returns ``(model, resolved checkpoint path)``. Runs in the calling process; needs no process group.
+    """
+    path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
+    if num_embeddings is None:
+        num_embeddings = resolve_num_embeddings(cfg, dataset_meta_if_present(cfg))
+    model = build_unsharded_model(cfg, num_embeddings)
+    state = model.state_dict()
+    _check_against_checkpoint(path, state)
+    tensors = {"model": state}
+    with warnings.catch_warnings():  # "no process group: assuming a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        ckpt.load_tensors(path, tensors)
+    model.load_state_dict(tensors["model"])
+    return model.eval(), path
+
+
+def _check_against_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Names the first tensor whose shape differs (DCP's own message does not say which)."""
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for key, tensor in state.items():
+        entry = saved.get(f"model.{key}")
+        if entry is None:
+            raise ckpt.CheckpointError(
+                f"{path}: has no tensor model.{key} (a different model.* or data.* config?)"
+            )
+        if tuple(entry.size) != tuple(tensor.shape):
+            raise ckpt.CheckpointError(
+                f"{path}: model.{key} has shape {tuple(entry.size)} but the config builds {tuple(tensor.shape)} "
+                "(check data.sparse num_embeddings/embedding_dim, data.dense and model.* against the run's config.yaml)"
+            )
+
+
+# ------------------------------------------------------------------------------------------ serving
+class ServingModel(nn.Module):
+    """Plain-torch scorer: ``nn.EmbeddingBag`` per table + the trained interaction, tower and heads.
+
+    Inputs, F sparse features in ``feature_names`` order (B rows)::
+
+        dense    (B, num_dense) float32
+        values   F × (N_f,) int64   ids of feature f, rows concatenated (row b has lengths[f][b] ids)
+        lengths  F × (B,)   int64   ids per row (1 for single-valued features; 0 = empty bag)
+
+    Output: (B, T) predictions (probabilities for binary tasks, values for regression). Ids must
+    already be table rows in ``[0, num_embeddings)`` (row 0 = out of vocabulary), as in training.
+    """
+
+    def __init__(self, model: MultiTaskModel):
+        super().__init__()
+        self.feature_names = list(model.feature_names)
+        self.output_kinds = list(model.output_kinds)
+        weights = dict(model.embeddings.state_dict())
+        self.bags = nn.ModuleDict()
+        table_of_feature = {}
+        for table in model.embeddings.embedding_bag_configs():
+            mode = "mean" if table.pooling.value == "MEAN" else "sum"
+            weight = weights[f"embedding_bags.{table.name}.weight"].detach().clone()
+            self.bags[table.name] = nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode=mode)
+            for feature in table.feature_names:
+                table_of_feature[feature] = table.name
+        self.table_of_feature = [table_of_feature[name] for name in self.feature_names]
+        self.interaction = model.interaction
+        self.tower = model.tower
+        self.heads = model.heads
+
+    def forward(
+        self, dense: torch.Tensor, values: list[torch.Tensor], lengths: list[torch.Tensor]
+    ) -> torch.Tensor:
+        pooled = []
+        for f, table in enumerate(self.table_of_feature):
+            offsets = torch.cumsum(lengths[f], 0) - lengths[f]  # (B,) start of each bag
+            pooled.append(self.bags[table](values[f], offsets))
+        outputs = self.heads(self.tower(self.interaction(pooled, dense)))
+        return predictions(outputs, self.output_kinds)
+
+
+def export_serving(
+    model: MultiTaskModel, num_dense: int, example_batch_size: int = 4
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``ServingModel(model)`` with a dynamic batch size and dynamic bag sizes."""
+    serving = ServingModel(model).eval().requires_grad_(False)
+    num_features = len(serving.feature_names)
+    batch = torch.export.Dim("batch", min=1)
+    # Example bags of 2 ids per row, so that no size is 0/1 or equal to the batch (no specialisation).
+    dense = torch.zeros(example_batch_size, num_dense)
+    values = [torch.zeros(2 * example_batch_size, dtype=torch.int64) for _ in range(num_features)]
+    lengths = [torch.full((example_batch_size,), 2, dtype=torch.int64) for _ in range(num_features)]
+    dynamic = (
+        {0: batch},
+        [{0: torch.export.Dim(f"ids_{f}", min=0)} for f in range(num_features)],
+        [{0: batch} for _ in range(num_features)],
+    )
+    with torch.no_grad():
+        return torch.export.export(serving, (dense, values, lengths), dynamic_shapes=dynamic, strict=False)
+
+
+def serving_spec(
+    cfg: Config, model: MultiTaskModel, num_embeddings: dict[str, int], checkpoint: Path
+) -> dict[str, Any]:
+    """What ``serving.json`` documents: the artifact's inputs and outputs."""
+    sparse = [
+        {
+            "name": f.name,
+            "column": f.source_column,
+            "side": f.side,
+            "multi_hot": f.multi_hot,
+            "pooling": f.pooling,
+            "table": f.table_name,
+            "id_mapping": f.id_mapping,
+            "values_dtype": "int64",
+            "lengths_dtype": "int64",
+            "id_range": [0, num_embeddings[f.name] - 1],
+            "out_of_vocabulary_id": 0,
+        }
+        for f in cfg.data.sparse
+    ]
+    dense = [
+        {"name": f.name, "column": f.source_column, "side": f.side, "dtype": "float32"}
+        for f in cfg.data.dense
+    ]
+    outputs = [
+        {"task": task.name, "type": task.type, "kind": PREDICTION_KINDS[kind]}
+        for task, kind in zip(cfg.tasks, model.output_kinds)
+    ]
+    return {
+        "format": "torch.export",
+        "file": SERVING_FILE,
+        "checkpoint": str(checkpoint),
+        "call": "torch.export.load(file).module()(dense, values, lengths) -> predictions (B, T) float32",
+        "inputs": {
+            "dense": {"shape": ["B", len(dense)], "dtype": "float32", "features": dense},
+            "values": "list over sparse features (this order) of int64 (N_f,): ids of all rows concatenated",
+            "lengths": "list over sparse features (this order) of int64 (B,): ids per row",
+            "sparse": sparse,
+        },
+        "outputs": {"shape": ["B", len(outputs)], "dtype": "float32", "columns": outputs},
+        "id_note": (
+            "ids are embedding rows: vocab features hold the prepared data set's ids (values >= "
+            "num_embeddings must be sent as 0); hash features must be hashed as data.reader does"
+        ),
+    }
+
+
+def export(cfg: Config, checkpoint: str | Path | None, output: str | Path) -> Path:
+    """Writes ``model.pt``, ``serving.pt2`` and ``serving.json`` into ``output``; returns the folder."""
+    num_embeddings = resolve_num_embeddings(cfg, dataset_meta_if_present(cfg))
+    model, path = load_unsharded_model(cfg, checkpoint, num_embeddings)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({key: value.detach().clone() for key, value in model.state_dict().items()}, out / MODEL_FILE)
+    torch.export.save(export_serving(model, len(cfg.data.dense)), out / SERVING_FILE)
+    spec = serving_spec(cfg, model, num_embeddings, path)
+    (out / SERVING_SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    return out
+
+
+def load_serving(folder: str | Path):
+    """The exported scorer as a callable module (plain torch; no training code, no process group)."""
+    return torch.export.load(Path(folder) / SERVING_FILE).module()
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="checkpoint folder or run folder (default: the run's latest)")
+    parser.add_argument("--output", help="output folder (default: <run_dir>/export)")
+
+
+def run_export(cfg: Config, args: argparse.Namespace) -> int:
+    out = export(cfg, args.checkpoint, args.output or Path(cfg.run_dir) / "export")
+    print(
+        f"[towerrec] exported {', '.join((MODEL_FILE, SERVING_FILE, SERVING_SPEC_FILE))} to {out}", flush=True
+    )
+    return 0
