@@ -31,6 +31,9 @@
 #   --                 end of wrapper options; everything after goes to the trainer/script
 #   Extra torchrun options: TOWERREC_TORCHRUN_ARGS="--log-dir=/tmp/x --redirects=3" (word-split).
 #
+# Restarts: the wrapper exports TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (unless set): without it a
+# restarted worker group reads the previous attempt's addresses and fails (pytorch/pytorch#135712).
+#
 # Each worker gets from torchrun: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK,
 # MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RESTART_COUNT (Lightning detects torchelastic itself).
 # The repository root is prepended to PYTHONPATH so `-m trainer.cli` works from any directory.

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -98,7 +99,10 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
-    dcp.save(tensors, checkpoint_id=str(partial), process_group=process_group)
+    try:
+        dcp.save(tensors, checkpoint_id=str(partial), process_group=process_group)
+    except CheckpointException as err:  # a BaseException: turn it into an error the CLI reports
+        raise CheckpointError(f"{partial}: saving failed ({_first_failure(err)})") from err
     barrier()
     if is_rank_zero:
         state_path = partial / STATE_FILE
@@ -167,5 +171,13 @@ def load_tensors(path: Path, tensors: dict[str, Any], process_group=None) -> Non
     """Loads in place into ``tensors`` (the live, possibly differently sharded, state)."""
     try:
         dcp.load(tensors, checkpoint_id=str(path), process_group=process_group)
-    except Exception as err:  # DCP wraps per-rank failures in CheckpointException
-        raise CheckpointError(f"{path}: cannot be loaded into this model ({str(err).splitlines()[0][:500]})") from err
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        raise CheckpointError(f"{path}: cannot be loaded into this model ({_first_failure(err)})") from err
+
+
+def _first_failure(err: BaseException) -> str:
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, failure = sorted(err.failures.items())[0]
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {str(inner).splitlines()[0][:500]}"
+    return str(err).splitlines()[0][:500]

@@ -50,12 +50,15 @@ class ShardingConfig:
 
     sharding_types: Optional[list[str]] = None
     """Sharding types the planner may use for every table (``table_wise``, ``row_wise``,
-    ``column_wise``, ``table_row_wise``, ``table_column_wise``, ``data_parallel``); ``null`` = all
-    the device supports (on CPU: table_wise, column_wise, table_column_wise, data_parallel)."""
+    ``column_wise``, ``table_row_wise``, ``table_column_wise``, ``data_parallel``). ``null`` = every
+    model-parallel type the device supports (on CPU: table_wise, column_wise, table_column_wise);
+    ``data_parallel`` only when asked for, since its tables are trained by the dense optimizer."""
     table_constraints: dict[str, list[str]] = field(default_factory=dict)
     """Per-table sharding types, e.g. ``{t_user_id: [row_wise]}``; overrides ``sharding_types``."""
     compute_kernel: Optional[str] = None
-    """``fused`` (default on CPU), ``fused_uvm_caching`` (CUDA: tables larger than HBM) or ``dense``."""
+    """Force one kernel: ``fused``, ``fused_uvm_caching`` (CUDA: tables larger than HBM, rows
+    cached in HBM) or ``dense``. Default: ``fused`` on CPU; on CUDA the planner chooses between
+    ``fused`` and ``fused_uvm_caching`` (the latter when a table does not fit the HBM budget)."""
     hbm_gb: Optional[float] = None
     """Memory budget per device in GB given to the planner (default: the device's; on CPU 64)."""
     ddr_gb: Optional[float] = None
@@ -328,6 +331,7 @@ def dump_yaml(cfg: Config) -> str:
 # --------------------------------------------------------------------------------------------- validation
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
 CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
+DEFAULT_CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
 DENSE_OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
 

@@ -135,22 +135,38 @@ def versions() -> dict[str, str]:
 
 
 class RunInfo(L.Callback):
-    """Writes the resolved config, versions and sharding plan to the run folder and prints the plan."""
+    """Writes the resolved config, versions and sharding plan to the run folder and prints the plan
+    (once, when the sharded model exists: at the start of fit/validate/test/predict)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self._written = False
 
-    def setup(self, trainer, pl_module, stage) -> None:
+    def _write(self, trainer) -> None:
         strategy = trainer.strategy
-        if trainer.is_global_zero:
-            run_dir = Path(self.cfg.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-            (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
-            if strategy.plan_text:
-                (run_dir / "plan.txt").write_text(strategy.plan_text + "\n")
-                (run_dir / "plan.json").write_text(json.dumps(strategy.plan_summary, indent=1))
-                print(f"[towerrec] sharding plan ({trainer.world_size} ranks):\n{strategy.plan_text}", flush=True)
+        if self._written or not trainer.is_global_zero:
+            return
+        self._written = True
+        run_dir = Path(self.cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
+        if strategy.plan_text:
+            (run_dir / "plan.txt").write_text(strategy.plan_text + "\n")
+            (run_dir / "plan.json").write_text(json.dumps(strategy.plan_summary, indent=1))
+            print(f"[towerrec] sharding plan ({trainer.world_size} ranks):\n{strategy.plan_text}", flush=True)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._write(trainer)
 
 
 # ------------------------------------------------------------------------------------------ building

@@ -20,7 +20,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from data.dataset import DatasetMeta
-from trainer.config import CPU_SHARDING_TYPES, Config, ConfigError, OptimizerConfig
+from trainer.config import DEFAULT_CPU_SHARDING_TYPES, SHARDING_TYPES, Config, ConfigError, OptimizerConfig
 
 GB = 1024**3
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -83,9 +83,17 @@ def apply_embedding_optimizer(model: nn.Module, opt: OptimizerConfig) -> None:
 
 def planner_constraints(cfg: Config, tables: list[EmbeddingBagConfig], device_type: str) -> dict[str, ParameterConstraints]:
     default_types = cfg.sharding.sharding_types
-    if default_types is None and device_type == "cpu":
-        default_types = list(CPU_SHARDING_TYPES)
-    kernel = cfg.sharding.compute_kernel
+    if default_types is None:  # data_parallel only on request: its tables leave the fused optimizer
+        default_types = [t for t in SHARDING_TYPES if t != "data_parallel"]
+        if device_type == "cpu":
+            default_types = list(DEFAULT_CPU_SHARDING_TYPES)
+    # Fused kernels keep every table on the fused optimizer path. Without this constraint the
+    # planner gives small data-parallel tables the "dense" kernel, whose weights then fall to the
+    # dense optimizer (and fbgemm warns its CPU autograd for that kernel is not registered).
+    if cfg.sharding.compute_kernel is not None:
+        kernels = [cfg.sharding.compute_kernel]
+    else:
+        kernels = ["fused", "fused_uvm_caching"] if device_type == "cuda" else ["fused"]
     constraints = {}
     table_names = {t.name for t in tables}
     for name in cfg.sharding.table_constraints:
@@ -93,9 +101,11 @@ def planner_constraints(cfg: Config, tables: list[EmbeddingBagConfig], device_ty
             raise ConfigError(f"sharding.table_constraints.{name}: no such table (tables: {', '.join(sorted(table_names))})")
     for table in tables:
         types = cfg.sharding.table_constraints.get(table.name, default_types)
+        # data_parallel tables only have the dense kernel: leave the kernel to the planner then.
+        allows_data_parallel = types is None or "data_parallel" in types
         constraints[table.name] = ParameterConstraints(
             sharding_types=list(types) if types else None,
-            compute_kernels=[kernel] if kernel else None,
+            compute_kernels=None if allows_data_parallel and cfg.sharding.compute_kernel is None else kernels,
         )
     return constraints
 
