@@ -7,7 +7,6 @@ keys and wrong types with the dotted key in the message (for example ``data.batc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -20,9 +19,9 @@ class SparseFeature:
 
     name: str
     """Feature key in the KeyedJaggedTensor and in the model."""
-    column: Optional[str] = None
+    column: str | None = None
     """Parquet column holding the ids (default: ``name``)."""
-    num_embeddings: Optional[int] = None
+    num_embeddings: int | None = None
     """Rows of the embedding table. ``null`` takes the vocabulary size from the data set's metadata."""
     embedding_dim: int = 16
     """Width of the embedding vectors."""
@@ -30,13 +29,13 @@ class SparseFeature:
     """How a multi-hot bag is reduced: ``sum`` or ``mean``."""
     multi_hot: bool = False
     """True for ``list<int64>`` columns (variable number of ids per row)."""
-    table: Optional[str] = None
+    table: str | None = None
     """Embedding table name; features naming the same table share it (default: ``t_<name>``)."""
     id_mapping: str = "vocab"
     """``vocab``: ids were mapped to ``[0, num_embeddings)`` at preparation (0 = out-of-vocabulary);
     ids outside that range at read time go to row 0. ``hash``: raw non-negative ids are hashed into
     ``num_embeddings`` rows."""
-    side: Optional[str] = None
+    side: str | None = None
     """``user`` or ``item`` when the feature describes the user or the item of a row (used to build
     candidate rows for recommendation and cold start); ``null`` for context features."""
 
@@ -55,11 +54,11 @@ class DenseFeature:
 
     name: str
     """Feature name."""
-    column: Optional[str] = None
+    column: str | None = None
     """Parquet column (default: ``name``)."""
-    fill_nan: Optional[float] = None
+    fill_nan: float | None = None
     """Value that replaces NaN/inf at read time; ``null`` makes NaN/inf an error naming file and row."""
-    side: Optional[str] = None
+    side: str | None = None
     """``user``, ``item`` or ``null`` (context), as for sparse features."""
 
     @property
@@ -74,7 +73,7 @@ class PrepareConfig:
     format: str = "synthetic"
     """``synthetic`` (generated), ``movielens100k`` (the ml-100k folder), or another format that
     ``towerrec prepare --help`` lists."""
-    source: Optional[str] = None
+    source: str | None = None
     """Input file or folder for converted formats (ignored for ``synthetic``)."""
     split: str = "random"
     """Split rule: ``random``, ``time``, ``user``, or a canonical MovieLens split such as ``u1``."""
@@ -108,11 +107,11 @@ class PrepareConfig:
     """``csv``: separator inside a multi-hot string (``Action|Comedy``)."""
     csv_delimiter: str = ","
     """``csv``: field separator (the file must have a header row)."""
-    user_column: Optional[str] = None
+    user_column: str | None = None
     """``csv``/``parquet``: column identifying the user (needed by ``user``/``leave_last_out`` splits)."""
-    time_column: Optional[str] = None
+    time_column: str | None = None
     """``csv``/``parquet``: column ordering rows in time (``time``/``leave_last_out``; default: row order)."""
-    cut_time: Optional[float] = None
+    cut_time: float | None = None
     """``time`` split: rows with time >= this are test (default: the ``1 - test_fraction`` quantile)."""
     min_count: int = 1
     """Ids seen fewer times than this in the training split map to the out-of-vocabulary row 0."""
@@ -129,9 +128,9 @@ class PrepareConfig:
     """Missing/NaN dense value: ``fill`` (with ``dense_fill``) or ``drop`` the row."""
     dense_fill: float = 0.0
     """Value of a missing dense feature with ``missing_dense: fill``."""
-    log_transform: Optional[bool] = None
+    log_transform: bool | None = None
     """Dense x → log(1 + max(x, 0)); ``null`` = the format's default (``criteo``: true, others: false)."""
-    clip_quantile: Optional[float] = None
+    clip_quantile: float | None = None
     """Clip dense features to the [1 - q, q] quantiles of the training split (q in (0.5, 1)); ``null``: no clipping."""
 
 
@@ -141,13 +140,13 @@ class DataConfig:
 
     path: str = "runs/data/synthetic"
     """Data set folder: ``metadata.json`` plus one sub-folder of Parquet shards per split."""
-    prepare: Optional[PrepareConfig] = None
+    prepare: PrepareConfig | None = None
     """If set and ``path`` holds no complete data set, build it first (the embedded default does)."""
     train_split: str = "train"
     """Split used for training."""
-    val_split: Optional[str] = "val"
+    val_split: str | None = "val"
     """Split evaluated during training (``null`` disables validation)."""
-    test_split: Optional[str] = "test"
+    test_split: str | None = "test"
     """Split evaluated by ``towerrec test`` and at the end of ``fit``."""
     batch_size: int = 512
     """Training batch size per rank."""
@@ -159,8 +158,11 @@ class DataConfig:
     """Sparse id features."""
     dense: list[DenseFeature] = field(default_factory=list)
     """Dense float features."""
-    sample_weight_column: Optional[str] = None
+    sample_weight_column: str | None = None
     """Optional per-row sample weight column (float)."""
+    validate_on_start: bool = True
+    """Read every split once before training and report all bad files/values up front (the
+    reader still checks each batch as it reads; turn off for very large data sets to save a pass)."""
     bad_rows: str = "error"
     """What to do with a row whose label/feature value is invalid: ``error`` (stop, naming file,
     row group and row) or ``skip`` (drop it, count it and report the count)."""

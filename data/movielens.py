@@ -4,8 +4,19 @@ Columns written: ``user_id``, ``item_id``, ``gender``, ``age_bucket``, ``occupat
 ``zip_prefix``, ``release_decade`` (sparse, vocabularies fitted on the training split, row 0 =
 unseen), ``genres`` (multi-hot), ``timestamp`` (int64), dense history features computed on the
 training split only (``user_mean_rating``, ``item_mean_rating``, ``user_log_count``,
-``item_log_count``; for training rows leave-one-out, so a row never sees its own label), and the
-labels ``rating`` (1..5) and ``click`` (= rating >= 4).
+``item_log_count``; for training rows leave-one-out, so a row never sees its own label), time
+features (``user_log_days``: log(1 + days since the user's first training rating, 0 before it);
+``item_age_decades``: (rating year - release year) / 10, clipped to [0, 8], 0 when the release
+year is unknown), rating-level neighbourhoods from the training split (multi-hot, leave-one-out
+on training rows): ``user_items_r1`` .. ``user_items_r5`` (items the user rated 1..5, item-id
+vocabulary) and ``item_users_r1`` .. ``item_users_r5`` (users who rated the item 1..5, user-id
+vocabulary), each the ``HISTORY_MAX_IDS`` most recent, and the labels ``rating`` (1..5) and
+``click`` (= rating >= 4).
+
+The neighbourhood bags are the inputs of a graph-convolution encoder in the style of GC-MC (van
+den Berg et al., 2017): with one embedding table per rating level and mean pooling, a user is
+represented by the items they rated r for each r (and an item by its raters), so the model sees
+the rating structure around a pair without the pair's own label.
 """
 
 from __future__ import annotations
@@ -23,6 +34,10 @@ from data.vocab import Vocabulary
 CANONICAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])
 NUM_GENRES = 19
+RATING_LEVELS = (1, 2, 3, 4, 5)
+HISTORY_MAX_IDS = 24
+"""Cap of each neighbourhood bag (most recent first): bounds the ids read per row (10 bags)."""
+SECONDS_PER_DAY = 86_400.0
 SPARSE_COLUMNS = ("user_id", "item_id", "gender", "age_bucket", "occupation", "zip_prefix", "release_decade")
 
 
@@ -89,7 +104,9 @@ def _item_table(root: Path) -> dict[str, np.ndarray]:
     years = np.array([int(r[-4:]) if r and r[-4:].isdigit() else 0 for r in release])
     decade = np.zeros(size, dtype=np.int64)
     decade[items] = np.where(years > 0, years // 10, 0)
-    return {"genres": genre_matrix, "decade": decade}
+    year = np.zeros(size, dtype=np.int64)
+    year[items] = years
+    return {"genres": genre_matrix, "decade": decade, "year": year}
 
 
 def _history_features(
@@ -117,6 +134,60 @@ def _history_features(
             np.float32
         )
         out[f"{prefix}_log_count"] = np.log1p(row_counts).astype(np.float32)
+    return out
+
+
+def _time_features(
+    rows: dict[str, np.ndarray], train: dict[str, np.ndarray], release_year: np.ndarray
+) -> dict:
+    """``user_log_days`` and ``item_age_decades`` of each row (first ratings from the training split)."""
+    size = max(rows["user"].max(), train["user"].max()) + 1
+    first = np.full(size, np.iinfo(np.int64).max)
+    np.minimum.at(first, train["user"], train["timestamp"])
+    first_of_row = first[rows["user"]]
+    days = np.where(
+        first_of_row == np.iinfo(np.int64).max, 0.0, (rows["timestamp"] - first_of_row) / SECONDS_PER_DAY
+    )
+    rating_year = rows["timestamp"].astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
+    released = release_year[rows["item"]]
+    age = np.where(released > 0, np.clip((rating_year - released) / 10.0, 0.0, 8.0), 0.0)
+    return {
+        "user_log_days": np.log1p(np.maximum(days, 0.0)).astype(np.float32),
+        "item_age_decades": age.astype(np.float32),
+    }
+
+
+def _neighbourhoods(
+    keys: np.ndarray,
+    others: np.ndarray,
+    train: dict[str, np.ndarray],
+    key: str,
+    other: str,
+    leave_one_out: bool,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per rating level r: for each row, the ``other`` ids (raw) that the row's ``key`` rated r in the
+    training split, most recent first, at most ``HISTORY_MAX_IDS``; without the row's own ``other``
+    when ``leave_one_out``. Returns {r: (offsets (N + 1,), values)}."""
+    out = {}
+    order = np.lexsort((-train["timestamp"], train[key]))  # by key, then most recent first
+    for level in RATING_LEVELS:
+        chosen = order[train["rating"][order] == level]
+        by_key: dict[int, np.ndarray] = {}
+        if len(chosen):
+            sorted_keys = train[key][chosen]
+            bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+            for group in np.split(chosen, bounds):
+                by_key[int(train[key][group[0]])] = train[other][group[: HISTORY_MAX_IDS + 1]]
+        empty = np.zeros(0, dtype=np.int64)
+        bags = []
+        for row_key, row_other in zip(keys.tolist(), others.tolist()):
+            bag = by_key.get(row_key, empty)
+            if leave_one_out:
+                bag = bag[bag != row_other]
+            bags.append(bag[:HISTORY_MAX_IDS])
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in bags])]).astype(np.int32)
+        values = np.concatenate(bags) if bags else empty
+        out[level] = (offsets, values.astype(np.int64))
     return out
 
 
@@ -186,6 +257,17 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
             rows["rating"],
         )
         columns.update({key: pa.array(value) for key, value in history.items()})
+        time_columns = _time_features(rows, train, item_info["year"])
+        columns.update({key: pa.array(value) for key, value in time_columns.items()})
+        for prefix, key, other, vocab in (
+            ("user_items", "user", "item", "item_id"),
+            ("item_users", "item", "user", "user_id"),
+        ):
+            bags = _neighbourhoods(rows[key], rows[other], train, key, other, name == "train")
+            for level, (offsets, values) in bags.items():
+                columns[f"{prefix}_r{level}"] = pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(vocabs[vocab].lookup(values))
+                )
         columns["timestamp"] = pa.array(rows["timestamp"])
         columns["rating"] = pa.array(rows["rating"].astype(np.float32))
         columns["click"] = pa.array((rows["rating"] >= 4).astype(np.float32))
@@ -194,7 +276,17 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
         name: {"kind": "sparse", "num_embeddings": vocabs[name].num_embeddings} for name in SPARSE_COLUMNS
     }
     meta_columns["genres"] = {"kind": "multi_hot", "num_embeddings": NUM_GENRES + 1}
-    for key in ("user_mean_rating", "item_mean_rating", "user_log_count", "item_log_count"):
+    for level in RATING_LEVELS:
+        meta_columns[f"user_items_r{level}"] = {
+            "kind": "multi_hot",
+            "num_embeddings": vocabs["item_id"].num_embeddings,
+        }
+        meta_columns[f"item_users_r{level}"] = {
+            "kind": "multi_hot",
+            "num_embeddings": vocabs["user_id"].num_embeddings,
+        }
+    dense_columns = ("user_mean_rating", "item_mean_rating", "user_log_count", "item_log_count")
+    for key in (*dense_columns, "user_log_days", "item_age_decades"):
         meta_columns[key] = {"kind": "dense"}
     meta_columns["timestamp"] = {"kind": "other"}
     meta_columns["rating"] = {"kind": "label", "min": 1.0, "max": 5.0}

@@ -294,7 +294,7 @@ class BatchStream:
                     )
                 bad[rows] = True
                 values = np.where(negative, 0, values)
-            sparse_values.append(_map_ids(values, feature, spec.num_embeddings[feature.name]))
+            sparse_values.append(map_ids(values, feature, spec.num_embeddings[feature.name]))
             sparse_offsets.append(offsets)
 
         dense = np.empty((num_rows, len(spec.dense)), dtype=np.float32)
@@ -417,7 +417,8 @@ def _floats(column, name: str, locator: _Locator) -> np.ndarray:
     return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32)
 
 
-def _map_ids(values: np.ndarray, feature: SparseFeature, num_embeddings: int) -> np.ndarray:
+def map_ids(values: np.ndarray, feature: SparseFeature, num_embeddings: int) -> np.ndarray:
+    """Raw ids → table rows, as training reads them (``vocab``: out of range → row 0; ``hash``)."""
     if feature.id_mapping == "hash":
         mixed = values.astype(np.uint64) * HASH_MULTIPLIER
         return ((mixed >> np.uint64(17)) % np.uint64(num_embeddings)).astype(np.int64)

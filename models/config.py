@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -18,14 +17,14 @@ class TaskConfig:
     """Parquet column holding the label (float). Defaults to the task name."""
     weight: float = 1.0
     """Fixed loss weight (``fixed`` balancing). ``model.alpha`` overrides it for two tasks."""
-    loss: Optional[str] = None
+    loss: str | None = None
     """``mse`` or ``huber`` for regression, ``bce`` for binary (default: mse / bce)."""
-    mask: Optional[str] = None
+    mask: str | None = None
     """Optional column: the task's loss and metrics only count rows where it is non-zero
     (e.g. CVR is defined on clicked rows only)."""
-    min_value: Optional[float] = None
+    min_value: float | None = None
     """Regression: lower bound of the label (also bounds the prediction when ``max_value`` is set)."""
-    max_value: Optional[float] = None
+    max_value: float | None = None
     """Regression: upper bound of the label; with ``min_value`` the head outputs
     ``min + (max - min) * sigmoid(x)``."""
 
@@ -46,7 +45,12 @@ class ModelConfig:
     """Architecture: ``shared_bottom``, ``mmoe``, ``ple`` or ``esmm``."""
     interaction: str = "none"
     """Feature interaction before the tower: ``none`` (concatenate), ``dot`` (DLRM pairwise dot
-    products) or ``dcn`` (DCNv2 cross layers)."""
+    products), ``concat_dot`` (the concatenation plus the embeddings' pairwise dot products: the
+    user·item matrix-factorisation term among them) or ``dcn`` (DCNv2 cross layers)."""
+    wide: bool = False
+    """Wide & Deep: each task's output unit also reads the interaction output linearly (with
+    ``concat_dot``: a weighted factorisation machine beside the tower; with ``none``: learned
+    user/item biases and a linear model of the dense features)."""
     bottom_dims: list[int] = field(default_factory=lambda: [128, 64])
     """Shared-bottom MLP widths (shared_bottom, esmm)."""
     num_experts: int = 4
@@ -63,13 +67,13 @@ class ModelConfig:
     """Per-task tower MLP widths before the output unit."""
     dcn_num_layers: int = 2
     """DCNv2: number of cross layers."""
-    dcn_low_rank: Optional[int] = None
+    dcn_low_rank: int | None = None
     """DCNv2: rank of the low-rank cross weight (``null`` = full rank)."""
     dropout: float = 0.0
     """Dropout in the dense tower."""
     loss_balancing: str = "fixed"
     """``fixed`` (task weights / alpha), ``uncertainty`` (Kendall et al.), ``gradnorm`` or ``pcgrad``."""
-    alpha: Optional[float] = None
+    alpha: float | None = None
     """Two-task shortcut of the original design: loss = alpha * L_task0 + (1 - alpha) * L_task1."""
     gradnorm_alpha: float = 1.5
     """GradNorm: restoring-force exponent."""

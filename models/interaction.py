@@ -24,6 +24,15 @@ class ConcatInteraction(nn.Module):
         return torch.cat([*embeddings, dense], dim=1)
 
 
+def common_dim_projections(embedding_dims: list[int]) -> tuple[int, nn.ModuleList]:
+    """(D, projections): D = the largest embedding dim; each narrower embedding gets a bias-free
+    linear map to D (a learned change of basis), equal-width ones the identity."""
+    dim = max(embedding_dims)
+    return dim, nn.ModuleList(
+        nn.Identity() if width == dim else nn.Linear(width, dim, bias=False) for width in embedding_dims
+    )
+
+
 class DotInteraction(nn.Module):
     """DLRM-style pairwise dot products (Naumov et al., 2019).
 
@@ -49,11 +58,7 @@ class DotInteraction(nn.Module):
                 "model.interaction=dot: needs at least two vectors (sparse features, plus one for the dense "
                 f"features), got {len(embedding_dims)} sparse and {num_dense} dense features"
             )
-        self.dim = max(embedding_dims)
-        self.projections = nn.ModuleList(
-            nn.Identity() if dim == self.dim else nn.Linear(dim, self.dim, bias=False)
-            for dim in embedding_dims
-        )
+        self.dim, self.projections = common_dim_projections(embedding_dims)
         self.dense_mlp = MLP(num_dense, [*cfg.dense_dims, self.dim], cfg.dropout) if num_dense else None
         rows, columns = torch.triu_indices(num_vectors, num_vectors, offset=1)
         self.register_buffer("_rows", rows, persistent=False)
@@ -67,6 +72,39 @@ class DotInteraction(nn.Module):
         stacked = torch.stack(vectors, dim=1)  # (B, N, D)
         dots = torch.bmm(stacked, stacked.transpose(1, 2))[:, self._rows, self._columns]  # (B, N(N-1)/2)
         return torch.cat([vectors[0], dots], dim=1) if self.dense_mlp is not None else dots
+
+
+class ConcatDotInteraction(nn.Module):
+    """The plain concatenation plus the pairwise dot products of the embeddings.
+
+    Shapes (D = common dim as in ``dot``, F embeddings):
+
+        embeddings F × (B, D_f) ── to D when D_f != D ──▶ e_1 … e_F (B, D)
+        Z = E Eᵀ (B, F, F), E = stack(e_1 … e_F)
+        output = cat(embeddings as they are, dense, Z[:, i, j] for i < j) (B, Σ D_f + num_dense + F(F-1)/2)
+
+    Unlike ``dot``, the tower keeps the raw embeddings and dense features, and the dense features
+    take part in no product. The dot product of the user and item id embeddings is the
+    matrix-factorisation term; with ``model.wide: true`` it also reaches the heads linearly
+    (a field-weighted factorisation machine beside the deep tower, as in DeepFM).
+    """
+
+    def __init__(self, embedding_dims: list[int], num_dense: int, cfg: ModelConfig):
+        super().__init__()
+        if len(embedding_dims) < 2:
+            raise ValueError(
+                f"model.interaction=concat_dot: needs at least two sparse features, got {len(embedding_dims)}"
+            )
+        self.dim, self.projections = common_dim_projections(embedding_dims)
+        rows, columns = torch.triu_indices(len(embedding_dims), len(embedding_dims), offset=1)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_columns", columns, persistent=False)
+        self.out_dim = sum(embedding_dims) + num_dense + len(rows)
+
+    def forward(self, embeddings: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack([p(e) for p, e in zip(self.projections, embeddings)], dim=1)  # (B, F, D)
+        dots = torch.bmm(stacked, stacked.transpose(1, 2))[:, self._rows, self._columns]  # (B, F(F-1)/2)
+        return torch.cat([*embeddings, dense, dots], dim=1)
 
 
 class CrossLayer(nn.Module):
@@ -112,6 +150,7 @@ class CrossInteraction(nn.Module):
 INTERACTIONS: dict[str, type[nn.Module]] = {
     "none": ConcatInteraction,
     "dot": DotInteraction,
+    "concat_dot": ConcatDotInteraction,
     "dcn": CrossInteraction,
 }
 

@@ -50,7 +50,9 @@ class MultiTaskModel(nn.Module):
         self.loss_names = [task.loss_name for task in tasks]
         dim_of_feature = {name: table.embedding_dim for table in tables for name in table.feature_names}
         self.embeddings = EmbeddingBagCollection(tables=tables, device=torch.device(embedding_device))
-        self.interaction = build_interaction(cfg, [dim_of_feature[name] for name in self.feature_names], num_dense)
+        self.interaction = build_interaction(
+            cfg, [dim_of_feature[name] for name in self.feature_names], num_dense
+        )
         self.tower = build_tower(cfg, self.interaction.out_dim, len(tasks), task_names=self.task_names)
         self.heads = TaskHeads(tasks, self.tower.out_dim, self.tower.probability_products)
         self.output_kinds = self.heads.output_kinds

@@ -245,15 +245,45 @@ class ESMM(nn.Module):
         return _last_weight(self.bottom, "model.bottom_dims")
 
 
+class WideAndDeep(nn.Module):
+    """Wide & Deep (Cheng et al., 2016) around any tower: each task representation is extended
+    with the tower's input, so each task's output unit is linear in the features as well as in
+    the deep representation.
+
+    (B, input_dim) → tower → T × (B, H) → T × cat((B, H), (B, input_dim)): out_dim = H + input_dim
+
+    The wide part adds no parameter of its own (the heads' units grow); shared parameters, GradNorm's
+    last shared layer and ESMM's probability products are the inner tower's.
+    """
+
+    def __init__(self, tower: nn.Module, input_dim: int):
+        super().__init__()
+        self.deep = tower
+        self.out_dim = tower.out_dim + input_dim
+        self.probability_products = tower.probability_products
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.cat([h, x], dim=1) for h in self.deep(x)]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return self.deep.shared_parameters()
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return self.deep.last_shared_parameters()
+
+
 TOWERS: dict[str, type[nn.Module]] = {"shared_bottom": SharedBottom, "mmoe": MMoE, "ple": PLE, "esmm": ESMM}
 
 
 def build_tower(
     cfg: ModelConfig, input_dim: int, num_tasks: int, task_names: Sequence[str] | None = None
 ) -> nn.Module:
-    """The tower ``model.tower``. ``task_names`` (in task order) is needed by ``esmm`` only."""
+    """The tower ``model.tower`` (inside ``WideAndDeep`` with ``model.wide``). ``task_names`` (in task
+    order) is needed by ``esmm`` only."""
     if cfg.tower not in TOWERS:
         raise ValueError(f"model.tower: unknown tower {cfg.tower!r}; choose one of {sorted(TOWERS)}")
     if cfg.tower == "esmm":
-        return ESMM(input_dim, num_tasks, cfg, task_names=task_names)
-    return TOWERS[cfg.tower](input_dim, num_tasks, cfg)
+        tower = ESMM(input_dim, num_tasks, cfg, task_names=task_names)
+    else:
+        tower = TOWERS[cfg.tower](input_dim, num_tasks, cfg)
+    return WideAndDeep(tower, input_dim) if cfg.wide else tower

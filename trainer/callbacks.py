@@ -62,4 +62,6 @@ class Throughput(L.Callback):
         self._samples += batch.batch_size * trainer.world_size
         elapsed = time.perf_counter() - self._start
         if elapsed > 0:
-            pl_module.log("samples_per_s", self._samples / elapsed, prog_bar=True, batch_size=batch.batch_size)
+            pl_module.log(
+                "samples_per_s", self._samples / elapsed, prog_bar=True, batch_size=batch.batch_size
+            )

@@ -10,8 +10,9 @@ A save writes into ``*.partial``; after every rank's DCP write has finished (DCP
 finish) rank 0 writes ``trainer_state.json``, renames the folder and only then moves ``latest``.
 A crash at any point leaves the previous checkpoint and pointer untouched.
 
-Only tensors go through DCP (loaded with ``weights_only``); everything else (loop progress,
-reader position, learning rates, config) is JSON, so loading never unpickles arbitrary objects.
+Only tensors go through DCP (loaded with ``weights_only``, and DCP's ``.metadata`` index through a
+restricted unpickler); everything else (loop progress, reader position, learning rates) is JSON,
+so loading never unpickles arbitrary objects.
 DCP reshards on load: a checkpoint written by N ranks loads into M ranks or another plan.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -53,7 +56,9 @@ def to_json_tree(value: Any) -> Any:
         return value
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"checkpoint metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
+    raise TypeError(
+        f"checkpoint metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}"
+    )
 
 
 def from_json_tree(value: Any) -> Any:
@@ -73,7 +78,9 @@ def _check_tensors_only(tree: Any, path: str = "") -> None:
         for k, v in tree.items():
             _check_tensors_only(v, f"{path}.{k}" if path else str(k))
     else:
-        assert isinstance(tree, torch.Tensor), f"non-tensor {type(tree).__name__} at {path} would be pickled by DCP"
+        assert isinstance(tree, torch.Tensor), (
+            f"non-tensor {type(tree).__name__} at {path} would be pickled by DCP"
+        )
 
 
 # ------------------------------------------------------------------------------------ save / load
@@ -167,10 +174,45 @@ def load_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / STATE_FILE}: cannot be read ({err})") from err
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` index allowing only the classes such an index is made of."""
+
+    ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}: refusing to unpickle it")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's reader, except that the metadata index is read with a restricted unpickler (the
+    tensors themselves are already loaded with ``weights_only=True``)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        rank = kwargs.get("rank")
+        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load_tensors(path: Path, tensors: dict[str, Any], process_group=None) -> None:
     """Loads in place into ``tensors`` (the live, possibly differently sharded, state)."""
     try:
-        dcp.load(tensors, checkpoint_id=str(path), process_group=process_group)
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         raise CheckpointError(f"{path}: cannot be loaded into this model ({_first_failure(err)})") from err
 

@@ -21,17 +21,30 @@ from trainer.config import ConfigError, dump_yaml, load_config
 
 # name -> (help, module with `add_arguments(parser)` (optional) and `run_<name>(cfg, args)`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("train (resuming from the run's latest checkpoint), then evaluate on the test split", "trainer.commands"),
+    "fit": (
+        "train (resuming from the run's latest checkpoint), then evaluate on the test split",
+        "trainer.commands",
+    ),
     "validate": ("evaluate a checkpoint on the validation split", "trainer.commands"),
     "test": ("evaluate a checkpoint on the test split", "trainer.commands"),
     "predict": ("write per-row predictions of a checkpoint to Parquet", "trainer.commands"),
     "prepare": ("build the Parquet data set (data.prepare, or --format/--source/--out)", "trainer.commands"),
     "plan": ("print the sharding plan and per-rank memory for a cluster, no GPU needed", "trainer.commands"),
-    "export": ("write an unsharded model.pt and a torch.export serving artifact from a checkpoint", "trainer.export"),
-    "recommend": ("top-K items per user from a checkpoint (Parquet/CSV), optionally with ranking metrics", "trainer.recommend"),
+    "export": (
+        "write an unsharded model.pt and a torch.export serving artifact from a checkpoint",
+        "trainer.export",
+    ),
+    "recommend": (
+        "top-K items per user from a checkpoint (Parquet/CSV), optionally with ranking metrics",
+        "trainer.recommend",
+    ),
     "rank-eval": ("ranking metrics @K (model vs popularity) on the test split", "trainer.ranking"),
     "report": ("learning-curve and test-metric PNGs plus report.md for a run folder", "trainer.report"),
 }
+
+
+def _python_name(command: str) -> str:
+    return command.replace("-", "_")
 
 
 def _overrides(extra: list[str]) -> list[str]:
@@ -62,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="YAML config (see configs/)")
         cmd.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
         module = importlib.import_module(module_name)
-        add = getattr(module, f"add_{name}_arguments", None)
+        add = getattr(module, f"add_{_python_name(name)}_arguments", None)
         if add is not None:
             add(cmd)
     return parser
@@ -73,17 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][1])
     try:
         overrides = _overrides(extra)
-        config_overrides = getattr(module, f"{args.command}_overrides", None)
+        config_overrides = getattr(module, f"{_python_name(args.command)}_overrides", None)
         if config_overrides is not None:
             overrides += config_overrides(args)
         cfg = load_config(args.config, overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        return getattr(module, f"run_{args.command}")(cfg, args)
+        return getattr(module, f"run_{_python_name(args.command)}")(cfg, args)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        # Raised by the trainer with a message for the user; anything else keeps its traceback.
+        if type(err).__name__ not in ("NonFiniteLossError", "CollectiveTimeout"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -48,20 +48,20 @@ class OptimizerConfig:
 class ShardingConfig:
     """How TorchRec's planner places the embedding tables."""
 
-    sharding_types: Optional[list[str]] = None
+    sharding_types: list[str] | None = None
     """Sharding types the planner may use for every table (``table_wise``, ``row_wise``,
     ``column_wise``, ``table_row_wise``, ``table_column_wise``, ``data_parallel``). ``null`` = every
     model-parallel type the device supports (on CPU: table_wise, column_wise, table_column_wise);
     ``data_parallel`` only when asked for, since its tables are trained by the dense optimizer."""
     table_constraints: dict[str, list[str]] = field(default_factory=dict)
     """Per-table sharding types, e.g. ``{t_user_id: [row_wise]}``; overrides ``sharding_types``."""
-    compute_kernel: Optional[str] = None
+    compute_kernel: str | None = None
     """Force one kernel: ``fused``, ``fused_uvm_caching`` (CUDA: tables larger than HBM, rows
     cached in HBM) or ``dense``. Default: ``fused`` on CPU; on CUDA the planner chooses between
     ``fused`` and ``fused_uvm_caching`` (the latter when a table does not fit the HBM budget)."""
-    hbm_gb: Optional[float] = None
+    hbm_gb: float | None = None
     """Memory budget per device in GB given to the planner (default: the device's; on CPU 64)."""
-    ddr_gb: Optional[float] = None
+    ddr_gb: float | None = None
     """Host memory per rank in GB for UVM caching (default: planner's)."""
     cache_load_factor: float = 0.2
     """UVM caching: fraction of each table kept in HBM."""
@@ -97,7 +97,7 @@ class TrainerConfig:
     """Stop after this many optimizer steps (-1: no limit)."""
     precision: str = "32-true"
     """Dense-tower precision: ``32-true``, ``bf16-mixed`` (autocast; CUDA or CPU with bf16)."""
-    gradient_clip_val: Optional[float] = None
+    gradient_clip_val: float | None = None
     """Clip the dense gradients' norm to this value."""
     embedding_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(type="rowwise_adagrad", lr=0.05)
@@ -109,11 +109,11 @@ class TrainerConfig:
     """Dense learning-rate schedule: ``constant``, ``cosine`` (to 0 over the run) or ``step``."""
     warmup_steps: int = 0
     """Linear warm-up steps of the dense learning rate."""
-    val_check_interval: Optional[int] = None
+    val_check_interval: int | None = None
     """Validate every N training steps (``null``: at the end of each epoch)."""
     log_every_n_steps: int = 50
     """How often training losses are logged."""
-    early_stopping_patience: Optional[int] = None
+    early_stopping_patience: int | None = None
     """Stop when ``early_stopping_metric`` has not improved for N validations."""
     early_stopping_metric: str = "val/loss"
     """Metric watched by early stopping and by best-checkpoint selection."""
@@ -125,7 +125,7 @@ class TrainerConfig:
     """Timeout of process-group collectives: a dead peer ends the job with an error after this."""
     deterministic: bool = False
     """Use deterministic algorithms (slower)."""
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     """torch intra-op threads per process (default: cores / processes on the node)."""
     progress_bar: bool = True
     """Show a progress bar with samples/s."""
@@ -150,10 +150,10 @@ class RecommendConfig:
     """Leave out items the user interacted with in the training split."""
     item_block_size: int = 65536
     """Candidates scored per block (bounds memory for million-item catalogues)."""
-    relevance_task: Optional[str] = None
+    relevance_task: str | None = None
     """Binary task whose positive test rows count as relevant in ranking evaluation (default: the
     first binary task)."""
-    seen_splits: Optional[list[str]] = None
+    seen_splits: list[str] | None = None
     """Splits whose (user, item) pairs count as already seen by ``exclude_seen`` (default: the
     training and validation splits, the interactions the model could have learnt from)."""
     popularity_exponent: float = 0.0
@@ -215,6 +215,11 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         _, value_type = typing.get_args(tp)
         return {str(k): _build(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -329,7 +334,14 @@ def dump_yaml(cfg: Config) -> str:
 
 
 # --------------------------------------------------------------------------------------------- validation
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+SHARDING_TYPES = (
+    "table_wise",
+    "row_wise",
+    "column_wise",
+    "table_row_wise",
+    "table_column_wise",
+    "data_parallel",
+)
 CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
 DEFAULT_CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
@@ -373,7 +385,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}.num_embeddings: required with id_mapping: hash")
         previous = dims_of_table.setdefault(feature.table_name, feature.embedding_dim)
         if previous != feature.embedding_dim:
-            raise ConfigError(f"{key}.embedding_dim: table {feature.table_name!r} is shared with another feature of dim {previous}")
+            raise ConfigError(
+                f"{key}.embedding_dim: table {feature.table_name!r} is shared with another feature of dim {previous}"
+            )
     if data.prepare is not None:
         prep = data.prepare
         _positive("data.prepare.num_shards", prep.num_shards)
@@ -456,4 +470,12 @@ def validate_for_device(cfg: Config, device_type: str) -> None:
             raise ConfigError("sharding.compute_kernel: fused_uvm_caching needs CUDA")
 
 
-__all__ = ["Config", "ConfigError", "DataConfig", "SparseFeature", "DenseFeature", "PrepareConfig", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "SparseFeature",
+    "DenseFeature",
+    "PrepareConfig",
+    "load_config",
+]

@@ -89,7 +89,9 @@ def task_metrics(
     return out
 
 
-def trivial_baseline(labels: torch.Tensor, label_mask: torch.Tensor, weights: torch.Tensor, task_types: list[str]):
+def trivial_baseline(
+    labels: torch.Tensor, label_mask: torch.Tensor, weights: torch.Tensor, task_types: list[str]
+):
     """Metrics of predicting each task's (weighted) mean label for every row: what a model must beat."""
     means = []
     for t in range(labels.shape[1]):

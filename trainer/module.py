@@ -86,9 +86,6 @@ class MultiTaskModule(L.LightningModule):
         return self.model(batch.sparse, batch.dense)
 
     # ------------------------------------------------------------------------------ training
-    def on_train_start(self) -> None:
-        self.preemption.install()  # after Lightning's own handlers, which would broadcast inside a handler
-
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         # Dropout randomness is a function of (seed, step, rank): identical after a resume.
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
@@ -109,11 +106,11 @@ class MultiTaskModule(L.LightningModule):
             if self.cfg.trainer.non_finite_loss == "stop":
                 raise NonFiniteLossError(message + " (trainer.non_finite_loss: stop)")
             self.skipped_batches += 1
-            print(f"[towerrec] skipping batch: {message} ({self.skipped_batches} skipped)", flush=True)
             if self.skipped_batches > self.cfg.trainer.max_skipped_batches:
                 raise NonFiniteLossError(
                     f"{message}: more than trainer.max_skipped_batches={self.cfg.trainer.max_skipped_batches} skipped"
                 )
+            print(f"[towerrec] skipping batch: {message} ({self.skipped_batches} skipped)", flush=True)
             return None
         balancer = self.inner.balancer
         loss = balancer(losses)
@@ -173,7 +170,9 @@ class MultiTaskModule(L.LightningModule):
         elif opt.type == "adagrad":
             optimizer = torch.optim.Adagrad(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
         else:
-            optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+            optimizer = torch.optim.SGD(
+                params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+            )
         schedule = self.cfg.trainer.lr_schedule
         warmup = self.cfg.trainer.warmup_steps
         if schedule == "constant" and warmup == 0:
@@ -197,7 +196,13 @@ class MultiTaskModule(L.LightningModule):
     def _collect(self, batch: Batch) -> None:
         preds = predictions(self(batch), self.inner.output_kinds)
         self._eval_rows.append(
-            (preds.detach().float().cpu(), batch.labels.cpu(), batch.label_mask.cpu(), batch.weights.cpu(), batch.row_id.cpu())
+            (
+                preds.detach().float().cpu(),
+                batch.labels.cpu(),
+                batch.label_mask.cpu(),
+                batch.weights.cpu(),
+                batch.row_id.cpu(),
+            )
         )
 
     def gathered_eval_rows(self) -> tuple[torch.Tensor, ...]:
@@ -223,8 +228,14 @@ class MultiTaskModule(L.LightningModule):
         metrics = task_metrics(preds, labels, mask, weights, self.task_names, self.task_types)
         self.last_metrics[stage] = metrics
         constant = trivial_baseline(labels, mask, weights, self.task_types)
-        self.last_baseline[stage] = task_metrics(constant, labels, mask, weights, self.task_names, self.task_types)
-        flat = {f"{stage}/{task}/{name}": value for task, values in metrics.items() for name, value in values.items()}
+        self.last_baseline[stage] = task_metrics(
+            constant, labels, mask, weights, self.task_names, self.task_types
+        )
+        flat = {
+            f"{stage}/{task}/{name}": value
+            for task, values in metrics.items()
+            for name, value in values.items()
+        }
         balance = self.inner.balancer.weights().detach().cpu()
         loss = 0.0
         for i, (task, values) in enumerate(metrics.items()):

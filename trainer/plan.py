@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from data.dataset import DatasetMeta, is_complete
 from models.multitask import MultiTaskModel
 from trainer.config import Config, ConfigError
@@ -26,7 +25,12 @@ def plan_command(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, dev
     meta = DatasetMeta.load(cfg.data.path) if is_complete(cfg.data.path) else None
     tables = embedding_tables(cfg, resolve_num_embeddings(cfg, meta))
     model = MultiTaskModel(
-        tables, [f.name for f in cfg.data.sparse], len(cfg.data.dense), cfg.tasks, cfg.model, embedding_device="meta"
+        tables,
+        [f.name for f in cfg.data.sparse],
+        len(cfg.data.dense),
+        cfg.tasks,
+        cfg.model,
+        embedding_device="meta",
     )
     apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
     world_size = nodes * gpus_per_node

@@ -286,14 +286,3 @@ def run_rank_eval(cfg: Config, args: argparse.Namespace) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(format_ranking(result) + f"\n[towerrec] written to {out}", flush=True)
     return 0
-
-
-# trainer.cli looks up ``add_<command>_arguments``/``<command>_overrides``/``run_<command>`` with the
-# command name verbatim, and this command's name has a dash.
-globals().update(
-    {
-        "add_rank-eval_arguments": add_rank_eval_arguments,
-        "rank-eval_overrides": rank_eval_overrides,
-        "run_rank-eval": run_rank_eval,
-    }
-)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from data.config import SparseFeature
 from data.dataset import DataError, DatasetMeta
-from data.reader import _map_ids
+from data.reader import map_ids
 from models.heads import predictions
 from models.multitask import MultiTaskModel
 from trainer.config import Config, ConfigError
@@ -142,7 +142,7 @@ def read_rows(cfg: Config, meta: DatasetMeta, split: str, num_embeddings: dict[s
             jagged = Jagged(raw, offsets - offsets[0])
         else:
             jagged = Jagged.single(_int_column(table, feature.source_column, where))
-        jagged.values = _map_ids(np.maximum(jagged.values, 0), feature, num_embeddings[feature.name])
+        jagged.values = map_ids(np.maximum(jagged.values, 0), feature, num_embeddings[feature.name])
         sparse[feature.name] = jagged
     dense = np.zeros((table.num_rows, len(cfg.data.dense)), dtype=np.float32)
     for j, feature in enumerate(cfg.data.dense):
@@ -232,7 +232,7 @@ def build_entities(
             for name in sparse_names:
                 feature = by_feature[name]
                 if name == id_feature.name:
-                    part = Jagged.single(_map_ids(np.maximum(extra, 0), feature, num_embeddings[name]))
+                    part = Jagged.single(map_ids(np.maximum(extra, 0), feature, num_embeddings[name]))
                 elif feature.multi_hot:
                     part = Jagged(np.zeros(0, dtype=np.int64), np.zeros(len(extra) + 1, dtype=np.int64))
                 else:

@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.environments import (
 )
 
 from data.dataset import DatasetMeta, is_complete
+from data.validate import validate_dataset
 from trainer import checkpoint as ckpt
 from trainer.callbacks import EXIT_PREEMPTED, StepCheckpoint, Throughput
 from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
@@ -32,12 +33,12 @@ from trainer.module import MultiTaskModule
 from trainer.sharding import resolve_num_embeddings
 from trainer.strategy import TorchRecStrategy
 
-
 # Evaluation metrics are computed on predictions gathered from all ranks, so they are already global;
 # Lightning cannot know that and suggests sync_dist. The srun hint fires whenever slurm is installed.
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 warnings.filterwarnings("ignore", message=r".*The `srun` command is available.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
 
 # ------------------------------------------------------------------------------------------ environment
 def launch_environment(cfg: Config) -> dict[str, Any]:
@@ -56,14 +57,21 @@ def launch_environment(cfg: Config) -> dict[str, Any]:
         environment = SLURMEnvironment(auto_requeue=False)  # our sbatch script requeues (exit 75)
         num_nodes = int(os.environ.get("SLURM_NNODES", "1"))
         devices = int(os.environ["SLURM_NTASKS"]) // num_nodes
+        os.environ.setdefault("SLURM_NTASKS_PER_NODE", str(devices))  # `srun -n 2` alone leaves it unset
     else:
         environment = LightningEnvironment()
-    return {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "environment": environment}
+    return {
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "environment": environment,
+    }
 
 
 def _set_threads(cfg: Config, processes_per_node: int) -> None:
-    threads = cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // processes_per_node)
-    torch.set_num_threads(threads)
+    """Config, else OMP_NUM_THREADS (torchrun sets it), else this process's CPU set / processes."""
+    threads = cfg.trainer.num_threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // processes_per_node))
 
 
 def ensure_dataset(cfg: Config) -> DatasetMeta:
@@ -74,13 +82,17 @@ def ensure_dataset(cfg: Config) -> DatasetMeta:
         if rank == 0:
             from data.prepare import prepare
 
-            print(f"[towerrec] preparing data set {path} ({cfg.data.prepare.format}) on first use", flush=True)
+            print(
+                f"[towerrec] preparing data set {path} ({cfg.data.prepare.format}) on first use", flush=True
+            )
             prepare(cfg.data.prepare, str(path))
         else:
             deadline = time.time() + 1800
             while not is_complete(path):
                 if time.time() > deadline:
-                    raise TimeoutError(f"{path}: rank 0 did not finish preparing the data set within 30 minutes")
+                    raise TimeoutError(
+                        f"{path}: rank 0 did not finish preparing the data set within 30 minutes"
+                    )
                 time.sleep(1)
     return DatasetMeta.load(path)
 
@@ -108,7 +120,9 @@ def check_data_against_config(cfg: Config, meta: DatasetMeta) -> None:
             raise ConfigError(f"tasks[{i}].mask: {where} has no column {task.mask!r}")
     for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
         if split is not None and split not in meta.splits:
-            raise ConfigError(f"data: split {split!r} is not in {where} (have: {', '.join(sorted(meta.splits))})")
+            raise ConfigError(
+                f"data: split {split!r} is not in {where} (have: {', '.join(sorted(meta.splits))})"
+            )
 
 
 def versions() -> dict[str, str]:
@@ -118,7 +132,11 @@ def versions() -> dict[str, str]:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
@@ -180,8 +198,19 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
         torch.use_deterministic_algorithms(True)
     meta = ensure_dataset(cfg)
     check_data_against_config(cfg, meta)
+    world_size = env["devices"] * env["num_nodes"]
+    splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split, predict_split) if s]
+    for split in dict.fromkeys(splits):
+        if meta.num_rows(split) < world_size:
+            raise ConfigError(
+                f"trainer.devices x trainer.num_nodes: {world_size} ranks but split {split!r} of "
+                f"{meta.root} has only {meta.num_rows(split)} rows (every rank needs at least one)"
+            )
     num_embeddings = resolve_num_embeddings(cfg, meta)
-    datamodule = ParquetDataModule(cfg, meta, read_spec(cfg, num_embeddings), predict_split=predict_split)
+    spec = read_spec(cfg, num_embeddings)
+    if cfg.data.validate_on_start:
+        validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
+    datamodule = ParquetDataModule(cfg, meta, spec, predict_split=predict_split)
     module = MultiTaskModule(cfg, num_embeddings)
     run_dir = Path(cfg.run_dir)
     checkpointing = StepCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps)
@@ -189,7 +218,9 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
     if cfg.trainer.early_stopping_patience:
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping(
-                monitor=cfg.trainer.early_stopping_metric, patience=cfg.trainer.early_stopping_patience, mode="min"
+                monitor=cfg.trainer.early_stopping_metric,
+                patience=cfg.trainer.early_stopping_patience,
+                mode="min",
             )
         )
     trainer = L.Trainer(
@@ -217,6 +248,12 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
         limit_val_batches=None if cfg.data.val_split else 0,
         deterministic=cfg.trainer.deterministic or None,
     )
+    # Lightning's SIGTERM handler broadcasts inside the handler (it can deadlock a rank that is in
+    # another collective) and its teardown restores default handlers; ours only sets a flag that
+    # all ranks agree on at the next step (MultiTaskModule.training_step).
+    trainer._signal_connector.register_signal_handlers = lambda: None
+    trainer._signal_connector.teardown = lambda: None
+    module.preemption.install()
     return trainer, module, datamodule, checkpointing
 
 
@@ -237,6 +274,10 @@ def format_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+class CollectiveTimeout(RuntimeError):
+    """A peer rank stopped answering collectives within ``trainer.collective_timeout_s``."""
+
+
 # ------------------------------------------------------------------------------------------ commands
 def fit(cfg: Config) -> int:
     """Trains (resuming from the latest checkpoint when there is one), then evaluates on the test
@@ -246,11 +287,21 @@ def fit(cfg: Config) -> int:
     if resume is not None and trainer.is_global_zero:
         print(f"[towerrec] resuming from {resume}", flush=True)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    except RuntimeError as err:
+        if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
+            raise
+        raise CollectiveTimeout(
+            f"rank {trainer.global_rank}: a collective did not complete within trainer.collective_timeout_s="
+            f"{cfg.trainer.collective_timeout_s}s, so a peer rank is dead or hung; the job stops here and "
+            f"resumes from the latest checkpoint when restarted ({str(err).splitlines()[0]})"
+        ) from err
     train_seconds = time.perf_counter() - started
     if checkpointing.preempted:
         if trainer.is_global_zero:
-            print(f"[towerrec] preempted ({module.preemption.signal_name}): checkpoint saved, exiting {EXIT_PREEMPTED}")
+            heard = module.preemption.signal_name or "signal received by another rank"
+            print(f"[towerrec] preempted ({heard}): checkpoint saved, exiting {EXIT_PREEMPTED}", flush=True)
         _finish()
         return EXIT_PREEMPTED
     result = _evaluate_loaded(cfg, trainer, module, datamodule, "test")
@@ -286,7 +337,10 @@ def _write_result(cfg: Config, trainer: L.Trainer, result: dict) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     print("[towerrec] per-task metrics:\n" + format_metrics(result["metrics"]), flush=True)
     if "baseline" in result:
-        print("[towerrec] trivial predictor (each task's mean label):\n" + format_metrics(result["baseline"]), flush=True)
+        print(
+            "[towerrec] trivial predictor (each task's mean label):\n" + format_metrics(result["baseline"]),
+            flush=True,
+        )
     print(f"[towerrec] run folder: {run_dir}", flush=True)
 
 
@@ -330,6 +384,9 @@ def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str 
         columns[name] = pa.array(np.ascontiguousarray(preds[keep, t]))
     pq.write_table(pa.table(columns), out_dir / f"part-rank{trainer.global_rank:05d}.parquet")
     if trainer.is_global_zero:
-        print(f"[towerrec] predictions of {path} for split {split or cfg.data.test_split} in {out_dir}", flush=True)
+        print(
+            f"[towerrec] predictions of {path} for split {split or cfg.data.test_split} in {out_dir}",
+            flush=True,
+        )
     _finish()
     return 0

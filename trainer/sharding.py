@@ -81,7 +81,9 @@ def apply_embedding_optimizer(model: nn.Module, opt: OptimizerConfig) -> None:
     apply_optimizer_in_backward(optimizer_class, table_params, kwargs)
 
 
-def planner_constraints(cfg: Config, tables: list[EmbeddingBagConfig], device_type: str) -> dict[str, ParameterConstraints]:
+def planner_constraints(
+    cfg: Config, tables: list[EmbeddingBagConfig], device_type: str
+) -> dict[str, ParameterConstraints]:
     default_types = cfg.sharding.sharding_types
     if default_types is None:  # data_parallel only on request: its tables leave the fused optimizer
         default_types = [t for t in SHARDING_TYPES if t != "data_parallel"]
@@ -98,7 +100,9 @@ def planner_constraints(cfg: Config, tables: list[EmbeddingBagConfig], device_ty
     table_names = {t.name for t in tables}
     for name in cfg.sharding.table_constraints:
         if name not in table_names:
-            raise ConfigError(f"sharding.table_constraints.{name}: no such table (tables: {', '.join(sorted(table_names))})")
+            raise ConfigError(
+                f"sharding.table_constraints.{name}: no such table (tables: {', '.join(sorted(table_names))})"
+            )
     for table in tables:
         types = cfg.sharding.table_constraints.get(table.name, default_types)
         # data_parallel tables only have the dense kernel: leave the kernel to the planner then.
@@ -121,7 +125,9 @@ class ClusterSpec:
     ddr_gb_per_rank: float | None = None
 
 
-def make_planner(cfg: Config, tables: list[EmbeddingBagConfig], cluster: ClusterSpec) -> EmbeddingShardingPlanner:
+def make_planner(
+    cfg: Config, tables: list[EmbeddingBagConfig], cluster: ClusterSpec
+) -> EmbeddingShardingPlanner:
     memory = cluster.memory_gb_per_device or cfg.sharding.hbm_gb
     hbm_cap = ddr_cap = None
     if cluster.device_type == "cuda":
@@ -155,7 +161,9 @@ class PlanDoesNotFit(ValueError):
     """The tables cannot be placed within the given memory budget."""
 
 
-def plan_for_cluster(cfg: Config, model: nn.Module, tables, cluster: ClusterSpec, process_group=None) -> ShardingPlan:
+def plan_for_cluster(
+    cfg: Config, model: nn.Module, tables, cluster: ClusterSpec, process_group=None
+) -> ShardingPlan:
     """Runs TorchRec's planner; with a process group all ranks agree on one plan (collective)."""
     planner = make_planner(cfg, tables, cluster)
     try:
@@ -188,7 +196,9 @@ def shard_model(
     return dmp, plan
 
 
-def describe_plan(plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_size: int, cfg: Config) -> tuple[str, dict]:
+def describe_plan(
+    plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_size: int, cfg: Config
+) -> tuple[str, dict]:
     """Human-readable table of the plan and an estimate of each rank's embedding memory.
 
     Memory per rank = weights (rows × dim × bytes) + optimizer state of its shards (row-wise
@@ -211,15 +221,28 @@ def describe_plan(plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_si
             else:  # data_parallel: a full replica on every rank
                 shards = [(r, table.num_embeddings, table.embedding_dim) for r in range(world_size)]
             for rank, rows, cols in shards:
-                state = {"rowwise_adagrad": rows * 4, "adagrad": rows * cols * 4, "adam": 2 * rows * cols * 4}.get(opt, 0)
+                state = {
+                    "rowwise_adagrad": rows * 4,
+                    "adagrad": rows * cols * 4,
+                    "adam": 2 * rows * cols * 4,
+                }.get(opt, 0)
                 per_rank[rank] += rows * cols * bytes_per + state
             ranks = sorted({s[0] for s in shards})
             rows_out.append(
-                (table_name, table.num_embeddings, table.embedding_dim, sharding.sharding_type, sharding.compute_kernel, ranks)
+                (
+                    table_name,
+                    table.num_embeddings,
+                    table.embedding_dim,
+                    sharding.sharding_type,
+                    sharding.compute_kernel,
+                    ranks,
+                )
             )
     lines = [f"{'table':<24} {'rows':>14} {'dim':>5}  {'sharding':<18} {'kernel':<18} ranks"]
     for name, rows, dim, kind, kernel, ranks in sorted(rows_out):
-        shown = ",".join(map(str, ranks)) if len(ranks) <= 16 else f"{len(ranks)} ranks ({ranks[0]}..{ranks[-1]})"
+        shown = (
+            ",".join(map(str, ranks)) if len(ranks) <= 16 else f"{len(ranks)} ranks ({ranks[0]}..{ranks[-1]})"
+        )
         lines.append(f"{name:<24} {rows:>14,} {dim:>5}  {kind:<18} {kernel:<18} {shown}")
     gb = [b / GB for b in per_rank]
     lines.append(
@@ -245,5 +268,3 @@ def _human(num_bytes: float) -> str:
 
 def total_parameters(tables: list[EmbeddingBagConfig]) -> int:
     return sum(t.num_embeddings * t.embedding_dim for t in tables)
-
-

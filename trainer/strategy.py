@@ -92,7 +92,9 @@ class TorchRecStrategy(DDPStrategy):
                 for group in optimizer.param_groups:
                     for param in group["params"]:
                         for key, value in optimizer.state.get(param, {}).items():
-                            state[f"{names[param]}/{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                            state[f"{names[param]}/{key}"] = (
+                                value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                            )
                 tensors[f"dense_optimizer_{i}"] = state
         return tensors
 
@@ -109,7 +111,8 @@ class TorchRecStrategy(DDPStrategy):
         tensors = self.checkpoint_tensors(with_optimizers=fitting)
         state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         state["dense_param_groups"] = [
-            [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups] for opt in self.optimizers
+            [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+            for opt in self.optimizers
         ]
         state["world_size"] = self.world_size
         ckpt.save(
@@ -161,8 +164,6 @@ class TorchRecStrategy(DDPStrategy):
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
-
-
             shutil.rmtree(filepath, ignore_errors=True)
 
     def teardown(self) -> None:

@@ -42,7 +42,16 @@ def test_every_sample_exactly_once_per_epoch_across_ranks(dataset, world_size):
     for epoch in range(2):
         seen, batch_counts = [], []
         for rank in range(world_size):
-            stream = BatchStream(dataset, "train", spec, batch_size=256, rank=rank, world_size=world_size, seed=3, window_rows=3000)
+            stream = BatchStream(
+                dataset,
+                "train",
+                spec,
+                batch_size=256,
+                rank=rank,
+                world_size=world_size,
+                seed=3,
+                window_rows=3000,
+            )
             stream.epoch = epoch
             batches = list(stream)
             batch_counts.append(len(batches))
@@ -69,9 +78,14 @@ def test_order_is_deterministic_by_seed_and_changes_per_epoch(dataset):
 def test_resume_continues_at_the_exact_sample(dataset, world_size, consumed):
     spec = spec_for(dataset)
     for rank in range(world_size):
-        full = [row_ids(b) for b in BatchStream(dataset, "train", spec, 256, rank, world_size, seed=5, window_rows=2048)]
+        full = [
+            row_ids(b)
+            for b in BatchStream(dataset, "train", spec, 256, rank, world_size, seed=5, window_rows=2048)
+        ]
         resumed = BatchStream(dataset, "train", spec, 256, rank, world_size, seed=5, window_rows=2048)
-        resumed.load_state_dict({"epoch": 0, "consumed": consumed, "world_size": world_size, "batch_size": 256, "seed": 5})
+        resumed.load_state_dict(
+            {"epoch": 0, "consumed": consumed, "world_size": world_size, "batch_size": 256, "seed": 5}
+        )
         rest = [row_ids(b) for b in resumed]
         assert len(rest) == len(full) - consumed
         for a, b in zip(full[consumed:], rest):
@@ -99,7 +113,11 @@ def test_batch_layout_matches_the_source_rows(dataset):
     np.testing.assert_array_equal(per_key["genres"].lengths().numpy(), genres.value_lengths().to_numpy())
     np.testing.assert_array_equal(per_key["genres"].values().numpy(), genres.flatten().to_numpy())
     np.testing.assert_allclose(batch.labels[:, 0].numpy(), table.column("rating").to_numpy())
-    assert batch.dense.shape == (100, 2) and batch.labels.shape == (100, 2) and batch.label_mask.shape == (100, 2)
+    assert (
+        batch.dense.shape == (100, 2)
+        and batch.labels.shape == (100, 2)
+        and batch.label_mask.shape == (100, 2)
+    )
     moved = batch.to(torch.device("cpu"))
     assert moved.position == batch.position == 0
 
@@ -119,9 +137,17 @@ def test_padding_rows_carry_no_weight(dataset):
 
 def test_unseen_and_out_of_range_ids_map_to_the_oov_row(tmp_path):
     writer = DatasetWriter(tmp_path / "d", num_shards=1, row_group_size=10)
-    writer.write("train", pa.table({"u": pa.array([1, 5, 999], pa.int64()), "y": pa.array([0.0, 1.0, 1.0], pa.float32())}))
+    writer.write(
+        "train",
+        pa.table({"u": pa.array([1, 5, 999], pa.int64()), "y": pa.array([0.0, 1.0, 1.0], pa.float32())}),
+    )
     meta = writer.commit({"u": {"kind": "sparse", "num_embeddings": 10}, "y": {"kind": "label"}})
-    spec = ReadSpec(sparse=(SparseFeature("u"),), dense=(), labels=(LabelSpec("y", binary=True),), num_embeddings={"u": 10})
+    spec = ReadSpec(
+        sparse=(SparseFeature("u"),),
+        dense=(),
+        labels=(LabelSpec("y", binary=True),),
+        num_embeddings={"u": 10},
+    )
     batch = next(iter(BatchStream(meta, "train", spec, 3, shuffle=False)))
     assert batch.sparse.values().tolist() == [1, 5, 0]
     hashed = ReadSpec(
@@ -146,8 +172,15 @@ def test_reader_errors_name_file_row_group_row_and_column(tmp_path):
         {"u": pa.array([1, 2, 3, 4, 5, 6], pa.int64()), "y": pa.array([0, 1, 0, 1, 2, 0], pa.float32())},
         {"u": {"kind": "sparse", "num_embeddings": 10}, "y": {"kind": "label"}},
     )
-    spec = ReadSpec(sparse=(SparseFeature("u"),), dense=(), labels=(LabelSpec("y", binary=True),), num_embeddings={"u": 10})
-    with pytest.raises(DataError, match=r"part-00000\.parquet: row group 1, row 0: label column 'y' has value 2\.0"):
+    spec = ReadSpec(
+        sparse=(SparseFeature("u"),),
+        dense=(),
+        labels=(LabelSpec("y", binary=True),),
+        num_embeddings={"u": 10},
+    )
+    with pytest.raises(
+        DataError, match=r"part-00000\.parquet: row group 1, row 0: label column 'y' has value 2\.0"
+    ):
         list(BatchStream(meta, "train", spec, 2, shuffle=False))
     skipping = ReadSpec(**{**spec.__dict__, "skip_bad_rows": True})
     stream = BatchStream(meta, "train", skipping, 2, shuffle=False)
@@ -171,13 +204,24 @@ def test_negative_ids_and_nan_dense_values_are_errors(tmp_path):
         list(BatchStream(meta, "train", ids_only, 3, shuffle=False))
     meta_ok_ids = bad_dataset(
         tmp_path / "b",
-        {"u": pa.array([1, 2, 3], pa.int64()), "x": pa.array([0.5, 1.0, float("nan")], pa.float32()), "y": pa.array([0, 1, 0], pa.float32())},
+        {
+            "u": pa.array([1, 2, 3], pa.int64()),
+            "x": pa.array([0.5, 1.0, float("nan")], pa.float32()),
+            "y": pa.array([0, 1, 0], pa.float32()),
+        },
         {"u": {"kind": "sparse", "num_embeddings": 10}, "x": {"kind": "dense"}, "y": {"kind": "label"}},
     )
-    with_dense = ReadSpec(sparse=(SparseFeature("u"),), dense=(DenseFeature("x"),), labels=labels, num_embeddings={"u": 10})
+    with_dense = ReadSpec(
+        sparse=(SparseFeature("u"),), dense=(DenseFeature("x"),), labels=labels, num_embeddings={"u": 10}
+    )
     with pytest.raises(DataError, match=r"row 2: column 'x' has non-finite value nan"):
         list(BatchStream(meta_ok_ids, "train", with_dense, 3, shuffle=False))
-    filled = ReadSpec(sparse=(SparseFeature("u"),), dense=(DenseFeature("x", fill_nan=-1.0),), labels=labels, num_embeddings={"u": 10})
+    filled = ReadSpec(
+        sparse=(SparseFeature("u"),),
+        dense=(DenseFeature("x", fill_nan=-1.0),),
+        labels=labels,
+        num_embeddings={"u": 10},
+    )
     batch = next(iter(BatchStream(meta_ok_ids, "train", filled, 3, shuffle=False)))
     assert batch.dense[:, 0].tolist() == [0.5, 1.0, -1.0]
 
@@ -205,6 +249,11 @@ def test_more_ranks_than_rows_is_a_clear_error(tmp_path):
         {"u": pa.array([1, 2], pa.int64()), "y": pa.array([0, 1], pa.float32())},
         {"u": {"kind": "sparse", "num_embeddings": 10}, "y": {"kind": "label"}},
     )
-    spec = ReadSpec(sparse=(SparseFeature("u"),), dense=(), labels=(LabelSpec("y", binary=True),), num_embeddings={"u": 10})
+    spec = ReadSpec(
+        sparse=(SparseFeature("u"),),
+        dense=(),
+        labels=(LabelSpec("y", binary=True),),
+        num_embeddings={"u": 10},
+    )
     with pytest.raises(DataError, match="has 2 rows, fewer than the 3 ranks"):
         BatchStream(meta, "train", spec, 2, rank=0, world_size=3)

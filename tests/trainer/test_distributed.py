@@ -42,7 +42,15 @@ def test_two_ranks_place_tables_apart_and_resume_exactly(synthetic_data, tmp_pat
 def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):
     two = tmp_path / "two"
     run_cli(fit_args(synthetic_data, two, "--trainer.max_epochs", "1"), nproc=2)
-    evaluate = ["test", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), "--trainer.progress_bar", "false"]
+    evaluate = [
+        "test",
+        "--config",
+        "configs/default.yaml",
+        "--data.path",
+        str(synthetic_data),
+        "--trainer.progress_bar",
+        "false",
+    ]
 
     # 2 -> 1: a single process loads the 2-rank checkpoint and gets the same test metrics.
     run_cli([*evaluate, "--run_dir", str(tmp_path / "eval1"), "--checkpoint", str(two)])

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 
 def test_default_config_trains_a_few_hundred_steps_and_beats_the_trivial_predictor(synthetic_data, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli(fit_args(synthetic_data, run_dir, "--data.batch_size", "128", "--trainer.max_epochs", "2"))
+    result = run_cli(
+        fit_args(synthetic_data, run_dir, "--data.batch_size", "128", "--trainer.max_epochs", "2")
+    )
     assert "[towerrec] per-task metrics:" in result.stdout
     out = json.loads((run_dir / "metrics.json").read_text())
     assert out["global_step"] >= 300
@@ -22,7 +24,14 @@ def test_default_config_trains_a_few_hundred_steps_and_beats_the_trivial_predict
     assert test["rating"]["mae"] < baseline["rating"]["mae"]
     assert test["ctr"]["auc"] > 0.65
     assert test["ctr"]["logloss"] < baseline["ctr"]["logloss"]
-    for name in ("config.yaml", "versions.json", "plan.txt", "plan.json", "logs/metrics.csv", "checkpoints/latest"):
+    for name in (
+        "config.yaml",
+        "versions.json",
+        "plan.txt",
+        "plan.json",
+        "logs/metrics.csv",
+        "checkpoints/latest",
+    ):
         assert (run_dir / name).exists(), name
     assert all(f"t_{f}" in (run_dir / "plan.txt").read_text() for f in ("user_id", "item_id", "genres"))
 

@@ -20,7 +20,9 @@ def test_auc_matches_sklearn_with_ties_and_weights(seed):
     weights = rng.random(5000)
     got = auc(torch.tensor(scores), torch.tensor(labels), torch.tensor(weights))
     assert got == pytest.approx(roc_auc_score(labels, scores, sample_weight=weights), abs=1e-10)
-    assert auc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(roc_auc_score(labels, scores), abs=1e-10)
+    assert auc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(
+        roc_auc_score(labels, scores), abs=1e-10
+    )
 
 
 def test_auc_of_one_class_is_nan():
@@ -34,7 +36,9 @@ def test_binary_and_regression_metrics_match_sklearn():
     metrics = binary_metrics(torch.tensor(probs), torch.tensor(labels), torch.ones(1000))
     assert metrics["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-9)
     base = labels.mean()
-    assert metrics["ne"] == pytest.approx(log_loss(labels, probs) / log_loss(labels, np.full(1000, base)), rel=1e-9)
+    assert metrics["ne"] == pytest.approx(
+        log_loss(labels, probs) / log_loss(labels, np.full(1000, base)), rel=1e-9
+    )
     assert metrics["calibration"] == pytest.approx(probs.mean() / base, rel=1e-9)
     target = rng.normal(3, 1, 1000)
     pred = target + rng.normal(0, 0.5, 1000)

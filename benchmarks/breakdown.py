@@ -1,0 +1,157 @@
+"""Where a training step goes, and the bare TorchRec loop that the Lightning trainer is compared to.
+
+Both build the model exactly as the trainer does (``MultiTaskModule.build_model()`` →
+``trainer.sharding.shard_model`` in a 1-process gloo group) and run on batches pre-materialised in
+memory, so neither pays for reading data.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+
+def init_single_process_group() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def build_dmp(cfg, num_embeddings: dict[str, int]):
+    """(module, dmp, dense optimizer): the model exactly as the trainer builds it, 1 rank."""
+    import torch.distributed as dist
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from trainer.module import MultiTaskModule
+    from trainer.sharding import ClusterSpec, shard_model
+
+    init_single_process_group()
+    module = MultiTaskModule(cfg, num_embeddings)
+    cluster = ClusterSpec(world_size=1, device_type="cpu", local_world_size=1)
+    dmp, _ = shard_model(
+        module.build_model(), cfg, module.tables, cluster, dist.group.WORLD, torch.device("cpu")
+    )
+    params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+    opt = cfg.trainer.dense_optimizer
+    optimizer = torch.optim.Adam(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
+    return module, dmp, optimizer
+
+
+def materialize(cfg, num_embeddings: dict[str, int], num_batches: int) -> list:
+    """The first ``num_batches`` training batches (cycling over epochs when the split is shorter)."""
+    from data.dataset import DatasetMeta
+    from data.reader import BatchStream
+    from trainer.datamodule import read_spec
+
+    meta = DatasetMeta.load(cfg.data.path)
+    stream = BatchStream(
+        meta, cfg.data.train_split, read_spec(cfg, num_embeddings), cfg.data.batch_size, seed=cfg.seed
+    )
+    batches: list = []
+    while len(batches) < num_batches:
+        batches.extend(b for b in stream if b.batch_size == cfg.data.batch_size)
+    return batches[:num_batches]
+
+
+def bare_step(dmp, optimizer, batch) -> torch.Tensor:
+    """One training step without Lightning: forward, per-task losses, balance, backward, dense step."""
+    inner = dmp.module
+    outputs = dmp(batch.sparse, batch.dense)
+    loss = inner.balancer(inner.losses(outputs, batch.labels, batch.label_mask, batch.weights))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # embedding rows are updated here by the fused optimizer
+    optimizer.step()
+    return loss
+
+
+def time_bare_loop(dmp, optimizer, batches: list, warmup: int = 3) -> float:
+    """Samples/s of ``bare_step`` over ``batches`` (after ``warmup`` steps)."""
+    for batch in batches[:warmup]:
+        bare_step(dmp, optimizer, batch)
+    started = time.perf_counter()
+    rows = 0
+    for batch in batches[warmup:]:
+        bare_step(dmp, optimizer, batch)
+        rows += batch.batch_size
+    return rows / (time.perf_counter() - started)
+
+
+def profile(cfg, num_steps: int = 20) -> dict:
+    """Milliseconds per step of each part, measured one part at a time on the same batches:
+
+    data          BatchStream → Batch (window read, decode, shuffle, KJT construction)
+    embedding     sharded EBC forward (input dist, lookup, output dist) + backward with the fused update
+    dense         interaction + tower + heads + losses, forward + backward (embeddings as inputs)
+    dense_opt     Adam step + zero_grad over the dense parameters
+    bare_step     the whole step without Lightning (``bare_step``)
+    """
+    from data.dataset import DatasetMeta
+    from trainer.sharding import resolve_num_embeddings
+
+    torch.set_num_threads(cfg.trainer.num_threads or 2)
+    num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
+    batches = materialize(cfg, num_embeddings, num_steps + 3)
+    module, dmp, optimizer = build_dmp(cfg, num_embeddings)
+    inner = dmp.module
+    result: dict[str, float] = {"batch_size": cfg.data.batch_size}
+
+    # data: a fresh stream per pass, timed to the same number of full batches
+    from data.reader import BatchStream
+    from trainer.datamodule import read_spec
+
+    meta, spec = DatasetMeta.load(cfg.data.path), read_spec(cfg, num_embeddings)
+    started, count = time.perf_counter(), 0
+    while count < num_steps:
+        for _ in BatchStream(meta, cfg.data.train_split, spec, cfg.data.batch_size, seed=cfg.seed):
+            count += 1
+            if count == num_steps:
+                break
+    result["data_ms"] = (time.perf_counter() - started) / num_steps * 1e3
+
+    def timed(fn) -> float:
+        for batch in batches[:3]:
+            fn(batch)
+        started = time.perf_counter()
+        for batch in batches[3:]:
+            fn(batch)
+        return (time.perf_counter() - started) / (len(batches) - 3) * 1e3
+
+    def embedding_fwd(batch):
+        return inner.embeddings(batch.sparse).to_dict()
+
+    def embedding_fwd_bwd(batch):
+        pooled = embedding_fwd(batch)
+        torch.autograd.backward(
+            [pooled[name] for name in inner.feature_names],
+            [torch.ones_like(pooled[name]) * 1e-6 for name in inner.feature_names],
+        )
+
+    cached = [{k: v.detach() for k, v in embedding_fwd(b).items()} for b in batches]
+    by_id = {id(b): c for b, c in zip(batches, cached)}
+
+    def dense_fwd_bwd(batch):
+        pooled = {k: v.requires_grad_(True) for k, v in by_id[id(batch)].items()}
+        features = inner.interaction([pooled[name] for name in inner.feature_names], batch.dense)
+        outputs = inner.heads(inner.tower(features))
+        loss = inner.balancer(inner.losses(outputs, batch.labels, batch.label_mask, batch.weights))
+        loss.backward()
+
+    def dense_opt(batch):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        optimizer.step()
+
+    result["embedding_fwd_ms"] = timed(embedding_fwd)
+    result["embedding_fwd_bwd_ms"] = timed(embedding_fwd_bwd)
+    result["dense_fwd_bwd_ms"] = timed(dense_fwd_bwd)
+    result["dense_opt_ms"] = timed(dense_opt)
+    result["bare_step_ms"] = timed(lambda b: bare_step(dmp, optimizer, b))
+    result["num_lookups_per_step"] = int(batches[0].sparse.values().numel())
+    return result

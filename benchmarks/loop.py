@@ -1,0 +1,110 @@
+"""Lightning overhead: our trainer vs a bare TorchRec loop on the same pre-materialised batches.
+
+    python -m benchmarks.loop --data DIR --tower mmoe --batch-size 4096 --steps 40 --mode lightning|bare
+
+Both build the same DMP (``MultiTaskModule.build_model()`` + ``shard_model``, 1-process gloo group)
+with the same optimizers, and time step-start to step-start intervals after the first 3 steps.
+``lightning`` runs ``trainer.run.build`` with the training stream replaced by an in-memory list
+(``ListStream``); ``bare`` runs ``benchmarks.breakdown.bare_step`` in a for loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+WARMUP_STEPS = 3
+
+
+class ListStream:
+    """Stands in for ``BatchStream``: yields pre-built batches (positions set), same interface."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+        for position, batch in enumerate(batches):
+            batch.position = position
+        self.consumed = 0
+        self.skipped_bad_rows = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def mark_consumed(self, batch) -> None:
+        self.consumed = batch.position + 1
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = state["consumed"]
+
+
+def rate(starts: list[float], rows: list[int]) -> float:
+    starts, rows = starts[WARMUP_STEPS:], rows[WARMUP_STEPS:]
+    return sum(rows[:-1]) / (starts[-1] - starts[0])
+
+
+def run_lightning(cfg, batches: list) -> float:
+    from benchmarks.ours import step_timer
+    from trainer.run import _finish, build
+
+    timer = step_timer()
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[timer])
+    stream = ListStream(batches)
+    datamodule.train_stream = stream
+    datamodule.train_dataloader = lambda: stream
+    trainer.fit(module, datamodule=datamodule)
+    _finish()
+    return rate(timer.starts[0], timer.rows[0])
+
+
+def run_bare(cfg, batches: list, num_embeddings) -> float:
+    import torch
+
+    from benchmarks.breakdown import bare_step, build_dmp
+
+    torch.set_num_threads(cfg.trainer.num_threads)
+    torch.manual_seed(cfg.seed)
+    _, dmp, optimizer = build_dmp(cfg, num_embeddings)
+    starts, rows = [], []
+    for batch in batches:
+        starts.append(time.perf_counter())
+        rows.append(batch.batch_size)
+        bare_step(dmp, optimizer, batch)
+    starts.append(time.perf_counter())
+    rows.append(0)
+    return rate(starts, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--tower", default="mmoe")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--mode", choices=("lightning", "bare"), required=True)
+    args = parser.parse_args(argv)
+    from benchmarks.breakdown import materialize
+    from benchmarks.ours import config_tree, load
+    from data.dataset import DatasetMeta
+    from trainer.sharding import resolve_num_embeddings
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load(config_tree(args.data, args.tower, args.batch_size, 1, run_dir))
+        num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
+        batches = materialize(cfg, num_embeddings, args.steps)
+        if args.mode == "lightning":
+            samples_per_s = run_lightning(cfg, batches)
+        else:
+            samples_per_s = run_bare(cfg, batches, num_embeddings)
+    print(json.dumps({"samples_per_s": samples_per_s}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
