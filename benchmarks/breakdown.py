@@ -155,3 +155,46 @@ def profile(cfg, num_steps: int = 20) -> dict:
     result["bare_step_ms"] = timed(lambda b: bare_step(dmp, optimizer, b))
     result["num_lookups_per_step"] = int(batches[0].sparse.values().numel())
     return result
+
+
+def prototypes(cfg, num_steps: int = 20, reps: int = 3) -> dict:
+    """PROTOTYPES, monkeypatched inside this benchmark process only (product code is unchanged):
+    bare-loop samples/s of the model as it is vs with a candidate change, alternating, median of
+    ``reps``. Candidates:
+
+    gate_bmm      ``models.layers.Gate.forward`` mixes experts with ``torch.bmm`` (B,1,E)@(B,E,D)
+                  instead of ``einsum("be,bed->bd")``
+    gate_mul_sum  the same mix as ``(probabilities.unsqueeze(-1) * expert_outputs).sum(1)``
+    threads_1     the model as it is with ``torch.set_num_threads(1)``
+    """
+    import statistics
+
+    import models.layers as layers
+    from data.dataset import DatasetMeta
+    from trainer.sharding import resolve_num_embeddings
+
+    threads = cfg.trainer.num_threads or 2
+    torch.set_num_threads(threads)
+    num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
+    batches = materialize(cfg, num_embeddings, num_steps + 3)
+    _, dmp, optimizer = build_dmp(cfg, num_embeddings)
+    original = layers.Gate.forward
+
+    def gate_bmm(self, x, expert_outputs):
+        probabilities = torch.softmax(self.logits(x), dim=-1)
+        return torch.bmm(probabilities.unsqueeze(1), expert_outputs).squeeze(1)
+
+    def gate_mul_sum(self, x, expert_outputs):
+        probabilities = torch.softmax(self.logits(x), dim=-1)
+        return (probabilities.unsqueeze(-1) * expert_outputs).sum(1)
+
+    variants = {"as_is": (original, threads), "gate_bmm": (gate_bmm, threads),
+                "gate_mul_sum": (gate_mul_sum, threads), "threads_1": (original, 1)}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, (forward, num_threads) in variants.items():
+            layers.Gate.forward = forward
+            torch.set_num_threads(num_threads)
+            rates[name].append(time_bare_loop(dmp, optimizer, batches))
+    layers.Gate.forward = original
+    return {name: statistics.median(values) for name, values in rates.items()}

@@ -291,7 +291,7 @@ def scale_sweep(synthetic: Path, quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------ data
 def data_reader(quick: bool, workdir: Path) -> str:
-    small, large = ("100000", "300000") if quick else ("300000", "1500000")
+    small, large = ("100000", "300000") if quick else ("300000", "1000000")
     command = [
         sys.executable,
         "-m",
@@ -553,6 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     info = machine_info()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    def checkpoint_report() -> None:  # after every section, so an interrupted run still leaves a record
+        sections["plots"] = plots(sections["peers"], sections["scale"])
+        (RESULTS / "raw.json").write_text(json.dumps({"machine": info, **sections}, indent=1, default=str))
+        write_report(info, args, sections, time.perf_counter() - started)
+
     with tempfile.TemporaryDirectory(prefix="towerrec-bench-") as tmp:
         work = Path(tmp)
         data = prepare_ml100k(work / "ml100k-u1")
@@ -591,13 +596,20 @@ def main(argv: list[str] | None = None) -> int:
                         env={"OMP_NUM_THREADS": str(threads)},
                     )
                     sections["breakdown"].append({"tower": tower, "threads": threads, "result": result})
+            if not args.quick:
+                log("prototypes: mmoe 4096")
+                sections["prototypes"] = run_json(
+                    [sys.executable, "-m", "benchmarks.ours", "--data", str(data), "--tower", "mmoe", "--batch-size",
+                     "4096", "--prototypes"], timeout=900)
+            checkpoint_report()
         if "loop" in wanted:
             sections["loop"] = lightning_overhead(
-                data, [4096] if args.quick else [4096, 256], 1 if args.quick else 3, 20 if args.quick else 40
+                data, [4096], 1 if args.quick else 3, 20 if args.quick else 40
             )
             for entry in sections["breakdown"]:
                 if entry["tower"] == "mmoe" and entry["threads"] == NUM_THREADS and sections["loop"]:
                     entry["lightning_ms"] = 4096 / sections["loop"][0]["lightning"] * 1e3
+            checkpoint_report()
         if "scale" in wanted:
             from data.config import PrepareConfig
             from data.synthetic import prepare_synthetic
@@ -607,13 +619,12 @@ def main(argv: list[str] | None = None) -> int:
                 PrepareConfig(num_rows=200_000 if args.quick else 600_000, num_shards=4), str(synthetic)
             )
             sections["scale"] = scale_sweep(synthetic, args.quick)
+            checkpoint_report()
         if "data" in wanted:
             log("data reader")
             sections["data"] = data_reader(args.quick, work)
-    sections["plots"] = plots(sections["peers"], sections["scale"])
-    (RESULTS / "raw.json").write_text(json.dumps({"machine": info, **sections}, indent=1, default=str))
-    path = write_report(info, args, sections, time.perf_counter() - started)
-    log(f"wrote {path}")
+    checkpoint_report()
+    log(f"wrote {RESULTS / 'RESULTS.md'}")
     return 0
 
 

@@ -66,6 +66,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=1, help="nodes in the cluster")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node")
     parser.add_argument("--hbm-gb", type=float, default=80.0, help="memory per device in GB")
+    parser.add_argument("--ddr-gb", type=float, default=None, help="host memory per rank in GB (UVM caching)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device type to plan for")
 
 
@@ -74,7 +75,7 @@ def run_plan(cfg: Config, args: argparse.Namespace) -> int:
     from trainer.sharding import PlanDoesNotFit
 
     try:
-        return plan_command(cfg, args.nodes, args.gpus_per_node, args.hbm_gb, args.device)
+        return plan_command(cfg, args.nodes, args.gpus_per_node, args.hbm_gb, args.device, args.ddr_gb)
     except PlanDoesNotFit as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

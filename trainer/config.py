@@ -459,7 +459,7 @@ def validate_for_device(cfg: Config, device_type: str) -> None:
     """Device-dependent checks (a sharding type the device cannot do), run before process groups start."""
     if device_type == "cpu":
         requested = list(cfg.sharding.sharding_types or [])
-        for table, kinds in cfg.sharding.table_constraints.items():
+        for kinds in cfg.sharding.table_constraints.values():
             requested += kinds
         for kind in requested:
             if kind not in CPU_SHARDING_TYPES:

@@ -238,7 +238,7 @@ class MultiTaskModule(L.LightningModule):
         }
         balance = self.inner.balancer.weights().detach().cpu()
         loss = 0.0
-        for i, (task, values) in enumerate(metrics.items()):
+        for i, values in enumerate(metrics.values()):
             if values:
                 loss += float(balance[i]) * (values["rmse"] ** 2 if "rmse" in values else values["logloss"])
         flat[f"{stage}/loss"] = loss

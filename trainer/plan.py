@@ -17,7 +17,9 @@ from trainer.sharding import (
 )
 
 
-def plan_command(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, device: str) -> int:
+def plan_command(
+    cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, device: str, ddr_gb: float | None = None
+) -> int:
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError("--nodes and --gpus-per-node must be >= 1")
     if hbm_gb <= 0:
@@ -34,7 +36,7 @@ def plan_command(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, dev
     )
     apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
     world_size = nodes * gpus_per_node
-    cluster = ClusterSpec(world_size, device, gpus_per_node, memory_gb_per_device=hbm_gb)
+    cluster = ClusterSpec(world_size, device, gpus_per_node, memory_gb_per_device=hbm_gb, ddr_gb_per_rank=ddr_gb)
     plan = plan_for_cluster(cfg, model, tables, cluster)
     text, summary = describe_plan(plan, tables, world_size, cfg)
     params = sum(t.num_embeddings * t.embedding_dim for t in tables)

@@ -175,8 +175,9 @@ def plan_for_cluster(
         raise PlanDoesNotFit(
             f"the embedding tables ({total_gb:.1f} GB of fp32 weights before optimizer state) do not fit on "
             f"{cluster.world_size} x {cluster.device_type} devices with the given memory budget "
-            f"(sharding.hbm_gb / --hbm-gb): add devices, raise the budget, lower embedding dims or rows, "
-            f"or allow fused_uvm_caching on CUDA. Planner said: {str(err).splitlines()[0]}"
+            f"(sharding.hbm_gb / --hbm-gb; host memory for UVM caching: sharding.ddr_gb / --ddr-gb): add "
+            f"devices, raise the budget, lower embedding dims or rows, or allow fused_uvm_caching on CUDA. "
+            f"Planner said: {str(err).splitlines()[0]}"
         ) from err
 
 
@@ -207,7 +208,8 @@ def describe_plan(
     by_name = {t.name: t for t in tables}
     bytes_per = BYTES_PER_ELEMENT[cfg.sharding.embedding_precision]
     opt = cfg.trainer.embedding_optimizer.type
-    per_rank = [0.0] * world_size
+    per_rank = [0.0] * world_size  # on the device (HBM, or host memory for CPU ranks)
+    host_per_rank = [0.0] * world_size  # UVM-cached tables keep all but the cache in host memory
     rows_out = []
     for module_plan in plan.plan.values():
         for table_name, sharding in module_plan.items():
@@ -221,22 +223,17 @@ def describe_plan(
             else:  # data_parallel: a full replica on every rank
                 shards = [(r, table.num_embeddings, table.embedding_dim) for r in range(world_size)]
             for rank, rows, cols in shards:
-                state = {
-                    "rowwise_adagrad": rows * 4,
-                    "adagrad": rows * cols * 4,
-                    "adam": 2 * rows * cols * 4,
-                }.get(opt, 0)
-                per_rank[rank] += rows * cols * bytes_per + state
+                state = {"rowwise_adagrad": rows * 4, "adagrad": rows * cols * 4, "adam": 2 * rows * cols * 4}.get(opt, 0)
+                weights = rows * cols * bytes_per
+                if sharding.compute_kernel == "fused_uvm_caching":
+                    cached = cfg.sharding.cache_load_factor
+                    per_rank[rank] += weights * cached + state
+                    host_per_rank[rank] += weights * (1 - cached)
+                else:
+                    per_rank[rank] += weights + state
             ranks = sorted({s[0] for s in shards})
             rows_out.append(
-                (
-                    table_name,
-                    table.num_embeddings,
-                    table.embedding_dim,
-                    sharding.sharding_type,
-                    sharding.compute_kernel,
-                    ranks,
-                )
+                (table_name, table.num_embeddings, table.embedding_dim, sharding.sharding_type, sharding.compute_kernel, ranks)
             )
     lines = [f"{'table':<24} {'rows':>14} {'dim':>5}  {'sharding':<18} {'kernel':<18} ranks"]
     for name, rows, dim, kind, kernel, ranks in sorted(rows_out):
@@ -244,17 +241,19 @@ def describe_plan(
             ",".join(map(str, ranks)) if len(ranks) <= 16 else f"{len(ranks)} ranks ({ranks[0]}..{ranks[-1]})"
         )
         lines.append(f"{name:<24} {rows:>14,} {dim:>5}  {kind:<18} {kernel:<18} {shown}")
-    gb = [b / GB for b in per_rank]
     lines.append(
-        f"embedding memory per rank (weights + optimizer state): max {_human(max(per_rank))}, "
+        f"embedding memory per rank on the device (weights + optimizer state): max {_human(max(per_rank))}, "
         f"min {_human(min(per_rank))}, total {_human(sum(per_rank))} over {world_size} ranks"
     )
+    if any(host_per_rank):
+        lines.append(f"host memory per rank for UVM-cached tables: max {_human(max(host_per_rank))}")
     summary = {
         "tables": [
             {"table": n, "rows": r, "dim": d, "sharding_type": k, "compute_kernel": c, "ranks": rk}
             for n, r, d, k, c, rk in sorted(rows_out)
         ],
-        "memory_gb_per_rank": gb,
+        "memory_gb_per_rank": [b / GB for b in per_rank],
+        "host_memory_gb_per_rank": [b / GB for b in host_per_rank],
     }
     return "\n".join(lines), summary
 
