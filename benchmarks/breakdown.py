@@ -188,8 +188,12 @@ def prototypes(cfg, num_steps: int = 20, reps: int = 3) -> dict:
         probabilities = torch.softmax(self.logits(x), dim=-1)
         return (probabilities.unsqueeze(-1) * expert_outputs).sum(1)
 
-    variants = {"as_is": (original, threads), "gate_bmm": (gate_bmm, threads),
-                "gate_mul_sum": (gate_mul_sum, threads), "threads_1": (original, 1)}
+    variants = {
+        "as_is": (original, threads),
+        "gate_bmm": (gate_bmm, threads),
+        "gate_mul_sum": (gate_mul_sum, threads),
+        "threads_1": (original, 1),
+    }
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(reps):
         for name, (forward, num_threads) in variants.items():

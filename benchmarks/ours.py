@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=NUM_THREADS, help="torch threads (trainer.num_threads)"
     )
     parser.add_argument("--profile", action="store_true", help="time the parts of a step instead")
-    parser.add_argument("--prototypes", action="store_true", help="measure monkeypatched candidate changes instead")
+    parser.add_argument(
+        "--prototypes", action="store_true", help="measure monkeypatched candidate changes instead"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     with tempfile.TemporaryDirectory() as run_dir:

@@ -164,21 +164,26 @@ class BatchStream:
         )
         self.consumed = int(state["consumed"]) if same_layout else 0
 
-    def mark_consumed(self, batch: Batch) -> None:
-        """Records that ``batch`` was trained on: the position a checkpoint saves.
+    def mark_consumed(self, position: int) -> None:
+        """Records that the batch at ``position`` (``Batch.position``) was trained on: the reader
+        position a checkpoint saves is the next batch.
 
         A trainer that prefetches batches calls this per step; without any call, finishing an
         iteration counts the whole epoch as consumed.
         """
         self._externally_tracked = True
-        self.consumed = batch.position + 1
+        self.consumed = position + 1
 
     # ----------------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Batch]:
+        """Starts (or resumes) an epoch: after a finished epoch, the next one begins. The epoch
+        and first batch are fixed here, when ``iter()`` is called, not at the first ``next()``."""
         if self.consumed >= len(self):
             self.epoch += 1
             self.consumed = 0
-        epoch, start_batch = self.epoch, self.consumed
+        return self._batches(self.epoch, self.consumed)
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         order = self._epoch_order(epoch)
         lo = self.rank * self.num_rows // self.world_size
         hi = (self.rank + 1) * self.num_rows // self.world_size

@@ -127,6 +127,10 @@ class TrainerConfig:
     """Use deterministic algorithms (slower)."""
     num_threads: int | None = None
     """torch intra-op threads per process (default: cores / processes on the node)."""
+    train_pipeline: str = "auto"
+    """``lightning`` (Lightning's own step), ``sparse_dist`` (TorchRec's TrainPipelineSparseDist:
+    on CUDA it overlaps the next batches' copy and embedding input all-to-all with compute), or
+    ``auto`` (sparse_dist on CUDA, lightning on CPU, where there is nothing to overlap)."""
     progress_bar: bool = True
     """Show a progress bar with samples/s."""
 
@@ -432,6 +436,11 @@ def validate(cfg: Config) -> None:
     _positive("trainer.dense_optimizer.lr", trainer.dense_optimizer.lr)
     _one_of("trainer.lr_schedule", trainer.lr_schedule, ("constant", "cosine", "step"))
     _one_of("trainer.non_finite_loss", trainer.non_finite_loss, ("stop", "skip"))
+    _one_of("trainer.train_pipeline", trainer.train_pipeline, ("auto", "lightning", "sparse_dist"))
+    if trainer.train_pipeline == "sparse_dist" and trainer.precision == "16-mixed":
+        raise ConfigError(
+            "trainer.precision: 16-mixed needs a gradient scaler, which sparse_dist does not run; use bf16-mixed"
+        )
     _positive("trainer.collective_timeout_s", trainer.collective_timeout_s)
     _positive("trainer.gradient_clip_val", trainer.gradient_clip_val)
     _positive("trainer.val_check_interval", trainer.val_check_interval)

@@ -39,8 +39,17 @@ class ParquetDataModule(L.LightningDataModule):
     run sees exactly the batches an uninterrupted one would.
     """
 
-    def __init__(self, cfg: Config, meta: DatasetMeta, spec: ReadSpec, predict_split: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        meta: DatasetMeta,
+        spec: ReadSpec,
+        predict_split: str | None = None,
+        pipelined: bool = False,
+    ):
         super().__init__()
+        self.pipelined = pipelined
+        self.tickets = None
         self.cfg = cfg
         self.meta = meta
         self.spec = spec
@@ -61,12 +70,18 @@ class ParquetDataModule(L.LightningDataModule):
             window_rows=self.cfg.data.shuffle_window_rows,
         )
 
-    def train_dataloader(self) -> BatchStream:
+    def train_dataloader(self):
+        """The training stream, or with a TorchRec train pipeline (which reads the stream itself)
+        one ticket per batch (trainer.pipeline.Tickets)."""
         if self.train_stream is None:
             self.train_stream = self._stream(self.cfg.data.train_split, train=True)
             if self._pending_state is not None:
                 self.train_stream.load_state_dict(self._pending_state)
-        return self.train_stream
+            if self.pipelined:
+                from trainer.pipeline import Tickets
+
+                self.tickets = Tickets(self.train_stream)
+        return self.tickets if self.pipelined else self.train_stream
 
     def val_dataloader(self):
         return self._stream(self.cfg.data.val_split, train=False) if self.cfg.data.val_split else []

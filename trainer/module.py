@@ -20,6 +20,16 @@ from trainer.metrics import task_metrics, trivial_baseline
 from trainer.sharding import embedding_tables
 
 
+class TrainingModel(MultiTaskModel):
+    """A MultiTaskModel whose forward takes a Batch and also returns the per-task losses, the form
+    TorchRec's train pipelines call: ``model(batch) -> (losses (T,), outputs (B, T))``. Its state
+    dict is the MultiTaskModel's, so checkpoints and exports see the same keys."""
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = super().forward(batch.sparse, batch.dense)
+        return self.losses(outputs, batch.labels, batch.label_mask, batch.weights), outputs
+
+
 class NonFiniteLossError(RuntimeError):
     """A task's loss became NaN or infinite (policy ``trainer.non_finite_loss: stop``)."""
 
@@ -55,16 +65,19 @@ class MultiTaskModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.preemption = PreemptionFlag()
         self.preempt_now = False
+        self.skip_step = False
+        self.current_position = -1
+        self.last_batch_size = 0
         self.skipped_batches = 0
         self.last_metrics: dict[str, dict[str, dict[str, float]]] = {}
         self.last_baseline: dict[str, dict[str, dict[str, float]]] = {}
         self._eval_rows: list[tuple[torch.Tensor, ...]] = []
 
     # ------------------------------------------------------------------------------ model
-    def build_model(self) -> MultiTaskModel:
+    def build_model(self) -> TrainingModel:
         """The unsharded model: tables on ``meta`` (the sharder materialises them), dense part seeded."""
         torch.manual_seed(self.cfg.seed)
-        return MultiTaskModel(
+        return TrainingModel(
             tables=self.tables,
             feature_names=[f.name for f in self.cfg.data.sparse],
             num_dense=len(self.cfg.data.dense),
@@ -82,26 +95,37 @@ class MultiTaskModule(L.LightningModule):
         """The MultiTaskModel inside DMP (for losses and output kinds)."""
         return self.model.module
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.model(batch.sparse, batch.dense)
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(losses (T,), outputs (B, T)) of a batch."""
+        return self.model(batch)
 
     # ------------------------------------------------------------------------------ training
-    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Dropout randomness is a function of (seed, step, rank): identical after a resume.
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
-        self.trainer.datamodule.train_stream.mark_consumed(batch)
+        self.trainer.datamodule.train_stream.mark_consumed(batch.position)
+        self.current_position, self.last_batch_size = batch.position, batch.batch_size
 
     def training_step(self, batch: Batch, batch_idx: int):
-        outputs = self(batch)
-        losses = self.inner.losses(outputs, batch.labels, batch.label_mask, batch.weights)
+        losses, _ = self(batch)
+        loss = self.combined_loss(losses, batch.batch_size)
+        self.skip_step = loss is None
+        return loss
+
+    def combined_loss(self, losses: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+        """Per-task losses → the loss to back-propagate, or None to skip this batch on every rank.
+
+        All ranks first agree (one all-reduce) on whether any rank saw a non-finite loss or a
+        preemption signal, so they all skip, stop or go on together.
+        """
         finite = torch.isfinite(losses.detach())
         flags = torch.tensor([float(not bool(finite.all())), float(self.preemption.requested)])
         if self.trainer.world_size > 1:  # every rank must take the same decision (DDP, all-to-all)
-            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+            flags = self.trainer.strategy.reduce(flags.to(self.device), reduce_op="max").cpu()
         self.preempt_now = bool(flags[1] > 0)
         if flags[0] > 0:
             bad = [f"{name}={losses[i].item()}" for i, name in enumerate(self.task_names) if not finite[i]]
-            where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            where = f"step {self.global_step} (epoch {self.current_epoch}, batch {self.current_position})"
             message = f"non-finite loss at {where}: {', '.join(bad) or 'on another rank'}"
             if self.cfg.trainer.non_finite_loss == "stop":
                 raise NonFiniteLossError(message + " (trainer.non_finite_loss: stop)")
@@ -121,9 +145,9 @@ class MultiTaskModule(L.LightningModule):
             norms = gradient_norms(task_gradients(losses, list(self.inner.tower.last_shared_parameters())))
             mean_losses = self._mean_over_ranks(losses.detach())
             loss = loss + balancer.gradnorm_loss(mean_losses, self._mean_over_ranks(norms.detach()))
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         for name, value in zip(self.task_names, losses.detach()):
-            self.log(f"train/{name}/loss", value, batch_size=batch.batch_size)
+            self.log(f"train/{name}/loss", value, batch_size=batch_size)
         return loss
 
     def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -132,6 +156,9 @@ class MultiTaskModule(L.LightningModule):
         return self.trainer.strategy.reduce(tensor, reduce_op="mean")
 
     def on_after_backward(self) -> None:
+        self.after_backward()
+
+    def after_backward(self) -> None:
         """PCGrad: replace the shared tower's gradients by the projected per-task gradients,
         averaged over ranks (embeddings were already updated by their fused optimizer)."""
         pending = getattr(self, "_pcgrad", None)
@@ -152,7 +179,7 @@ class MultiTaskModule(L.LightningModule):
             param.grad = grad.clone()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.inner.balancer.gradient_norm_balancing:
+        if self.inner.balancer.gradient_norm_balancing and not self.skip_step:
             self.inner.balancer.renormalize()
 
     def on_train_epoch_end(self) -> None:
@@ -194,7 +221,7 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ evaluation
     def _collect(self, batch: Batch) -> None:
-        preds = predictions(self(batch), self.inner.output_kinds)
+        preds = predictions(self(batch)[1], self.inner.output_kinds)
         self._eval_rows.append(
             (
                 preds.detach().float().cpu(),
@@ -251,5 +278,56 @@ class MultiTaskModule(L.LightningModule):
         self._finish_eval("test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        preds = predictions(self(batch), self.inner.output_kinds)
+        preds = predictions(self(batch)[1], self.inner.output_kinds)
         return {"row_id": batch.row_id.cpu(), "predictions": preds.detach().float().cpu()}
+
+
+class PipelinedMultiTaskModule(MultiTaskModule):
+    """``trainer.train_pipeline: sparse_dist``: each step runs TorchRec's TrainPipelineSparseDist
+    (see trainer.pipeline); losses, checks and the optimizer step are the same as above."""
+
+    def __init__(self, cfg: Config, num_embeddings: dict[str, int]):
+        super().__init__(cfg, num_embeddings)
+        self.automatic_optimization = False
+        self.pipeline = None
+
+    def on_train_epoch_start(self) -> None:
+        from trainer.pipeline import LightningSparseDistPipeline
+
+        if self.pipeline is None:
+            self.pipeline = LightningSparseDistPipeline(self, self.device)
+        else:
+            self.pipeline.reset()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        torch.manual_seed((self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
+
+    def training_step(self, ticket, batch_idx: int) -> None:
+        self.skip_step = False
+        self.pipeline.progress(self.trainer.datamodule.tickets.batches)
+        assert self.current_position == ticket.position, (self.current_position, ticket.position)
+        self.trainer.datamodule.train_stream.mark_consumed(ticket.position)
+
+    def pipelined_optimizer_step(self) -> None:
+        if self.skip_step:
+            return
+        optimizer = self.optimizers()
+        if self.cfg.trainer.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _detach_pipeline(self) -> None:
+        if self.pipeline is not None:  # evaluation calls the model directly; progress() re-attaches
+            self.pipeline.detach()
+
+    def on_validation_start(self) -> None:
+        self._detach_pipeline()
+
+    def on_test_start(self) -> None:
+        self._detach_pipeline()
+
+    def on_predict_start(self) -> None:
+        self._detach_pipeline()

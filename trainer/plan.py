@@ -36,7 +36,9 @@ def plan_command(
     )
     apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
     world_size = nodes * gpus_per_node
-    cluster = ClusterSpec(world_size, device, gpus_per_node, memory_gb_per_device=hbm_gb, ddr_gb_per_rank=ddr_gb)
+    cluster = ClusterSpec(
+        world_size, device, gpus_per_node, memory_gb_per_device=hbm_gb, ddr_gb_per_rank=ddr_gb
+    )
     plan = plan_for_cluster(cfg, model, tables, cluster)
     text, summary = describe_plan(plan, tables, world_size, cfg)
     params = sum(t.num_embeddings * t.embedding_dim for t in tables)

@@ -29,7 +29,7 @@ from trainer import checkpoint as ckpt
 from trainer.callbacks import EXIT_PREEMPTED, StepCheckpoint, Throughput
 from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
 from trainer.datamodule import ParquetDataModule, read_spec
-from trainer.module import MultiTaskModule
+from trainer.module import MultiTaskModule, PipelinedMultiTaskModule
 from trainer.sharding import resolve_num_embeddings
 from trainer.strategy import TorchRecStrategy
 
@@ -210,8 +210,10 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
     spec = read_spec(cfg, num_embeddings)
     if cfg.data.validate_on_start:
         validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
-    datamodule = ParquetDataModule(cfg, meta, spec, predict_split=predict_split)
-    module = MultiTaskModule(cfg, num_embeddings)
+    pipeline = cfg.trainer.train_pipeline
+    pipelined = pipeline == "sparse_dist" or (pipeline == "auto" and env["accelerator"] == "cuda")
+    datamodule = ParquetDataModule(cfg, meta, spec, predict_split=predict_split, pipelined=pipelined)
+    module = (PipelinedMultiTaskModule if pipelined else MultiTaskModule)(cfg, num_embeddings)
     run_dir = Path(cfg.run_dir)
     checkpointing = StepCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps)
     callbacks = [checkpointing, Throughput(), RunInfo(cfg), *(extra_callbacks or [])]
@@ -231,7 +233,9 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
         max_epochs=cfg.trainer.max_epochs,
         max_steps=cfg.trainer.max_steps,
         precision=cfg.trainer.precision,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        gradient_clip_val=None
+        if pipelined
+        else cfg.trainer.gradient_clip_val,  # pipelined: clipped in the step
         val_check_interval=cfg.trainer.val_check_interval,
         check_val_every_n_epoch=None if cfg.trainer.val_check_interval else 1,
         log_every_n_steps=cfg.trainer.log_every_n_steps,

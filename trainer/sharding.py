@@ -223,7 +223,11 @@ def describe_plan(
             else:  # data_parallel: a full replica on every rank
                 shards = [(r, table.num_embeddings, table.embedding_dim) for r in range(world_size)]
             for rank, rows, cols in shards:
-                state = {"rowwise_adagrad": rows * 4, "adagrad": rows * cols * 4, "adam": 2 * rows * cols * 4}.get(opt, 0)
+                state = {
+                    "rowwise_adagrad": rows * 4,
+                    "adagrad": rows * cols * 4,
+                    "adam": 2 * rows * cols * 4,
+                }.get(opt, 0)
                 weights = rows * cols * bytes_per
                 if sharding.compute_kernel == "fused_uvm_caching":
                     cached = cfg.sharding.cache_load_factor
@@ -233,7 +237,14 @@ def describe_plan(
                     per_rank[rank] += weights + state
             ranks = sorted({s[0] for s in shards})
             rows_out.append(
-                (table_name, table.num_embeddings, table.embedding_dim, sharding.sharding_type, sharding.compute_kernel, ranks)
+                (
+                    table_name,
+                    table.num_embeddings,
+                    table.embedding_dim,
+                    sharding.sharding_type,
+                    sharding.compute_kernel,
+                    ranks,
+                )
             )
     lines = [f"{'table':<24} {'rows':>14} {'dim':>5}  {'sharding':<18} {'kernel':<18} ranks"]
     for name, rows, dim, kind, kernel, ranks in sorted(rows_out):

@@ -95,7 +95,7 @@ def test_resume_continues_at_the_exact_sample(dataset, world_size, consumed):
 def test_position_marks_and_epoch_rollover(dataset):
     stream = BatchStream(dataset, "train", spec_for(dataset), batch_size=4096, seed=0)
     batches = list(stream)
-    stream.mark_consumed(batches[-1])
+    stream.mark_consumed(batches[-1].position)
     assert stream.state_dict()["consumed"] == len(stream)
     next(iter(stream))
     assert stream.epoch == 1

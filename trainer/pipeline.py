@@ -1,0 +1,86 @@
+"""TorchRec's ``TrainPipelineSparseDist`` inside Lightning (``trainer.train_pipeline: sparse_dist``).
+
+On CUDA the pipeline overlaps the next batch's host-to-device copy and the embedding input
+all-to-all with the current batch's forward/backward. It owns the data iterator, so Lightning is
+given one *ticket* per batch instead of the batches: every ``training_step`` trains exactly one
+batch (the first call fills the pipeline, the last ones drain it), so epochs, validation, the
+reader position in checkpoints and exact resume behave as in the plain Lightning step.
+
+Our steps run inside the pipeline's hooks: ``_backward`` agrees with the other ranks on non-finite
+losses and preemption, combines the task losses (balancing, PCGrad, GradNorm) and skips backward
+for a skipped batch; the optimizer adapter clips the dense gradients and steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from data.reader import BatchStream
+
+
+@dataclass
+class Ticket:
+    """What Lightning sees per training step in pipelined mode."""
+
+    position: int
+    batch_size: int
+
+
+class Tickets:
+    """One ticket per batch of the stream's current epoch; the real batches go to the pipeline."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+        self.batches: Iterator | None = None
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[Ticket]:
+        self.batches = iter(self.stream)  # fixes epoch and start position (resume)
+        start = self.stream.consumed
+        rows = self.stream.rows_per_rank
+        size = self.stream.batch_size
+        return (Ticket(p, min(size, rows - p * size)) for p in range(start, len(self.stream)))
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.stream.load_state_dict(state)
+
+
+class _OptimizerAdapter:
+    """What the pipeline calls ``optimizer``: our dense step (clipping, skip) through Lightning's
+    optimizer wrapper so that ``global_step`` and schedulers advance as in automatic mode."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def zero_grad(self) -> None:
+        self.module.optimizers().zero_grad()
+
+    def step(self) -> None:
+        self.module.pipelined_optimizer_step()
+
+
+class LightningSparseDistPipeline(TrainPipelineSparseDist):
+    def __init__(self, module, device: torch.device):
+        super().__init__(
+            model=module.model, optimizer=_OptimizerAdapter(module), device=device, execute_all_batches=True
+        )
+        self.module = module
+
+    def _backward(self, losses: torch.Tensor) -> None:
+        batch = self.batches[0]
+        self.module.current_position = batch.position
+        self.module.last_batch_size = batch.batch_size
+        loss = self.module.combined_loss(losses, batch.batch_size)
+        self.module.skip_step = loss is None
+        if loss is not None:
+            loss.backward()
+            self.module.after_backward()
