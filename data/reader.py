@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +69,16 @@ class ReadSpec:
 
 @dataclass
 class _Window:
-    """Decoded, validated and shuffled rows of one window (numpy, row-major by shuffled order)."""
+    """Decoded, validated and shuffled rows of one window (numpy, row-major by shuffled order).
 
-    sparse_values: list[np.ndarray]
-    sparse_offsets: list[np.ndarray | None]  # None for single-valued features (one id per row)
+    Single-valued ids of all features sit in one (F_single, N) matrix so that shuffling them is one
+    gather; ``lengths`` (F, N) holds every feature's bag sizes in KJT order.
+    """
+
+    single_ids: np.ndarray  # (F_single, N) int64
+    multi_values: list[np.ndarray]  # per multi-hot feature, its flat ids
+    multi_offsets: list[np.ndarray]  # per multi-hot feature, (N + 1,) offsets into its ids
+    lengths: np.ndarray  # (F, N) int32, features in spec order
     dense: np.ndarray
     labels: np.ndarray
     label_mask: np.ndarray
@@ -141,6 +148,7 @@ class BatchStream:
         self.consumed = 0
         self.skipped_bad_rows = 0
         self._externally_tracked = False
+        self._keys = [f.name for f in spec.sparse]
         self._files: dict[str, pq.ParquetFile] = {}
 
     # ----------------------------------------------------------------------------- position
@@ -188,19 +196,25 @@ class BatchStream:
         lo = self.rank * self.num_rows // self.world_size
         hi = (self.rank + 1) * self.num_rows // self.world_size
         skip_rows = start_batch * self.batch_size
-        for window_start in range(
-            skip_rows - skip_rows % self.window_rows, self.rows_per_rank, self.window_rows
-        ):
+        starts = list(range(skip_rows - skip_rows % self.window_rows, self.rows_per_rank, self.window_rows))
+
+        def read(window_start: int) -> _Window:
             window_end = min(window_start + self.window_rows, self.rows_per_rank)
             real_end = min(window_end, hi - lo)
-            window = self._read_window(
-                order, lo + window_start, lo + real_end, window_end - real_end, epoch, window_start
-            )
-            first = max(skip_rows - window_start, 0)
-            for begin in range(first, window.num_rows, self.batch_size):
-                batch = self._make_batch(window, begin, min(begin + self.batch_size, window.num_rows))
-                batch.position = (window_start + begin) // self.batch_size
-                yield batch
+            return self._read_window(order, lo + window_start, lo + real_end, window_end - real_end, epoch, window_start)
+
+        # The next window is read and decoded in a background thread while this one is consumed
+        # (pyarrow and most numpy work release the GIL); the order stays deterministic.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="towerrec-reader") as pool:
+            pending = pool.submit(read, starts[0]) if starts else None
+            for i, window_start in enumerate(starts):
+                window = pending.result()
+                pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+                first = max(skip_rows - window_start, 0)
+                for begin in range(first, window.num_rows, self.batch_size):
+                    batch = self._make_batch(window, begin, min(begin + self.batch_size, window.num_rows))
+                    batch.position = (window_start + begin) // self.batch_size
+                    yield batch
         if not self._externally_tracked:
             self.epoch, self.consumed = epoch, len(self)
 
@@ -269,8 +283,10 @@ class BatchStream:
         spec = self.spec
         num_rows = table.num_rows
         bad = np.zeros(num_rows, dtype=bool)
-        sparse_values, sparse_offsets = [], []
-        for feature in spec.sparse:
+        single_ids = np.empty((sum(not f.multi_hot for f in spec.sparse), num_rows), dtype=np.int64)
+        multi_values, multi_offsets = [], []
+        lengths = np.ones((len(spec.sparse), num_rows), dtype=np.int32)
+        for index, feature in enumerate(spec.sparse):
             column = _column(table, feature.source_column, locator)
             if feature.multi_hot:
                 if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
@@ -284,10 +300,11 @@ class BatchStream:
                 offsets = array.offsets.to_numpy().astype(np.int64)
                 values = _ints(array.values.slice(offsets[0], offsets[-1] - offsets[0]), feature, locator)
                 offsets = offsets - offsets[0]
-                row_of_value = np.repeat(np.arange(num_rows), np.diff(offsets))
+                lengths[index] = np.diff(offsets)
+                row_of_value = np.repeat(np.arange(num_rows), lengths[index])
             else:
                 values = _ints(column, feature, locator)
-                offsets, row_of_value = None, None
+                row_of_value = None
             negative = values < 0
             if negative.any():
                 rows = row_of_value[negative] if row_of_value is not None else np.flatnonzero(negative)
@@ -299,8 +316,12 @@ class BatchStream:
                     )
                 bad[rows] = True
                 values = np.where(negative, 0, values)
-            sparse_values.append(map_ids(values, feature, spec.num_embeddings[feature.name]))
-            sparse_offsets.append(offsets)
+            values = map_ids(values, feature, spec.num_embeddings[feature.name])
+            if feature.multi_hot:
+                multi_values.append(values)
+                multi_offsets.append(offsets)
+            else:
+                single_ids[index - len(multi_values)] = values
 
         dense = np.empty((num_rows, len(spec.dense)), dtype=np.float32)
         for j, feature in enumerate(spec.dense):
@@ -364,23 +385,24 @@ class BatchStream:
             label_mask[bad] = 0
             weights = np.where(bad, 0, weights).astype(np.float32)
         row_id = np.arange(first_row_id, first_row_id + num_rows, dtype=np.int64)
-        return _Window(sparse_values, sparse_offsets, dense, labels, label_mask, weights, row_id)
+        return _Window(single_ids, multi_values, multi_offsets, lengths, dense, labels, label_mask, weights, row_id)
 
     def _make_batch(self, window: _Window, begin: int, end: int) -> Batch:
-        values, lengths = [], []
-        size = end - begin
-        for feature_values, offsets in zip(window.sparse_values, window.sparse_offsets):
-            if offsets is None:
-                values.append(feature_values[begin:end])
-                lengths.append(np.ones(size, dtype=np.int32))
+        values = []
+        single, multi = 0, 0
+        for feature in self.spec.sparse:
+            if feature.multi_hot:
+                offsets = window.multi_offsets[multi]
+                values.append(window.multi_values[multi][offsets[begin] : offsets[end]])
+                multi += 1
             else:
-                values.append(feature_values[offsets[begin] : offsets[end]])
-                lengths.append(np.diff(offsets[begin : end + 1]).astype(np.int32))
+                values.append(window.single_ids[single, begin:end])
+                single += 1
         sparse = KeyedJaggedTensor(
-            keys=[f.name for f in self.spec.sparse],
+            keys=self._keys,
             values=torch.from_numpy(np.concatenate(values)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
-            stride=size,
+            lengths=torch.from_numpy(window.lengths[:, begin:end].ravel()),
+            stride=end - begin,
         )
         return Batch(
             sparse=sparse,
@@ -431,26 +453,25 @@ def map_ids(values: np.ndarray, feature: SparseFeature, num_embeddings: int) -> 
 
 
 def _permute(window: _Window, perm: np.ndarray) -> _Window:
-    sparse_values, sparse_offsets = [], []
-    for values, offsets in zip(window.sparse_values, window.sparse_offsets):
-        if offsets is None:
-            sparse_values.append(values[perm])
-            sparse_offsets.append(None)
-            continue
-        lengths = np.diff(offsets)[perm]
+    """Rows of ``window`` in the order ``perm`` (a permutation, or any row index: padding repeats rows)."""
+    multi_values, multi_offsets = [], []
+    for values, offsets in zip(window.multi_values, window.multi_offsets):
+        lengths = np.take(np.diff(offsets), perm)
         new_offsets = np.zeros(len(perm) + 1, dtype=np.int64)
         np.cumsum(lengths, out=new_offsets[1:])
-        starts = np.repeat(offsets[:-1][perm] - new_offsets[:-1], lengths)
-        sparse_values.append(values[np.arange(new_offsets[-1]) + starts])
-        sparse_offsets.append(new_offsets)
+        starts = np.repeat(np.take(offsets[:-1], perm) - new_offsets[:-1], lengths)
+        multi_values.append(np.take(values, np.arange(new_offsets[-1]) + starts))
+        multi_offsets.append(new_offsets)
     return _Window(
-        sparse_values,
-        sparse_offsets,
-        window.dense[perm],
-        window.labels[perm],
-        window.label_mask[perm],
-        window.weights[perm],
-        window.row_id[perm],
+        np.take(window.single_ids, perm, axis=1),
+        multi_values,
+        multi_offsets,
+        np.take(window.lengths, perm, axis=1),
+        np.take(window.dense, perm, axis=0),
+        np.take(window.labels, perm, axis=0),
+        np.take(window.label_mask, perm, axis=0),
+        np.take(window.weights, perm),
+        np.take(window.row_id, perm),
     )
 
 
