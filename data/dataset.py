@@ -134,6 +134,15 @@ class DatasetWriter:
         if self._buffered_rows[split] >= self.row_group_size:
             self._flush(split, final=False)
 
+    def write_splits(self, table: pa.Table, codes, names: tuple[str, ...]) -> dict[str, int]:
+        """Writes row i of ``table`` to split ``names[codes[i]]``; returns the rows written per split."""
+        written = {}
+        for code, name in enumerate(names):
+            part = table.filter(pa.array(codes == code))
+            written[name] = part.num_rows
+            self.write(name, part)
+        return written
+
     def _flush(self, split: str, final: bool) -> None:
         if not self._buffers.get(split):
             return

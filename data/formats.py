@@ -397,10 +397,8 @@ def convert(
                 else:
                     encoded[name] = column
             encoded_table = pa.table(encoded)
-            for code, split in enumerate(SPLIT_NAMES):
-                part = encoded_table.filter(pa.array(codes == code))
-                rows_per_split[split] += part.num_rows
-                writer.write(split, part)
+            for split, rows in writer.write_splits(encoded_table, codes, SPLIT_NAMES).items():
+                rows_per_split[split] += rows
     except BaseException:
         writer.abort()
         raise

@@ -201,7 +201,9 @@ class BatchStream:
         def read(window_start: int) -> _Window:
             window_end = min(window_start + self.window_rows, self.rows_per_rank)
             real_end = min(window_end, hi - lo)
-            return self._read_window(order, lo + window_start, lo + real_end, window_end - real_end, epoch, window_start)
+            return self._read_window(
+                order, lo + window_start, lo + real_end, window_end - real_end, epoch, window_start
+            )
 
         # The next window is read and decoded in a background thread while this one is consumed
         # (pyarrow and most numpy work release the GIL); the order stays deterministic.
@@ -385,7 +387,9 @@ class BatchStream:
             label_mask[bad] = 0
             weights = np.where(bad, 0, weights).astype(np.float32)
         row_id = np.arange(first_row_id, first_row_id + num_rows, dtype=np.int64)
-        return _Window(single_ids, multi_values, multi_offsets, lengths, dense, labels, label_mask, weights, row_id)
+        return _Window(
+            single_ids, multi_values, multi_offsets, lengths, dense, labels, label_mask, weights, row_id
+        )
 
     def _make_batch(self, window: _Window, begin: int, end: int) -> Batch:
         values = []

@@ -125,11 +125,9 @@ def prepare_synthetic(cfg: PrepareConfig, out: str) -> DatasetMeta:
     counts = {"train": 0, "val": 0, "test": 0}
     try:
         for table in generate_chunks(cfg):
-            split = split_of_rows(table.column("row_id").to_numpy(), cfg)
-            for code, name in enumerate(("train", "val", "test")):
-                part = table.filter(pa.array(split == code))
-                counts[name] += part.num_rows
-                writer.write(name, part)
+            codes = split_of_rows(table.column("row_id").to_numpy(), cfg)
+            for name, rows in writer.write_splits(table, codes, ("train", "val", "test")).items():
+                counts[name] += rows
     except BaseException:
         writer.abort()
         raise

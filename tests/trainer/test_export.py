@@ -4,9 +4,6 @@ artifact whose predictions equal the trainer's own (``towerrec predict``)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 from data.dataset import DatasetMeta
+from tests.conftest import run_cli
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.export import MODEL_FILE, SERVING_SPEC_FILE, export, load_serving, load_unsharded_model
@@ -37,20 +35,7 @@ TINY = [
 
 
 def _cli(args: list[str], nproc: int = 1) -> None:
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "trainer.cli"]
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "trainer.cli",
-        ]
-    result = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_cli(args, nproc=nproc, env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
 
 
 def tiny_overrides(tmp: Path, run: str) -> list[str]:
