@@ -125,19 +125,25 @@ def median(runs: list[dict], key: str) -> float:
 
 
 def speed_vs_peers(
-    data: Path, npz: Path, plan: list[tuple[str, int, int, int]], epochs: int, peer_errors: dict
+    data: Path, npz: Path, plan: list[tuple[str, int, int, int, int]], peer_errors: dict
 ) -> list[dict]:
-    """plan: (tower, batch size, repetitions, threads). Systems alternate within a repetition."""
+    """plan: (tower, batch size, repetitions, threads, epochs). Systems alternate within a repetition."""
     rows = []
-    for tower, batch_size, reps, threads in plan:
+    for tower, batch_size, reps, threads, run_epochs in plan:
         runs: dict[str, list[dict]] = {"towerrec": [], **{p: [] for p in PEERS}}
         for rep in range(reps):
             log(f"peers: {tower} batch {batch_size} threads {threads} rep {rep + 1}/{reps}")
-            runs["towerrec"].append(run_ours(data, tower, batch_size, epochs, threads))
+            runs["towerrec"].append(run_ours(data, tower, batch_size, run_epochs, threads))
             for peer in PEERS:
                 if peer not in peer_errors:
-                    runs[peer].append(run_peer(peer, npz, tower, batch_size, epochs, threads))
-        row = {"tower": tower, "batch_size": batch_size, "reps": reps, "threads": threads}
+                    runs[peer].append(run_peer(peer, npz, tower, batch_size, run_epochs, threads))
+        row = {
+            "tower": tower,
+            "batch_size": batch_size,
+            "reps": reps,
+            "threads": threads,
+            "epochs": run_epochs,
+        }
         for system, system_runs in runs.items():
             errors = [r["error"] for r in system_runs if "error" in r]
             row[system] = {
@@ -409,8 +415,8 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
         "Adagrad on the tables, Adam dense, rating head bounded to [1, 5]). Peers: their own models and",
         "training loops (Adam on everything, dense embedding gradients).",
         "",
-        "| tower | batch | threads | reps | towerrec samples/s | torch-rechub | DeepCTR-Torch | towerrec / faster peer | target | RMSE ours / rechub / deepctr | AUC ours / rechub / deepctr |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tower | batch | threads | reps | epochs | towerrec samples/s | torch-rechub | DeepCTR-Torch | towerrec / faster peer | target | RMSE ours / rechub / deepctr | AUC ours / rechub / deepctr |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sections["peers"]:
         ours = row["towerrec"]
@@ -424,7 +430,7 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
             else ""
         )
         lines.append(
-            f"| {TOWER_NAMES[row['tower']]} | {row['batch_size']} | {row['threads']} | {row['reps']} | "
+            f"| {TOWER_NAMES[row['tower']]} | {row['batch_size']} | {row['threads']} | {row['reps']} | {row.get('epochs', sections['epochs'])} | "
             f"{fmt(ours['samples_per_s'])} | {fmt(row['torch-rechub']['samples_per_s'])} | "
             f"{fmt(row['DeepCTR-Torch']['samples_per_s'])} | {fmt(ratio, 2)}x | {target} (>= 5x at 4096) | "
             f"{fmt(ours['rmse'], 3)} / {fmt(row['torch-rechub']['rmse'], 3)} / {fmt(row['DeepCTR-Torch']['rmse'], 3)} | "
@@ -626,12 +632,13 @@ def main(argv: list[str] | None = None) -> int:
         if "peers" in wanted:
             peer_errors = {name: err for name in PEERS if (err := install_peer(name))}
             if args.quick:
-                plan = [("mmoe", 4096, 1, NUM_THREADS), ("shared_bottom", 4096, 1, NUM_THREADS)]
+                plan = [(t, 4096, 1, NUM_THREADS, epochs) for t in ("mmoe", "shared_bottom")]
             else:
-                plan = [(t, 4096, 3, NUM_THREADS) for t in ("mmoe", "shared_bottom")]
-                plan += [(t, 256, 1, NUM_THREADS) for t in ("mmoe", "shared_bottom")]
-                plan += [(t, 4096, 1, 1) for t in ("mmoe", "shared_bottom")]
-            sections["peers"] = speed_vs_peers(data, npz, plan, epochs, peer_errors)
+                plan = [(t, 4096, 3, NUM_THREADS, epochs) for t in ("mmoe", "shared_bottom")]
+                # batch 256 is ~16x more steps: 2 epochs (1 warm-up + 1 measured) keep the run near 40 min
+                plan += [(t, 256, 1, NUM_THREADS, 2) for t in ("mmoe", "shared_bottom")]
+                plan += [(t, 4096, 1, 1, epochs) for t in ("mmoe", "shared_bottom")]
+            sections["peers"] = speed_vs_peers(data, npz, plan, peer_errors)
             for tower in ("mmoe",) if args.quick else ("mmoe", "shared_bottom"):
                 for threads in (NUM_THREADS, 1):
                     log(f"breakdown: {tower} threads {threads}")

@@ -292,17 +292,17 @@ class PipelinedMultiTaskModule(MultiTaskModule):
         self.pipeline = None
 
     def on_train_epoch_start(self) -> None:
-        from trainer.pipeline import LightningSparseDistPipeline
-
-        if self.pipeline is None:
-            self.pipeline = LightningSparseDistPipeline(self, self.device)
-        else:
-            self.pipeline.reset()
+        if self.pipeline is not None:
+            self.pipeline.reset()  # a new epoch: the previous one drained the pipeline
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
 
     def training_step(self, ticket, batch_idx: int) -> None:
+        if self.pipeline is None:  # created here: a run resumed mid-epoch skips on_train_epoch_start
+            from trainer.pipeline import LightningSparseDistPipeline
+
+            self.pipeline = LightningSparseDistPipeline(self, self.device)
         self.skip_step = False
         self.pipeline.progress(self.trainer.datamodule.tickets.batches)
         assert self.current_position == ticket.position, (self.current_position, ticket.position)

@@ -76,7 +76,7 @@ def test_report_renders(tmp_path, monkeypatch):
 
     path = run_all.write_report({"cpus": "2"}, Args(), sections, 1.0)
     text = path.read_text()
-    assert "| MMoE | 4096 | 2 | 1 | 100 | 20 |" in text and "5.00x" in text
+    assert "| MMoE | 4096 | 2 | 1 | 2 | 100 | 20 |" in text and "5.00x" in text
     assert (
         "refused" in text
         and "gate_bmm" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ def test_every_config_file_loads_and_round_trips(path, tmp_path):
 def test_config_headers_show_how_to_run_them():
     for path in CONFIGS:
         header = path.read_text().split("\n\n")[0]
-        assert f"towerrec fit --config configs/{path.name}" in header, path.name
+        assert re.search(rf"towerrec (fit|plan) --config configs/{re.escape(path.name)}", header), path.name
+        assert header.count("towerrec ") >= 2, f"{path.name}: give the command and one override example"
 
 
 def test_overrides_and_base_merge():
