@@ -61,12 +61,23 @@ def materialize(cfg, num_embeddings: dict[str, int], num_batches: int) -> list:
 def bare_step(dmp, optimizer, batch) -> torch.Tensor:
     """One training step without Lightning: forward, per-task losses, balance, backward, dense step."""
     inner = dmp.module
-    outputs = dmp(batch.sparse, batch.dense)
-    loss = inner.balancer(inner.losses(outputs, batch.labels, batch.label_mask, batch.weights))
+    if _takes_batch(inner):  # trainer.module.TrainingModel: model(batch) -> (losses, outputs)
+        losses, _ = dmp(batch)
+    else:
+        losses = inner.losses(dmp(batch.sparse, batch.dense), batch.labels, batch.label_mask, batch.weights)
+    loss = inner.balancer(losses)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # embedding rows are updated here by the fused optimizer
     optimizer.step()
     return loss
+
+
+def _takes_batch(model) -> bool:
+    try:
+        from trainer.module import TrainingModel
+    except ImportError:
+        return False
+    return isinstance(model, TrainingModel)
 
 
 def time_bare_loop(dmp, optimizer, batches: list, warmup: int = 3) -> float:

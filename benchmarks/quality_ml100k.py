@@ -158,6 +158,23 @@ def _metric(metrics: dict, task: str, name: str) -> float | None:
     return metrics["metrics"]["test"].get(task, {}).get(name)
 
 
+def _group_runs(
+    results: dict[Job, dict], tower: str, variant: str, folds: list[str]
+) -> tuple[list[dict], set[int]]:
+    """The metrics of ``tower``/``variant`` on ``folds``, restricted to the seeds that every fold has
+    (so each fold weighs the same), and those seeds."""
+    present = [
+        {j.seed for j in results if (j.tower, j.variant, j.fold) == (tower, variant, fold)} for fold in folds
+    ]
+    seeds = set.intersection(*present)
+    chosen = [
+        m
+        for j, m in results.items()
+        if (j.tower, j.variant) == (tower, variant) and j.fold in folds and j.seed in seeds
+    ]
+    return chosen, seeds
+
+
 def summarize(results: dict[Job, dict], folds: list[str], seeds: list[int]) -> str:
     """The Markdown section: per fold group (u1; 5-fold), one row per tower and variant."""
     groups = [("u1", ["u1"])] if "u1" in folds else []
@@ -175,17 +192,14 @@ def summarize(results: dict[Job, dict], folds: list[str], seeds: list[int]) -> s
         lines += [
             f"### {title}",
             "",
-            "| model | variant | RMSE | MAE | like AUC | like log loss |",
-            "|---|---|---|---|---|---|",
+            "| model | variant | folds × seeds | RMSE | MAE | like AUC | like log loss |",
+            "|---|---|---|---|---|---|---|",
         ]
         for tower in TOWERS:
             values: dict[str, dict[str, list[float]]] = {}
+            coverage: dict[str, set[tuple[str, int]]] = {}
             for variant in VARIANTS:
-                chosen = [
-                    m
-                    for j, m in results.items()
-                    if j.tower == tower and j.variant == variant and j.fold in group_folds
-                ]
+                chosen, common_seeds = _group_runs(results, tower, variant, group_folds)
                 values[variant] = {
                     name: [v for m in chosen if (v := _metric(m, task, name)) is not None]
                     for task, name in (
@@ -195,10 +209,15 @@ def summarize(results: dict[Job, dict], folds: list[str], seeds: list[int]) -> s
                         ("click", "logloss"),
                     )
                 }
+                coverage[variant] = {(fold, seed) for fold in group_folds for seed in common_seeds}
                 if chosen:
                     row = values[variant]
                     cells = [_cell(row["rmse"]), _cell(row["mae"]), _cell(row["auc"]), _cell(row["logloss"])]
-                    lines.append(f"| {tower} | {variant} | " + " | ".join(cells) + " |")
+                    runs = f"{len(group_folds)} × {len(common_seeds)}"
+                    lines.append(f"| {tower} | {variant} | {runs} | " + " | ".join(cells) + " |")
+            for variant in ("rating only", "like only"):  # compare like with like: the same (fold, seed) runs
+                if coverage["multi-task"] != coverage[variant] or not coverage[variant]:
+                    values[variant] = {name: [] for name in values[variant]}
             verdicts += _compare(title, tower, values)
         lines.append("")
     lines += ["### References", "", "| model | source | RMSE | like AUC |", "|---|---|---|---|"]
@@ -231,11 +250,7 @@ def _targets(results: dict[Job, dict], folds: list[str]) -> list[str]:
     def best(fold_set: list[str], task: str, name: str, lower: bool) -> tuple[str, float] | None:
         by_tower = {}
         for tower in TOWERS:
-            chosen = [
-                _metric(m, task, name)
-                for j, m in results.items()
-                if j.tower == tower and j.variant == "multi-task" and j.fold in fold_set
-            ]
+            chosen = [_metric(m, task, name) for m in _group_runs(results, tower, "multi-task", fold_set)[0]]
             if chosen:
                 by_tower[tower] = statistics.fmean(chosen)
         if not by_tower:

@@ -593,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="smoke-sized run (~5 min)")
     parser.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from results/raw.json")
-    parser.add_argument("--sections", default="peers,loop,scale,data", help="comma-separated subset to run")
+    parser.add_argument(
+        "--sections", default="peers,breakdown,loop,scale,data", help="comma-separated subset to run"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if args.render:
@@ -614,6 +616,15 @@ def main(argv: list[str] | None = None) -> int:
         "data": "(not run)",
     }
     info = machine_info()
+    if wanted != {"peers", "breakdown", "loop", "scale", "data"} and (RESULTS / "raw.json").exists():
+        previous = json.loads((RESULTS / "raw.json").read_text())  # re-running some sections: keep the others
+        previous.pop("machine", None)
+        sections = {**previous, **{k: v for k, v in sections.items() if k in ("load_start", "quick")}}
+        for name in wanted:
+            sections[name] = {"scale": {"batch": [], "tables": [], "processes": [], "budget": []}}.get(
+                name, []
+            )
+        sections["data"] = sections["data"] or "(not run)"
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     def checkpoint_report() -> None:  # after every section, so an interrupted run still leaves a record
@@ -639,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
                 plan += [(t, 256, 1, NUM_THREADS, 2) for t in ("mmoe", "shared_bottom")]
                 plan += [(t, 4096, 1, 1, epochs) for t in ("mmoe", "shared_bottom")]
             sections["peers"] = speed_vs_peers(data, npz, plan, peer_errors)
+            checkpoint_report()
+        if "breakdown" in wanted:
             for tower in ("mmoe",) if args.quick else ("mmoe", "shared_bottom"):
                 for threads in (NUM_THREADS, 1):
                     log(f"breakdown: {tower} threads {threads}")

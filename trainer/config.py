@@ -116,7 +116,8 @@ class TrainerConfig:
     early_stopping_patience: int | None = None
     """Stop when ``early_stopping_metric`` has not improved for N validations."""
     early_stopping_metric: str = "val/loss"
-    """Metric watched by early stopping and by best-checkpoint selection."""
+    """Metric watched by early stopping (lower is better). ``val/loss`` is Σ_t w_t · (MSE or log
+    loss) with the fixed task weights. The model tested at the end is the last one."""
     non_finite_loss: str = "stop"
     """On a NaN/inf task loss: ``stop`` (raise, naming task and step) or ``skip`` (skip the batch)."""
     max_skipped_batches: int = 10

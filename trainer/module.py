@@ -12,7 +12,7 @@ import torch
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.batch import Batch
-from models.balancing import gradient_norms, task_gradients
+from models.balancing import fixed_task_weights, gradient_norms, task_gradients
 from models.heads import predictions
 from models.multitask import MultiTaskModel
 from trainer.config import Config
@@ -263,7 +263,9 @@ class MultiTaskModule(L.LightningModule):
             for task, values in metrics.items()
             for name, value in values.items()
         }
-        balance = self.inner.balancer.weights().detach().cpu()
+        # Fixed task weights (alpha / tasks[i].weight), not a balancer's learned ones: a steady
+        # yardstick for early stopping whatever the balancing method.
+        balance = fixed_task_weights(self.cfg.tasks, self.cfg.model)
         loss = 0.0
         for i, values in enumerate(metrics.values()):
             if values:

@@ -1,0 +1,36 @@
+"""Model options added for the MovieLens quality work: concat_dot interaction and Wide & Deep."""
+
+from __future__ import annotations
+
+import torch
+
+from models.config import ModelConfig
+from models.interaction import build_interaction
+from models.towers import build_tower
+
+
+def test_concat_dot_keeps_the_concatenation_and_adds_every_pairwise_dot_product():
+    cfg = ModelConfig(interaction="concat_dot")
+    dims = [8, 8, 4]
+    layer = build_interaction(cfg, dims, num_dense=3)
+    embeddings = [torch.randn(5, d) for d in dims]
+    dense = torch.randn(5, 3)
+    out = layer(embeddings, dense)
+    assert out.shape == (5, layer.out_dim)
+    concat = torch.cat([*embeddings, dense], dim=1)
+    assert layer.out_dim >= concat.shape[1] + 3  # three pairs of features
+    assert any(
+        torch.allclose(out[:, i : i + concat.shape[1]], concat)
+        for i in range(out.shape[1] - concat.shape[1] + 1)
+    )
+
+
+def test_wide_and_deep_widens_every_task_output_and_delegates_shared_parameters():
+    plain = build_tower(ModelConfig(tower="mmoe"), 12, 2)
+    wide = build_tower(ModelConfig(tower="mmoe", wide=True), 12, 2)
+    assert wide.out_dim == plain.out_dim + 12
+    x = torch.randn(4, 12)
+    outputs = wide(x)
+    assert len(outputs) == 2 and all(o.shape == (4, wide.out_dim) for o in outputs)
+    assert all(torch.equal(o[:, -12:], x) for o in outputs)
+    assert {id(p) for p in wide.shared_parameters()} == {id(p) for p in wide.deep.shared_parameters()}
