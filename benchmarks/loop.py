@@ -34,8 +34,10 @@ class ListStream:
     def __iter__(self):
         return iter(self.batches)
 
-    def mark_consumed(self, batch) -> None:
-        self.consumed = batch.position + 1
+    def mark_consumed(self, batch_or_position) -> None:
+        """Accepts a Batch (older trainer) or its position (trainer since the pipelined mode)."""
+        position = getattr(batch_or_position, "position", batch_or_position)
+        self.consumed = position + 1
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed}
