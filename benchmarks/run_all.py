@@ -594,7 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke-sized run (~5 min)")
     parser.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from results/raw.json")
     parser.add_argument(
-        "--sections", default="peers,breakdown,loop,scale,data", help="comma-separated subset to run"
+        "--sections",
+        default="peers,breakdown,loop,scale,data,quality",
+        help="comma-separated subset to run (quality: MovieLens 100K, benchmarks/quality_ml100k.py)",
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -616,7 +618,10 @@ def main(argv: list[str] | None = None) -> int:
         "data": "(not run)",
     }
     info = machine_info()
-    if wanted != {"peers", "breakdown", "loop", "scale", "data"} and (RESULTS / "raw.json").exists():
+    if (
+        wanted != {"peers", "breakdown", "loop", "scale", "data", "quality"}
+        and (RESULTS / "raw.json").exists()
+    ):
         previous = json.loads((RESULTS / "raw.json").read_text())  # re-running some sections: keep the others
         previous.pop("machine", None)
         sections = {**previous, **{k: v for k, v in sections.items() if k in ("load_start", "quick")}}
@@ -713,6 +718,15 @@ def main(argv: list[str] | None = None) -> int:
         if "data" in wanted:
             log("data reader")
             sections["data"] = data_reader(args.quick, work)
+            checkpoint_report()
+        if "quality" in wanted:
+            from benchmarks import quality_ml100k
+
+            log("quality on MovieLens 100K (u1 and 5-fold, 3 seeds; quick: u1, 1 seed)")
+            (RESULTS / "QUALITY_ML100K.md").write_text(quality_ml100k.run(args.quick))
+            sections.setdefault("notes", []).append(
+                "Quality on MovieLens 100K: see [QUALITY_ML100K.md](QUALITY_ML100K.md)."
+            )
     checkpoint_report()
     log(f"wrote {RESULTS / 'RESULTS.md'}")
     return 0
