@@ -61,7 +61,7 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += batch.batch_size * trainer.world_size
         elapsed = time.perf_counter() - self._start
-        if elapsed > 0:
+        if elapsed > 0 and trainer.global_step % trainer.log_every_n_steps == 0:
             pl_module.log(
                 "samples_per_s", self._samples / elapsed, prog_bar=True, batch_size=batch.batch_size
             )

@@ -145,9 +145,10 @@ class MultiTaskModule(L.LightningModule):
             norms = gradient_norms(task_gradients(losses, list(self.inner.tower.last_shared_parameters())))
             mean_losses = self._mean_over_ranks(losses.detach())
             loss = loss + balancer.gradnorm_loss(mean_losses, self._mean_over_ranks(norms.detach()))
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        for name, value in zip(self.task_names, losses.detach()):
-            self.log(f"train/{name}/loss", value, batch_size=batch_size)
+        if self.global_step % self.cfg.trainer.log_every_n_steps == 0:  # self.log costs ~0.3 ms a call
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+            for name, value in zip(self.task_names, losses.detach()):
+                self.log(f"train/{name}/loss", value, batch_size=batch_size)
         return loss
 
     def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
