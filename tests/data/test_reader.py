@@ -142,7 +142,12 @@ def test_unseen_and_out_of_range_ids_map_to_the_oov_row(tmp_path):
         pa.table({"u": pa.array([1, 5, 999], pa.int64()), "y": pa.array([0.0, 1.0, 1.0], pa.float32())}),
     )
     meta = writer.commit({"u": {"kind": "sparse", "num_embeddings": 10}, "y": {"kind": "label"}})
-    spec = ids_and_label_spec()
+    spec = ReadSpec(
+        sparse=(SparseFeature("u"),),
+        dense=(),
+        labels=(LabelSpec("y", binary=True),),
+        num_embeddings={"u": 10},
+    )
     batch = next(iter(BatchStream(meta, "train", spec, 3, shuffle=False)))
     assert batch.sparse.values().tolist() == [1, 5, 0]
     hashed = ReadSpec(
@@ -153,16 +158,6 @@ def test_unseen_and_out_of_range_ids_map_to_the_oov_row(tmp_path):
     )
     values = next(iter(BatchStream(meta, "train", hashed, 3, shuffle=False))).sparse.values()
     assert values.min() >= 0 and values.max() < 4
-
-
-def ids_and_label_spec() -> ReadSpec:
-    """One id feature ``u`` (10 rows) and one binary label ``y``."""
-    return ReadSpec(
-        sparse=(SparseFeature("u"),),
-        dense=(),
-        labels=(LabelSpec("y", binary=True),),
-        num_embeddings={"u": 10},
-    )
 
 
 def bad_dataset(tmp_path, columns: dict, kinds: dict) -> DatasetMeta:
@@ -177,7 +172,12 @@ def test_reader_errors_name_file_row_group_row_and_column(tmp_path):
         {"u": pa.array([1, 2, 3, 4, 5, 6], pa.int64()), "y": pa.array([0, 1, 0, 1, 2, 0], pa.float32())},
         {"u": {"kind": "sparse", "num_embeddings": 10}, "y": {"kind": "label"}},
     )
-    spec = ids_and_label_spec()
+    spec = ReadSpec(
+        sparse=(SparseFeature("u"),),
+        dense=(),
+        labels=(LabelSpec("y", binary=True),),
+        num_embeddings={"u": 10},
+    )
     with pytest.raises(
         DataError, match=r"part-00000\.parquet: row group 1, row 0: label column 'y' has value 2\.0"
     ):
@@ -194,7 +194,7 @@ def test_negative_ids_and_nan_dense_values_are_errors(tmp_path):
         {
             "u": pa.array([1, -2, 3], pa.int64()),
             "x": pa.array([0.5, 1.0, float("nan")], pa.float32()),
-    ids_only = ids_and_label_spec()
+            "y": pa.array([0, 1, 0], pa.float32()),
         },
         {"u": {"kind": "sparse", "num_embeddings": 10}, "x": {"kind": "dense"}, "y": {"kind": "label"}},
     )
@@ -249,6 +249,11 @@ def test_more_ranks_than_rows_is_a_clear_error(tmp_path):
         {"u": pa.array([1, 2], pa.int64()), "y": pa.array([0, 1], pa.float32())},
         {"u": {"kind": "sparse", "num_embeddings": 10}, "y": {"kind": "label"}},
     )
-    spec = ids_and_label_spec()
+    spec = ReadSpec(
+        sparse=(SparseFeature("u"),),
+        dense=(),
+        labels=(LabelSpec("y", binary=True),),
+        num_embeddings={"u": 10},
+    )
     with pytest.raises(DataError, match="has 2 rows, fewer than the 3 ranks"):
         BatchStream(meta, "train", spec, 2, rank=0, world_size=3)
