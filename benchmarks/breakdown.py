@@ -100,6 +100,9 @@ def profile(cfg, num_steps: int = 20) -> dict:
     dense         interaction + tower + heads + losses, forward + backward (embeddings as inputs)
     dense_opt     Adam step + zero_grad over the dense parameters
     bare_step     the whole step without Lightning (``bare_step``)
+
+    With ``trainer.precision: bf16-mixed`` the dense part and the bare step run under CPU bf16
+    autocast, as the trainer runs them.
     """
     from data.dataset import DatasetMeta
     from trainer.sharding import resolve_num_embeddings
@@ -109,7 +112,8 @@ def profile(cfg, num_steps: int = 20) -> dict:
     batches = materialize(cfg, num_embeddings, num_steps + 3)
     module, dmp, optimizer = build_dmp(cfg, num_embeddings)
     inner = dmp.module
-    result: dict[str, float] = {"batch_size": cfg.data.batch_size}
+    result: dict = {"batch_size": cfg.data.batch_size, "precision": cfg.trainer.precision}
+    bf16 = cfg.trainer.precision == "bf16-mixed"
 
     # data: a fresh stream per pass, timed to the same number of full batches
     from data.reader import BatchStream
@@ -146,11 +150,15 @@ def profile(cfg, num_steps: int = 20) -> dict:
     by_id = {id(b): c for b, c in zip(batches, cached)}
 
     def dense_fwd_bwd(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = dense_forward(batch)
+        loss.backward()
+
+    def dense_forward(batch):
         pooled = {k: v.requires_grad_(True) for k, v in by_id[id(batch)].items()}
         features = inner.interaction([pooled[name] for name in inner.feature_names], batch.dense)
         outputs = inner.heads(inner.tower(features))
-        loss = inner.balancer(inner.losses(outputs, batch.labels, batch.label_mask, batch.weights))
-        loss.backward()
+        return inner.balancer(inner.losses(outputs, batch.labels, batch.label_mask, batch.weights))
 
     def dense_opt(batch):
         for group in optimizer.param_groups:
@@ -163,7 +171,12 @@ def profile(cfg, num_steps: int = 20) -> dict:
     result["embedding_fwd_bwd_ms"] = timed(embedding_fwd_bwd)
     result["dense_fwd_bwd_ms"] = timed(dense_fwd_bwd)
     result["dense_opt_ms"] = timed(dense_opt)
-    result["bare_step_ms"] = timed(lambda b: bare_step(dmp, optimizer, b))
+
+    def whole_step(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            bare_step(dmp, optimizer, batch)
+
+    result["bare_step_ms"] = timed(whole_step)
     result["num_lookups_per_step"] = int(batches[0].sparse.values().numel())
     return result
 
@@ -173,9 +186,9 @@ def prototypes(cfg, num_steps: int = 20, reps: int = 3) -> dict:
     bare-loop samples/s of the model as it is vs with a candidate change, alternating, median of
     ``reps``. Candidates:
 
-    gate_bmm      ``models.layers.Gate.forward`` mixes experts with ``torch.bmm`` (B,1,E)@(B,E,D)
-                  instead of ``einsum("be,bed->bd")``
-    gate_mul_sum  the same mix as ``(probabilities.unsqueeze(-1) * expert_outputs).sum(1)``
+    gate_einsum   ``models.layers.Gate.forward`` mixes experts with ``einsum("be,bed->bd")`` (what it
+                  did before the broadcast multiply + sum it uses now)
+    gate_bmm      the same mix as ``torch.bmm`` (B,1,E) @ (B,E,D)
     threads_1     the model as it is with ``torch.set_num_threads(1)``
     """
     import statistics
@@ -195,14 +208,14 @@ def prototypes(cfg, num_steps: int = 20, reps: int = 3) -> dict:
         probabilities = torch.softmax(self.logits(x), dim=-1)
         return torch.bmm(probabilities.unsqueeze(1), expert_outputs).squeeze(1)
 
-    def gate_mul_sum(self, x, expert_outputs):
+    def gate_einsum(self, x, expert_outputs):
         probabilities = torch.softmax(self.logits(x), dim=-1)
-        return (probabilities.unsqueeze(-1) * expert_outputs).sum(1)
+        return torch.einsum("be,bed->bd", probabilities, expert_outputs)
 
     variants = {
         "as_is": (original, threads),
+        "gate_einsum": (gate_einsum, threads),
         "gate_bmm": (gate_bmm, threads),
-        "gate_mul_sum": (gate_mul_sum, threads),
         "threads_1": (original, 1),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}

@@ -19,7 +19,13 @@ from benchmarks.common import EMBEDDING_DIM, MULTI_HOT, NUM_THREADS, SPARSE, TOW
 
 
 def config_tree(
-    data: str, tower: str, batch_size: int, epochs: int, run_dir: str, threads: int = NUM_THREADS
+    data: str,
+    tower: str,
+    batch_size: int,
+    epochs: int,
+    run_dir: str,
+    threads: int = NUM_THREADS,
+    precision: str = "32-true",
 ) -> dict:
     """The benchmark task as a towerrec config (dict form of a YAML file)."""
     sparse = [{"name": name, "embedding_dim": EMBEDDING_DIM} for name in SPARSE]
@@ -45,6 +51,7 @@ def config_tree(
             "accelerator": "cpu",
             "max_epochs": epochs,
             "num_threads": threads,
+            "precision": precision,
             "embedding_optimizer": {"type": "rowwise_adagrad", "lr": 0.05},
             "dense_optimizer": {"type": "adam", "lr": 0.001},
             "progress_bar": False,
@@ -113,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=NUM_THREADS, help="torch threads (trainer.num_threads)"
     )
+    parser.add_argument(
+        "--precision", choices=("32-true", "bf16-mixed"), default="32-true", help="trainer.precision"
+    )
     parser.add_argument("--profile", action="store_true", help="time the parts of a step instead")
     parser.add_argument(
         "--prototypes", action="store_true", help="measure monkeypatched candidate changes instead"
@@ -120,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     with tempfile.TemporaryDirectory() as run_dir:
-        tree = config_tree(args.data, args.tower, args.batch_size, args.epochs, run_dir, args.threads)
+        tree = config_tree(
+            args.data, args.tower, args.batch_size, args.epochs, run_dir, args.threads, args.precision
+        )
         if args.prototypes:
             from benchmarks.breakdown import prototypes
 

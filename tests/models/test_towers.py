@@ -221,3 +221,35 @@ def test_zero_weight_task_gets_no_gradient(tower, planted_problem):
         second_task += module.gates[1].parameters()
     assert all(p.grad is None or not p.grad.any() for p in second_task)
     assert heads.units[0].weight.grad.any()
+
+
+def test_stacked_experts_equal_independent_expert_mlps():
+    from models.layers import Experts, Gate
+
+    torch.manual_seed(0)
+    experts = Experts(in_dim=6, num_experts=3, dims=[5, 4])
+    x = torch.randn(7, 6)
+    expected = []
+    for e in range(3):  # each expert alone: relu(relu(x W1_e + b1_e) W2_e + b2_e)
+        hidden = torch.relu(x @ experts.weights[0][e] + experts.biases[0][e])
+        expected.append(torch.relu(hidden @ experts.weights[1][e] + experts.biases[1][e]))
+    outputs = experts(x)
+    assert outputs.shape == (7, 3, 4)
+    torch.testing.assert_close(outputs, torch.stack(expected, dim=1))
+    assert experts.last_weights() == [experts.weights[1]]
+
+    gate = Gate(6, 3)
+    probabilities = torch.softmax(gate.logits(x), dim=-1)
+    mixed = sum(probabilities[:, e : e + 1] * expected[e] for e in range(3))
+    torch.testing.assert_close(gate(x, outputs), mixed)
+
+
+def test_experts_initialise_like_linear_layers():
+    from models.layers import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(in_dim=100, num_experts=4, dims=[64])
+    bound = 1.0 / 100**0.5
+    assert experts.weights[0].abs().max() <= bound and experts.weights[0].abs().max() > 0.9 * bound
+    # independent experts, not copies of one
+    assert not torch.equal(experts.weights[0][0], experts.weights[0][1])
