@@ -128,6 +128,12 @@ class PrepareConfig:
     """Missing/NaN dense value: ``fill`` (with ``dense_fill``) or ``drop`` the row."""
     dense_fill: float = 0.0
     """Value of a missing dense feature with ``missing_dense: fill``."""
+    negatives_per_positive: int = 0
+    """``movielens100k``: add this many sampled negatives per rated row to every split: items drawn
+    uniformly from the catalogue that the user did not rate (in the training and validation splits;
+    for test negatives, in any split), with the rated row's user-side and time features. Rows get a
+    ``rated`` label (1 rated, 0 sampled); a sampled row has no ``rating``/``click`` (null), so tasks
+    on those labels set ``mask: rated``. 0: no negatives and no ``rated`` column."""
     log_transform: bool | None = None
     """Dense x → log(1 + max(x, 0)); ``null`` = the format's default (``criteo``: true, others: false)."""
     clip_quantile: float | None = None

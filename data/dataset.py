@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -88,6 +89,17 @@ class DatasetMeta:
     def vocab_size(self, column: str) -> int | None:
         return self.columns.get(column, {}).get("num_embeddings")
 
+    def vocabulary(self, column: str) -> np.ndarray | None:
+        """Raw ids of ``column``'s rows: entry r - 1 is the original id of row r (None: not saved,
+        e.g. hashed ids or a data set written before vocabularies were saved)."""
+        file = self.columns.get(column, {}).get("vocabulary")
+        if not file:
+            return None
+        try:
+            return pq.read_table(self.root / file).column("id").to_numpy(zero_copy_only=False)
+        except (OSError, pa.ArrowInvalid, KeyError) as err:
+            raise DataError(f"{self.root / file}: cannot read the vocabulary of {column!r} ({err})") from err
+
 
 class DatasetWriter:
     """Streams tables into ``num_shards`` Parquet files per split, in bounded memory.
@@ -120,6 +132,14 @@ class DatasetWriter:
         self._next_shard: dict[str, int] = {}
         self._schema: pa.Schema | None = None
         self._splits_seen: set[str] = set()
+        self._vocabularies: dict[str, str] = {}
+
+    def write_vocabulary(self, column: str, keys: np.ndarray) -> None:
+        """Saves the raw ids of ``column``'s embedding rows 1..len(keys) (row 0: unseen ids), so that
+        outputs can name the original ids (``DatasetMeta.vocabulary``)."""
+        file = f"vocabulary.{column}.parquet"
+        pq.write_table(pa.table({"id": np.asarray(keys)}), self.tmp / file)
+        self._vocabularies[column] = file
 
     def write(self, split: str, table: pa.Table) -> None:
         self._splits_seen.add(split)
@@ -187,6 +207,10 @@ class DatasetWriter:
                 rel = f"{split_dir.name}/{file.name}"
                 groups += [[rel, i, meta.row_group(i).num_rows] for i in range(meta.num_row_groups)]
             splits[split_dir.name] = groups
+        columns = {
+            name: {**info, "vocabulary": self._vocabularies[name]} if name in self._vocabularies else info
+            for name, info in columns.items()
+        }
         metadata = {
             "format_version": FORMAT_VERSION,
             "columns": columns,

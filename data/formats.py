@@ -381,6 +381,9 @@ def convert(
     writer = DatasetWriter(out, num_shards=cfg.num_shards, row_group_size=cfg.row_group_size)
     rows_per_split = dict.fromkeys(SPLIT_NAMES, 0)
     try:  # the last pass: encode and write
+        for name, mapper in mappers.items():
+            if mapper.vocabulary is not None:
+                writer.write_vocabulary(name, mapper.vocabulary.keys)
         cleaning_report: dict[str, Any] = {}
         for table, _, keys, cleaner in cleaned():
             cleaning_report = cleaner.report

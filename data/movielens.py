@@ -13,6 +13,11 @@ vocabulary) and ``item_users_r1`` .. ``item_users_r5`` (users who rated the item
 vocabulary), each the ``HISTORY_MAX_IDS`` most recent, and the labels ``rating`` (1..5) and
 ``click`` (= rating >= 4).
 
+With ``negatives_per_positive`` = k > 0 every split also gets k sampled unrated items per rated row
+(see ``with_negatives``) and a ``rated`` label: 1 for the rated rows, 0 for the sampled ones, whose
+``rating`` and ``click`` are null. That is the data for a model of which items a user rates at all,
+P(rated), beside how they rate them: what a top-K list needs (``configs/movielens100k_topk.yaml``).
+
 The neighbourhood bags are the inputs of a graph-convolution encoder in the style of GC-MC (van
 den Berg et al., 2017): with one embedding table per rating level and mean pooling, a user is
 represented by the items they rated r for each r (and an item by its raters), so the model sees
@@ -115,10 +120,11 @@ def _history_features(
     train_users,
     train_items,
     train_ratings,
-    leave_one_out: bool,
+    leave_out: np.ndarray,
     ratings,
 ) -> dict[str, np.ndarray]:
-    """Mean rating and log count per user and item from the training split (smoothed to the global mean)."""
+    """Mean rating and log count per user and item from the training split (smoothed to the global
+    mean); rows where ``leave_out`` is true are training rows that must not see their own rating."""
     global_mean = float(train_ratings.mean())
     out = {}
     for prefix, keys, train_keys in (("user", users, train_users), ("item", items, train_items)):
@@ -126,9 +132,8 @@ def _history_features(
         sums = np.bincount(train_keys, weights=train_ratings, minlength=size)
         counts = np.bincount(train_keys, minlength=size).astype(np.float64)
         row_sums, row_counts = sums[keys], counts[keys]
-        if leave_one_out:
-            row_sums = row_sums - ratings
-            row_counts = row_counts - 1
+        row_sums = row_sums - np.where(leave_out, ratings, 0.0)
+        row_counts = row_counts - leave_out
         prior = 5.0
         out[f"{prefix}_mean_rating"] = ((row_sums + prior * global_mean) / (row_counts + prior)).astype(
             np.float32
@@ -167,27 +172,72 @@ def _neighbourhoods(
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per rating level r: for each row, the ``other`` ids (raw) that the row's ``key`` rated r in the
     training split, most recent first, at most ``HISTORY_MAX_IDS``; without the row's own ``other``
-    when ``leave_one_out``. Returns {r: (offsets (N + 1,), values)}."""
+    when ``leave_one_out``. Returns {r: (offsets (N + 1,), values)}. Vectorized: one gather of every
+    row's bag, then a filter and a cap, no per-row Python."""
     out = {}
     order = np.lexsort((-train["timestamp"], train[key]))  # by key, then most recent first
+    size = int(max(keys.max(initial=0), train[key].max(initial=0))) + 1
+    num_rows = len(keys)
+
+    def starts_of(lengths: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
     for level in RATING_LEVELS:
         chosen = order[train["rating"][order] == level]
-        by_key: dict[int, np.ndarray] = {}
-        if len(chosen):
-            sorted_keys = train[key][chosen]
-            bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
-            for group in np.split(chosen, bounds):
-                by_key[int(train[key][group[0]])] = train[other][group[: HISTORY_MAX_IDS + 1]]
-        empty = np.zeros(0, dtype=np.int64)
-        bags = []
-        for row_key, row_other in zip(keys.tolist(), others.tolist()):
-            bag = by_key.get(row_key, empty)
-            if leave_one_out:
-                bag = bag[bag != row_other]
-            bags.append(bag[:HISTORY_MAX_IDS])
-        offsets = np.concatenate([[0], np.cumsum([len(b) for b in bags])]).astype(np.int32)
-        values = np.concatenate(bags) if bags else empty
+        chosen_keys = train[key][chosen]
+        # each key's most recent HISTORY_MAX_IDS + 1 (one may be the row's own pair, left out below)
+        rank = np.arange(len(chosen)) - starts_of(np.bincount(chosen_keys, minlength=size))[chosen_keys]
+        kept = chosen[rank <= HISTORY_MAX_IDS]
+        bag_lengths = np.bincount(train[key][kept], minlength=size)
+        bag_values = train[other][kept]
+        lengths = bag_lengths[keys]
+        row_of = np.repeat(np.arange(num_rows), lengths)
+        gather = np.arange(lengths.sum()) - np.repeat(starts_of(lengths), lengths)
+        values = bag_values[starts_of(bag_lengths)[keys][row_of] + gather]
+        if leave_one_out:
+            keep = values != others[row_of]
+            values, row_of = values[keep], row_of[keep]
+        position = np.arange(len(values)) - starts_of(np.bincount(row_of, minlength=num_rows))[row_of]
+        keep = position < HISTORY_MAX_IDS
+        values, row_of = values[keep], row_of[keep]
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=num_rows))]).astype(np.int32)
         out[level] = (offsets, values.astype(np.int64))
+    return out
+
+
+def with_negatives(
+    rows: dict[str, np.ndarray],
+    excluded: np.ndarray,
+    catalogue: np.ndarray,
+    per_row: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """``rows`` plus ``per_row`` sampled negatives per row and a ``rated`` column (1 / 0).
+
+    A negative copies its rated row's user and timestamp and takes an item drawn uniformly from
+    ``catalogue`` (sorted raw item ids) such that ``user * (catalogue[-1] + 1) + item`` is not in
+    ``excluded`` (sorted codes of rated pairs); its rating is NaN. Collisions are redrawn, all rows at
+    once, until none is left (a user who rated every item would never finish: rejected up front).
+    """
+    stride = int(catalogue[-1]) + 1
+    users = np.repeat(rows["user"], per_row)
+    rated_per_user = np.bincount(excluded // stride, minlength=int(users.max(initial=0)) + 1)
+    if len(users) and (rated_per_user[users] >= len(catalogue)).any():
+        raise DataError("data.prepare.negatives_per_positive: a user rated every item; nothing to sample")
+    items = catalogue[rng.integers(0, len(catalogue), len(users))]
+    while True:
+        clash = np.flatnonzero(np.isin(users * stride + items, excluded, assume_unique=False))
+        if not len(clash):
+            break
+        items[clash] = catalogue[rng.integers(0, len(catalogue), len(clash))]
+    negatives = {
+        "user": users,
+        "item": items,
+        "rating": np.full(len(users), np.nan, dtype=np.float32),
+        "timestamp": np.repeat(rows["timestamp"], per_row),
+    }
+    out = {key: np.concatenate([rows[key], negatives[key]]) for key in negatives}
+    out["rated"] = np.concatenate([np.ones(len(rows["user"])), np.zeros(len(users))]).astype(np.float32)
     return out
 
 
@@ -219,7 +269,32 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     }
     user_info = _user_table(root)
     item_info = _item_table(root)
-    train = splits["train"]
+    train = splits["train"]  # rated rows only: vocabularies and history features come from these
+    if cfg.negatives_per_positive < 0:
+        raise DataError(
+            f"data.prepare.negatives_per_positive: must be >= 0, got {cfg.negatives_per_positive}"
+        )
+    if cfg.negatives_per_positive:
+        catalogue = np.flatnonzero(item_info["genres"].any(1) | (item_info["year"] > 0))
+        catalogue = np.union1d(catalogue, np.concatenate([rows["item"] for rows in splits.values()]))
+        stride = int(catalogue[-1]) + 1
+
+        def codes(*parts: dict[str, np.ndarray]) -> np.ndarray:
+            return np.unique(np.concatenate([p["user"] * stride + p["item"] for p in parts]))
+
+        seen_before_test = codes(splits["train"], splits["val"])
+        seen_anywhere = codes(splits["train"], splits["val"], splits["test"])
+        negatives_rng = np.random.default_rng(cfg.seed + 2)
+        splits = {
+            name: with_negatives(
+                rows,
+                seen_anywhere if name == "test" else seen_before_test,
+                catalogue,
+                cfg.negatives_per_positive,
+                negatives_rng,
+            )
+            for name, rows in splits.items()
+        }
 
     def raw_columns(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         users, items = rows["user"], rows["item"]
@@ -236,9 +311,12 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     train_raw = raw_columns(train)
     vocabs = {name: Vocabulary.fit(train_raw[name]) for name in SPARSE_COLUMNS}
     writer = DatasetWriter(out, num_shards=cfg.num_shards, row_group_size=cfg.row_group_size)
+    for name in ("user_id", "item_id"):
+        writer.write_vocabulary(name, vocabs[name].keys)
     genre_values = np.arange(NUM_GENRES, dtype=np.int64) + 1  # row 0 stays unused (no genre)
     for name, rows in splits.items():
-        raw = train_raw if name == "train" else raw_columns(rows)
+        raw = raw_columns(rows)
+        rated = rows.get("rated", np.ones(len(rows["user"]), dtype=np.float32)) == 1
         columns: dict[str, pa.Array] = {
             name_: pa.array(vocabs[name_].lookup(raw[name_])) for name_ in SPARSE_COLUMNS
         }
@@ -253,8 +331,8 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
             train["user"],
             train["item"],
             train["rating"],
-            name == "train",
-            rows["rating"],
+            (name == "train") & rated,
+            np.nan_to_num(rows["rating"]),
         )
         columns.update({key: pa.array(value) for key, value in history.items()})
         time_columns = _time_features(rows, train, item_info["year"])
@@ -269,8 +347,10 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
                     pa.array(offsets), pa.array(vocabs[vocab].lookup(values))
                 )
         columns["timestamp"] = pa.array(rows["timestamp"])
-        columns["rating"] = pa.array(rows["rating"].astype(np.float32))
-        columns["click"] = pa.array((rows["rating"] >= 4).astype(np.float32))
+        columns["rating"] = pa.array(rows["rating"].astype(np.float32), mask=~rated)
+        columns["click"] = pa.array((rows["rating"] >= 4).astype(np.float32), mask=~rated)
+        if "rated" in rows:
+            columns["rated"] = pa.array(rows["rated"])
         writer.write(name, pa.table(columns))
     meta_columns = {
         name: {"kind": "sparse", "num_embeddings": vocabs[name].num_embeddings} for name in SPARSE_COLUMNS
@@ -291,11 +371,14 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     meta_columns["timestamp"] = {"kind": "other"}
     meta_columns["rating"] = {"kind": "label", "min": 1.0, "max": 5.0}
     meta_columns["click"] = {"kind": "label", "min": 0.0, "max": 1.0}
+    if cfg.negatives_per_positive:
+        meta_columns["rated"] = {"kind": "label", "min": 0.0, "max": 1.0}
     report = {
         "converter": "movielens100k",
         "source": str(root),
         "split": cfg.split,
         "rows_per_split": {name: int(len(rows["user"])) for name, rows in splits.items()},
+        "negatives_per_positive": cfg.negatives_per_positive,
         "train_rating_mean": float(train["rating"].mean()),
     }
     return writer.commit(columns=meta_columns, report=report)

@@ -347,6 +347,13 @@ class BatchStream:
         label_mask = np.ones((num_rows, len(spec.labels)), dtype=np.float32)
         for j, label in enumerate(spec.labels):
             values = _floats(_column(table, label.column, locator), label.column, locator)
+            counted = np.ones(num_rows, dtype=bool)
+            if label.mask_column:
+                mask = _floats(_column(table, label.mask_column, locator), label.mask_column, locator)
+                counted = np.isfinite(mask) & (mask != 0)
+                label_mask[:, j] = counted
+                # a masked-out row's label is undefined (e.g. no rating for a sampled negative)
+                values = np.where(counted, values, 0.0).astype(np.float32)
             invalid = ~np.isfinite(values)
             if label.binary:
                 invalid |= (values != 0) & (values != 1)
@@ -357,6 +364,7 @@ class BatchStream:
                 if label.max_value is not None:
                     invalid |= values > label.max_value
                 allowed = f"[{label.min_value}, {label.max_value}]"
+            invalid &= counted
             if invalid.any():
                 if not spec.skip_bad_rows:
                     row = int(np.flatnonzero(invalid)[0])
@@ -366,9 +374,6 @@ class BatchStream:
                 bad |= invalid
                 values = np.where(invalid, 0, values)
             labels[:, j] = values
-            if label.mask_column:
-                mask = _floats(_column(table, label.mask_column, locator), label.mask_column, locator)
-                label_mask[:, j] = np.where(np.isfinite(mask) & (mask != 0), 1.0, 0.0)
 
         if spec.sample_weight_column:
             weights = _floats(

@@ -161,6 +161,10 @@ class _Checker:
                 if label.max_value is not None:
                     invalid = pc.or_(invalid, pc.fill_null(pc.greater(values, label.max_value), False))
                 allowed = f"[{label.min_value}, {label.max_value}]"
+            if label.mask_column:  # rows the task's mask leaves out may have any label (or none)
+                mask = table.column(label.mask_column).combine_chunks().cast(pa.float64())
+                counted = pc.fill_null(pc.and_(pc.is_finite(mask), pc.not_equal(mask, 0.0)), False)
+                invalid = pc.and_(invalid, counted)
             merge(
                 self.value_problem(
                     where, invalid, label.column, f"is a label outside {allowed} or missing", values

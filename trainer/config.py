@@ -165,6 +165,10 @@ class RecommendConfig:
     """Multiply each item's (positive) ranking score by (1 + its training-split interactions)^exponent.
     A model trained on observed interactions only predicts how a user would rate an item *given*
     an interaction; exponent 1 approximates P(interaction) × P(liked | interaction)."""
+    interaction_column: str | None = None
+    """Column marking real interactions (non-zero) in a data set that also holds sampled negatives
+    (0), e.g. ``rated`` from ``data.prepare.negatives_per_positive``: only real interactions count
+    as seen (``exclude_seen``) and in the popularity baseline's counts. Default: every row is one."""
     max_pairs_per_step: int = 262144
     """(user, item) pairs scored per forward pass (bounds activation memory: pairs × interaction width)."""
 

@@ -79,7 +79,8 @@ class Rows:
     """Feature values of data set rows, already mapped to embedding rows as the training reader does.
 
     ``sparse[name]``: Jagged ids per row; ``dense``: (N, num_dense) float32; ``users``/``items``:
-    the raw user and item ids of each row (N,) int64; ``labels``: (N, T) float32 and ``label_mask``.
+    the raw user and item ids of each row (N,) int64; ``labels``: (N, T) float32 and ``label_mask``;
+    ``interaction``: (N,) bool, false for sampled negatives (``recommend.interaction_column``).
     """
 
     sparse: dict[str, Jagged]
@@ -88,10 +89,26 @@ class Rows:
     items: np.ndarray
     labels: np.ndarray
     label_mask: np.ndarray
+    interaction: np.ndarray
 
     @property
     def num_rows(self) -> int:
         return len(self.users)
+
+    def interactions(self) -> Rows:
+        """The rows that are real interactions (all of them when there are no sampled negatives)."""
+        if self.interaction.all():
+            return self
+        rows = np.flatnonzero(self.interaction)
+        return Rows(
+            sparse={name: jagged.take(rows) for name, jagged in self.sparse.items()},
+            dense=self.dense[rows],
+            users=self.users[rows],
+            items=self.items[rows],
+            labels=self.labels[rows],
+            label_mask=self.label_mask[rows],
+            interaction=self.interaction[rows],
+        )
 
 
 def _feature(cfg: Config, name: str, key: str) -> SparseFeature:
@@ -119,6 +136,9 @@ def read_rows(cfg: Config, meta: DatasetMeta, split: str, num_embeddings: dict[s
     columns = [f.source_column for f in cfg.data.sparse] + [f.source_column for f in cfg.data.dense]
     for task in cfg.tasks:
         columns += [task.label_column] + ([task.mask] if task.mask else [])
+    interaction_column = cfg.recommend.interaction_column
+    if interaction_column:
+        columns.append(interaction_column)
     columns = list(dict.fromkeys(columns))
     files = list(dict.fromkeys(rg.file for rg in meta.row_groups(split)))
     tables = []
@@ -126,6 +146,10 @@ def read_rows(cfg: Config, meta: DatasetMeta, split: str, num_embeddings: dict[s
         try:
             tables.append(pq.read_table(file, columns=columns))
         except (pa.ArrowInvalid, OSError, KeyError) as err:
+            if interaction_column and interaction_column not in pq.read_schema(file).names:
+                raise RecommendError(
+                    f"recommend.interaction_column: {file} has no column {interaction_column!r}"
+                ) from err
             raise DataError(f"{file}: cannot read columns {columns} ({err})") from err
     table = pa.concat_tables(tables).combine_chunks()
     where = files[0] if files else str(meta.root)
@@ -159,6 +183,10 @@ def read_rows(cfg: Config, meta: DatasetMeta, split: str, num_embeddings: dict[s
         if task.mask:
             mask = np.asarray(table.column(task.mask).to_numpy(zero_copy_only=False), dtype=np.float32)
             label_mask[:, t] = np.isfinite(mask) & (mask != 0)
+    interaction = np.ones(table.num_rows, dtype=bool)
+    if interaction_column:
+        flags = np.asarray(table.column(interaction_column).to_numpy(zero_copy_only=False), np.float64)
+        interaction = np.isfinite(flags) & (flags != 0)
     return Rows(
         sparse=sparse,
         dense=dense,
@@ -166,6 +194,7 @@ def read_rows(cfg: Config, meta: DatasetMeta, split: str, num_embeddings: dict[s
         items=_int_column(table, item_feature.source_column, where),
         labels=labels,
         label_mask=label_mask,
+        interaction=interaction,
     )
 
 
@@ -177,6 +206,7 @@ def concat_rows(parts: Sequence[Rows]) -> Rows:
         items=np.concatenate([p.items for p in parts]),
         labels=np.concatenate([p.labels for p in parts]),
         label_mask=np.concatenate([p.label_mask for p in parts]),
+        interaction=np.concatenate([p.interaction for p in parts]),
     )
 
 
@@ -493,7 +523,7 @@ def load_catalogue(cfg: Config, meta: DatasetMeta, extra_users=None, extra_items
             raise RecommendError(
                 f"recommend.seen_splits: split {split!r} is not in {meta.root} (have: {', '.join(by_split)})"
             )
-    seen = concat_rows([by_split[s] for s in seen_splits]) if seen_splits else None
+    seen = concat_rows([by_split[s] for s in seen_splits]).interactions() if seen_splits else None
     return Catalogue(
         users=build_entities(cfg, everything, "user", num_embeddings, extra_users),
         items=build_entities(cfg, everything, "item", num_embeddings, extra_items),
@@ -522,7 +552,7 @@ def excluded_pairs(
 
 def item_counts(cfg: Config, catalogue: Catalogue) -> np.ndarray:
     """Training-split interactions per item entity (E_items,)."""
-    positions = catalogue.items.positions(catalogue.splits[cfg.data.train_split].items)
+    positions = catalogue.items.positions(catalogue.splits[cfg.data.train_split].interactions().items)
     return np.bincount(positions[positions >= 0], minlength=len(catalogue.items.ids))
 
 
@@ -569,10 +599,25 @@ def recommend(
     return users.ids[user_rows], items.ids[item_rows], result
 
 
+def original_ids(ids: np.ndarray, vocabulary: np.ndarray) -> pa.Array:
+    """Data set ids (vocabulary rows) → the original ids they encode; null for row 0 (unseen) and
+    for ids outside the vocabulary."""
+    known = (ids >= 1) & (ids <= len(vocabulary))
+    return pa.array(np.asarray(vocabulary)[np.where(known, ids - 1, 0)], mask=~known)
+
+
 def to_table(
-    user_ids: np.ndarray, candidate_ids: np.ndarray, result: TopK, task_names: list[str]
+    user_ids: np.ndarray,
+    candidate_ids: np.ndarray,
+    result: TopK,
+    task_names: list[str],
+    vocabularies: dict[str, np.ndarray | None] | None = None,
 ) -> pa.Table:
-    """Long format: one row per (user, rank) with ``user, rank, item, score`` and one column per task."""
+    """Long format: one row per (user, rank) with ``user, rank, item, score`` and one column per task.
+
+    ``user``/``item`` are data set ids (what the training data and ``--users``/``--candidates`` hold).
+    With ``vocabularies["user"]``/``["item"]`` (the data set's saved vocabularies) the table also
+    has ``original_user``/``original_item``: the ids of the source data (e.g. MovieLens ids)."""
     num_users, k = result.items.shape
     items = result.items.numpy()
     keep = (items >= 0).ravel()
@@ -582,6 +627,9 @@ def to_table(
         "item": candidate_ids[np.maximum(items, 0)].ravel()[keep],
         "score": result.scores.numpy().ravel()[keep],
     }
+    for side, vocabulary in (vocabularies or {}).items():
+        if vocabulary is not None:
+            columns[f"original_{side}"] = original_ids(columns[side], vocabulary)
     for t, name in enumerate(task_names):
         columns[name] = result.predictions[:, :, t].numpy().ravel()[keep]
     return pa.table(columns)
@@ -683,8 +731,12 @@ def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     users, candidates, result = recommend(cfg, model, catalogue, user_ids, candidate_ids)
     scored = time.perf_counter()
+    vocabularies = {
+        side: meta.vocabulary(_feature(cfg, name, f"recommend.{side}_feature").source_column)
+        for side, name in (("user", rec.user_feature), ("item", rec.item_feature))
+    }
     out = write_table(
-        to_table(users, candidates, result, model.task_names),
+        to_table(users, candidates, result, model.task_names, vocabularies),
         args.output or Path(cfg.run_dir) / "recommendations.parquet",
     )
     unknown_users = int((~catalogue.users.known[catalogue.users.positions(users)]).sum())

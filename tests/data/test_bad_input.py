@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from data.config import DenseFeature, PrepareConfig, SparseFeature
 from data.dataset import DataError, DatasetMeta, DatasetWriter
@@ -22,6 +23,7 @@ COLUMNS = {
     "price": {"kind": "dense"},
     "rating": {"kind": "label", "min": 1.0, "max": 5.0},
     "click": {"kind": "label", "min": 0.0, "max": 1.0},
+    "rated": {"kind": "label", "min": 0.0, "max": 1.0},
 }
 
 
@@ -112,6 +114,35 @@ def test_labels_out_of_range(tmp_path):
     )
     missing = pa.array([1.0] * 11 + [None])
     check(build(tmp_path / "n", rating=missing), "column 'rating' is a label outside [1.0, 5.0] or missing")
+
+
+def test_masked_out_rows_may_have_no_label(tmp_path):
+    """A task's mask leaves rows out (e.g. sampled negatives have no rating): their label is not
+    checked and reads as 0 with mask 0; a missing label on a counted row is still an error."""
+    from data.reader import BatchStream
+
+    rating = pa.array([None if k % 3 == 0 else float(k % 5 + 1) for k in range(12)], pa.float32())
+    rated = pa.array([0.0 if k % 3 == 0 else 1.0 for k in range(12)], pa.float32())
+    meta = build(tmp_path / "d", rating=rating, rated=rated)
+    masked = ReadSpec(
+        sparse=spec().sparse,
+        dense=spec().dense,
+        labels=(
+            LabelSpec("rating", mask_column="rated", min_value=1.0, max_value=5.0),
+            LabelSpec("click", binary=True),
+        ),
+        num_embeddings=spec().num_embeddings,
+    )
+    assert validate_dataset(meta, masked)["bad_rows"] == 0
+    batches = list(BatchStream(meta, "train", masked, batch_size=12, seed=0))
+    labels, mask = batches[0].labels, batches[0].label_mask
+    assert torch.isfinite(labels).all()
+    assert mask[:, 0].sum() == 8 and (labels[:, 0][mask[:, 0] == 0] == 0).all()
+    assert set(labels[:, 0][mask[:, 0] == 1].tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    # the same missing ratings without the mask are bad rows
+    check(meta, "column 'rating' is a label outside [1.0, 5.0] or missing")
+    with pytest.raises(DataError, match="label column 'rating' has value nan"):
+        list(BatchStream(meta, "train", spec(), batch_size=12, seed=0))
 
 
 def test_nan_dense_unless_fill(tmp_path):

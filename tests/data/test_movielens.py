@@ -39,3 +39,97 @@ def test_unseen_test_items_map_to_the_oov_row(u1):
     assert 0 not in train_items
     assert (test_items == 0).any()  # u1.test has items that u1.base never rated
     assert set(test_items[test_items > 0]) <= train_items
+
+
+def test_vocabularies_map_rows_back_to_movielens_ids(u1, ml100k_dir):
+    users, items = u1.vocabulary("user_id"), u1.vocabulary("item_id")
+    assert len(users) == u1.columns["user_id"]["num_embeddings"] - 1
+    assert len(items) == u1.columns["item_id"]["num_embeddings"] - 1
+    assert u1.vocabulary("gender") is None  # only the id columns are saved
+    base = np.loadtxt(ml100k_dir / "splits" / "u1.base", dtype=np.int64)
+    val = pq.read_table(u1.root / "val", columns=["user_id", "item_id", "timestamp"]).to_pydict()
+    # every validation row, mapped back, is a row of u1.base (same user, item and time)
+    codes = set(zip(base[:, 0].tolist(), base[:, 1].tolist(), base[:, 3].tolist()))
+    user_rows, item_rows = np.array(val["user_id"]), np.array(val["item_id"])
+    known = item_rows > 0  # items rated only in the validation slice are out of vocabulary (row 0)
+    assert known.mean() > 0.95
+    mapped = zip(
+        users[user_rows[known] - 1].tolist(),
+        items[item_rows[known] - 1].tolist(),
+        np.array(val["timestamp"])[known].tolist(),
+    )
+    assert all(row in codes for row in mapped)
+
+
+@pytest.fixture(scope="module")
+def u1_negatives(tmp_path_factory, ml100k_dir):
+    cfg = PrepareConfig(
+        format="movielens100k",
+        source=str(ml100k_dir),
+        split="u1",
+        num_shards=2,
+        val_fraction=0.1,
+        negatives_per_positive=2,
+    )
+    return prepare_movielens100k(cfg, str(tmp_path_factory.mktemp("ml") / "u1neg"))
+
+
+def _raw_pairs(meta, split: str) -> tuple[np.ndarray, dict]:
+    table = pq.read_table(meta.root / split).to_pydict()
+    users = meta.vocabulary("user_id")[np.array(table["user_id"]) - 1]
+    items = np.array(table["item_id"])
+    raw_items = np.where(items > 0, meta.vocabulary("item_id")[np.maximum(items, 1) - 1], -1)
+    return users * 10_000 + raw_items, table
+
+
+def test_sampled_negatives_are_unrated_pairs_with_no_rating(u1, u1_negatives, ml100k_dir):
+    for split in ("train", "val", "test"):
+        assert u1_negatives.num_rows(split) == 3 * u1.num_rows(split)
+    rated = {}
+    for name in ("u1.base", "u1.test"):
+        data = np.loadtxt(ml100k_dir / "splits" / name, dtype=np.int64)
+        rated[name] = set((data[:, 0] * 10_000 + data[:, 1]).tolist())
+    # training negatives avoid what the user rated before the test; test negatives anything rated
+    for split, excluded in (("train", rated["u1.base"]), ("test", rated["u1.base"] | rated["u1.test"])):
+        codes, table = _raw_pairs(u1_negatives, split)
+        is_rated = np.array(table["rated"])
+        sampled = is_rated == 0
+        assert sampled.sum() == 2 * (is_rated == 1).sum()
+        in_vocabulary = np.array(table["item_id"]) > 0
+        assert in_vocabulary[sampled].mean() > 0.9
+        assert not set(codes[sampled & in_vocabulary].tolist()) & excluded, split
+        if split == "train":  # (a test negative may be a pair the training split never saw rated)
+            assert set(codes[~sampled & in_vocabulary].tolist()) <= excluded
+        assert all(
+            table["rating"][i] is None and table["click"][i] is None for i in np.flatnonzero(sampled)[:500]
+        )
+        assert all(table["rating"][i] is not None for i in np.flatnonzero(~sampled)[:500])
+
+
+def test_negative_rows_keep_the_users_features_and_take_the_items(u1_negatives):
+    table = pq.read_table(u1_negatives.root / "train").to_pydict()
+    rows = range(len(table["rated"]))
+    user_columns = ("gender", "age_bucket", "occupation", "zip_prefix", "user_log_days")
+    item_columns = ("release_decade", "genres")
+
+    def values(i: int, columns) -> tuple:
+        return tuple(str(table[c][i]) for c in columns)
+
+    positives = [i for i in rows if table["rated"][i] == 1]
+    negatives = [i for i in rows if table["rated"][i] == 0]
+    by_user_time = {(table["user_id"][i], table["timestamp"][i]): values(i, user_columns) for i in positives}
+    by_item = {table["item_id"][i]: values(i, item_columns) for i in positives}
+    # user-side values are copied from the rated row of the same user at the same time
+    assert all(
+        by_user_time[(table["user_id"][i], table["timestamp"][i])] == values(i, user_columns)
+        for i in negatives
+    )
+    # item-side values of a sampled row are the item's (as in that item's rated rows)
+    known = [i for i in negatives if table["item_id"][i] in by_item]
+    assert len(known) > 0.9 * len(negatives)
+    assert all(by_item[table["item_id"][i]] == values(i, item_columns) for i in known)
+
+
+def test_no_negatives_leaves_the_data_set_as_before(u1):
+    assert "rated" not in u1.columns
+    assert u1.report["negatives_per_positive"] == 0

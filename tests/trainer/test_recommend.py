@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -18,6 +19,7 @@ from trainer.recommend import (
     Entities,
     Jagged,
     ModelScorer,
+    RecommendError,
     Rows,
     load_catalogue,
     read_ids,
@@ -65,7 +67,15 @@ def pair_rows(cfg, catalogue, user_rows: np.ndarray, item_rows: np.ndarray) -> R
     dense[:, user_cols] = catalogue.users.dense[users]
     dense[:, item_cols] = catalogue.items.dense[items]
     empty = np.zeros((len(users), len(cfg.tasks)), dtype=np.float32)
-    return Rows(sparse, dense, catalogue.users.ids[users], catalogue.items.ids[items], empty, empty)
+    return Rows(
+        sparse,
+        dense,
+        catalogue.users.ids[users],
+        catalogue.items.ids[items],
+        empty,
+        empty,
+        np.ones(len(users), dtype=bool),
+    )
 
 
 def test_entities_take_each_ids_last_row(setup):
@@ -208,3 +218,51 @@ def test_evaluate_ranking_on_tiny_data(setup):
             0 <= result[who][m] <= 1 for m in ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
         )
     assert 0 <= result["classification"]["ctr"]["f1"] <= 1
+
+
+def test_sampled_negatives_are_not_seen_and_not_popularity(setup, tmp_path):
+    """With ``recommend.interaction_column`` rows marked 0 (sampled negatives) are neither excluded
+    as seen nor counted by the popularity baseline."""
+    import shutil
+
+    from data.dataset import DatasetMeta
+    from trainer.recommend import item_counts
+
+    cfg, meta, catalogue, model = setup
+    copy = tmp_path / "data"
+    shutil.copytree(meta.root, copy)
+    for file in sorted(copy.glob("*/*.parquet")):
+        table = pq.read_table(file)
+        rated = np.ones(table.num_rows, dtype=np.float32)
+        if file.parent.name == "train":
+            rated = (np.arange(table.num_rows) % 2).astype(np.float32)  # every other row "sampled"
+        pq.write_table(table.append_column("rated", pa.array(rated)), file, row_group_size=512)
+    copy_meta = DatasetMeta.load(copy)
+    cfg.recommend.interaction_column = "rated"
+    try:
+        marked = load_catalogue(cfg, copy_meta)
+        train = marked.splits["train"]
+        assert 0 < train.interaction.sum() < train.num_rows
+        real = set(zip(train.users[train.interaction].tolist(), train.items[train.interaction].tolist()))
+        val = catalogue.splits["val"]
+        expected_seen = real | set(zip(val.users.tolist(), val.items.tolist()))
+        assert set(zip(marked.seen.users.tolist(), marked.seen.items.tolist())) == expected_seen
+        positions = marked.items.positions(train.items[train.interaction])
+        assert np.array_equal(
+            item_counts(cfg, marked), np.bincount(positions, minlength=len(marked.items.ids))
+        )
+        assert item_counts(cfg, marked).sum() < item_counts(cfg, catalogue).sum()
+        cfg.recommend.interaction_column = "no_such_column"
+        with pytest.raises(
+            RecommendError, match="recommend.interaction_column: .* has no column 'no_such_column'"
+        ):
+            load_catalogue(cfg, copy_meta)
+    finally:
+        cfg.recommend.interaction_column = None
+
+
+def test_original_ids_come_from_the_saved_vocabulary():
+    from trainer.recommend import original_ids
+
+    vocabulary = np.array([10, 20, 35])  # rows 1, 2, 3
+    assert original_ids(np.array([2, 0, 3, 7, 1]), vocabulary).to_pylist() == [20, None, 35, None, 10]
