@@ -26,6 +26,7 @@ def config_tree(
     run_dir: str,
     threads: int = NUM_THREADS,
     precision: str = "32-true",
+    compile_dense: bool = False,
 ) -> dict:
     """The benchmark task as a towerrec config (dict form of a YAML file)."""
     sparse = [{"name": name, "embedding_dim": EMBEDDING_DIM} for name in SPARSE]
@@ -52,6 +53,7 @@ def config_tree(
             "max_epochs": epochs,
             "num_threads": threads,
             "precision": precision,
+            "compile": compile_dense,
             "embedding_optimizer": {"type": "rowwise_adagrad", "lr": 0.05},
             "dense_optimizer": {"type": "adam", "lr": 0.001},
             "progress_bar": False,
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--precision", choices=("32-true", "bf16-mixed"), default="32-true", help="trainer.precision"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="trainer.compile (torch.compile the dense part)"
+    )
     parser.add_argument("--profile", action="store_true", help="time the parts of a step instead")
     parser.add_argument(
         "--prototypes", action="store_true", help="measure monkeypatched candidate changes instead"
@@ -131,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     with tempfile.TemporaryDirectory() as run_dir:
         tree = config_tree(
-            args.data, args.tower, args.batch_size, args.epochs, run_dir, args.threads, args.precision
+            args.data,
+            args.tower,
+            args.batch_size,
+            args.epochs,
+            run_dir,
+            args.threads,
+            args.precision,
+            args.compile,
         )
         if args.prototypes:
             from benchmarks.breakdown import prototypes

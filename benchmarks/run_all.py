@@ -100,13 +100,24 @@ def run_peer(name: str, npz: Path, tower: str, batch_size: int, epochs: int, thr
         return run_json(command, timeout=1200, env=env)
 
 
-# our runs: system name → trainer.precision (bf16-mixed autocasts the dense part to bf16, which this
-# machine's AVX512-BF16 runs ~4-5x faster than fp32 in matmuls; the tables stay fp32)
-OURS = {"towerrec": "32-true", "towerrec bf16": "bf16-mixed"}
+# our runs: system name → (trainer.precision, trainer.compile). bf16-mixed autocasts the dense part
+# to bf16, whose matmuls this machine's AVX512-BF16 runs ~4-5x faster than fp32 (the tables and
+# optimizer state stay fp32); compile = torch.compile of the dense part (fused element-wise ops).
+OURS = {
+    "towerrec": ("32-true", False),
+    "towerrec bf16": ("bf16-mixed", False),
+    "towerrec bf16+compile": ("bf16-mixed", True),
+}
 
 
 def run_ours(
-    data: Path, tower: str, batch_size: int, epochs: int, threads: int, precision: str = "32-true"
+    data: Path,
+    tower: str,
+    batch_size: int,
+    epochs: int,
+    threads: int,
+    precision: str = "32-true",
+    compile_dense: bool = False,
 ) -> dict:
     command = [
         sys.executable,
@@ -124,6 +135,7 @@ def run_ours(
         str(threads),
         "--precision",
         precision,
+        *(["--compile"] if compile_dense else []),
     ]
     return run_json(command, timeout=1200, env={"OMP_NUM_THREADS": str(threads)})
 
@@ -142,8 +154,10 @@ def speed_vs_peers(
         runs: dict[str, list[dict]] = {**{o: [] for o in OURS}, **{p: [] for p in PEERS}}
         for rep in range(reps):
             log(f"peers: {tower} batch {batch_size} threads {threads} rep {rep + 1}/{reps}")
-            for system, precision in OURS.items():
-                runs[system].append(run_ours(data, tower, batch_size, run_epochs, threads, precision))
+            for system, (precision, compile_dense) in OURS.items():
+                runs[system].append(
+                    run_ours(data, tower, batch_size, run_epochs, threads, precision, compile_dense)
+                )
             for peer in PEERS:
                 if peer not in peer_errors:
                     runs[peer].append(run_peer(peer, npz, tower, batch_size, run_epochs, threads))
@@ -161,6 +175,7 @@ def speed_vs_peers(
                 "all_samples_per_s": [r.get("samples_per_s") for r in system_runs],
                 "rmse": median(system_runs, "rmse"),
                 "auc": median(system_runs, "auc"),
+                "wall_s": median(system_runs, "wall_s"),
                 "error": errors[0] if errors else peer_errors.get(system),
             }
         rows.append(row)
@@ -433,35 +448,37 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
         "Adagrad on the tables, Adam dense, rating head bounded to [1, 5]). Peers: their own models and",
         "training loops (Adam on everything, dense embedding gradients).",
         "",
-        "towerrec runs twice: fp32 (`trainer.precision: 32-true`) and bf16 (`bf16-mixed`: the dense part",
-        "autocast to bf16, tables and optimizer state fp32). Peers run fp32 (neither offers mixed precision on",
-        "CPU). The >= 5x target is judged at batch 4096 for each of our precisions.",
+        "towerrec runs three ways: fp32 (`trainer.precision: 32-true`, the default), bf16 (`bf16-mixed`:",
+        "the dense part autocast to bf16; tables and optimizer state stay fp32) and bf16 + compile",
+        "(`trainer.compile: true`: torch.compile of the dense part, compiled in epoch 1, which the rate",
+        "excludes for everyone; the wall column includes it). Peers run fp32: neither offers mixed precision",
+        "or compilation. The >= 5x target is judged at batch 4096 for each of our variants.",
         "",
-        "| tower | batch | threads | reps | epochs | towerrec fp32 samples/s | towerrec bf16 | torch-rechub | DeepCTR-Torch | fp32 / faster peer | bf16 / faster peer | target (>= 5x at 4096) | RMSE fp32 / bf16 / rechub / deepctr | AUC fp32 / bf16 / rechub / deepctr |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tower | batch | threads | reps | epochs | towerrec fp32 samples/s | bf16 | bf16+compile | torch-rechub | DeepCTR-Torch | / faster peer: fp32, bf16, bf16+compile | target (>= 5x at 4096) | wall s (all epochs): fp32 / bf16 / bf16+compile / rechub / deepctr | RMSE fp32 / bf16 / bf16+compile / rechub / deepctr | AUC (same order) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     missing = {"samples_per_s": float("nan"), "rmse": float("nan"), "auc": float("nan")}
     for row in sections["peers"]:
-        ours, ours_bf16 = row["towerrec"], row.get("towerrec bf16", missing)
+        ours_all = [row.get(name, missing) for name in OURS]
         peer_rates = [
             row[p]["samples_per_s"] for p in PEERS if row[p]["samples_per_s"] == row[p]["samples_per_s"]
         ]
         ratios = [
-            system["samples_per_s"] / max(peer_rates) if peer_rates else float("nan")
-            for system in (ours, ours_bf16)
+            system["samples_per_s"] / max(peer_rates) if peer_rates else float("nan") for system in ours_all
         ]
         target = ""
         if row["batch_size"] == 4096:
-            target = " / ".join(
+            target = ", ".join(
                 f"{name} {'met' if ratio >= 5 else 'MISSED'}"
-                for name, ratio in zip(("fp32", "bf16"), ratios)
+                for name, ratio in zip(("fp32", "bf16", "bf16+compile"), ratios)
                 if ratio == ratio
             )
-        systems = (ours, ours_bf16, row["torch-rechub"], row["DeepCTR-Torch"])
+        systems = (*ours_all, row["torch-rechub"], row["DeepCTR-Torch"])
         lines.append(
             f"| {TOWER_NAMES[row['tower']]} | {row['batch_size']} | {row['threads']} | {row['reps']} | {row.get('epochs', sections['epochs'])} | "
             f"{' | '.join(fmt(system['samples_per_s']) for system in systems)} | "
-            f"{fmt(ratios[0], 2)}x | {fmt(ratios[1], 2)}x | {target} | "
+            f"{', '.join(fmt(ratio, 2) + 'x' for ratio in ratios)} | {target} | "
+            f"{' / '.join(fmt(system.get('wall_s'), 1) for system in systems)} | "
             f"{' / '.join(fmt(system['rmse'], 3) for system in systems)} | "
             f"{' / '.join(fmt(system['auc'], 3) for system in systems)} |"
         )
@@ -695,7 +712,9 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_report()
         if "breakdown" in wanted:
             for tower in ("mmoe",) if args.quick else ("mmoe", "shared_bottom"):
-                for threads, precision in [(t, p) for t in (NUM_THREADS, 1) for p in OURS.values()]:
+                for threads, precision in [
+                    (t, p) for t in (NUM_THREADS, 1) for p in ("32-true", "bf16-mixed")
+                ]:
                     log(f"breakdown: {tower} threads {threads} {precision}")
                     result = run_json(
                         [

@@ -61,8 +61,18 @@ class MultiTaskModel(nn.Module):
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Returns (B, T) outputs; their meaning per task is ``self.output_kinds`` (see models.heads)."""
         pooled = self.embeddings(sparse).to_dict()
-        features = self.interaction([pooled[name] for name in self.feature_names], dense)
-        return self.heads(self.tower(features))
+        return self.dense_forward([pooled[name] for name in self.feature_names], dense)
+
+    def dense_forward(self, pooled: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
+        """Interaction → tower → heads: (B, T) outputs from the pooled embeddings (config order)
+        and the dense features. One function, so ``compile_dense`` fuses across module borders."""
+        return self.heads(self.tower(self.interaction(pooled, dense)))
+
+    def compile_dense(self) -> None:
+        """Compiles ``dense_forward`` with ``torch.compile`` (inductor): element-wise ops (ReLU,
+        gate softmax and mixing, bounds) fuse into a few kernels around the matmuls. The parameters
+        and the state dict are unchanged; the embedding lookups stay eager (fbgemm kernels)."""
+        self.dense_forward = torch.compile(self.dense_forward)
 
     def losses(self, outputs, labels, label_mask, weights) -> torch.Tensor:
         """Per-task losses (T,)."""

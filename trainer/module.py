@@ -89,6 +89,8 @@ class MultiTaskModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.trainer.strategy.shard(self.build_model(), self.tables)
+            if self.cfg.trainer.compile:
+                self.inner.compile_dense()
 
     @property
     def inner(self) -> MultiTaskModel:

@@ -11,6 +11,7 @@ JSON line (samples/s of training steps after epoch 1, test RMSE and AUC).
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -59,15 +60,18 @@ def main() -> None:
             timer.new_epoch()
 
     y_train = np.stack([arrays["train/rating"], arrays["train/like"]], axis=1)
+    started = time.perf_counter()
     model.fit(
         inputs("train"), y_train, batch_size=batch_size, epochs=epochs, verbose=2, callbacks=[EpochMark()]
     )
+    wall_s = time.perf_counter() - started
     pred = model.predict(inputs("test"), batch_size=4096)
     print(
         json.dumps(
             {
                 "samples_per_s": timer.samples_per_s(),
                 "epoch_steps": [len(s) for s in timer.starts],
+                "wall_s": wall_s,
                 "rmse": rmse(pred[:, 0], arrays["test/rating"]),
                 "auc": auc(pred[:, 1], arrays["test/like"]),
             }
