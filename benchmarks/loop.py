@@ -1,6 +1,6 @@
 """Lightning overhead: our trainer vs a bare TorchRec loop on the same pre-materialised batches.
 
-    python -m benchmarks.loop --data DIR --tower mmoe --batch-size 4096 --steps 40 --mode lightning|bare
+    python -m benchmarks.loop --data DIR --tower mmoe --batch-size 4096 --steps 40 --mode lightning|bare [--threads 1]
 
 Both build the same DMP (``MultiTaskModule.build_model()`` + ``shard_model``, 1-process gloo group)
 with the same optimizers, and time step-start to step-start intervals after the first 3 steps.
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--mode", choices=("lightning", "bare"), required=True)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy here)")
     args = parser.parse_args(argv)
     from benchmarks.breakdown import materialize
     from benchmarks.ours import config_tree, load
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.sharding import resolve_num_embeddings
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load(config_tree(args.data, args.tower, args.batch_size, 1, run_dir))
+        cfg = load(config_tree(args.data, args.tower, args.batch_size, 1, run_dir, args.threads))
         num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
         batches = materialize(cfg, num_embeddings, args.steps)
         if args.mode == "lightning":
