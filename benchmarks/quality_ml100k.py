@@ -39,13 +39,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path("runs/bench")
 FOLDS = ("u1", "u2", "u3", "u4", "u5")
 SEEDS = (0, 1, 2)
-TOWERS = {  # tower → config (the same features and training budget; the tower differs)
-    "Shared-Bottom": "configs/movielens100k_graph.yaml",
-    "MMoE": "configs/movielens100k_graph_mmoe.yaml",
-    "PLE": "configs/movielens100k_graph_ple.yaml",
+SUITE = "topk"  # run folders: runs/bench/ml100k-topk-uN (data) and ml100k-topk-uN-runs (runs)
+TOWERS = {  # tower → config (the same features, data and training budget; the tower differs)
+    "Shared-Bottom": "configs/movielens100k_topk.yaml",
+    "MMoE": "configs/movielens100k_topk_mmoe.yaml",
+    "PLE": "configs/movielens100k_topk_ple.yaml",
 }
-RATING_TASK = "{name: rating, type: regression, label: rating, min_value: 1.0, max_value: 5.0}"
-LIKE_TASK = "{name: click, type: binary, label: click}"
+# Every variant trains on the same rows: the rated rows plus 4 sampled unrated items per rated row.
+# Rating and like are masked to rated rows; the multi-task model also learns "rated" from all rows.
+RATING_TASK = "{name: rating, type: regression, label: rating, min_value: 1.0, max_value: 5.0, mask: rated}"
+LIKE_TASK = "{name: click, type: binary, label: click, mask: rated}"
+SINGLE_TASK_SCORE = ["--recommend.task_weights", "{}"]  # the recommend block names tasks a single-task run lacks
 VARIANTS = {  # variant → overrides (single-task: one task, fixed weight 1)
     "multi-task": [],
     "rating only": [
@@ -55,8 +59,17 @@ VARIANTS = {  # variant → overrides (single-task: one task, fixed weight 1)
         "null",
         "--model.loss_balancing",
         "fixed",
+        *SINGLE_TASK_SCORE,
     ],
-    "like only": ["--tasks", f"[{LIKE_TASK}]", "--model.alpha", "null", "--model.loss_balancing", "fixed"],
+    "like only": [
+        "--tasks",
+        f"[{LIKE_TASK}]",
+        "--model.alpha",
+        "null",
+        "--model.loss_balancing",
+        "fixed",
+        *SINGLE_TASK_SCORE,
+    ],
 }
 TARGETS = {"u1 RMSE": 0.900, "5-fold RMSE": 0.905, "like AUC": 0.800}
 REFERENCES = [  # (model, where, RMSE, like AUC)
@@ -83,7 +96,7 @@ class Job:
     @property
     def run_dir(self) -> Path:
         slug = f"{self.tower}-{self.variant}".lower().replace(" ", "_")
-        return BENCH_DIR / f"ml100k-{self.fold}-runs" / f"{slug}-s{self.seed}"
+        return BENCH_DIR / f"ml100k-{SUITE}-{self.fold}-runs" / f"{slug}-s{self.seed}"
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -93,7 +106,7 @@ def _towerrec(*args: str) -> list[str]:
 
 def prepare(fold: str) -> Path:
     """The fold's data set (built once; reused while its ``metadata.json`` exists)."""
-    out = BENCH_DIR / f"ml100k-{fold}"
+    out = BENCH_DIR / f"ml100k-{SUITE}-{fold}"
     if not (out / "metadata.json").exists():
         command = _towerrec(
             "prepare", "--config", TOWERS["Shared-Bottom"], "--data.prepare.split", fold, "--out", str(out)
@@ -111,7 +124,7 @@ def fit(job: Job, fresh: bool) -> dict:
     command = _towerrec(
         "fit",
         "--config", TOWERS[job.tower],
-        "--data.path", str(BENCH_DIR / f"ml100k-{job.fold}"),
+        "--data.path", str(BENCH_DIR / f"ml100k-{SUITE}-{job.fold}"),
         "--run_dir", str(job.run_dir),
         "--seed", str(job.seed),
         "--trainer.num_threads", "1",
