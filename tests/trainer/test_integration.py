@@ -80,7 +80,8 @@ def test_movielens_topk_model_beats_popularity_and_names_movielens_ids(ml100k_di
         "--data.path", str(tmp_path / "data"),
         "--run_dir", str(run_dir),
     ]  # fmt: skip
-    run_cli(["fit", *common, "--trainer.max_epochs", "2", "--trainer.progress_bar", "false"], timeout=600)
+    # the config's own budget (6 epochs): with 2 the lists already beat popularity on P/NDCG, not on recall
+    run_cli(["fit", *common, "--trainer.progress_bar", "false"], timeout=900)
     run_cli(["rank-eval", *common, "--k", "10", "--output", str(tmp_path / "ranking.json")])
     ranking = json.loads((tmp_path / "ranking.json").read_text())
     model, popularity = ranking["model"], ranking["popularity"]
