@@ -67,13 +67,25 @@ class TaskHeads(nn.Module):
         self.register_buffer("_low", torch.tensor([b[0] for b in bounds]), persistent=False)
         self.register_buffer("_span", torch.tensor([b[1] for b in bounds]), persistent=False)
 
-    def forward(self, task_inputs: list[torch.Tensor]) -> torch.Tensor:
-        columns = {t: unit(task_inputs[t]) for t, unit in zip(self.unit_tasks, self.units)}  # (B, 1) each
+    def forward(
+        self, task_inputs: list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """``task_inputs``: T × (B, H), or T × ((B, H_deep), (B, H_wide)) pairs standing for their
+        concatenation (``WideAndDeep``), applied part by part so that nothing is copied."""
+        columns = {t: _apply(unit, task_inputs[t]) for t, unit in zip(self.unit_tasks, self.units)}  # (B, 1)
         for t, (a, b) in self.probability_products.items():
             columns[t] = torch.sigmoid(columns[a]) * torch.sigmoid(columns[b])
         raw = torch.cat([columns[t] for t in range(len(columns))], dim=1)
         bounded = self._low + self._span * torch.sigmoid(raw)
         return torch.where(self._span > 0, bounded, raw)
+
+
+def _apply(unit: nn.Linear, task_input) -> torch.Tensor:
+    if isinstance(task_input, torch.Tensor):
+        return unit(task_input)
+    deep, wide = task_input
+    split = deep.shape[1]
+    return F.linear(deep, unit.weight[:, :split], unit.bias) + F.linear(wide, unit.weight[:, split:])
 
 
 def predictions(outputs: torch.Tensor, kinds: list[str]) -> torch.Tensor:

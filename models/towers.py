@@ -250,9 +250,11 @@ class WideAndDeep(nn.Module):
     with the tower's input, so each task's output unit is linear in the features as well as in
     the deep representation.
 
-    (B, input_dim) → tower → T × (B, H) → T × cat((B, H), (B, input_dim)): out_dim = H + input_dim
+    (B, input_dim) → tower → T × (B, H) → T × ((B, H), (B, input_dim)): out_dim = H + input_dim
 
-    The wide part adds no parameter of its own (the heads' units grow); shared parameters, GradNorm's
+    Each task representation is the pair (h_t, x), standing for cat(h_t, x) without copying x once
+    per task: ``TaskHeads`` applies its units to the two parts (``W [h; x] = W_h h + W_x x``). The
+    wide part adds no parameter of its own (the heads' units grow); shared parameters, GradNorm's
     last shared layer and ESMM's probability products are the inner tower's.
     """
 
@@ -262,8 +264,8 @@ class WideAndDeep(nn.Module):
         self.out_dim = tower.out_dim + input_dim
         self.probability_products = tower.probability_products
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.cat([h, x], dim=1) for h in self.deep(x)]
+    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(h, x) for h in self.deep(x)]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return self.deep.shared_parameters()

@@ -30,7 +30,15 @@ def test_wide_and_deep_widens_every_task_output_and_delegates_shared_parameters(
     wide = build_tower(ModelConfig(tower="mmoe", wide=True), 12, 2)
     assert wide.out_dim == plain.out_dim + 12
     x = torch.randn(4, 12)
-    outputs = wide(x)
-    assert len(outputs) == 2 and all(o.shape == (4, wide.out_dim) for o in outputs)
-    assert all(torch.equal(o[:, -12:], x) for o in outputs)
+    outputs = wide(x)  # (deep, wide) pairs standing for their concatenation
+    assert len(outputs) == 2 and all(d.shape[1] + w.shape[1] == wide.out_dim for d, w in outputs)
+    assert all(torch.equal(w, x) for _, w in outputs)
     assert {id(p) for p in wide.shared_parameters()} == {id(p) for p in wide.deep.shared_parameters()}
+    # the heads read a pair exactly as they would read the concatenated vector
+    from models.config import TaskConfig
+    from models.heads import TaskHeads
+
+    tasks = [TaskConfig("rating", type="regression", min_value=1.0, max_value=5.0), TaskConfig("ctr")]
+    heads = TaskHeads(tasks, wide.out_dim)
+    concatenated = [torch.cat([d, w], dim=1) for d, w in outputs]
+    torch.testing.assert_close(heads(outputs), heads(concatenated))

@@ -44,11 +44,14 @@ def tiny_overrides(tmp: Path, run: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory) -> dict[int, list[str]]:
-    """The same tiny synthetic problem trained with 1 and with 2 ranks (gloo)."""
+    """The same tiny synthetic problem trained with 1 and with 2 ranks (gloo); the 2-rank model is
+    Wide & Deep over concat_dot (heads reading (deep, wide) pairs)."""
     tmp = tmp_path_factory.mktemp("export")
     runs = {}
     for nproc in (1, 2):
         overrides = tiny_overrides(tmp, f"run{nproc}")
+        if nproc == 2:
+            overrides += ["model.wide=true", "model.interaction=concat_dot"]
         _cli(["fit", "--config", "configs/default.yaml", *[f"--{o}" for o in overrides]], nproc)
         runs[nproc] = overrides
     return runs
