@@ -49,7 +49,10 @@ TOWERS = {  # tower → config (the same features, data and training budget; the
 # Rating and like are masked to rated rows; the multi-task model also learns "rated" from all rows.
 RATING_TASK = "{name: rating, type: regression, label: rating, min_value: 1.0, max_value: 5.0, mask: rated}"
 LIKE_TASK = "{name: click, type: binary, label: click, mask: rated}"
-SINGLE_TASK_SCORE = ["--recommend.task_weights", "{}"]  # the recommend block names tasks a single-task run lacks
+SINGLE_TASK_SCORE = [
+    "--recommend.task_weights",
+    "{}",
+]  # the recommend block names tasks a single-task run lacks
 VARIANTS = {  # variant → overrides (single-task: one task, fixed weight 1)
     "multi-task": [],
     "rating only": [
