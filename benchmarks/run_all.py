@@ -475,7 +475,7 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
         lines.append(
             f"| {TOWER_NAMES[row['tower']]} | {row['batch_size']} | {row['threads']} | {row['reps']} | {row.get('epochs', sections['epochs'])} | "
             f"{' | '.join(fmt(system['samples_per_s']) for system in systems)} | "
-            f"{', '.join(fmt(ratio, 2) + 'x' for ratio in ratios)} | {target} | "
+            f"{', '.join(fmt(ratio, 2) + 'x' if ratio == ratio else 'n/a' for ratio in ratios)} | {target} | "
             f"{' / '.join(fmt(system.get('wall_s'), 1) for system in systems)} | "
             f"{' / '.join(fmt(system['rmse'], 3) for system in systems)} | "
             f"{' / '.join(fmt(system['auc'], 3) for system in systems)} |"

@@ -41,6 +41,7 @@ def test_report_renders(tmp_path, monkeypatch):
         "reps": 1,
         "threads": 2,
         "towerrec": dict(system),
+        "towerrec bf16": dict(system, samples_per_s=150.0),
         "torch-rechub": dict(system, samples_per_s=20.0),
         "DeepCTR-Torch": dict(system, samples_per_s=float("nan"), error="not installed"),
     }
@@ -76,7 +77,9 @@ def test_report_renders(tmp_path, monkeypatch):
 
     path = run_all.write_report({"cpus": "2"}, Args(), sections, 1.0)
     text = path.read_text()
-    assert "| MMoE | 4096 | 2 | 1 | 2 | 100 | 20 |" in text and "5.00x" in text
+    # fp32, bf16, bf16+compile (not run), rechub, deepctr (failed); ratios to the faster peer
+    assert "| MMoE | 4096 | 2 | 1 | 2 | 100 | 150 | n/a | 20 | n/a | 5.00x, 7.50x, n/a |" in text
+    assert "fp32 met, bf16 met |" in text
     assert (
         "refused" in text
         and "gate_bmm" in text
