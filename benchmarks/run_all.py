@@ -110,16 +110,9 @@ OURS = {
 }
 
 
-def run_ours(
-    data: Path,
-    tower: str,
-    batch_size: int,
-    epochs: int,
-    threads: int,
-    precision: str = "32-true",
-    compile_dense: bool = False,
-) -> dict:
-    command = [
+def ours_command(data: Path, tower: str, batch_size: int, *options: str) -> list[str]:
+    """The command line of one ``benchmarks.ours`` child (training, ``--profile`` or ``--prototypes``)."""
+    return [
         sys.executable,
         "-m",
         "benchmarks.ours",
@@ -129,6 +122,23 @@ def run_ours(
         tower,
         "--batch-size",
         str(batch_size),
+        *options,
+    ]
+
+
+def run_ours(
+    data: Path,
+    tower: str,
+    batch_size: int,
+    epochs: int,
+    threads: int,
+    precision: str = "32-true",
+    compile_dense: bool = False,
+) -> dict:
+    command = ours_command(
+        data,
+        tower,
+        batch_size,
         "--epochs",
         str(epochs),
         "--threads",
@@ -136,7 +146,7 @@ def run_ours(
         "--precision",
         precision,
         *(["--compile"] if compile_dense else []),
-    ]
+    )
     return run_json(command, timeout=1200, env={"OMP_NUM_THREADS": str(threads)})
 
 
@@ -723,22 +733,16 @@ def main(argv: list[str] | None = None) -> int:
                 ]:
                     log(f"breakdown: {tower} threads {threads} {precision}")
                     result = run_json(
-                        [
-                            sys.executable,
-                            "-m",
-                            "benchmarks.ours",
-                            "--data",
-                            str(data),
-                            "--tower",
+                        ours_command(
+                            data,
                             tower,
-                            "--batch-size",
-                            "4096",
+                            4096,
                             "--threads",
                             str(threads),
                             "--precision",
                             precision,
                             "--profile",
-                        ],
+                        ),
                         timeout=900,
                         env={"OMP_NUM_THREADS": str(threads)},
                     )
@@ -748,19 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quick:
                 log("prototypes: mmoe 4096")
                 sections["prototypes"] = run_json(
-                    [
-                        sys.executable,
-                        "-m",
-                        "benchmarks.ours",
-                        "--data",
-                        str(data),
-                        "--tower",
-                        "mmoe",
-                        "--batch-size",
-                        "4096",
-                        "--prototypes",
-                    ],
-                    timeout=900,
+                    ours_command(data, "mmoe", 4096, "--prototypes"), timeout=900
                 )
             checkpoint_report()
         if "loop" in wanted:

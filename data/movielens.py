@@ -207,7 +207,7 @@ def _neighbourhoods(
 
 def with_negatives(
     rows: dict[str, np.ndarray],
-    excluded: np.ndarray,
+    rated: list[dict[str, np.ndarray]],
     catalogue: np.ndarray,
     per_row: int,
     rng: np.random.Generator,
@@ -215,11 +215,12 @@ def with_negatives(
     """``rows`` plus ``per_row`` sampled negatives per row and a ``rated`` column (1 / 0).
 
     A negative copies its rated row's user and timestamp and takes an item drawn uniformly from
-    ``catalogue`` (sorted raw item ids) such that ``user * (catalogue[-1] + 1) + item`` is not in
-    ``excluded`` (sorted codes of rated pairs); its rating is NaN. Collisions are redrawn, all rows at
-    once, until none is left (a user who rated every item would never finish: rejected up front).
+    ``catalogue`` (sorted raw item ids) that the user rated in none of ``rated`` (splits); its
+    rating is NaN. Collisions are redrawn, all rows at once, until none is left (a user who rated
+    every item would never finish: rejected up front).
     """
-    stride = int(catalogue[-1]) + 1
+    stride = int(catalogue[-1]) + 1  # pair code: user * stride + item
+    excluded = np.unique(np.concatenate([split["user"] * stride + split["item"] for split in rated]))
     users = np.repeat(rows["user"], per_row)
     rated_per_user = np.bincount(excluded // stride, minlength=int(users.max(initial=0)) + 1)
     if len(users) and (rated_per_user[users] >= len(catalogue)).any():
@@ -277,18 +278,12 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     if cfg.negatives_per_positive:
         catalogue = np.flatnonzero(item_info["genres"].any(1) | (item_info["year"] > 0))
         catalogue = np.union1d(catalogue, np.concatenate([rows["item"] for rows in splits.values()]))
-        stride = int(catalogue[-1]) + 1
-
-        def codes(*parts: dict[str, np.ndarray]) -> np.ndarray:
-            return np.unique(np.concatenate([p["user"] * stride + p["item"] for p in parts]))
-
-        seen_before_test = codes(splits["train"], splits["val"])
-        seen_anywhere = codes(splits["train"], splits["val"], splits["test"])
+        before_test = [splits["train"], splits["val"]]  # training/validation negatives avoid these
         negatives_rng = np.random.default_rng(cfg.seed + 2)
         splits = {
             name: with_negatives(
                 rows,
-                seen_anywhere if name == "test" else seen_before_test,
+                [*before_test, splits["test"]] if name == "test" else before_test,
                 catalogue,
                 cfg.negatives_per_positive,
                 negatives_rng,

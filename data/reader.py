@@ -345,12 +345,15 @@ class BatchStream:
 
         labels = np.empty((num_rows, len(spec.labels)), dtype=np.float32)
         label_mask = np.ones((num_rows, len(spec.labels)), dtype=np.float32)
+        counted_by_mask: dict[str, np.ndarray] = {}  # tasks often share a mask column (e.g. rated)
         for j, label in enumerate(spec.labels):
             values = _floats(_column(table, label.column, locator), label.column, locator)
             counted = np.ones(num_rows, dtype=bool)
             if label.mask_column:
-                mask = _floats(_column(table, label.mask_column, locator), label.mask_column, locator)
-                counted = np.isfinite(mask) & (mask != 0)
+                if label.mask_column not in counted_by_mask:
+                    mask = _floats(_column(table, label.mask_column, locator), label.mask_column, locator)
+                    counted_by_mask[label.mask_column] = np.isfinite(mask) & (mask != 0)
+                counted = counted_by_mask[label.mask_column]
                 label_mask[:, j] = counted
                 # a masked-out row's label is undefined (e.g. no rating for a sampled negative)
                 values = np.where(counted, values, 0.0).astype(np.float32)

@@ -99,7 +99,7 @@ class TrainerConfig:
     """Dense-tower precision: ``32-true``, ``bf16-mixed`` (autocast; CUDA or CPU with bf16)."""
     compile: bool = False
     """``torch.compile`` the dense part (interaction, tower, heads) at the start of training. On CPU
-    it fuses the element-wise work around the matmuls (MMoE step ~1.5x faster with bf16-mixed; see
+    it fuses the element-wise work around the matmuls (MMoE ~1.3-1.4x more samples/s with bf16-mixed; see
     benchmarks/results/RESULTS.md); compiling takes 10-30 s and needs a C++ compiler."""
     gradient_clip_val: float | None = None
     """Clip the dense gradients' norm to this value."""

@@ -129,6 +129,12 @@ def _int_column(table: pa.Table, column: str, file: str) -> np.ndarray:
     return np.asarray(array.fill_null(0).to_numpy(), dtype=np.int64)
 
 
+def _flags(table: pa.Table, column: str) -> np.ndarray:
+    """A mask-like column as booleans: true where the value is finite and non-zero (null: false)."""
+    values = np.asarray(table.column(column).to_numpy(zero_copy_only=False), dtype=np.float64)
+    return np.isfinite(values) & (values != 0)
+
+
 def read_rows(cfg: Config, meta: DatasetMeta, split: str, num_embeddings: dict[str, int]) -> Rows:
     """All rows of ``split`` (whole files, file order), with ids mapped like ``data.reader``."""
     user_feature = _feature(cfg, cfg.recommend.user_feature, "recommend.user_feature")
@@ -181,12 +187,8 @@ def read_rows(cfg: Config, meta: DatasetMeta, split: str, num_embeddings: dict[s
             table.column(task.label_column).to_numpy(zero_copy_only=False), dtype=np.float32
         )
         if task.mask:
-            mask = np.asarray(table.column(task.mask).to_numpy(zero_copy_only=False), dtype=np.float32)
-            label_mask[:, t] = np.isfinite(mask) & (mask != 0)
-    interaction = np.ones(table.num_rows, dtype=bool)
-    if interaction_column:
-        flags = np.asarray(table.column(interaction_column).to_numpy(zero_copy_only=False), np.float64)
-        interaction = np.isfinite(flags) & (flags != 0)
+            label_mask[:, t] = _flags(table, task.mask)
+    interaction = _flags(table, interaction_column) if interaction_column else np.ones(table.num_rows, bool)
     return Rows(
         sparse=sparse,
         dense=dense,
