@@ -134,6 +134,10 @@ class PrepareConfig:
     for test negatives, in any split), with the rated row's user-side and time features. Rows get a
     ``rated`` label (1 rated, 0 sampled); a sampled row has no ``rating``/``click`` (null), so tasks
     on those labels set ``mask: rated``. 0: no negatives and no ``rated`` column."""
+    neighbourhood_max_ids: int = 24
+    """``movielens100k``: cap of each rating-level neighbourhood bag (``user_items_r*``,
+    ``item_users_r*``), most recent first. Larger bags carry more of the rating structure and cost
+    more ids per row (10 bags)."""
     log_transform: bool | None = None
     """Dense x → log(1 + max(x, 0)); ``null`` = the format's default (``criteo``: true, others: false)."""
     clip_quantile: float | None = None

@@ -10,7 +10,7 @@ features (``user_log_days``: log(1 + days since the user's first training rating
 year is unknown), rating-level neighbourhoods from the training split (multi-hot, leave-one-out
 on training rows): ``user_items_r1`` .. ``user_items_r5`` (items the user rated 1..5, item-id
 vocabulary) and ``item_users_r1`` .. ``item_users_r5`` (users who rated the item 1..5, user-id
-vocabulary), each the ``HISTORY_MAX_IDS`` most recent, and the labels ``rating`` (1..5) and
+vocabulary), each the ``neighbourhood_max_ids`` most recent, and the labels ``rating`` (1..5) and
 ``click`` (= rating >= 4).
 
 With ``negatives_per_positive`` = k > 0 every split also gets k sampled unrated items per rated row
@@ -40,8 +40,6 @@ CANONICAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])
 NUM_GENRES = 19
 RATING_LEVELS = (1, 2, 3, 4, 5)
-HISTORY_MAX_IDS = 24
-"""Cap of each neighbourhood bag (most recent first): bounds the ids read per row (10 bags)."""
 SECONDS_PER_DAY = 86_400.0
 SPARSE_COLUMNS = ("user_id", "item_id", "gender", "age_bucket", "occupation", "zip_prefix", "release_decade")
 
@@ -128,7 +126,7 @@ def _history_features(
     global_mean = float(train_ratings.mean())
     out = {}
     for prefix, keys, train_keys in (("user", users, train_users), ("item", items, train_items)):
-        size = max(keys.max(), train_keys.max()) + 1
+        size = max(keys.max(initial=0), train_keys.max()) + 1
         sums = np.bincount(train_keys, weights=train_ratings, minlength=size)
         counts = np.bincount(train_keys, minlength=size).astype(np.float64)
         row_sums, row_counts = sums[keys], counts[keys]
@@ -146,7 +144,7 @@ def _time_features(
     rows: dict[str, np.ndarray], train: dict[str, np.ndarray], release_year: np.ndarray
 ) -> dict:
     """``user_log_days`` and ``item_age_decades`` of each row (first ratings from the training split)."""
-    size = max(rows["user"].max(), train["user"].max()) + 1
+    size = max(rows["user"].max(initial=0), train["user"].max()) + 1
     first = np.full(size, np.iinfo(np.int64).max)
     np.minimum.at(first, train["user"], train["timestamp"])
     first_of_row = first[rows["user"]]
@@ -169,9 +167,10 @@ def _neighbourhoods(
     key: str,
     other: str,
     leave_one_out: bool,
+    max_ids: int,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per rating level r: for each row, the ``other`` ids (raw) that the row's ``key`` rated r in the
-    training split, most recent first, at most ``HISTORY_MAX_IDS``; without the row's own ``other``
+    training split, most recent first, at most ``max_ids``; without the row's own ``other``
     when ``leave_one_out``. Returns {r: (offsets (N + 1,), values)}. Vectorized: one gather of every
     row's bag, then a filter and a cap, no per-row Python."""
     out = {}
@@ -180,14 +179,14 @@ def _neighbourhoods(
     num_rows = len(keys)
 
     def starts_of(lengths: np.ndarray) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        return np.concatenate([[0], np.cumsum(lengths)])[:-1].astype(np.int64)
 
     for level in RATING_LEVELS:
         chosen = order[train["rating"][order] == level]
         chosen_keys = train[key][chosen]
-        # each key's most recent HISTORY_MAX_IDS + 1 (one may be the row's own pair, left out below)
+        # each key's most recent max_ids + 1 (one may be the row's own pair, left out below)
         rank = np.arange(len(chosen)) - starts_of(np.bincount(chosen_keys, minlength=size))[chosen_keys]
-        kept = chosen[rank <= HISTORY_MAX_IDS]
+        kept = chosen[rank <= max_ids]
         bag_lengths = np.bincount(train[key][kept], minlength=size)
         bag_values = train[other][kept]
         lengths = bag_lengths[keys]
@@ -198,7 +197,7 @@ def _neighbourhoods(
             keep = values != others[row_of]
             values, row_of = values[keep], row_of[keep]
         position = np.arange(len(values)) - starts_of(np.bincount(row_of, minlength=num_rows))[row_of]
-        keep = position < HISTORY_MAX_IDS
+        keep = position < max_ids
         values, row_of = values[keep], row_of[keep]
         offsets = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=num_rows))]).astype(np.int32)
         out[level] = (offsets, values.astype(np.int64))
@@ -271,6 +270,8 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     user_info = _user_table(root)
     item_info = _item_table(root)
     train = splits["train"]  # rated rows only: vocabularies and history features come from these
+    if cfg.neighbourhood_max_ids < 1:
+        raise DataError(f"data.prepare.neighbourhood_max_ids: must be >= 1, got {cfg.neighbourhood_max_ids}")
     if cfg.negatives_per_positive < 0:
         raise DataError(
             f"data.prepare.negatives_per_positive: must be >= 0, got {cfg.negatives_per_positive}"
@@ -336,7 +337,9 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
             ("user_items", "user", "item", "item_id"),
             ("item_users", "item", "user", "user_id"),
         ):
-            bags = _neighbourhoods(rows[key], rows[other], train, key, other, name == "train")
+            bags = _neighbourhoods(
+                rows[key], rows[other], train, key, other, name == "train", cfg.neighbourhood_max_ids
+            )
             for level, (offsets, values) in bags.items():
                 columns[f"{prefix}_r{level}"] = pa.ListArray.from_arrays(
                     pa.array(offsets), pa.array(vocabs[vocab].lookup(values))
@@ -374,6 +377,7 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
         "split": cfg.split,
         "rows_per_split": {name: int(len(rows["user"])) for name, rows in splits.items()},
         "negatives_per_positive": cfg.negatives_per_positive,
+        "neighbourhood_max_ids": cfg.neighbourhood_max_ids,
         "train_rating_mean": float(train["rating"].mean()),
     }
     return writer.commit(columns=meta_columns, report=report)

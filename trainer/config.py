@@ -442,6 +442,11 @@ def validate(cfg: Config) -> None:
     _one_of("trainer.embedding_optimizer.type", trainer.embedding_optimizer.type, EMBEDDING_OPTIMIZERS)
     _one_of("trainer.dense_optimizer.type", trainer.dense_optimizer.type, DENSE_OPTIMIZERS)
     _positive("trainer.embedding_optimizer.lr", trainer.embedding_optimizer.lr)
+    if trainer.embedding_optimizer.weight_decay and trainer.embedding_optimizer.type != "adam":
+        raise ConfigError(
+            "trainer.embedding_optimizer.weight_decay: only the adam embedding optimizer applies it "
+            f"(type {trainer.embedding_optimizer.type!r} would ignore it); set it to 0 or use type adam"
+        )
     _positive("trainer.dense_optimizer.lr", trainer.dense_optimizer.lr)
     _one_of("trainer.lr_schedule", trainer.lr_schedule, ("constant", "cosine", "step"))
     _one_of("trainer.non_finite_loss", trainer.non_finite_loss, ("stop", "skip"))

@@ -48,6 +48,10 @@ def test_overrides_and_base_merge():
         (["sharding.sharding_types=[diagonal]"], r"sharding\.sharding_types\[0\]: 'diagonal' is not one of"),
         (["trainer.non_finite_loss=ignore"], r"trainer\.non_finite_loss: 'ignore' is not one of stop, skip"),
         (["recommend.task_weights={nope: 1.0}"], r"recommend\.task_weights: 'nope' is not one of"),
+        (
+            ["trainer.embedding_optimizer.weight_decay=0.01"],  # default type rowwise_adagrad
+            r"trainer\.embedding_optimizer\.weight_decay: only the adam embedding optimizer applies it",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
