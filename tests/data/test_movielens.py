@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.config import PrepareConfig
+from data.dataset import DataError
 from data.movielens import prepare_movielens100k
 
 
@@ -133,3 +134,30 @@ def test_negative_rows_keep_the_users_features_and_take_the_items(u1_negatives):
 def test_no_negatives_leaves_the_data_set_as_before(u1):
     assert "rated" not in u1.columns
     assert u1.report["negatives_per_positive"] == 0
+
+
+def test_neighbourhood_cap_and_no_validation_slice(tmp_path, ml100k_dir, u1):
+    cfg = PrepareConfig(
+        format="movielens100k",
+        source=str(ml100k_dir),
+        split="u1",
+        num_shards=1,
+        val_fraction=0.0,  # refit on all of u1.base: the validation split is empty
+        neighbourhood_max_ids=5,
+    )
+    meta = prepare_movielens100k(cfg, str(tmp_path / "u1cap"))
+    assert meta.num_rows("train") == 80_000 and meta.num_rows("val") == 0
+    assert meta.report["neighbourhood_max_ids"] == 5
+    capped = pq.read_table(meta.root / "test", columns=["item_users_r4"]).column(0)
+    default = pq.read_table(u1.root / "test", columns=["item_users_r4"]).column(0)
+    capped_lengths = np.diff(capped.combine_chunks().offsets.to_numpy())
+    default_lengths = np.diff(default.combine_chunks().offsets.to_numpy())
+    assert capped_lengths.max() == 5 and default_lengths.max() == 24
+    # the capped bag keeps the most recent raters: a prefix of the default bag
+    first = int(np.flatnonzero(default_lengths == 24)[0])
+    assert capped[first].as_py() == default[first].as_py()[:5]
+    with pytest.raises(DataError, match=r"data\.prepare\.neighbourhood_max_ids: must be >= 1, got 0"):
+        prepare_movielens100k(
+            PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="u1", neighbourhood_max_ids=0),
+            str(tmp_path / "bad"),
+        )
