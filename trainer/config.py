@@ -32,12 +32,14 @@ class OptimizerConfig:
     """An optimizer with a learning-rate schedule."""
 
     type: str = "adam"
-    """Embeddings (fused into backward): ``rowwise_adagrad``, ``adagrad``, ``adam``, ``sgd``.
+    """Embeddings (fused into backward): ``rowwise_adagrad``, ``adagrad``, ``adam`` (CUDA only:
+    fbgemm has no CPU Adam kernel), ``sgd``.
     Dense: ``adam``, ``adamw``, ``sgd``, ``adagrad``."""
     lr: float = 0.001
     """Learning rate."""
     weight_decay: float = 0.0
-    """L2 weight decay (dense optimizers; ``adam``/``adamw`` embedding optimizers)."""
+    """L2 weight decay (dense optimizers, and the ``adam`` embedding optimizer; fbgemm's fused
+    adagrad/sgd kernels ignore it, so it is an error there)."""
     eps: float = 1e-8
     """Numerical epsilon (adam/adagrad)."""
     momentum: float = 0.0
@@ -491,6 +493,10 @@ def validate_for_device(cfg: Config, device_type: str) -> None:
                 )
         if cfg.sharding.compute_kernel == "fused_uvm_caching":
             raise ConfigError("sharding.compute_kernel: fused_uvm_caching needs CUDA")
+        if cfg.trainer.embedding_optimizer.type == "adam":  # fbgemm's CPU kernels: no Adam
+            raise ConfigError(
+                "trainer.embedding_optimizer.type: adam needs CUDA; on CPU use rowwise_adagrad, adagrad or sgd"
+            )
 
 
 __all__ = [

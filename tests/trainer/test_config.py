@@ -70,6 +70,10 @@ def test_cpu_rejects_cuda_only_sharding():
     cfg = load_config("configs/default.yaml", ["sharding.table_constraints={t_user_id: [row_wise]}"])
     with pytest.raises(ConfigError, match=r"'row_wise' needs CUDA"):
         validate_for_device(cfg, "cpu")
+    cfg = load_config("configs/default.yaml", ["trainer.embedding_optimizer.type=adam"])
+    with pytest.raises(ConfigError, match=r"trainer\.embedding_optimizer\.type: adam needs CUDA"):
+        validate_for_device(cfg, "cpu")
+    validate_for_device(cfg, "cuda")
     validate_for_device(cfg, "cuda")
 
 
