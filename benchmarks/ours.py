@@ -27,6 +27,7 @@ def config_tree(
     threads: int = NUM_THREADS,
     precision: str = "32-true",
     compile_dense: bool = False,
+    background_decode: bool = True,
 ) -> dict:
     """The benchmark task as a towerrec config (dict form of a YAML file)."""
     sparse = [{"name": name, "embedding_dim": EMBEDDING_DIM} for name in SPARSE]
@@ -42,6 +43,7 @@ def config_tree(
             "sparse": sparse,
             "dense": [],
             "validate_on_start": False,
+            "background_decode": background_decode,
         },
         "tasks": [
             {"name": "rating", "type": "regression", "label": "rating", "min_value": 1.0, "max_value": 5.0},
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="trainer.compile (torch.compile the dense part)"
     )
+    parser.add_argument(
+        "--inline-decode", action="store_true", help="data.background_decode: false (decode in the training thread)"
+    )
     parser.add_argument("--profile", action="store_true", help="time the parts of a step instead")
     parser.add_argument(
         "--prototypes", action="store_true", help="measure monkeypatched candidate changes instead"
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             args.precision,
             args.compile,
+            not args.inline_decode,
         )
         if args.prototypes:
             from benchmarks.breakdown import prototypes

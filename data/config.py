@@ -164,6 +164,10 @@ class DataConfig:
     """Evaluation batch size per rank."""
     shuffle_window_rows: int = 65536
     """Rows shuffled together (row groups are also visited in a seeded random order each epoch)."""
+    background_decode: bool = True
+    """Read and decode the next shuffle window in a background thread while the current one trains.
+    Turn off when torch's threads already use every core (``trainer.num_threads`` = cores): the
+    extra runnable thread can stall torch's parallel regions; the batches are the same either way."""
     sparse: list[SparseFeature] = field(default_factory=list)
     """Sparse id features."""
     dense: list[DenseFeature] = field(default_factory=list)

@@ -124,6 +124,7 @@ class BatchStream:
         seed: int = 0,
         shuffle: bool = True,
         window_rows: int = 65536,
+        background_decode: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -136,6 +137,7 @@ class BatchStream:
         self.seed = seed
         self.shuffle = shuffle
         self.window_rows = max(1, window_rows // batch_size) * batch_size
+        self.background_decode = background_decode
         self.row_groups = meta.row_groups(split)
         self.num_rows = sum(rg.num_rows for rg in self.row_groups)
         if self.num_rows < world_size:
@@ -205,18 +207,12 @@ class BatchStream:
                 order, lo + window_start, lo + real_end, window_end - real_end, epoch, window_start
             )
 
-        # The next window is read and decoded in a background thread while this one is consumed
-        # (pyarrow and most numpy work release the GIL); the order stays deterministic.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="towerrec-reader") as pool:
-            pending = pool.submit(read, starts[0]) if starts else None
-            for i, window_start in enumerate(starts):
-                window = pending.result()
-                pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
-                first = max(skip_rows - window_start, 0)
-                for begin in range(first, window.num_rows, self.batch_size):
-                    batch = self._make_batch(window, begin, min(begin + self.batch_size, window.num_rows))
-                    batch.position = (window_start + begin) // self.batch_size
-                    yield batch
+        for window_start, window in _windows(starts, read, self.background_decode):
+            first = max(skip_rows - window_start, 0)
+            for begin in range(first, window.num_rows, self.batch_size):
+                batch = self._make_batch(window, begin, min(begin + self.batch_size, window.num_rows))
+                batch.position = (window_start + begin) // self.batch_size
+                yield batch
         if not self._externally_tracked:
             self.epoch, self.consumed = epoch, len(self)
 
@@ -424,6 +420,22 @@ class BatchStream:
             weights=torch.from_numpy(window.weights[begin:end]),
             row_id=torch.from_numpy(window.row_id[begin:end]),
         )
+
+
+def _windows(starts: list[int], read, background: bool) -> Iterator[tuple[int, _Window]]:
+    """(start, window) for each start, in order. ``background``: the next window is read and
+    decoded in a thread while this one is consumed (pyarrow and most numpy work release the GIL);
+    otherwise each is read when it is needed, in the caller's thread."""
+    if not background:
+        for start in starts:
+            yield start, read(start)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="towerrec-reader") as pool:
+        pending = pool.submit(read, starts[0]) if starts else None
+        for i, start in enumerate(starts):
+            window = pending.result()
+            pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+            yield start, window
 
 
 def _column(table: pa.Table, name: str, locator: _Locator) -> pa.ChunkedArray:

@@ -68,6 +68,7 @@ class ParquetDataModule(L.LightningDataModule):
             seed=self.cfg.seed,
             shuffle=train,
             window_rows=self.cfg.data.shuffle_window_rows,
+            background_decode=self.cfg.data.background_decode,
         )
 
     def train_dataloader(self):

@@ -92,6 +92,22 @@ def test_resume_continues_at_the_exact_sample(dataset, world_size, consumed):
             np.testing.assert_array_equal(a, b)
 
 
+def test_decoding_in_the_callers_thread_gives_the_same_batches(dataset):
+    spec = spec_for(dataset)
+    streams = [
+        BatchStream(dataset, "train", spec, 512, seed=4, window_rows=3000, background_decode=background)
+        for background in (True, False)
+    ]
+    pairs = list(zip(*streams, strict=True))
+    assert len(pairs) == len(streams[0]) > 5
+    for threaded, inline in pairs:
+        assert threaded.position == inline.position
+        np.testing.assert_array_equal(row_ids(threaded), row_ids(inline))
+        assert torch.equal(threaded.sparse.values(), inline.sparse.values())
+        assert torch.equal(threaded.sparse.lengths(), inline.sparse.lengths())
+        assert torch.equal(threaded.labels, inline.labels)
+
+
 def test_position_marks_and_epoch_rollover(dataset):
     stream = BatchStream(dataset, "train", spec_for(dataset), batch_size=4096, seed=0)
     batches = list(stream)
