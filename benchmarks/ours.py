@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", action="store_true", help="trainer.compile (torch.compile the dense part)"
     )
     parser.add_argument(
-        "--inline-decode", action="store_true", help="data.background_decode: false (decode in the training thread)"
+        "--inline-decode",
+        action="store_true",
+        help="data.background_decode: false (decode in the training thread)",
     )
     parser.add_argument("--profile", action="store_true", help="time the parts of a step instead")
     parser.add_argument(

@@ -158,6 +158,8 @@ def test_neighbourhood_cap_and_no_validation_slice(tmp_path, ml100k_dir, u1):
     assert capped[first].as_py() == default[first].as_py()[:5]
     with pytest.raises(DataError, match=r"data\.prepare\.neighbourhood_max_ids: must be >= 1, got 0"):
         prepare_movielens100k(
-            PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="u1", neighbourhood_max_ids=0),
+            PrepareConfig(
+                format="movielens100k", source=str(ml100k_dir), split="u1", neighbourhood_max_ids=0
+            ),
             str(tmp_path / "bad"),
         )
