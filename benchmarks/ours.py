@@ -27,7 +27,7 @@ def config_tree(
     threads: int = NUM_THREADS,
     precision: str = "32-true",
     compile_dense: bool = False,
-    background_decode: bool = True,
+    background_decode: bool | None = None,
 ) -> dict:
     """The benchmark task as a towerrec config (dict form of a YAML file)."""
     sparse = [{"name": name, "embedding_dim": EMBEDDING_DIM} for name in SPARSE]
@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", action="store_true", help="trainer.compile (torch.compile the dense part)"
     )
     parser.add_argument(
-        "--inline-decode",
-        action="store_true",
-        help="data.background_decode: false (decode in the training thread)",
+        "--decode",
+        choices=("auto", "background", "inline"),
+        default="auto",
+        help="data.background_decode: null (auto) / true / false",
     )
     parser.add_argument("--profile", action="store_true", help="time the parts of a step instead")
     parser.add_argument(
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             args.precision,
             args.compile,
-            not args.inline_decode,
+            {"auto": None, "background": True, "inline": False}[args.decode],
         )
         if args.prototypes:
             from benchmarks.breakdown import prototypes

@@ -164,10 +164,12 @@ class DataConfig:
     """Evaluation batch size per rank."""
     shuffle_window_rows: int = 65536
     """Rows shuffled together (row groups are also visited in a seeded random order each epoch)."""
-    background_decode: bool = True
-    """Read and decode the next shuffle window in a background thread while the current one trains.
-    Turn off when torch's threads already use every core (``trainer.num_threads`` = cores): the
-    extra runnable thread can stall torch's parallel regions; the batches are the same either way."""
+    background_decode: bool | None = None
+    """Read and decode the next shuffle window in a background thread while the current one trains
+    (``true``), or in the training thread when it is needed (``false``). ``null``: in the background
+    only when a CPU is left over (torch threads × processes on the node < CPUs of this process):
+    when torch's threads already use every core, the extra runnable thread stalls its parallel
+    regions (MMoE, 2 threads on 2 cores: +7% samples/s decoding inline). The batches are the same."""
     sparse: list[SparseFeature] = field(default_factory=list)
     """Sparse id features."""
     dense: list[DenseFeature] = field(default_factory=list)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
+import torch
 
 from data.dataset import DatasetMeta
 from data.reader import BatchStream, LabelSpec, ReadSpec
@@ -68,7 +70,7 @@ class ParquetDataModule(L.LightningDataModule):
             seed=self.cfg.seed,
             shuffle=train,
             window_rows=self.cfg.data.shuffle_window_rows,
-            background_decode=self.cfg.data.background_decode,
+            background_decode=decode_in_background(self.cfg.data.background_decode),
         )
 
     def train_dataloader(self):
@@ -103,3 +105,11 @@ class ParquetDataModule(L.LightningDataModule):
             self.train_stream.load_state_dict(state["train"])
         else:
             self._pending_state = state["train"]
+
+
+def decode_in_background(setting: bool | None) -> bool:
+    """``data.background_decode``, with ``None`` resolved: a reader thread only where a CPU is spare."""
+    if setting is not None:
+        return setting
+    processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.get_num_threads() * processes_on_node < len(os.sched_getaffinity(0))

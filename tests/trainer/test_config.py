@@ -80,3 +80,21 @@ def test_cpu_rejects_cuda_only_sharding():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match=r"--config: nowhere\.yaml does not exist"):
         load_config("nowhere.yaml")
+
+
+def test_background_decode_only_with_a_spare_cpu(monkeypatch):
+    import torch
+
+    from trainer.datamodule import decode_in_background
+
+    assert decode_in_background(True) and not decode_in_background(False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert decode_in_background(None)  # 1 thread x 2 processes on 4 CPUs: 2 spare
+        torch.set_num_threads(2)
+        assert not decode_in_background(None)  # 2 x 2 = every CPU busy: decode inline
+    finally:
+        torch.set_num_threads(threads)
