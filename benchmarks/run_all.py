@@ -443,6 +443,16 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
     lines.append(
         f"| load average at start / end (1, 5, 15 min) | {sections['load_start']} ; {load_average()} |"
     )
+    if sections.get("section_runs"):
+        lines += [
+            "",
+            "Sections re-run on their own (`--sections`) keep the others' figures from earlier runs:",
+            "",
+            "| section | run at | git commit | load average at its start |",
+            "|---|---|---|---|",
+        ]
+        for name, stamp in sections["section_runs"].items():
+            lines.append(f"| {name} | {stamp['date']} | {stamp['git_commit']} | {stamp.get('load', '?')} |")
     lines += [
         "",
         "Every figure comes from a fresh child process; systems alternate within each repetition and the",
@@ -727,6 +737,15 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "raw.json").write_text(json.dumps({"machine": info, **sections}, indent=1, default=str))
         write_report(info, args, sections, time.perf_counter() - started)
 
+    runs = sections.setdefault("section_runs", {})
+    for name in ("peers", "breakdown", "loop", "scale", "data", "quality"):
+        if name in wanted:
+            runs[name] = {
+                "date": info["date"],
+                "git_commit": info["git_commit"],
+                "load": sections["load_start"],
+            }
+    sections["section_runs"] = {name: runs[name] for name in sorted(runs)}
     with tempfile.TemporaryDirectory(prefix="towerrec-bench-") as tmp:
         work = Path(tmp)
         data = prepare_ml100k(work / "ml100k-u1")
