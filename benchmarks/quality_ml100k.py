@@ -231,25 +231,33 @@ def summarize(results: dict[Job, dict], folds: list[str], seeds: list[int]) -> s
             coverage: dict[str, set[tuple[str, int]]] = {}
             for variant in VARIANTS:
                 chosen, common_seeds = _group_runs(results, tower, variant, group_folds)
-                values[variant] = {
-                    name: [v for m in chosen if (v := _metric(m, task, name)) is not None]
-                    for task, name in (
-                        ("rating", "rmse"),
-                        ("rating", "mae"),
-                        ("click", "auc"),
-                        ("click", "logloss"),
-                    )
-                }
+                values[variant] = _metric_lists(chosen)
                 coverage[variant] = {(fold, seed) for fold in group_folds for seed in common_seeds}
                 if chosen:
                     row = values[variant]
                     cells = [_cell(row["rmse"]), _cell(row["mae"]), _cell(row["auc"]), _cell(row["logloss"])]
                     runs = f"{len(group_folds)} × {len(common_seeds)}"
                     lines.append(f"| {tower} | {variant} | {runs} | " + " | ".join(cells) + " |")
-            for variant in ("rating only", "like only"):  # compare like with like: the same (fold, seed) runs
-                if coverage["multi-task"] != coverage[variant] or not coverage[variant]:
-                    values[variant] = {name: [] for name in values[variant]}
-            verdicts += _compare(title, tower, values)
+            # compare like with like: the same (fold, seed) runs; where the single-task runs cover
+            # fewer seeds, the multi-task runs of those seeds only
+            for variant in ("rating only", "like only"):
+                if not coverage[variant] or not coverage[variant] <= coverage["multi-task"]:
+                    continue
+                multi = values["multi-task"]
+                label = title
+                if coverage[variant] != coverage["multi-task"]:
+                    seeds_covered = sorted({seed for _, seed in coverage[variant]})
+                    multi = _metric_lists(
+                        [
+                            m
+                            for j, m in results.items()
+                            if (j.tower, j.variant) == (tower, "multi-task")
+                            and j.fold in group_folds
+                            and j.seed in seeds_covered
+                        ]
+                    )
+                    label = f"{title}, seeds {seeds_covered}"
+                verdicts += _compare(label, tower, {"multi-task": multi, variant: values[variant]})
         lines.append("")
     lines += ["### References", "", "| model | source | RMSE | like AUC |", "|---|---|---|---|"]
     lines += [f"| {name} | {where} | {rmse} | {auc} |" for name, where, rmse, auc in REFERENCES]
@@ -262,9 +270,19 @@ def summarize(results: dict[Job, dict], folds: list[str], seeds: list[int]) -> s
     return "\n".join(lines) + "\n"
 
 
+def _metric_lists(runs: list[dict]) -> dict[str, list[float]]:
+    """RMSE, MAE, AUC and log loss of ``runs``, a list per metric (runs without the task left out)."""
+    return {
+        name: [v for m in runs if (v := _metric(m, task, name)) is not None]
+        for task, name in (("rating", "rmse"), ("rating", "mae"), ("click", "auc"), ("click", "logloss"))
+    }
+
+
 def _compare(title: str, tower: str, values: dict[str, dict[str, list[float]]]) -> list[str]:
     out = []
     for variant, metric, lower_is_better in (("rating only", "rmse", True), ("like only", "auc", False)):
+        if variant not in values:
+            continue
         multi, single = values["multi-task"][metric], values[variant][metric]
         if not multi or not single:
             continue
