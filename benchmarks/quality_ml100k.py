@@ -198,12 +198,16 @@ def _group_runs(
         {j.seed for j in results if (j.tower, j.variant, j.fold) == (tower, variant, fold)} for fold in folds
     ]
     seeds = set.intersection(*present)
-    chosen = [
+    return _runs_of(results, tower, variant, folds, seeds), seeds
+
+
+def _runs_of(results: dict[Job, dict], tower: str, variant: str, folds: list[str], seeds) -> list[dict]:
+    """The metrics of the ``tower``/``variant`` runs on ``folds`` with one of ``seeds``."""
+    return [
         m
         for j, m in results.items()
         if (j.tower, j.variant) == (tower, variant) and j.fold in folds and j.seed in seeds
     ]
-    return chosen, seeds
 
 
 def summarize(results: dict[Job, dict], folds: list[str], seeds: list[int]) -> str:
@@ -247,15 +251,7 @@ def summarize(results: dict[Job, dict], folds: list[str], seeds: list[int]) -> s
                 label = title
                 if coverage[variant] != coverage["multi-task"]:
                     seeds_covered = sorted({seed for _, seed in coverage[variant]})
-                    multi = _metric_lists(
-                        [
-                            m
-                            for j, m in results.items()
-                            if (j.tower, j.variant) == (tower, "multi-task")
-                            and j.fold in group_folds
-                            and j.seed in seeds_covered
-                        ]
-                    )
+                    multi = _metric_lists(_runs_of(results, tower, "multi-task", group_folds, seeds_covered))
                     label = f"{title}, seeds {seeds_covered}"
                 verdicts += _compare(label, tower, {"multi-task": multi, variant: values[variant]})
         lines.append("")
