@@ -38,6 +38,11 @@ class SparseFeature:
     side: str | None = None
     """``user`` or ``item`` when the feature describes the user or the item of a row (used to build
     candidate rows for recommendation and cold start); ``null`` for context features."""
+    train_drop_prob: float = 0.0
+    """Multi-hot, mean-pooled only: in training, each id of a bag is left out with this probability
+    (drawn from seed, epoch, rank and window, so a resumed run sees the same bags); evaluation and
+    prediction read bags whole. A regulariser for history and neighbourhood bags (GC-MC's node
+    dropout): training rows also see the thinner histories that users with fewer ratings have."""
 
     @property
     def source_column(self) -> str:

@@ -125,6 +125,7 @@ class BatchStream:
         shuffle: bool = True,
         window_rows: int = 65536,
         background_decode: bool = True,
+        drop_bag_ids: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,6 +139,7 @@ class BatchStream:
         self.shuffle = shuffle
         self.window_rows = max(1, window_rows // batch_size) * batch_size
         self.background_decode = background_decode
+        self.drop_bag_ids = drop_bag_ids and any(f.train_drop_prob > 0 for f in spec.sparse)
         self.row_groups = meta.row_groups(split)
         self.num_rows = sum(rg.num_rows for rg in self.row_groups)
         if self.num_rows < world_size:
@@ -274,6 +276,9 @@ class BatchStream:
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch, self.rank, window_start])
             window = _permute(window, rng.permutation(window.num_rows))
+        if self.drop_bag_ids:
+            rng = np.random.default_rng([self.seed, epoch, self.rank, window_start, 1])
+            window = _drop_bag_ids(window, self.spec.sparse, rng)
         return window
 
     # ----------------------------------------------------------------------------- decoding
@@ -497,6 +502,24 @@ def _permute(window: _Window, perm: np.ndarray) -> _Window:
         np.take(window.weights, perm),
         np.take(window.row_id, perm),
     )
+
+
+def _drop_bag_ids(window: _Window, features: tuple[SparseFeature, ...], rng: np.random.Generator) -> _Window:
+    """Leaves out each id of a multi-hot bag with its feature's ``train_drop_prob`` (in place)."""
+    multi_index = 0
+    for index, feature in enumerate(features):
+        if not feature.multi_hot:
+            continue
+        if feature.train_drop_prob > 0:
+            values, offsets = window.multi_values[multi_index], window.multi_offsets[multi_index]
+            kept = rng.random(len(values)) >= feature.train_drop_prob
+            kept_before = np.zeros(len(values) + 1, dtype=np.int64)
+            np.cumsum(kept, out=kept_before[1:])
+            window.multi_values[multi_index] = values[kept]
+            window.multi_offsets[multi_index] = kept_before[offsets]
+            window.lengths[index] = np.diff(window.multi_offsets[multi_index])
+        multi_index += 1
+    return window
 
 
 def _pad(window: _Window, num_padding: int) -> _Window:

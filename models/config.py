@@ -71,6 +71,12 @@ class ModelConfig:
     """DCNv2: rank of the low-rank cross weight (``null`` = full rank)."""
     dropout: float = 0.0
     """Dropout in the dense tower."""
+    embedding_l2: float = 0.0
+    """L2 penalty on the pooled embeddings, in training: descends ``embedding_l2 · Σ_f ||e_f||²``
+    averaged over the batch, so the embedding rows a batch uses shrink in proportion to how often
+    they are used (the regularisation of SGD matrix factorisation). fbgemm's rowwise adagrad and
+    sgd ignore weight decay; this is the embedding regulariser that works with them. Applied to
+    the gradient only: logged losses are the tasks' own."""
     loss_balancing: str = "fixed"
     """``fixed`` (task weights / alpha), ``uncertainty`` (Kendall et al.), ``gradnorm`` or ``pcgrad``."""
     alpha: float | None = None

@@ -8,6 +8,27 @@ import torch
 from torch import nn
 
 
+class _L2PenaltyGradient(torch.autograd.Function):
+    """Identity forward; backward adds ``scale * x``: the gradient of ``scale / 2 * ||x||²``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return grad + ctx.scale * x, None
+
+
+def l2_penalty_gradient(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """``x`` unchanged, but back-propagation also descends ``strength * mean over rows of ||x_row||²``
+    (x: (B, D)). No term appears in the loss value, so logged losses stay the tasks' own."""
+    return _L2PenaltyGradient.apply(x, 2.0 * strength / max(x.shape[0], 1))
+
+
 class MLP(nn.Sequential):
     """Linear → ReLU (→ Dropout) for each width in ``dims``. Input (B, in_dim) → output (B, dims[-1]).
 

@@ -22,6 +22,7 @@ from models.balancing import build_balancer
 from models.config import ModelConfig, TaskConfig
 from models.heads import TaskHeads, task_losses
 from models.interaction import build_interaction
+from models.layers import l2_penalty_gradient
 from models.towers import build_tower
 
 
@@ -57,11 +58,15 @@ class MultiTaskModel(nn.Module):
         self.heads = TaskHeads(tasks, self.tower.out_dim, self.tower.probability_products)
         self.output_kinds = self.heads.output_kinds
         self.balancer = build_balancer(cfg, tasks)
+        self.embedding_l2 = cfg.embedding_l2
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Returns (B, T) outputs; their meaning per task is ``self.output_kinds`` (see models.heads)."""
         pooled = self.embeddings(sparse).to_dict()
-        return self.dense_forward([pooled[name] for name in self.feature_names], dense)
+        features = [pooled[name] for name in self.feature_names]
+        if self.training and self.embedding_l2 > 0:
+            features = [l2_penalty_gradient(e, self.embedding_l2) for e in features]
+        return self.dense_forward(features, dense)
 
     def dense_forward(self, pooled: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
         """Interaction → tower → heads: (B, T) outputs from the pooled embeddings (config order)

@@ -393,6 +393,13 @@ def validate(cfg: Config) -> None:
         _positive(f"{key}.embedding_dim", feature.embedding_dim)
         _positive(f"{key}.num_embeddings", feature.num_embeddings)
         _one_of(f"{key}.pooling", feature.pooling, ("sum", "mean"))
+        if not 0 <= feature.train_drop_prob < 1:
+            raise ConfigError(f"{key}.train_drop_prob: must be in [0, 1), got {feature.train_drop_prob}")
+        if feature.train_drop_prob and not (feature.multi_hot and feature.pooling == "mean"):
+            raise ConfigError(
+                f"{key}.train_drop_prob: only for multi_hot features with pooling: mean (a sum over a "
+                "thinned bag would be smaller in training than in evaluation)"
+            )
         _one_of(f"{key}.id_mapping", feature.id_mapping, ("vocab", "hash"))
         if feature.side is not None:
             _one_of(f"{key}.side", feature.side, ("user", "item"))
@@ -435,6 +442,7 @@ def validate(cfg: Config) -> None:
             _positive(f"model.{name}", dim)
     if not 0 <= model.dropout < 1:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {model.dropout}")
+    _positive("model.embedding_l2", model.embedding_l2, allow_zero=True)
     trainer = cfg.trainer
     _one_of("trainer.accelerator", trainer.accelerator, ("auto", "cpu", "cuda", "gpu"))
     _positive("trainer.devices", trainer.devices)

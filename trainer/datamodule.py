@@ -71,6 +71,7 @@ class ParquetDataModule(L.LightningDataModule):
             shuffle=train,
             window_rows=self.cfg.data.shuffle_window_rows,
             background_decode=decode_in_background(self.cfg.data.background_decode),
+            drop_bag_ids=train,
         )
 
     def train_dataloader(self):

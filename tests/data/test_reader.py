@@ -108,6 +108,41 @@ def test_decoding_in_the_callers_thread_gives_the_same_batches(dataset):
         assert torch.equal(threaded.labels, inline.labels)
 
 
+def _bag_pairs(batch, key: str) -> np.ndarray:
+    """(row, id) of every id in ``key``'s bags, encoded as row * 2**32 + id."""
+    bags = batch.sparse.to_dict()[key]
+    rows = np.repeat(np.arange(batch.batch_size), bags.lengths().numpy())
+    return rows * 2**32 + bags.values().numpy()
+
+
+def test_train_drop_prob_thins_training_bags_reproducibly(dataset):
+    genres = SparseFeature("genres", multi_hot=True, pooling="mean", train_drop_prob=0.3)
+    spec = spec_for(dataset)
+    dropping = ReadSpec(**{**spec.__dict__, "sparse": (SparseFeature("user_id"), genres)})
+
+    def stream(read_spec, drop, **kwargs):
+        return BatchStream(
+            dataset, "train", read_spec, 256, seed=7, window_rows=2048, drop_bag_ids=drop, **kwargs
+        )
+
+    full, thinned = list(stream(spec, False)), list(stream(dropping, True))
+    kept = total = 0
+    for whole, thin in zip(full, thinned, strict=True):
+        np.testing.assert_array_equal(row_ids(whole), row_ids(thin))  # same rows, same order
+        assert torch.equal(whole.sparse["user_id"].values(), thin.sparse["user_id"].values())
+        assert np.isin(_bag_pairs(thin, "genres"), _bag_pairs(whole, "genres")).all()
+        kept, total = kept + len(thin.sparse["genres"].values()), total + len(whole.sparse["genres"].values())
+    assert total > 10_000 and abs(kept / total - 0.7) < 0.02
+    # the same bags again, and after a resume; evaluation-style streams (drop_bag_ids=False) read them whole
+    again = list(stream(dropping, True))
+    assert all(torch.equal(a.sparse.values(), b.sparse.values()) for a, b in zip(thinned, again))
+    resumed = stream(dropping, True)
+    resumed.load_state_dict({"epoch": 0, "consumed": 9, "world_size": 1, "batch_size": 256, "seed": 7})
+    assert all(torch.equal(a.sparse.values(), b.sparse.values()) for a, b in zip(thinned[9:], resumed))
+    whole_again = list(stream(dropping, False))
+    assert all(torch.equal(a.sparse.values(), b.sparse.values()) for a, b in zip(full, whole_again))
+
+
 def test_position_marks_and_epoch_rollover(dataset):
     stream = BatchStream(dataset, "train", spec_for(dataset), batch_size=4096, seed=0)
     batches = list(stream)

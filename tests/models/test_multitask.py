@@ -103,3 +103,35 @@ def test_forward_backward_and_feature_order_invariance(tower, interaction):
     if tower == "esmm":
         assert model.output_kinds[3] == "probability"
         torch.testing.assert_close(outputs[:, 3], torch.sigmoid(outputs[:, 1]) * torch.sigmoid(outputs[:, 2]))
+
+
+def test_embedding_l2_adds_the_penalty_gradient_in_training_only():
+    """model.embedding_l2 = λ: the embedding rows' gradient gains that of λ · mean_b Σ_f ||e_f,b||²."""
+    data, dense = feature_data(), torch.randn(BATCH_SIZE, 2)
+    kjt = make_kjt(data, FEATURE_NAMES)
+    strength = 0.3
+
+    def model_with(embedding_l2: float) -> MultiTaskModel:
+        torch.manual_seed(0)
+        cfg = ModelConfig(bottom_dims=[8], head_dims=[4], embedding_l2=embedding_l2)
+        return MultiTaskModel(TABLES, FEATURE_NAMES, 2, TASKS[:2], cfg, embedding_device="cpu")
+
+    def table_grads(model: MultiTaskModel) -> tuple[list[torch.Tensor], torch.Tensor]:
+        outputs = model(kjt, dense)
+        outputs.sum().backward()
+        return [p.grad.clone() for p in model.embeddings.parameters()], outputs.detach()
+
+    plain, plain_outputs = table_grads(model_with(0.0))
+    penalised, penalised_outputs = table_grads(model_with(strength))
+    torch.testing.assert_close(penalised_outputs, plain_outputs, rtol=0, atol=0)  # forward unchanged
+
+    reference = model_with(0.0)
+    pooled = reference.embeddings(kjt).to_dict()
+    (strength * sum((pooled[name] ** 2).sum(dim=1).mean() for name in FEATURE_NAMES)).backward()
+    for got, penalty_grad, base in zip(penalised, reference.embeddings.parameters(), plain):
+        torch.testing.assert_close(got, base + penalty_grad.grad)
+    assert any((got - base).abs().max() > 1e-3 for got, base in zip(penalised, plain))
+
+    evaluated, _ = table_grads(model_with(strength).eval())  # no penalty outside training
+    for got, base in zip(evaluated, plain):
+        torch.testing.assert_close(got, base, rtol=0, atol=0)

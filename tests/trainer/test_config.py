@@ -48,6 +48,15 @@ def test_overrides_and_base_merge():
         (["sharding.sharding_types=[diagonal]"], r"sharding\.sharding_types\[0\]: 'diagonal' is not one of"),
         (["trainer.non_finite_loss=ignore"], r"trainer\.non_finite_loss: 'ignore' is not one of stop, skip"),
         (["recommend.task_weights={nope: 1.0}"], r"recommend\.task_weights: 'nope' is not one of"),
+        (["model.embedding_l2=-0.1"], r"model\.embedding_l2: must be >= 0, got -0\.1"),
+        (
+            ["data.sparse.0.train_drop_prob=1.0"],
+            r"data\.sparse\[0\]\.train_drop_prob: must be in \[0, 1\), got 1\.0",
+        ),
+        (
+            ["data.sparse.0.train_drop_prob=0.2"],  # user_id: one id per row
+            r"data\.sparse\[0\]\.train_drop_prob: only for multi_hot features with pooling: mean",
+        ),
         (
             ["trainer.embedding_optimizer.weight_decay=0.01"],  # default type rowwise_adagrad
             r"trainer\.embedding_optimizer\.weight_decay: only the adam embedding optimizer applies it",
