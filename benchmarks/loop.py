@@ -3,7 +3,9 @@
     python -m benchmarks.loop --data DIR --tower mmoe --batch-size 4096 --steps 40 --mode lightning|bare [--threads 1]
 
 Both build the same DMP (``MultiTaskModule.build_model()`` + ``shard_model``, 1-process gloo group)
-with the same optimizers, and time step-start to step-start intervals after the first 3 steps.
+with the same optimizers, and time step-start to step-start intervals after the first 3 steps, in
+wall-clock time and in this process's CPU time. With one thread the CPU time is the work the loop
+does, whatever else runs on the machine; wall-clock time also counts the time the OS gave others.
 ``lightning`` runs ``trainer.run.build`` with the training stream replaced by an in-memory list
 (``ListStream``); ``bare`` runs ``benchmarks.breakdown.bare_step`` in a for loop.
 """
@@ -51,7 +53,11 @@ def rate(starts: list[float], rows: list[int]) -> float:
     return sum(rows[:-1]) / (starts[-1] - starts[0])
 
 
-def run_lightning(cfg, batches: list) -> float:
+def rates(starts: list[float], cpu_starts: list[float], rows: list[int]) -> dict[str, float]:
+    return {"samples_per_s": rate(starts, rows), "samples_per_cpu_s": rate(cpu_starts, rows)}
+
+
+def run_lightning(cfg, batches: list) -> dict[str, float]:
     from benchmarks.ours import step_timer
     from trainer.run import _finish, build
 
@@ -62,10 +68,10 @@ def run_lightning(cfg, batches: list) -> float:
     datamodule.train_dataloader = lambda: stream
     trainer.fit(module, datamodule=datamodule)
     _finish()
-    return rate(timer.starts[0], timer.rows[0])
+    return rates(timer.starts[0], timer.cpu_starts[0], timer.rows[0])
 
 
-def run_bare(cfg, batches: list, num_embeddings) -> float:
+def run_bare(cfg, batches: list, num_embeddings) -> dict[str, float]:
     import torch
 
     from benchmarks.breakdown import bare_step, build_dmp
@@ -73,14 +79,16 @@ def run_bare(cfg, batches: list, num_embeddings) -> float:
     torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
     _, dmp, optimizer = build_dmp(cfg, num_embeddings)
-    starts, rows = [], []
+    starts, cpu_starts, rows = [], [], []
     for batch in batches:
         starts.append(time.perf_counter())
+        cpu_starts.append(time.process_time())
         rows.append(batch.batch_size)
         bare_step(dmp, optimizer, batch)
     starts.append(time.perf_counter())
+    cpu_starts.append(time.process_time())
     rows.append(0)
-    return rate(starts, rows)
+    return rates(starts, cpu_starts, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
         batches = materialize(cfg, num_embeddings, args.steps)
         if args.mode == "lightning":
-            samples_per_s = run_lightning(cfg, batches)
+            result = run_lightning(cfg, batches)
         else:
-            samples_per_s = run_bare(cfg, batches, num_embeddings)
-    print(json.dumps({"samples_per_s": samples_per_s}))
+            result = run_bare(cfg, batches, num_embeddings)
+    print(json.dumps(result))
     return 0
 
 

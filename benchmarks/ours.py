@@ -77,18 +77,22 @@ def step_timer():
     import lightning as L
 
     class StepTimer(L.Callback):
-        """Records each training step's start time and rows, per epoch."""
+        """Records each training step's start time (wall clock and this process's CPU time) and
+        rows, per epoch."""
 
         def __init__(self) -> None:
             self.starts: list[list[float]] = []
+            self.cpu_starts: list[list[float]] = []
             self.rows: list[list[int]] = []
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self.starts.append([])
+            self.cpu_starts.append([])
             self.rows.append([])
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.starts[-1].append(time.perf_counter())
+            self.cpu_starts[-1].append(time.process_time())
             self.rows[-1].append(batch.batch_size)
 
     return StepTimer()

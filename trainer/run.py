@@ -69,9 +69,15 @@ def launch_environment(cfg: Config) -> dict[str, Any]:
 
 
 def _set_threads(cfg: Config, processes_per_node: int) -> None:
-    """Config, else OMP_NUM_THREADS (torchrun sets it), else this process's CPU set / processes."""
+    """Config, else OMP_NUM_THREADS (torchrun sets it), else this process's CPU set / processes.
+
+    The choice is also written to OMP_NUM_THREADS: without it, Lightning's launcher resets torch to
+    CPUs / processes when the trainer starts (``trainer.num_threads: 1`` ran with 2 threads on 2 CPUs).
+    """
     threads = cfg.trainer.num_threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // processes_per_node))
+    threads = threads or max(1, len(os.sched_getaffinity(0)) // processes_per_node)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def ensure_dataset(cfg: Config) -> DatasetMeta:

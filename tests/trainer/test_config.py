@@ -91,6 +91,23 @@ def test_missing_config_file():
         load_config("nowhere.yaml")
 
 
+def test_trainer_num_threads_survives_lightnings_launcher(monkeypatch):
+    """Lightning's launcher sets torch's threads to CPUs / processes unless OMP_NUM_THREADS is set."""
+    import torch
+    from lightning.fabric.utilities.distributed import _set_num_threads_if_needed, _suggested_max_num_threads
+
+    from trainer.run import _set_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(
+        torch, "set_num_threads", lambda n: monkeypatch.setattr(torch, "get_num_threads", lambda: n)
+    )
+    wanted = _suggested_max_num_threads(1) + 1  # what Lightning would not choose by itself
+    _set_threads(load_config("configs/default.yaml", [f"trainer.num_threads={wanted}"]), processes_per_node=1)
+    _set_num_threads_if_needed(num_processes=1)  # what Trainer.fit does when it launches
+    assert torch.get_num_threads() == wanted
+
+
 def test_background_decode_only_with_a_spare_cpu(monkeypatch):
     import torch
 
