@@ -286,8 +286,9 @@ def _compare(title: str, tower: str, values: dict[str, dict[str, list[float]]]) 
         worse_by = (mean_multi - mean_single) if lower_is_better else (mean_single - mean_multi)
         tolerance = max(std_multi, std_single)
         verdict = "ok" if worse_by <= tolerance else "WORSE"
+        difference = f"worse by {worse_by:.4f}" if worse_by > 0 else f"better by {-worse_by:.4f}"
         out.append(f"- {title}, {tower}, {metric.upper()}: multi-task {mean_multi:.4f} vs {variant} "
-                   f"{mean_single:.4f} (worse by {worse_by:+.4f}, tolerance {tolerance:.4f}): {verdict}")  # fmt: skip
+                   f"{mean_single:.4f} ({difference}; tolerance {tolerance:.4f}): {verdict}")  # fmt: skip
     return out
 
 

@@ -29,9 +29,12 @@ def test_single_task_runs_with_fewer_seeds_are_compared_on_those_seeds_only():
     # over all three seeds multi-task would look worse (0.96 vs 0.92); on seed 0 alone it is better
     assert (
         "- 5-fold (u1, u2, u3, u4, u5), seeds [0], Shared-Bottom, RMSE: multi-task 0.9000 vs rating only "
-        "0.9200 (worse by -0.0200, tolerance 0.0000): ok" in text
+        "0.9200 (better by 0.0200; tolerance 0.0000): ok" in text
     )
     assert "seeds [0], Shared-Bottom, AUC: multi-task 0.8000 vs like only 0.7800" in text
     # u1 has seeds 0 and 1 of rating only: compared with multi-task seeds 0 and 1 (0.90, 0.99)
-    assert "- u1, seeds [0, 1], Shared-Bottom, RMSE: multi-task 0.9450 vs rating only 0.9200" in text
+    assert (
+        "- u1, seeds [0, 1], Shared-Bottom, RMSE: multi-task 0.9450 vs rating only 0.9200 "
+        "(worse by 0.0250; tolerance 0.0636): ok" in text
+    )
     assert "- 5-fold RMSE target 0.905: best multi-task 0.9600 (Shared-Bottom): NOT met" in text
