@@ -1,6 +1,7 @@
 """Lightning overhead: our trainer vs a bare TorchRec loop on the same pre-materialised batches.
 
     python -m benchmarks.loop --data DIR --tower mmoe --batch-size 4096 --steps 40 --mode lightning|bare [--threads 1]
+    python -m benchmarks.loop --data DIR --steps 40 --mode interleaved --epochs 12
 
 Both build the same DMP (``MultiTaskModule.build_model()`` + ``shard_model``, 1-process gloo group)
 with the same optimizers, and time step-start to step-start intervals after the first 3 steps, in
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 
@@ -53,8 +55,14 @@ def rate(starts: list[float], rows: list[int]) -> float:
     return sum(rows[:-1]) / (starts[-1] - starts[0])
 
 
-def rates(starts: list[float], cpu_starts: list[float], rows: list[int]) -> dict[str, float]:
-    return {"samples_per_s": rate(starts, rows), "samples_per_cpu_s": rate(cpu_starts, rows)}
+def rates(starts: list[float], cpu_starts: list[float], rows: list[int]) -> dict:
+    """Samples per second and per CPU-second, and each timed step's milliseconds (after warm-up)."""
+    timed = starts[WARMUP_STEPS:]
+    return {
+        "samples_per_s": rate(starts, rows),
+        "samples_per_cpu_s": rate(cpu_starts, rows),
+        "step_ms": [(end - start) * 1e3 for start, end in zip(timed, timed[1:])],
+    }
 
 
 def run_lightning(cfg, batches: list) -> dict[str, float]:
@@ -74,11 +82,17 @@ def run_lightning(cfg, batches: list) -> dict[str, float]:
 def run_bare(cfg, batches: list, num_embeddings) -> dict[str, float]:
     import torch
 
-    from benchmarks.breakdown import bare_step, build_dmp
+    from benchmarks.breakdown import build_dmp
 
     torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
     _, dmp, optimizer = build_dmp(cfg, num_embeddings)
+    return bare_epoch(dmp, optimizer, batches)
+
+
+def bare_epoch(dmp, optimizer, batches: list) -> dict[str, float]:
+    from benchmarks.breakdown import bare_step
+
     starts, cpu_starts, rows = [], [], []
     for batch in batches:
         starts.append(time.perf_counter())
@@ -91,13 +105,63 @@ def run_bare(cfg, batches: list, num_embeddings) -> dict[str, float]:
     return rates(starts, cpu_starts, rows)
 
 
+def run_interleaved(cfg, batches: list, num_embeddings) -> dict:
+    """Per epoch: the Lightning epoch's rates, then the bare loop's over the same batches."""
+    import lightning as L
+    import torch
+
+    from benchmarks.breakdown import build_dmp
+    from benchmarks.ours import step_timer
+    from trainer.run import _finish, build
+
+    class BareAfterEachEpoch(L.Callback):
+        def __init__(self) -> None:
+            self.model = None
+            self.rates: list[dict[str, float]] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if self.model is None:  # built inside fit: the trainer's process group exists by then
+                with torch.random.fork_rng():
+                    torch.manual_seed(cfg.seed)
+                    self.model = build_dmp(cfg, num_embeddings)[1:]
+            self.rates.append(bare_epoch(*self.model, batches))
+
+    timer, bare = step_timer(), BareAfterEachEpoch()
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[timer, bare])
+    stream = ListStream(batches)
+    datamodule.train_stream = stream
+    datamodule.train_dataloader = lambda: stream
+    trainer.fit(module, datamodule=datamodule)
+    _finish()
+    lightning = [rates(*epoch) for epoch in zip(timer.starts, timer.cpu_starts, timer.rows)]
+    result: dict = {"epochs": [], "warmup_epochs": 1}
+    for ours, theirs in zip(lightning, bare.rates):
+        result["epochs"].append(
+            {
+                mode: {k: v for k, v in r.items() if k != "step_ms"}
+                for mode, r in (("lightning", ours), ("bare", theirs))
+            }
+        )
+    # Steps disturbed by other work only get slower: the median step is the undisturbed one.
+    for mode, runs in (("lightning", lightning), ("bare", bare.rates)):
+        steps = sorted(ms for run in runs[1:] for ms in run["step_ms"])
+        result[f"{mode}_step_ms"] = {
+            "median": statistics.median(steps),
+            "p25": steps[len(steps) // 4],
+            "p75": steps[3 * len(steps) // 4],
+            "steps": len(steps),
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--tower", default="mmoe")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--mode", choices=("lightning", "bare"), required=True)
+    parser.add_argument("--mode", choices=("lightning", "bare", "interleaved"), required=True)
+    parser.add_argument("--epochs", type=int, default=12, help="interleaved: epoch pairs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy here)")
     args = parser.parse_args(argv)
     from benchmarks.breakdown import materialize
@@ -106,13 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.sharding import resolve_num_embeddings
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load(config_tree(args.data, args.tower, args.batch_size, 1, run_dir, args.threads))
+        epochs = args.epochs if args.mode == "interleaved" else 1
+        cfg = load(config_tree(args.data, args.tower, args.batch_size, epochs, run_dir, args.threads))
         num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
         batches = materialize(cfg, num_embeddings, args.steps)
         if args.mode == "lightning":
             result = run_lightning(cfg, batches)
-        else:
+        elif args.mode == "bare":
             result = run_bare(cfg, batches, num_embeddings)
+        else:
+            result = run_interleaved(cfg, batches, num_embeddings)
     print(json.dumps(result))
     return 0
 

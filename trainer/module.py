@@ -128,11 +128,13 @@ class MultiTaskModule(L.LightningModule):
         preemption signal, so they all skip, stop or go on together.
         """
         finite = torch.isfinite(losses.detach())
-        flags = torch.tensor([float(not bool(finite.all())), float(self.preemption.requested)])
+        non_finite, preempt = not bool(finite.all()), self.preemption.requested
         if self.trainer.world_size > 1:  # every rank must take the same decision (DDP, all-to-all)
-            flags = self.trainer.strategy.reduce(flags.to(self.device), reduce_op="max").cpu()
-        self.preempt_now = bool(flags[1] > 0)
-        if flags[0] > 0:
+            flags = torch.tensor([float(non_finite), float(preempt)], device=self.device)
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max").cpu()
+            non_finite, preempt = bool(flags[0] > 0), bool(flags[1] > 0)
+        self.preempt_now = preempt
+        if non_finite:
             bad = [f"{name}={losses[i].item()}" for i, name in enumerate(self.task_names) if not finite[i]]
             where = f"step {self.global_step} (epoch {self.current_epoch}, batch {self.current_position})"
             message = f"non-finite loss at {where}: {', '.join(bad) or 'on another rank'}"
