@@ -65,17 +65,23 @@ def rates(starts: list[float], cpu_starts: list[float], rows: list[int]) -> dict
     }
 
 
-def run_lightning(cfg, batches: list) -> dict[str, float]:
+def fit_on_batches(cfg, batches: list, callbacks: list):
+    """Trains with ``trainer.run.build`` on ``batches`` (in memory) and returns the step timer."""
     from benchmarks.ours import step_timer
     from trainer.run import _finish, build
 
     timer = step_timer()
-    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[timer])
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[timer, *callbacks])
     stream = ListStream(batches)
     datamodule.train_stream = stream
     datamodule.train_dataloader = lambda: stream
     trainer.fit(module, datamodule=datamodule)
     _finish()
+    return timer
+
+
+def run_lightning(cfg, batches: list) -> dict[str, float]:
+    timer = fit_on_batches(cfg, batches, [])
     return rates(timer.starts[0], timer.cpu_starts[0], timer.rows[0])
 
 
@@ -111,8 +117,6 @@ def run_interleaved(cfg, batches: list, num_embeddings) -> dict:
     import torch
 
     from benchmarks.breakdown import build_dmp
-    from benchmarks.ours import step_timer
-    from trainer.run import _finish, build
 
     class BareAfterEachEpoch(L.Callback):
         def __init__(self) -> None:
@@ -126,13 +130,8 @@ def run_interleaved(cfg, batches: list, num_embeddings) -> dict:
                     self.model = build_dmp(cfg, num_embeddings)[1:]
             self.rates.append(bare_epoch(*self.model, batches))
 
-    timer, bare = step_timer(), BareAfterEachEpoch()
-    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[timer, bare])
-    stream = ListStream(batches)
-    datamodule.train_stream = stream
-    datamodule.train_dataloader = lambda: stream
-    trainer.fit(module, datamodule=datamodule)
-    _finish()
+    bare = BareAfterEachEpoch()
+    timer = fit_on_batches(cfg, batches, [bare])
     lightning = [rates(*epoch) for epoch in zip(timer.starts, timer.cpu_starts, timer.rows)]
     result: dict = {"epochs": [], "warmup_epochs": 1}
     for ours, theirs in zip(lightning, bare.rates):

@@ -269,8 +269,6 @@ def lightning_overhead(data: Path, batch_sizes: list[int], epochs: int, steps: i
                     e["bare"]["samples_per_s"] / e["lightning"]["samples_per_s"] - 1
                     for e in result["epochs"][result["warmup_epochs"] :]
                 ],
-                "lightning": 1e3 * batch_size / lightning["median"],
-                "bare": 1e3 * batch_size / bare["median"],
             }
         )
     return rows
@@ -421,11 +419,9 @@ def plots(peers: list[dict], scale: dict) -> list[str]:
 
 
 def loop_lines(rows: list[dict]) -> list[str]:
-    """Section 2. Rows of ``method: interleaved`` (one process, Lightning and bare epochs
-    alternating) or, from older runs, separate processes per repetition."""
+    """Section 2: one process per batch size, Lightning and bare epochs alternating."""
     lines: list[str] = []
-    interleaved = [row for row in rows if row.get("method") == "interleaved"]
-    if interleaved:
+    if rows:
         lines += [
             "One process alternates a Lightning epoch and a bare-loop epoch over the same batches (the",
             "bare loop runs its own DMP, built the same way, from a callback after each Lightning epoch);",
@@ -437,7 +433,7 @@ def loop_lines(rows: list[dict]) -> list[str]:
             "step (p25-p75) | overhead (median steps) | per epoch pair: median (min to max) | target |",
             "|---|---|---|---|---|---|---|",
         ]
-        for row in interleaved:
+        for row in rows:
             if "error" in row:
                 lines.append(f"| {row['batch_size']} | {row['error']} ||||||")
                 continue
@@ -447,22 +443,6 @@ def loop_lines(rows: list[dict]) -> list[str]:
                 f"({bare['p25']:.2f}-{bare['p75']:.2f}) | {ours['median']:.2f} ms ({ours['p25']:.2f}-{ours['p75']:.2f}) | "
                 f"{row['overhead']:+.1%} | {statistics.median(pairs):+.1%} ({min(pairs):+.1%} to {max(pairs):+.1%}) | "
                 f"<= 5% {'met' if row['overhead'] <= 0.05 else 'MISSED'} |"
-            )
-    separate = [row for row in rows if "runs" in row]
-    if separate:
-        lines += [
-            "",
-            "Separate processes per repetition (older method):",
-            "",
-            "| batch | reps | bare TorchRec loop samples/s: best / median | towerrec (Lightning): best / median "
-            "| overhead: best / median |",
-            "|---|---|---|---|---|",
-        ]
-        for row in separate:
-            lines.append(
-                f"| {row['batch_size']} | {len(row['runs']['bare'])} | {fmt(row['best_bare'])} / {fmt(row['bare'])} | "
-                f"{fmt(row['best_lightning'])} / {fmt(row['lightning'])} | {row['best_overhead']:+.1%} / "
-                f"{row['overhead']:+.1%} |"
             )
     return lines
 
@@ -834,10 +814,9 @@ def main(argv: list[str] | None = None) -> int:
                     entry["tower"] == "mmoe"
                     and entry["threads"] == 1
                     and entry.get("precision", "32-true") == "32-true"
-                    and sections["loop"]
-                    and "lightning" in sections["loop"][0]
+                    and "lightning_step_ms" in sections["loop"][0]
                 ):
-                    entry["lightning_ms"] = 4096 / sections["loop"][0]["lightning"] * 1e3
+                    entry["lightning_ms"] = sections["loop"][0]["lightning_step_ms"]["median"]
             checkpoint_report()
         if "scale" in wanted:
             from data.config import PrepareConfig

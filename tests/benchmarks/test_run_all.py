@@ -68,16 +68,6 @@ def test_report_renders(tmp_path, monkeypatch):
                 "overhead": 20.9 / 20.0 - 1,
                 "epoch_overheads": [0.02, 0.06, 0.10],
             },
-            {  # an older run: separate processes
-                "batch_size": 256,
-                "bare": 10.0,
-                "lightning": 9.0,
-                "overhead": 10.0 / 9.0 - 1,
-                "best_bare": 12.0,
-                "best_lightning": 11.5,
-                "best_overhead": 12.0 / 11.5 - 1,
-                "runs": {"bare": [{"samples_per_s": 10.0}], "lightning": [{"samples_per_s": 9.0}]},
-            },
         ],
         "scale": {
             "batch": [point],
@@ -102,7 +92,6 @@ def test_report_renders(tmp_path, monkeypatch):
         "| 4096 | 400 | 20.00 ms (19.00-22.00) | 20.90 ms (20.00-23.00) | +4.5% | +6.0% (+2.0% to +10.0%) "
         "| <= 5% met |" in text
     )
-    assert "| 256 | 1 | 12 / 10 | 12 / 9 | +4.3% / +11.1% |" in text
     assert (
         "refused" in text
         and "gate_bmm" in text
