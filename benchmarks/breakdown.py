@@ -33,7 +33,7 @@ def build_dmp(cfg, num_embeddings: dict[str, int]):
     init_single_process_group()
     module = MultiTaskModule(cfg, num_embeddings)
     cluster = ClusterSpec(world_size=1, device_type="cpu", local_world_size=1)
-    dmp, _ = shard_model(
+    dmp, _, _ = shard_model(
         module.build_model(), cfg, module.tables, cluster, dist.group.WORLD, torch.device("cpu")
     )
     params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
@@ -61,8 +61,9 @@ def materialize(cfg, num_embeddings: dict[str, int], num_batches: int) -> list:
 def bare_step(dmp, optimizer, batch) -> torch.Tensor:
     """One training step without Lightning: forward, per-task losses, balance, backward, dense step."""
     inner = dmp.module
-    if _takes_batch(inner):  # trainer.module.TrainingModel: model(batch) -> (losses, outputs)
-        losses, _ = dmp(batch)
+    if _takes_batch(inner):  # trainer.module.TrainingModel: model(batch) -> (loss sums (2, T), outputs)
+        (sums, totals), _ = dmp(batch)
+        losses = sums / totals.clamp_min(1e-12)
     else:
         losses = inner.losses(dmp(batch.sparse, batch.dense), batch.labels, batch.label_mask, batch.weights)
     loss = inner.balancer(losses)

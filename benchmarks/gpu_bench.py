@@ -122,7 +122,7 @@ def main() -> None:
     cluster = ClusterSpec(
         world_size=1, device_type=device.type, local_world_size=1, memory_gb_per_device=hbm_gb
     )
-    dmp, plan = shard_model(model, cfg, tables, cluster, dist.group.WORLD, device)
+    dmp, plan, _ = shard_model(model, cfg, tables, cluster, dist.group.WORLD, device)
     dense = [p for n, p in dmp.named_parameters() if "embedding_bags" not in n]
     pipeline = TrainPipelineSparseDist(dmp, _DenseOptimizer(dense), device, execute_all_batches=True)
     generator = torch.Generator().manual_seed(0)

@@ -103,6 +103,33 @@ class _Locator:
         return f"{rg.file}: row group {rg.index}, row {first + row - int(self.starts[part])}"
 
 
+Segment = tuple[int, int, int]
+"""(base rank, start, end): rows [start, end) of one base rank's shuffled row sequence."""
+
+
+def _split(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous part [lo, hi) of ``total`` rows split over ``world_size`` ranks."""
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+def _length(segments: list[Segment]) -> int:
+    return sum(end - start for _, start, end in segments)
+
+
+def _slice(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
+    """The rows [lo, hi) of the sequence that ``segments`` concatenate, as segments."""
+    out, offset = [], 0
+    for base_rank, start, end in segments:
+        size = end - start
+        a, b = max(lo - offset, 0), min(hi - offset, size)
+        if a < b:
+            out.append((base_rank, start + a, start + b))
+        offset += size
+        if offset >= hi:
+            break
+    return out
+
+
 class BatchStream:
     """Iterable over one split's batches for one rank; stateful (``state_dict``) for exact resume.
 
@@ -147,34 +174,92 @@ class BatchStream:
                 f"{meta.root}: split {split!r} has {self.num_rows} rows, fewer than the {world_size} ranks "
                 "that must each read a part of it"
             )
-        self.rows_per_rank = math.ceil(self.num_rows / world_size)
         self.epoch = 0
         self.consumed = 0
         self.skipped_bad_rows = 0
         self._externally_tracked = False
         self._keys = [f.name for f in spec.sparse]
         self._files: dict[str, pq.ParquetFile] = {}
+        self._base = (world_size, self.window_rows)  # the layout the epoch's base sequences follow
+        self._sequence = self._base_sequence(*self._base)  # what this layout splits over the ranks
+        self._start = 0  # position of this layout's first batch in the epoch
 
-    # ----------------------------------------------------------------------------- position
+    # ----------------------------------------------------------------------------- layout
+    def _base_sequence(self, world_size: int, window_rows: int) -> list[Segment]:
+        del window_rows  # the base ranks' shuffle windows; the rows they hold depend on the ranks only
+        parts = [_split(self.num_rows, world_size, r) for r in range(world_size)]
+        return [(r, 0, hi - lo) for r, (lo, hi) in enumerate(parts)]
+
+    @property
+    def rows_per_rank(self) -> int:
+        """Rows (padding included) each rank yields in this layout of the epoch."""
+        return math.ceil(_length(self._sequence) / self.world_size)
+
+    def _rank_segments(self, sequence: list[Segment], world_size: int, rank: int) -> list[Segment]:
+        return _slice(sequence, *_split(_length(sequence), world_size, rank))
+
     def __len__(self) -> int:
-        return math.ceil(self.rows_per_rank / self.batch_size)
+        """Batches in the current epoch (for a resumed epoch: the positions of the batches trained
+        before the resume, then this layout's batches)."""
+        return self._start + math.ceil(self.rows_per_rank / self.batch_size)
+
+    def batch_rows(self, position: int) -> int:
+        """Rows (padding included) of this rank's batch at ``position`` in the current epoch."""
+        return min(self.batch_size, self.rows_per_rank - (position - self._start) * self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch,
             "consumed": self.consumed,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
+            "window_rows": self.window_rows,
             "seed": self.seed,
+            "num_rows": self.num_rows,
         }
+        if (self.world_size, self.window_rows) != self._base or self._start:
+            state["remainder"] = {
+                "base": list(self._base),
+                "sequence": [list(segment) for segment in self._sequence],
+                "start": self._start,
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the position; a different world or batch size restarts the interrupted epoch."""
+        """Restores the position. Under another layout (world size, batch size or shuffle window)
+        the interrupted epoch is finished, not restarted: the rows it has not trained on yet are
+        split over this layout's ranks, so every row is still seen exactly once per epoch and the
+        next epoch uses this layout."""
+        if "num_rows" in state and int(state["num_rows"]) != self.num_rows:
+            raise DataError(
+                f"{self.meta.root}: split {self.split!r} has {self.num_rows} rows, but the checkpoint's "
+                f"reader position is for {state['num_rows']}: the data set changed since the checkpoint "
+                "(resume from an end-of-epoch checkpoint with checkpoint.resume=PATH, or start afresh)"
+            )
         self.epoch = int(state["epoch"])
-        same_layout = (
-            state.get("world_size") == self.world_size and state.get("batch_size") == self.batch_size
-        )
-        self.consumed = int(state["consumed"]) if same_layout else 0
+        consumed = int(state["consumed"])
+        saved_world, saved_batch = int(state["world_size"]), int(state["batch_size"])
+        saved_window = int(state.get("window_rows", self.window_rows))
+        remainder = state.get("remainder")
+        if remainder is not None:
+            base = (int(remainder["base"][0]), int(remainder["base"][1]))
+            sequence = [(int(r), int(a), int(b)) for r, a, b in remainder["sequence"]]
+            start = int(remainder["start"])
+        else:
+            base, sequence, start = (
+                (saved_world, saved_window),
+                self._base_sequence(saved_world, saved_window),
+                0,
+            )
+        if (saved_world, saved_batch, saved_window) == (self.world_size, self.batch_size, self.window_rows):
+            self._base, self._sequence, self._start, self.consumed = base, sequence, start, consumed
+            return
+        trained = (consumed - start) * saved_batch  # every rank trained this many rows (or all it had)
+        unseen = []
+        for rank in range(saved_world):
+            mine = self._rank_segments(sequence, saved_world, rank)
+            unseen += _slice(mine, trained, _length(mine))
+        self._base, self._sequence, self._start, self.consumed = base, unseen, consumed, consumed
 
     def mark_consumed(self, position: int) -> None:
         """Records that the batch at ``position`` (``Batch.position``) was trained on: the reader
@@ -187,36 +272,112 @@ class BatchStream:
         self.consumed = position + 1
 
     # ----------------------------------------------------------------------------- iteration
-    def __iter__(self) -> Iterator[Batch]:
-        """Starts (or resumes) an epoch: after a finished epoch, the next one begins. The epoch
-        and first batch are fixed here, when ``iter()`` is called, not at the first ``next()``."""
+    def advance_if_finished(self) -> None:
+        """Moves to the next epoch (in this layout) when the current one is finished, so that
+        ``len()`` is the coming epoch's; ``iter()`` does the same."""
         if self.consumed >= len(self):
             self.epoch += 1
             self.consumed = 0
+            self._base = (self.world_size, self.window_rows)
+            self._sequence = self._base_sequence(*self._base)
+            self._start = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Starts (or resumes) an epoch: after a finished epoch, the next one begins. The epoch
+        and first batch are fixed here, when ``iter()`` is called, not at the first ``next()``."""
+        self.advance_if_finished()
         return self._batches(self.epoch, self.consumed)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        """This rank's batches from position ``start_batch``: its part of the layout's sequence,
+        read window by window from the base ranks' shuffled sequences, cut into batches of
+        ``batch_size`` (a batch may join the ends of two windows) and padded at the end."""
         order = self._epoch_order(epoch)
-        lo = self.rank * self.num_rows // self.world_size
-        hi = (self.rank + 1) * self.num_rows // self.world_size
-        skip_rows = start_batch * self.batch_size
-        starts = list(range(skip_rows - skip_rows % self.window_rows, self.rows_per_rank, self.window_rows))
+        base_world, base_window = self._base
+        base_starts = [_split(self.num_rows, base_world, r)[0] for r in range(base_world)]
+        base_sizes = [_split(self.num_rows, base_world, r)[1] - base_starts[r] for r in range(base_world)]
+        mine = self._rank_segments(self._sequence, self.world_size, self.rank)
+        skip = (start_batch - self._start) * self.batch_size
+        padded_rows = self.rows_per_rank - skip
+        segments = _slice(mine, skip, _length(mine))
+        tasks = []  # (base rank, window start, first row, end row) within that window
+        for base_rank, start, end in segments:
+            for window_start in range(start - start % base_window, end, base_window):
+                tasks.append(
+                    (
+                        base_rank,
+                        window_start,
+                        max(start, window_start) - window_start,
+                        min(end, window_start + base_window) - window_start,
+                    )
+                )
+        if not tasks and padded_rows > 0:  # no real row left for this rank: a template row to pad with
+            base_rank, start, _ = (mine or self._sequence)[-1 if mine else 0]
+            tasks = [(base_rank, start - start % base_window, start % base_window, start % base_window + 1)]
+            template_only = True
+        else:
+            template_only = False
 
-        def read(window_start: int) -> _Window:
-            window_end = min(window_start + self.window_rows, self.rows_per_rank)
-            real_end = min(window_end, hi - lo)
+        def read(key: tuple[int, int]) -> _Window:
+            base_rank, window_start = key
+            window_end = min(window_start + base_window, base_sizes[base_rank])
             return self._read_window(
-                order, lo + window_start, lo + real_end, window_end - real_end, epoch, window_start
+                order, epoch, base_rank, base_starts[base_rank], window_start, window_end
             )
 
-        for window_start, window in _windows(starts, read, self.background_decode):
-            first = max(skip_rows - window_start, 0)
-            for begin in range(first, window.num_rows, self.batch_size):
-                batch = self._make_batch(window, begin, min(begin + self.batch_size, window.num_rows))
-                batch.position = (window_start + begin) // self.batch_size
+        pieces: list[tuple[_Window, int, int]] = []
+        buffered, position = 0, start_batch
+        last: tuple[_Window, int] | None = None
+        for index, window in _windows([t[:2] for t in tasks], read, self.background_decode):
+            first, end = tasks[index][2:]
+            if template_only:
+                last = (window, first)
+                break
+            pieces.append((window, first, end))
+            buffered += end - first
+            last = (window, end - 1)
+            while buffered >= self.batch_size:
+                batch, pieces, buffered = self._cut(pieces, buffered)
+                batch.position = position
+                position += 1
+                padded_rows -= batch.batch_size
+                yield batch
+        if padded_rows > 0:
+            window, row = last
+            rows = _concat([_permute(w, np.arange(a, b)) for w, a, b in pieces]) if pieces else None
+            template = _permute(window, np.array([row]))
+            padding = _pad(template, padded_rows - buffered)
+            padding = _permute(padding, np.arange(1, padding.num_rows))  # drop the template itself
+            tail = _concat([rows, padding]) if rows is not None else padding
+            for begin in range(0, tail.num_rows, self.batch_size):
+                batch = self._make_batch(tail, begin, min(begin + self.batch_size, tail.num_rows))
+                batch.position = position
+                position += 1
                 yield batch
         if not self._externally_tracked:
             self.epoch, self.consumed = epoch, len(self)
+
+    def _cut(self, pieces: list[tuple[_Window, int, int]], buffered: int):
+        """The first ``batch_size`` rows of ``pieces`` as a Batch, and what is left."""
+        size = self.batch_size
+        window, first, end = pieces[0]
+        if end - first >= size:  # the common case: the batch lies in one window
+            batch = self._make_batch(window, first, first + size)
+            rest = [(window, first + size, end)] if end - first > size else []
+            return batch, rest + pieces[1:], buffered - size
+        taken, parts, rest = 0, [], []
+        for window, first, end in pieces:
+            need = size - taken
+            if need <= 0:
+                rest.append((window, first, end))
+                continue
+            stop = min(end, first + need)
+            parts.append(_permute(window, np.arange(first, stop)))
+            taken += stop - first
+            if stop < end:
+                rest.append((window, stop, end))
+        joined = _concat(parts)
+        return self._make_batch(joined, 0, joined.num_rows), rest, buffered - size
 
     def _epoch_order(self, epoch: int) -> list[RowGroup]:
         if not self.shuffle:
@@ -262,22 +423,25 @@ class BatchStream:
         return table, _Locator(parts)
 
     def _read_window(
-        self, order: list[RowGroup], start: int, end: int, num_padding: int, epoch: int, window_start: int
+        self,
+        order: list[RowGroup],
+        epoch: int,
+        base_rank: int,
+        base_start: int,
+        window_start: int,
+        window_end: int,
     ) -> _Window:
-        if start == end:  # a window of padding only: decode one real row as the template, then drop it
-            table, locator = self._read_rows(order, start - 1, start)
-            padded = _pad(self._decode(table, locator, start - 1), num_padding)
-            window = _permute(padded, np.arange(1, padded.num_rows))
-        else:
-            table, locator = self._read_rows(order, start, end)
-            window = self._decode(table, locator, start)
-            if num_padding:
-                window = _pad(window, num_padding)
+        """Rows [window_start, window_end) of base rank ``base_rank``'s part of the epoch sequence
+        (which starts at ``base_start``): read, validated, decoded and shuffled by (seed, epoch,
+        base rank, window start), so the same rows come out whichever rank reads them."""
+        start, end = base_start + window_start, base_start + window_end
+        table, locator = self._read_rows(order, start, end)
+        window = self._decode(table, locator, start)
         if self.shuffle:
-            rng = np.random.default_rng([self.seed, epoch, self.rank, window_start])
+            rng = np.random.default_rng([self.seed, epoch, base_rank, window_start])
             window = _permute(window, rng.permutation(window.num_rows))
         if self.drop_bag_ids:
-            rng = np.random.default_rng([self.seed, epoch, self.rank, window_start, 1])
+            rng = np.random.default_rng([self.seed, epoch, base_rank, window_start, 1])
             window = _drop_bag_ids(window, self.spec.sparse, rng)
         return window
 
@@ -427,20 +591,30 @@ class BatchStream:
         )
 
 
-def _windows(starts: list[int], read, background: bool) -> Iterator[tuple[int, _Window]]:
-    """(start, window) for each start, in order. ``background``: the next window is read and
-    decoded in a thread while this one is consumed (pyarrow and most numpy work release the GIL);
-    otherwise each is read when it is needed, in the caller's thread."""
+def _windows(keys: list, read, background: bool) -> Iterator[tuple[int, _Window]]:
+    """(index, window) for each key in order, reading each distinct key once (consecutive equal
+    keys share one read). ``background``: the next window is read and decoded in a thread while
+    this one is consumed (pyarrow and most numpy work release the GIL); otherwise each is read when
+    it is needed, in the caller's thread."""
+    distinct = [key for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key]
     if not background:
-        for start in starts:
-            yield start, read(start)
-        return
+        reads = (read(key) for key in distinct)
+    else:
+        reads = _prefetched(distinct, read)
+    current_key, window = None, None
+    for index, key in enumerate(keys):
+        if key != current_key:
+            current_key, window = key, next(reads)
+        yield index, window
+
+
+def _prefetched(keys: list, read) -> Iterator[_Window]:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="towerrec-reader") as pool:
-        pending = pool.submit(read, starts[0]) if starts else None
-        for i, start in enumerate(starts):
+        pending = pool.submit(read, keys[0]) if keys else None
+        for i in range(len(keys)):
             window = pending.result()
-            pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
-            yield start, window
+            pending = pool.submit(read, keys[i + 1]) if i + 1 < len(keys) else None
+            yield window
 
 
 def _column(table: pa.Table, name: str, locator: _Locator) -> pa.ChunkedArray:
@@ -520,6 +694,30 @@ def _drop_bag_ids(window: _Window, features: tuple[SparseFeature, ...], rng: np.
             window.lengths[index] = np.diff(window.multi_offsets[multi_index])
         multi_index += 1
     return window
+
+
+def _concat(windows: list[_Window]) -> _Window:
+    """The rows of ``windows`` one after the other."""
+    multi_values, multi_offsets = [], []
+    for f in range(len(windows[0].multi_values)):
+        values = [w.multi_values[f] for w in windows]
+        shifts = np.cumsum([0] + [len(v) for v in values[:-1]])
+        offsets = [np.zeros(1, dtype=np.int64)] + [
+            w.multi_offsets[f][1:] + shift for w, shift in zip(windows, shifts)
+        ]
+        multi_values.append(np.concatenate(values))
+        multi_offsets.append(np.concatenate(offsets))
+    return _Window(
+        np.concatenate([w.single_ids for w in windows], axis=1),
+        multi_values,
+        multi_offsets,
+        np.concatenate([w.lengths for w in windows], axis=1),
+        np.concatenate([w.dense for w in windows]),
+        np.concatenate([w.labels for w in windows]),
+        np.concatenate([w.label_mask for w in windows]),
+        np.concatenate([w.weights for w in windows]),
+        np.concatenate([w.row_id for w in windows]),
+    )
 
 
 def _pad(window: _Window, num_padding: int) -> _Window:

@@ -17,8 +17,6 @@ from torch import nn
 
 from models.config import TaskConfig
 
-LOSSES = {"regression": ("mse", "huber"), "binary": ("bce",)}
-
 
 def output_kind(task: TaskConfig) -> str:
     """The kind of a task's own unit: ``value`` for regression, ``logit`` for binary."""
@@ -96,6 +94,37 @@ def predictions(outputs: torch.Tensor, kinds: list[str]) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def task_loss_sums(
+    outputs: torch.Tensor,
+    labels: torch.Tensor,
+    label_mask: torch.Tensor,
+    weights: torch.Tensor,
+    kinds: list[str],
+    loss_names: list[str],
+) -> torch.Tensor:
+    """Each task's weighted loss sum and weight sum over the rows where its label counts: (2, T).
+
+    Row 0 is Σ_b w_bt · ℓ_bt and row 1 is Σ_b w_bt, with w_bt = label_mask[b, t] · weights[b]. The mean
+    loss is their ratio; keeping the two apart lets data-parallel training divide by the weight sum
+    of the *global* batch (see ``trainer.module``). outputs, labels, label_mask: (B, T); weights: (B,).
+    """
+    sums, totals = [], []
+    for t, (kind, name) in enumerate(zip(kinds, loss_names)):
+        out, target = outputs[:, t], labels[:, t]
+        if kind == "logit":
+            elementwise = F.binary_cross_entropy_with_logits(out, target, reduction="none")
+        elif kind == "probability":
+            elementwise = F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), target, reduction="none")
+        elif name == "huber":
+            elementwise = F.huber_loss(out, target, reduction="none")
+        else:
+            elementwise = (out - target) ** 2
+        row_weight = label_mask[:, t] * weights
+        sums.append((elementwise * row_weight).sum())
+        totals.append(row_weight.sum())
+    return torch.stack([torch.stack(sums), torch.stack(totals).to(sums[0].dtype)])
+
+
 def task_losses(
     outputs: torch.Tensor,
     labels: torch.Tensor,
@@ -108,17 +137,5 @@ def task_losses(
 
     outputs, labels, label_mask: (B, T); weights: (B,). A task with no counted row in the batch gets 0.
     """
-    per_task = []
-    for t, (kind, name) in enumerate(zip(kinds, loss_names)):
-        out, target = outputs[:, t], labels[:, t]
-        if kind == "logit":
-            elementwise = F.binary_cross_entropy_with_logits(out, target, reduction="none")
-        elif kind == "probability":
-            elementwise = F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), target, reduction="none")
-        elif name == "huber":
-            elementwise = F.huber_loss(out, target, reduction="none")
-        else:
-            elementwise = (out - target) ** 2
-        row_weight = label_mask[:, t] * weights
-        per_task.append((elementwise * row_weight).sum() / row_weight.sum().clamp_min(1e-12))
-    return torch.stack(per_task)
+    sums, totals = task_loss_sums(outputs, labels, label_mask, weights, kinds, loss_names)
+    return sums / totals.clamp_min(1e-12)

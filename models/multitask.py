@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.balancing import build_balancer
 from models.config import ModelConfig, TaskConfig
-from models.heads import TaskHeads, task_losses
+from models.heads import TaskHeads, task_loss_sums, task_losses
 from models.interaction import build_interaction
 from models.layers import l2_penalty_gradient
 from models.towers import build_tower
@@ -80,9 +80,9 @@ class MultiTaskModel(nn.Module):
         self.dense_forward = torch.compile(self.dense_forward)
 
     def losses(self, outputs, labels, label_mask, weights) -> torch.Tensor:
-        """Per-task losses (T,)."""
+        """Per-task mean losses (T,)."""
         return task_losses(outputs, labels, label_mask, weights, self.output_kinds, self.loss_names)
 
-    def dense_modules(self) -> list[nn.Module]:
-        """Everything but the embedding tables (trained by the dense optimizer, data-parallel)."""
-        return [self.interaction, self.tower, self.heads, self.balancer]
+    def loss_sums(self, outputs, labels, label_mask, weights) -> torch.Tensor:
+        """Per-task weighted loss sums and weight sums (2, T) (see ``models.heads.task_loss_sums``)."""
+        return task_loss_sums(outputs, labels, label_mask, weights, self.output_kinds, self.loss_names)

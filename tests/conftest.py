@@ -61,3 +61,38 @@ def fit_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
         "--trainer.progress_bar", "false",
         *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 3,000-row synthetic data set with small row groups (many per rank), prepared in process."""
+    from data.prepare import prepare
+    from trainer.config import load_config
+
+    path = tmp_path_factory.mktemp("tiny") / "synthetic"
+    cfg = load_config(
+        "configs/default.yaml",
+        ["data.prepare.num_rows=3000", "data.prepare.num_users=300", "data.prepare.num_items=150",
+         "data.prepare.row_group_size=256", "data.prepare.num_shards=2"],
+    )  # fmt: skip
+    prepare(cfg.data.prepare, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def rank_pools():
+    """``rank_pools(W)``: a persistent pool of W in-process gloo ranks (tests.multirank), started on
+    first use and restarted when a failure closed it."""
+    from tests.multirank import RankPool
+
+    pools: dict[int, RankPool] = {}
+
+    def get(world_size: int) -> RankPool:
+        pool = pools.get(world_size)
+        if pool is None or not pool.alive():
+            pools[world_size] = pool = RankPool(world_size)
+        return pool
+
+    yield get
+    for pool in pools.values():
+        pool.close()

@@ -81,10 +81,13 @@ class ParquetDataModule(L.LightningDataModule):
             self.train_stream = self._stream(self.cfg.data.train_split, train=True)
             if self._pending_state is not None:
                 self.train_stream.load_state_dict(self._pending_state)
-            if self.pipelined:
-                from trainer.pipeline import Tickets
+        # Lightning asks for the loader (and its length) at every epoch start: an epoch finished on
+        # another layout (a resume on another world size) is followed by one of a different length
+        self.train_stream.advance_if_finished()
+        if self.pipelined and self.tickets is None:
+            from trainer.pipeline import Tickets
 
-                self.tickets = Tickets(self.train_stream)
+            self.tickets = Tickets(self.train_stream)
         return self.tickets if self.pipelined else self.train_stream
 
     def val_dataloader(self):

@@ -12,7 +12,7 @@ import torch
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.batch import Batch
-from models.balancing import fixed_task_weights, gradient_norms, task_gradients
+from models.balancing import fixed_task_weights, task_gradients
 from models.heads import predictions
 from models.multitask import MultiTaskModel
 from trainer.config import Config
@@ -21,13 +21,14 @@ from trainer.sharding import embedding_tables
 
 
 class TrainingModel(MultiTaskModel):
-    """A MultiTaskModel whose forward takes a Batch and also returns the per-task losses, the form
-    TorchRec's train pipelines call: ``model(batch) -> (losses (T,), outputs (B, T))``. Its state
-    dict is the MultiTaskModel's, so checkpoints and exports see the same keys."""
+    """A MultiTaskModel whose forward takes a Batch and also returns the per-task loss sums, the
+    form TorchRec's train pipelines call: ``model(batch) -> (loss sums (2, T), outputs (B, T))``
+    (row 0: Σ w·ℓ, row 1: Σ w; see ``models.heads.task_loss_sums``). Its state dict is the
+    MultiTaskModel's, so checkpoints and exports see the same keys."""
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = super().forward(batch.sparse, batch.dense)
-        return self.losses(outputs, batch.labels, batch.label_mask, batch.weights), outputs
+        return self.loss_sums(outputs, batch.labels, batch.label_mask, batch.weights), outputs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,7 +68,6 @@ class MultiTaskModule(L.LightningModule):
         self.preempt_now = False
         self.skip_step = False
         self.current_position = -1
-        self.last_batch_size = 0
         self.skipped_batches = 0
         self.last_metrics: dict[str, dict[str, dict[str, float]]] = {}
         self.last_baseline: dict[str, dict[str, dict[str, float]]] = {}
@@ -105,7 +105,7 @@ class MultiTaskModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.seed_step()
         self.trainer.datamodule.train_stream.mark_consumed(batch.position)
-        self.current_position, self.last_batch_size = batch.position, batch.batch_size
+        self.current_position = batch.position
 
     def seed_step(self) -> None:
         """Dropout randomness is a function of (seed, step, rank): identical after a resume. Seeds only
@@ -116,28 +116,37 @@ class MultiTaskModule(L.LightningModule):
             torch.cuda.manual_seed(seed)
 
     def training_step(self, batch: Batch, batch_idx: int):
-        losses, _ = self(batch)
-        loss = self.combined_loss(losses, batch.batch_size)
+        loss_sums, _ = self(batch)
+        loss = self.combined_loss(loss_sums, batch.batch_size)
         self.skip_step = loss is None
         return loss
 
-    def combined_loss(self, losses: torch.Tensor, batch_size: int) -> torch.Tensor | None:
-        """Per-task losses → the loss to back-propagate, or None to skip this batch on every rank.
+    def combined_loss(self, loss_sums: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+        """This rank's per-task loss sums (2, T) → the loss it back-propagates, or None to skip the
+        batch on every rank.
 
-        All ranks first agree (one all-reduce) on whether any rank saw a non-finite loss or a
-        preemption signal, so they all skip, stop or go on together.
+        One all-reduce gives every rank the global batch's per-task sums and the preemption flag, so
+        all ranks skip, stop or go on together. Each task's loss is divided by the weight sum of the
+        *global* batch and this rank's share is scaled by the world size: the mean over ranks of the
+        gradients (the dense all-reduce, TorchRec's gradient division of embedding gradients) is then
+        the gradient a single process computes on the global batch, whatever the masks and sample
+        weights put on each rank. Balancers and logs see the global per-task losses.
         """
-        finite = torch.isfinite(losses.detach())
-        non_finite, preempt = not bool(finite.all()), self.preemption.requested
-        if self.trainer.world_size > 1:  # every rank must take the same decision (DDP, all-to-all)
-            flags = torch.tensor([float(non_finite), float(preempt)], device=self.device)
-            flags = self.trainer.strategy.reduce(flags, reduce_op="max").cpu()
-            non_finite, preempt = bool(flags[0] > 0), bool(flags[1] > 0)
-        self.preempt_now = preempt
-        if non_finite:
-            bad = [f"{name}={losses[i].item()}" for i, name in enumerate(self.task_names) if not finite[i]]
+        sums, totals = loss_sums[0], loss_sums[1]
+        world_size = self.trainer.world_size
+        preempt = torch.tensor([float(self.preemption.requested)], device=sums.device, dtype=sums.dtype)
+        agreed = self.trainer.strategy.all_reduce_sum(torch.cat([sums.detach(), totals.detach(), preempt]))
+        num_tasks = len(self.task_names)
+        denominators = agreed[num_tasks : 2 * num_tasks].clamp_min(1e-12)
+        global_losses = agreed[:num_tasks] / denominators
+        self.preempt_now = bool(agreed[-1] > 0)
+        finite = torch.isfinite(global_losses)
+        if not bool(finite.all()):
+            bad = [
+                f"{name}={global_losses[i].item()}" for i, name in enumerate(self.task_names) if not finite[i]
+            ]
             where = f"step {self.global_step} (epoch {self.current_epoch}, batch {self.current_position})"
-            message = f"non-finite loss at {where}: {', '.join(bad) or 'on another rank'}"
+            message = f"non-finite loss at {where}: {', '.join(bad)}"
             if self.cfg.trainer.non_finite_loss == "stop":
                 raise NonFiniteLossError(message + " (trainer.non_finite_loss: stop)")
             self.skipped_batches += 1
@@ -147,50 +156,55 @@ class MultiTaskModule(L.LightningModule):
                 )
             print(f"[towerrec] skipping batch: {message} ({self.skipped_batches} skipped)", flush=True)
             return None
+        shares = sums * (world_size / denominators)  # mean over ranks = global_losses, with gradients
         balancer = self.inner.balancer
-        loss = balancer(losses)
-        if balancer.gradient_surgery:  # PCGrad on the shared tower; see on_after_backward
+        loss = balancer(shares)
+        if balancer.gradient_surgery:  # PCGrad on the shared tower; see after_backward
             shared = list(self.inner.tower.shared_parameters())
-            self._pcgrad = (shared, task_gradients(balancer.weights().detach() * losses, shared))
-        if balancer.gradient_norm_balancing:  # GradNorm: norms at the last shared layer
-            norms = gradient_norms(task_gradients(losses, list(self.inner.tower.last_shared_parameters())))
-            mean_losses = self._mean_over_ranks(losses.detach())
-            loss = loss + balancer.gradnorm_loss(mean_losses, self._mean_over_ranks(norms.detach()))
+            self._pcgrad = (shared, task_gradients(balancer.weights().detach() * shares, shared))
+        if balancer.gradient_norm_balancing:  # GradNorm: norms of the global per-task gradients
+            last = list(self.inner.tower.last_shared_parameters())
+            per_task = task_gradients(shares, last)
+            flat = [torch.cat([g.reshape(-1) for g in grads]) for grads in per_task]
+            averaged = self.trainer.strategy.mean_over_ranks(flat)
+            loss = loss + balancer.gradnorm_loss(global_losses, torch.stack([g.norm() for g in averaged]))
         if self.global_step % self.cfg.trainer.log_every_n_steps == 0:  # self.log costs ~0.3 ms a call
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-            for name, value in zip(self.task_names, losses.detach()):
+            with torch.no_grad():
+                self.log("train/loss", balancer(global_losses), prog_bar=True, batch_size=batch_size)
+            for name, value in zip(self.task_names, global_losses):
                 self.log(f"train/{name}/loss", value, batch_size=batch_size)
         return loss
-
-    def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.trainer.world_size == 1:
-            return tensor
-        return self.trainer.strategy.reduce(tensor, reduce_op="mean")
 
     def on_after_backward(self) -> None:
         self.after_backward()
 
     def after_backward(self) -> None:
-        """PCGrad: replace the shared tower's gradients by the projected per-task gradients,
-        averaged over ranks (embeddings were already updated by their fused optimizer)."""
-        pending = getattr(self, "_pcgrad", None)
+        """Averages the dense gradients over ranks; with PCGrad, in the same all-reduce, each task's
+        gradient of the shared tower, then replaces the shared gradients by the projected sum (the
+        embeddings were already updated by their fused optimizer inside backward)."""
+        pending, self._pcgrad = getattr(self, "_pcgrad", None), None
         if pending is None:
+            self.trainer.strategy.average_dense_gradients()
             return
-        self._pcgrad = None
         shared, per_task = pending
-        flat = torch.cat([g.reshape(-1) for grads in per_task for g in grads])
-        flat = self._mean_over_ranks(flat)
-        averaged, offset = [], 0
-        for grads in per_task:
-            task = []
-            for g in grads:
-                task.append(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            averaged.append(task)
-        for param, grad in zip(shared, self.inner.balancer.surgery(averaged)):
-            param.grad = grad.clone()
+        sizes = [len(grads) for grads in per_task]
+        averaged = self.trainer.strategy.average_dense_gradients([g for grads in per_task for g in grads])
+        tasks, start = [], 0
+        for size in sizes:
+            tasks.append(averaged[start : start + size])
+            start += size
+        for param, grad in zip(shared, self.inner.balancer.surgery(tasks)):
+            if param.grad is None:
+                param.grad = grad.clone()
+            else:
+                param.grad.copy_(grad)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """GradNorm renormalises its weights right after the step, before any checkpoint is written."""
         if self.inner.balancer.gradient_norm_balancing and not self.skip_step:
             self.inner.balancer.renormalize()
 
@@ -329,6 +343,7 @@ class PipelinedMultiTaskModule(MultiTaskModule):
         if self.cfg.trainer.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val)
         optimizer.step()
+        self.after_optimizer_step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

@@ -43,9 +43,7 @@ class Tickets:
     def __iter__(self) -> Iterator[Ticket]:
         self.batches = iter(self.stream)  # fixes epoch and start position (resume)
         start = self.stream.consumed
-        rows = self.stream.rows_per_rank
-        size = self.stream.batch_size
-        return (Ticket(p, min(size, rows - p * size)) for p in range(start, len(self.stream)))
+        return (Ticket(p, self.stream.batch_rows(p)) for p in range(start, len(self.stream)))
 
     def state_dict(self):
         return self.stream.state_dict()
@@ -75,11 +73,10 @@ class LightningSparseDistPipeline(TrainPipelineSparseDist):
         )
         self.module = module
 
-    def _backward(self, losses: torch.Tensor) -> None:
+    def _backward(self, loss_sums: torch.Tensor) -> None:
         batch = self.batches[0]
         self.module.current_position = batch.position
-        self.module.last_batch_size = batch.batch_size
-        loss = self.module.combined_loss(losses, batch.batch_size)
+        loss = self.module.combined_loss(loss_sums, batch.batch_size)
         self.module.skip_step = loss is None
         if loss is not None:
             loss.backward()

@@ -255,6 +255,7 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
+        reload_dataloaders_every_n_epochs=1,  # epochs may differ in length after a resume (reader docs)
         limit_val_batches=None if cfg.data.val_split else 0,
         deterministic=cfg.trainer.deterministic or None,
     )
@@ -267,7 +268,7 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
     return trainer, module, datamodule, checkpointing
 
 
-def _resume_path(cfg: Config) -> Path | None:
+def resume_path(cfg: Config) -> Path | None:
     if cfg.checkpoint.resume == "never":
         return None
     if cfg.checkpoint.resume == "auto":
@@ -293,7 +294,7 @@ def fit(cfg: Config) -> int:
     """Trains (resuming from the latest checkpoint when there is one), then evaluates on the test
     split. Returns the process exit code (0, or EXIT_PREEMPTED after a preemption checkpoint)."""
     trainer, module, datamodule, checkpointing = build(cfg)
-    resume = _resume_path(cfg)
+    resume = resume_path(cfg)
     if resume is not None and trainer.is_global_zero:
         print(f"[towerrec] resuming from {resume}", flush=True)
     started = time.perf_counter()

@@ -6,12 +6,13 @@ Only the trainer (through ``TorchRecStrategy``) calls these: models never pick a
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
@@ -181,20 +182,91 @@ def plan_for_cluster(
         ) from err
 
 
+class DenseReplicas(DataParallelWrapper):
+    """DMP's data parallelism for the unsharded (dense) part, without DDP.
+
+    TorchRec's default wraps the dense part in DDP with ``static_graph=True``, whose reducer goes
+    wrong when per-task gradients are taken with ``torch.autograd.grad`` before ``backward()``
+    (PCGrad, GradNorm): it stops averaging some or all dense gradients and the replicas drift apart.
+    Here the dense parameters are broadcast from rank 0 once, and the trainer averages their
+    gradients explicitly after each backward, in one all-reduce
+    (``TorchRecStrategy.average_dense_gradients``), whatever the loss balancing; a single process
+    does no communication at all. ``parameters`` lists (name, parameter) of the dense part.
+    """
+
+    def __init__(self) -> None:
+        self.parameters: list[tuple[str, nn.Parameter]] = []
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        module = dmp._dmp_wrapped_module.to(device)
+        sharded = set(DistributedModelParallel._sharded_parameter_names(module))
+        self.parameters = [(n, p) for n, p in module.named_parameters() if n not in sharded]
+        if env.world_size > 1 and self.parameters:
+            with torch.no_grad():
+                tensors = [p.data for _, p in self.parameters]
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                torch.distributed.broadcast(flat, src=0, group=env.process_group)
+                for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                    tensor.copy_(part.view_as(tensor))
+
+
 def shard_model(
     model: nn.Module, cfg: Config, tables, cluster: ClusterSpec, process_group, device: torch.device
-) -> tuple[DistributedModelParallel, ShardingPlan]:
+) -> tuple[DistributedModelParallel, ShardingPlan, DenseReplicas]:
     """Fused optimizer → plan → DMP. Tables built on ``meta`` are materialised on their shards."""
     apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
     plan = plan_for_cluster(cfg, model, tables, cluster, process_group)
+    replicas = DenseReplicas()
     dmp = DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(process_group),
         device=device,
         plan=plan,
         sharders=sharders(cfg),
+        data_parallel_wrapper=replicas,
     )
-    return dmp, plan
+    return dmp, plan, replicas
+
+
+INIT_CHUNK_ROWS = 65536
+
+
+def initialize_tables(dmp: DistributedModelParallel, tables: list[EmbeddingBagConfig], seed: int) -> None:
+    """Writes every table's initial values as a function of (seed, table name, row) alone, uniform
+    in TorchRec's default range ±sqrt(1 / rows): a table starts the same whatever the plan, the
+    world size and the rank holding it (TorchRec draws them on each shard's rank, so 1 and 2 ranks
+    would start from different tables). Rows are drawn in chunks of ``INIT_CHUNK_ROWS`` from a
+    generator seeded per chunk; each shard fills its rows and columns from the chunks it overlaps."""
+    by_name = {t.name: t for t in tables}
+    for key, value in dmp.state_dict().items():  # views of the live shards
+        parts = key.split(".")
+        if "embedding_bags" not in parts or parts[-1] != "weight" or parts[-2] not in by_name:
+            continue
+        table = by_name[parts[-2]]
+        low, high = table.get_weight_init_min(), table.get_weight_init_max()
+        shards = (
+            [(s.metadata.shard_offsets, s.tensor) for s in value.local_shards()]
+            if hasattr(value, "local_shards")
+            else [((0, 0), value)]
+        )
+        table_seed = zlib.crc32(table.name.encode())
+        for (row_start, col_start), tensor in shards:
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            row_end, col_end = row_start + tensor.shape[0], col_start + tensor.shape[1]
+            for chunk in range(row_start // INIT_CHUNK_ROWS, (row_end - 1) // INIT_CHUNK_ROWS + 1):
+                first = chunk * INIT_CHUNK_ROWS
+                last = min(first + INIT_CHUNK_ROWS, table.num_embeddings)
+                generator = torch.Generator(device=tensor.device).manual_seed(
+                    (seed * 1_000_003 + table_seed) * 1_000_003 + chunk
+                )
+                values = torch.empty(last - first, table.embedding_dim, device=tensor.device)
+                values.uniform_(low, high, generator=generator)
+                lo, hi = max(first, row_start), min(last, row_end)
+                with torch.no_grad():
+                    tensor[lo - row_start : hi - row_start].copy_(
+                        values[lo - first : hi - first, col_start:col_end]
+                    )
 
 
 def describe_plan(

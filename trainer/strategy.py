@@ -28,7 +28,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config
-from trainer.sharding import ClusterSpec, describe_plan, shard_model
+from trainer.sharding import ClusterSpec, describe_plan, initialize_tables, shard_model
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -53,9 +53,59 @@ class TorchRecStrategy(DDPStrategy):
             device_type=self.root_device.type,
             local_world_size=self.num_processes,
         )
-        dmp, plan = shard_model(model, self.cfg, tables, cluster, self.process_group, self.root_device)
+        dmp, plan, self._replicas = shard_model(
+            model, self.cfg, tables, cluster, self.process_group, self.root_device
+        )
+        initialize_tables(dmp, tables, self.cfg.seed)
         self.plan_text, self.plan_summary = describe_plan(plan, tables, self.world_size, self.cfg)
         return dmp
+
+    # ------------------------------------------------------------------------------ data parallelism
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over ranks (a new tensor; the input is left as it is)."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
+        return total
+
+    def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The element-wise means over ranks of ``tensors`` (new tensors), in one all-reduce."""
+        tensors = list(tensors)
+        if self.world_size == 1 or not tensors:
+            return tensors
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        flat.div_(self.world_size)
+        return [
+            part.view_as(t).to(t.dtype) for t, part in zip(tensors, flat.split([t.numel() for t in tensors]))
+        ]
+
+    def average_dense_gradients(self, extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+        """Replaces each dense parameter's gradient by its mean over ranks, and returns the means of
+        ``extra`` tensors (e.g. per-task gradients) computed in the same all-reduce (see
+        ``trainer.sharding.DenseReplicas``). Every rank must call it at the same point of a step."""
+        extra = list(extra)
+        if self.world_size == 1:
+            return extra
+        grads = [p.grad for _, p in self._replicas.parameters if p.grad is not None]
+        averaged = self.mean_over_ranks(grads + extra)
+        for grad, mean in zip(grads, averaged):
+            grad.copy_(mean)
+        return averaged[len(grads) :]
+
+    def dense_digests(self) -> tuple[list[str], torch.Tensor]:
+        """(names, (P, 2) int64): two checksums of each dense parameter's bits, equal on every rank
+        exactly when the replicas are bitwise identical (up to a vanishing chance of collision)."""
+        names, rows = [], []
+        for name, param in self._replicas.parameters:
+            bits = param.detach().reshape(-1).contiguous()
+            bits = bits.view(torch.int32) if bits.element_size() == 4 else bits.view(torch.int16)
+            bits = bits.to(torch.int64)
+            positions = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
+            rows.append(torch.stack([bits.sum(), (bits * positions).remainder(2_147_483_629).sum()]))
+            names.append(name)
+        return names, torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
 
     @property
     def dmp(self) -> DistributedModelParallel:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -90,6 +92,93 @@ def test_resume_continues_at_the_exact_sample(dataset, world_size, consumed):
         assert len(rest) == len(full) - consumed
         for a, b in zip(full[consumed:], rest):
             np.testing.assert_array_equal(a, b)
+
+
+def epoch_rows(dataset, spec, layout, state=None, consumed=None):
+    """Every rank's batches of one epoch under ``layout`` = (world_size, batch_size, window_rows),
+    optionally resumed from ``state``; stops each rank after ``consumed`` batches when given.
+    Returns (row ids per rank, state after the last batch, per-rank positions, lengths)."""
+    world_size, batch_size, window_rows = layout
+    rows, positions, lengths, states = [], [], [], []
+    for rank in range(world_size):
+        stream = BatchStream(
+            dataset, "train", spec, batch_size, rank, world_size, seed=9, window_rows=window_rows
+        )
+        if state is not None:
+            stream.load_state_dict(state)
+        lengths.append(len(stream))
+        mine, seen = [], []
+        for batch in stream:
+            assert batch.batch_size == stream.batch_rows(batch.position)
+            stream.mark_consumed(batch.position)
+            mine.append(row_ids(batch))
+            seen.append(batch.position)
+            if consumed is not None and len(seen) == consumed:
+                break
+        rows.append(np.concatenate(mine) if mine else np.zeros(0, np.int64))
+        positions.append(seen)
+        states.append(stream.state_dict())
+    assert all(state == states[0] for state in states), "every rank must save the same reader state"
+    assert len(set(lengths)) == 1 and len({len(p) for p in positions}) == 1
+    return rows, states[0], positions, lengths[0]
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        ((2, 256, 2048), (1, 256, 2048)),  # 2 -> 1 ranks
+        ((1, 256, 2048), (2, 256, 2048)),  # 1 -> 2
+        ((2, 256, 2048), (2, 128, 2048)),  # another batch size
+        ((2, 256, 2048), (3, 300, 3000)),  # another world, batch and shuffle window
+        ((2, 512, 2048), (1, 1024, 2048)),  # the same global batch: the step count of the straight run
+    ],
+)
+def test_resume_on_another_layout_finishes_the_epoch_with_every_row_once(dataset, first, second):
+    spec = spec_for(dataset)
+    expected = np.sort(pq.read_table(dataset.root / "train", columns=["row_id"]).column(0).to_numpy())
+    done, state, positions, _ = epoch_rows(dataset, spec, first, consumed=13)
+    rest, after, rest_positions, length = epoch_rows(dataset, spec, second, state=state)
+    seen = np.concatenate(done + rest)
+    np.testing.assert_array_equal(np.sort(seen), expected)  # every row once: none lost, none twice
+    assert rest_positions[0][0] == 13 and rest_positions[0][-1] == length - 1
+    if first[0] * first[1] == second[0] * second[1]:  # same global batch
+        _, _, straight, straight_length = epoch_rows(dataset, spec, first)
+        assert length == straight_length
+    # the next epoch is an ordinary one of the new layout
+    nxt, _, next_positions, _ = epoch_rows(dataset, spec, second, state=after)
+    np.testing.assert_array_equal(np.sort(np.concatenate(nxt)), expected)
+    assert next_positions[0][0] == 0
+    assert next_positions[0][-1] + 1 == math.ceil(math.ceil(len(expected) / second[0]) / second[1])
+
+
+def test_resumes_across_layouts_chain(dataset):
+    """2 ranks -> 1 -> 3 within one epoch, then the same layout again: still every row once."""
+    spec = spec_for(dataset)
+    expected = np.sort(pq.read_table(dataset.root / "train", columns=["row_id"]).column(0).to_numpy())
+    a, state, _, _ = epoch_rows(dataset, spec, (2, 256, 2048), consumed=11)
+    b, state, _, _ = epoch_rows(dataset, spec, (1, 384, 2048), state=state, consumed=9)
+    c, state, _, _ = epoch_rows(dataset, spec, (3, 100, 1000), state=state, consumed=7)
+    d, state, positions, length = epoch_rows(dataset, spec, (3, 100, 1000), state=state)
+    np.testing.assert_array_equal(np.sort(np.concatenate(a + b + c + d)), expected)
+    assert positions[0][0] == 11 + 9 + 7 and positions[0][-1] == length - 1 and state["epoch"] == 0
+
+
+def test_a_resume_at_the_end_of_an_epoch_on_another_layout_starts_the_next_one(dataset):
+    spec = spec_for(dataset)
+    _, state, positions, length = epoch_rows(dataset, spec, (2, 256, 2048))
+    assert positions[0][-1] == length - 1
+    stream = BatchStream(dataset, "train", spec, 512, 0, 1, seed=9, window_rows=2048)
+    stream.load_state_dict(state)
+    first = next(iter(stream))
+    assert stream.epoch == 1 and first.position == 0
+
+
+def test_a_changed_data_set_is_not_resumed_silently(dataset):
+    spec = spec_for(dataset)
+    stream = BatchStream(dataset, "train", spec, 256, seed=9)
+    state = {**stream.state_dict(), "num_rows": stream.num_rows + 1, "consumed": 3}
+    with pytest.raises(DataError, match="the data set changed since the checkpoint"):
+        stream.load_state_dict(state)
 
 
 def test_decoding_in_the_callers_thread_gives_the_same_batches(dataset):

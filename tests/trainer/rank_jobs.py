@@ -1,0 +1,204 @@
+"""Functions that every rank of a ``tests.multirank.RankPool`` runs: the product's own trainer
+(``trainer.run.build`` + Lightning ``fit``) on a small data set, returning what the tests compare.
+
+Each returns plain data: the dense parameters (name → ndarray; a replica on every rank), this
+rank's embedding shards (table → [(row offset, column offset, ndarray)]), the row ids it trained on
+per step, and the global step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data.batch import Batch
+
+BASE_CONFIG = "configs/default.yaml"
+
+
+def load(overrides: list[str]):
+    from trainer.config import load_config
+
+    return load_config(BASE_CONFIG, ["trainer.progress_bar=false", "trainer.num_threads=1", *overrides])
+
+
+class ListStream:
+    """In-memory stand-in for the training ``BatchStream``: yields given batches (same interface)."""
+
+    def __init__(self, batches: list[Batch]):
+        self.batches = batches
+        for position, batch in enumerate(batches):
+            batch.position = position
+        self.consumed = 0
+        self.skipped_bad_rows = 0
+        self.batch_size = batches[0].batch_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches[self.consumed :])
+
+    def batch_rows(self, position: int) -> int:
+        return self.batches[position].batch_size
+
+    def advance_if_finished(self) -> None:
+        """One epoch only: nothing to advance to."""
+
+    def mark_consumed(self, position: int) -> None:
+        self.consumed = position + 1
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = state["consumed"]
+
+
+def concat_batches(parts: list[Batch]) -> Batch:
+    """Row-wise concatenation of batches with the same keys (the global batch of W rank batches)."""
+    keys = parts[0].sparse.keys()
+    per_part = [part.sparse.to_dict() for part in parts]
+    values = [per[key].values() for key in keys for per in per_part]
+    lengths = [per[key].lengths() for key in keys for per in per_part]
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
+    )
+    return Batch(
+        sparse=sparse,
+        dense=torch.cat([p.dense for p in parts]),
+        labels=torch.cat([p.labels for p in parts]),
+        label_mask=torch.cat([p.label_mask for p in parts]),
+        weights=torch.cat([p.weights for p in parts]),
+        row_id=torch.cat([p.row_id for p in parts]),
+    )
+
+
+def global_batches(cfg, world_size: int, num_steps: int, reverse: bool = False) -> list[Batch]:
+    """The global batches a ``world_size``-rank run of ``cfg`` trains on in its first steps: step s
+    joins every rank's batch s, read by the product's reader exactly as those ranks read them
+    (``reverse``: the last rank's rows first, the same rows summed in another order)."""
+    from data.dataset import DatasetMeta
+    from data.reader import BatchStream
+    from trainer.datamodule import read_spec
+    from trainer.sharding import resolve_num_embeddings
+
+    meta = DatasetMeta.load(cfg.data.path)
+    spec = read_spec(cfg, resolve_num_embeddings(cfg, meta))
+    per_rank = []
+    for rank in range(world_size):
+        stream = BatchStream(
+            meta, cfg.data.train_split, spec, batch_size=cfg.data.batch_size, rank=rank,
+            world_size=world_size, seed=cfg.seed, window_rows=cfg.data.shuffle_window_rows,
+            background_decode=False, drop_bag_ids=True,
+        )  # fmt: skip
+        batches = []
+        for batch in stream:
+            batches.append(batch)
+            if len(batches) == num_steps:
+                break
+        per_rank.append(batches)
+    return [concat_batches(list(step)[::-1] if reverse else list(step)) for step in zip(*per_rank)]
+
+
+class RowRecorder:
+    """The row ids of every trained batch, per step (padding rows dropped), in both train pipelines."""
+
+    def __init__(self) -> None:
+        import lightning as L
+
+        from trainer.pipeline import LightningSparseDistPipeline
+
+        recorder = self
+        self.steps: list[tuple[int, np.ndarray]] = []
+        self.initial: dict[str, Any] | None = None
+        self._pending: torch.Tensor | None = None
+
+        class _Callback(L.Callback):
+            def on_train_start(self, trainer, pl_module) -> None:
+                recorder.initial = model_state(pl_module)
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                if isinstance(batch, Batch):
+                    recorder._pending = batch.row_id
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                rows, recorder._pending = recorder._pending, None
+                if not pl_module.skip_step and rows is not None:
+                    recorder.steps.append((trainer.current_epoch, rows[rows >= 0].numpy().copy()))
+
+        original = LightningSparseDistPipeline._backward
+
+        def recording_backward(pipeline, loss_sums):  # the pipeline trains batches Lightning never sees
+            recorder._pending = pipeline.batches[0].row_id
+            return original(pipeline, loss_sums)
+
+        LightningSparseDistPipeline._backward = recording_backward
+        self.callback = _Callback()
+
+
+def model_state(module) -> dict[str, Any]:
+    """Dense parameters (full) and this rank's embedding shards, as numpy."""
+    dmp = module.model
+    dense = {
+        name: p.detach().float().numpy().copy()
+        for name, p in dmp.module.named_parameters()
+        if "embedding_bags" not in name
+    }
+    tables: dict[str, list] = {}
+    for key, value in dmp.state_dict().items():
+        if "embedding_bags" not in key:
+            continue
+        table = key.split(".")[-2]
+        if hasattr(value, "local_shards"):
+            for shard in value.local_shards():
+                offsets = shard.metadata.shard_offsets
+                tables.setdefault(table, []).append((offsets[0], offsets[1], shard.tensor.numpy().copy()))
+        else:
+            tables.setdefault(table, []).append((0, 0, value.detach().numpy().copy()))
+    return {"dense": dense, "tables": tables, "balance": module.inner.balancer.weights().numpy().copy()}
+
+
+def train(
+    overrides: list[str], num_steps: int, reference_world_size: int | None = None, reverse: bool = False
+) -> dict[str, Any]:
+    """Trains ``num_steps`` steps of the config (no checkpoints, no evaluation). With
+    ``reference_world_size`` W (run it on one rank) the batches are the global batches a W-rank run
+    of the same config trains on (see ``global_batches``)."""
+    from trainer.run import build
+
+    cfg = load(
+        [
+            *overrides,
+            f"trainer.max_steps={num_steps}",
+            "checkpoint.resume=never",
+            "checkpoint.every_n_steps=0",
+        ]
+    )
+    recorder = RowRecorder()
+    trainer, module, datamodule, checkpointing = build(cfg, extra_callbacks=[recorder.callback])
+    trainer.callbacks.remove(checkpointing)
+    if reference_world_size is not None:
+        datamodule.train_stream = ListStream(global_batches(cfg, reference_world_size, num_steps, reverse))
+    trainer.fit(module, datamodule=datamodule)
+    return {
+        **model_state(module),
+        "initial": recorder.initial,
+        "steps": recorder.steps,
+        "global_step": trainer.global_step,
+    }
+
+
+def fit(overrides: list[str]) -> dict[str, Any]:
+    """The ``fit`` command's training (checkpoints and resume as configured), without evaluation."""
+    from trainer.run import build, resume_path
+
+    cfg = load(overrides)
+    recorder = RowRecorder()
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[recorder.callback])
+    resume = resume_path(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    return {**model_state(module), "steps": recorder.steps, "global_step": trainer.global_step}

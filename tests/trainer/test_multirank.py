@@ -1,0 +1,260 @@
+"""Distributed invariants on in-process gloo ranks (``tests.multirank``), across the config matrix
+towers × loss balancing × precision × train pipeline, on the product's own trainer.
+
+For every combination, a 2-rank run trains K steps from the real reader and a 1-rank run trains on
+the same global batches (each step: rank 0's batch, then rank 1's). Then:
+
+- the dense replicas of the 2 ranks are bitwise identical;
+- the 2-rank model (dense parameters and every embedding table) equals the 1-rank model within a
+  tolerance stated from first principles: the 2-rank run may round differently, but by no more
+  than two computations that are mathematically the same already differ. In fp32 that yardstick is
+  the 1-rank run on the same global batches with the ranks' rows in the other order (same sums,
+  another summation order), and the 2-rank run may differ by twice that, plus the worst-case
+  rounding of a sum of the global batch's B rows relative to the update (B fp32 ulp, B × 2^-24, of
+  the tensor's largest update: per-rank partial sums and the all-reduce add terms in another
+  order), plus 2 ulp of the tensor's largest value. In bf16-mixed, matmul outputs and weight-gradient sums are rounded to 8
+  bits: the 1-rank model carries one such rounding of each gradient sum, the 2-rank model one per
+  rank's partial sum, so their difference may reach W + 1 = 3 roundings of the size that separates
+  the 1-rank bf16 model from the 1-rank fp32 one (the yardstick), plus the rounding of a partial sum
+  relative to the update: 4 bf16 ulp (4 × 2^-8) of the tensor's largest update.
+- the lightning and sparse_dist pipelines give bitwise the same 2-rank model.
+
+The configs use SGD for both the dense and the embedding optimizer so that the update is linear in
+the gradient and the comparison tests the gradients themselves (Adam's first step is ~lr·sign(g),
+which amplifies rounding of near-zero gradients); the stateful optimizers run identically on
+identical gradients, which the replica and resume tests cover with the defaults. Tasks include a
+masked task (conversion given click) and a sample weight column, so ranks hold different numbers of
+counted rows: the loss must be normalised over the global batch, not per rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from tests.trainer import rank_jobs
+
+pytestmark = pytest.mark.slow
+
+NUM_STEPS = 3
+BATCH_PER_RANK = 32
+TOWERS = ("shared_bottom", "mmoe", "ple", "esmm")
+BALANCERS = ("fixed", "uncertainty", "pcgrad", "gradnorm")
+PIPELINES = ("lightning", "sparse_dist")
+TASKS = (
+    "[{name: rating, type: regression, label: rating, min_value: 1.0, max_value: 5.0},"
+    " {name: ctr, type: binary, label: click}, {name: cvr, type: binary, label: conversion, mask: click}]"
+)
+ESMM_TASKS = (
+    "[{name: ctr, type: binary, label: click}, {name: cvr, type: binary, label: conversion, mask: click},"
+    " {name: ctcvr, type: binary, label: conversion}]"
+)
+
+
+def matrix_overrides(data, run_dir, tower: str, balancing: str, precision: str, pipeline: str) -> list[str]:
+    overrides = [
+        f"data.path={data}", f"run_dir={run_dir}", "data.val_split=null", "data.test_split=null", "data.validate_on_start=false",
+        f"data.batch_size={BATCH_PER_RANK}", "data.sample_weight_column=user_activity",
+        f"model.tower={tower}", f"model.loss_balancing={balancing}", "model.alpha=null",
+        "model.num_levels=2", f"trainer.precision={precision}", f"trainer.train_pipeline={pipeline}",
+        "trainer.dense_optimizer.type=sgd", "trainer.dense_optimizer.lr=0.05",
+        "trainer.embedding_optimizer.type=sgd", "trainer.embedding_optimizer.lr=0.5",
+        f"tasks={ESMM_TASKS if tower == 'esmm' else TASKS}",
+    ]  # fmt: skip
+    if tower == "esmm":
+        overrides += ["model.esmm_ctr_task=ctr", "model.esmm_cvr_task=cvr", "model.esmm_ctcvr_task=ctcvr"]
+    return overrides
+
+
+def full_tables(rank_results: list[dict]) -> dict[str, np.ndarray]:
+    """Every table assembled from the ranks' shards (row and column offsets)."""
+    shards: dict[str, list] = {}
+    for result in rank_results:
+        for table, parts in result["tables"].items():
+            shards.setdefault(table, []).extend(parts)
+    tables = {}
+    for table, parts in shards.items():
+        rows = max(r + a.shape[0] for r, _, a in parts)
+        cols = max(c + a.shape[1] for _, c, a in parts)
+        full = np.full((rows, cols), np.nan, dtype=np.float32)
+        for r, c, a in parts:
+            full[r : r + a.shape[0], c : c + a.shape[1]] = a
+        assert not np.isnan(full).any(), f"{table}: the shards do not cover the table"
+        tables[table] = full
+    return tables
+
+
+def tensors(rank_results: list[dict]) -> dict[str, np.ndarray]:
+    """Dense parameters (rank 0's replica) and full tables of a run, by name."""
+    return {**rank_results[0]["dense"], **{f"table {k}": v for k, v in full_tables(rank_results).items()}}
+
+
+def assert_close_within_rounding(
+    actual: dict,
+    expected: dict,
+    yardstick: dict,
+    initial: dict,
+    roundings: int,
+    update_ulps: float,
+    what: str,
+) -> None:
+    """Per tensor: |actual - expected| <= roundings × |yardstick - expected|
+    + update_ulps × max |expected - initial| + 2 ulp(max |expected|) (see the module docstring)."""
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        difference = np.abs(actual[name] - value).max()
+        update = np.abs(value - initial[name]).max()
+        allowed = (
+            roundings * np.abs(yardstick[name] - value).max()
+            + update_ulps * update
+            + 2 * np.spacing(np.abs(value).max())
+        )
+        assert difference <= allowed, (
+            f"{what}: {name} differs by {difference:.3g} from the 1-rank model, more than rounding "
+            f"explains ({allowed:.3g}; largest update {update:.3g})"
+        )
+
+
+@pytest.mark.parametrize(
+    "tower,balancing,pipeline",
+    list(itertools.product(TOWERS, BALANCERS, PIPELINES)),
+    ids=lambda v: str(v),
+)
+def test_two_ranks_train_the_model_one_rank_would(
+    rank_pools, tiny_data, tmp_path, tower, balancing, pipeline
+):
+    pool1, pool2 = rank_pools(1), rank_pools(2)
+    models = {}
+    for precision in ("32-true", "bf16-mixed"):
+        overrides = matrix_overrides(tiny_data, tmp_path, tower, balancing, precision, pipeline)
+        two = pool2.run(rank_jobs.train, overrides, NUM_STEPS)
+        for name in two[0]["dense"]:
+            assert np.array_equal(two[0]["dense"][name], two[1]["dense"][name]), (
+                f"{precision}: dense replica {name} differs between the ranks"
+            )
+        assert two[0]["global_step"] == NUM_STEPS
+        (one,) = pool1.run(rank_jobs.train, overrides, NUM_STEPS, reference_world_size=2)
+        assert [rows.tolist() for _, rows in one["steps"]] == [
+            np.concatenate([a, b]).tolist() for (_, a), (_, b) in zip(two[0]["steps"], two[1]["steps"])
+        ]
+        models[precision] = (tensors(two), tensors([one]))
+        initial = tensors([one["initial"]])
+    fp32_two, fp32_one = models["32-true"]
+    (reordered,) = pool1.run(
+        rank_jobs.train,
+        matrix_overrides(tiny_data, tmp_path, tower, balancing, "32-true", pipeline),
+        NUM_STEPS,
+        reference_world_size=2,
+        reverse=True,
+    )
+    global_batch = 2 * BATCH_PER_RANK
+    assert_close_within_rounding(
+        fp32_two, fp32_one, tensors([reordered]), initial, 2, global_batch * 2.0**-24, "32-true"
+    )
+    bf16_two, bf16_one = models["bf16-mixed"]
+    assert_close_within_rounding(bf16_two, bf16_one, fp32_one, initial, 3, 4 * 2.0**-8, "bf16-mixed")
+    if pipeline == "sparse_dist":  # the same model as Lightning's own step, bit for bit
+        plain = pool2.run(
+            rank_jobs.train,
+            matrix_overrides(tiny_data, tmp_path, tower, balancing, "32-true", "lightning"),
+            NUM_STEPS,
+        )
+        for name, value in tensors(plain).items():
+            assert np.array_equal(value, fp32_two[name]), f"sparse_dist vs lightning: {name} differs"
+
+
+def resume_overrides(data, run_dir, balancing: str, pipeline: str, batch_size: int) -> list[str]:
+    return [
+        f"data.path={data}", f"run_dir={run_dir}", "data.val_split=null", "data.test_split=null",
+        "data.validate_on_start=false", f"data.batch_size={batch_size}", "data.shuffle_window_rows=512",
+        f"model.loss_balancing={balancing}", "model.alpha=null", "model.dropout=0.1",
+        f"trainer.train_pipeline={pipeline}", "trainer.max_epochs=2", "checkpoint.every_n_steps=0",
+        "trainer.log_every_n_steps=5",
+    ]  # fmt: skip
+
+
+def bitwise_equal(a: dict, b: dict) -> list[str]:
+    return [name for name in a if not np.array_equal(a[name], b[name])]
+
+
+@pytest.mark.parametrize(
+    "balancing,pipeline",
+    [*((b, "lightning") for b in BALANCERS), ("pcgrad", "sparse_dist"), ("gradnorm", "sparse_dist")],
+)
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(
+    rank_pools, tiny_data, tmp_path, balancing, pipeline
+):
+    pool = rank_pools(2)
+    straight = pool.run(
+        rank_jobs.fit, resume_overrides(tiny_data, tmp_path / "straight", balancing, pipeline, 64)
+    )
+    interrupted = tmp_path / "interrupted"
+    first = pool.run(
+        rank_jobs.fit,
+        [*resume_overrides(tiny_data, interrupted, balancing, pipeline, 64), "trainer.max_steps=13"],
+    )
+    assert first[0]["global_step"] == 13
+    resumed = pool.run(rank_jobs.fit, resume_overrides(tiny_data, interrupted, balancing, pipeline, 64))
+    assert resumed[0]["global_step"] == straight[0]["global_step"]
+    for rank in range(2):
+        assert bitwise_equal(resumed[rank]["dense"], straight[rank]["dense"]) == []
+        assert not bitwise_equal(resumed[0]["dense"], resumed[1]["dense"]), "replicas differ"
+    assert bitwise_equal(tensors(resumed), tensors(straight)) == []
+    np.testing.assert_array_equal(resumed[0]["balance"], straight[0]["balance"])
+
+
+def rows_per_epoch(*runs: list[dict]) -> dict[int, np.ndarray]:
+    epochs: dict[int, list] = {}
+    for run in runs:
+        for result in run:
+            for epoch, rows in result["steps"]:
+                epochs.setdefault(epoch, []).append(rows)
+    return {epoch: np.sort(np.concatenate(rows)) for epoch, rows in epochs.items()}
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [((2, 32), (1, 64)), ((1, 64), (2, 32)), ((2, 32), (2, 48)), ((2, 32), (1, 32))],
+    ids=["2to1-same-global-batch", "1to2-same-global-batch", "2to2-other-batch", "2to1-half-global-batch"],
+)
+def test_resume_on_another_world_size_sees_every_row_once_per_epoch(
+    rank_pools, tiny_data, tmp_path, first, second
+):
+    """(world size, batch per rank) before and after a mid-epoch interruption; 2 epochs."""
+    from data.dataset import DatasetMeta
+
+    num_rows = DatasetMeta.load(tiny_data).num_rows("train")
+    run_dir = tmp_path / "run"
+    interrupted_at = 9
+    before = rank_pools(first[0]).run(
+        rank_jobs.fit,
+        [
+            *resume_overrides(tiny_data, run_dir, "fixed", "lightning", first[1]),
+            f"trainer.max_steps={interrupted_at}",
+        ],
+    )
+    after = rank_pools(second[0]).run(
+        rank_jobs.fit, resume_overrides(tiny_data, run_dir, "fixed", "lightning", second[1])
+    )
+    epochs = rows_per_epoch(before, after)
+    assert sorted(epochs) == [0, 1]
+    for epoch, rows in epochs.items():
+        np.testing.assert_array_equal(rows, np.arange(num_rows), err_msg=f"epoch {epoch}: not every row once")
+
+    # steps: the ones before, the rest of epoch 0 in the new layout, then a full epoch of it
+    def batches(rows: int, layout: tuple[int, int]) -> int:  # per rank: ceil(ceil(rows / W) / B)
+        return math.ceil(math.ceil(rows / layout[0]) / layout[1])
+
+    first_batches = batches(num_rows, first)
+    second_rest = batches(num_rows - interrupted_at * first[0] * first[1], second)
+    second_epoch = batches(num_rows, second)
+    assert first_batches > interrupted_at
+    assert after[0]["global_step"] == interrupted_at + second_rest + second_epoch
+    if first[0] * first[1] == second[0] * second[1]:  # the same global batch: the straight run's steps
+        straight = rank_pools(first[0]).run(
+            rank_jobs.fit, resume_overrides(tiny_data, tmp_path / "straight", "fixed", "lightning", first[1])
+        )
+        assert after[0]["global_step"] == straight[0]["global_step"]
