@@ -25,7 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SHUFFLE_BUCKETS = 64
+SPILL_ROWS = 1_000_000
 
 
 class DataError(ValueError):
@@ -50,6 +52,8 @@ class DatasetMeta:
     splits: dict[str, list[RowGroup]]
     statistics: dict[str, Any]
     report: dict[str, Any]
+    shuffled_splits: list[str]
+    """Splits stored in a seeded random row order (the training split; see ``DatasetWriter``)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DatasetMeta:
@@ -70,13 +74,22 @@ class DatasetMeta:
             raise DataError(f"{meta_path}: not valid JSON ({err})") from err
         if raw.get("format_version") != FORMAT_VERSION:
             raise DataError(
-                f"{meta_path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}"
+                f"{meta_path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}: the data "
+                "set was prepared by another towerrec version (version 1 kept training rows in the "
+                "converter's order); prepare it again (towerrec prepare, or delete the folder)"
             )
         splits = {
             name: [RowGroup(str(root / rg[0]), int(rg[1]), int(rg[2])) for rg in groups]
             for name, groups in raw["splits"].items()
         }
-        return cls(root, raw["columns"], splits, raw.get("statistics", {}), raw.get("report", {}))
+        return cls(
+            root,
+            raw["columns"],
+            splits,
+            raw.get("statistics", {}),
+            raw.get("report", {}),
+            raw.get("shuffled_splits", []),
+        )
 
     def row_groups(self, split: str) -> list[RowGroup]:
         if split not in self.splits:
@@ -107,15 +120,30 @@ class DatasetWriter:
     Rows are buffered per split up to ``row_group_size`` and each full row group goes to the next
     shard in turn, so shards end up with equal row counts (± one row group).
 
+    Splits in ``shuffle_splits`` (the training split, for the converters) are written in a seeded,
+    uniformly random row order whatever order the rows arrive in: each row goes to one of
+    ``SHUFFLE_BUCKETS`` random buckets (spilled to Arrow files beside the shards once more than
+    ``SPILL_ROWS`` rows wait in memory); at commit each bucket is permuted and written in turn
+    (memory: one bucket, about rows / ``SHUFFLE_BUCKETS``). The reader only shuffles within
+    windows, so a converter that writes all sampled negatives after the rated rows (or a log sorted
+    by time or label) would otherwise give batches with none of one kind.
+
     Example::
 
-        writer = DatasetWriter("runs/data/x", num_shards=4, row_group_size=16384)
+        writer = DatasetWriter("runs/data/x", num_shards=4, row_group_size=16384, shuffle_splits=("train",))
         for chunk in chunks:
             writer.write("train", chunk)
         writer.commit(columns={"user_id": {"kind": "sparse", "num_embeddings": 1000}, ...})
     """
 
-    def __init__(self, path: str | os.PathLike, num_shards: int = 4, row_group_size: int = 16384):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_shards: int = 4,
+        row_group_size: int = 16384,
+        shuffle_splits: tuple[str, ...] = (),
+        seed: int = 0,
+    ):
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         if row_group_size < 1:
@@ -126,6 +154,8 @@ class DatasetWriter:
         self.tmp.mkdir(parents=True)
         self.num_shards = num_shards
         self.row_group_size = row_group_size
+        self.shuffle_splits = tuple(shuffle_splits)
+        self._rng = np.random.default_rng([seed, 0x5EED])
         self._writers: dict[tuple[str, int], pq.ParquetWriter] = {}
         self._buffers: dict[str, list[pa.Table]] = {}
         self._buffered_rows: dict[str, int] = {}
@@ -133,6 +163,9 @@ class DatasetWriter:
         self._schema: pa.Schema | None = None
         self._splits_seen: set[str] = set()
         self._vocabularies: dict[str, str] = {}
+        self._buckets: dict[str, list[list[pa.Table]]] = {}
+        self._bucket_rows = 0
+        self._spills: dict[tuple[str, int], Any] = {}
 
     def write_vocabulary(self, column: str, keys: np.ndarray) -> None:
         """Saves the raw ids of ``column``'s embedding rows 1..len(keys) (row 0: unseen ids), so that
@@ -149,10 +182,62 @@ class DatasetWriter:
             self._schema = table.schema
         elif not table.schema.equals(self._schema):
             table = table.cast(self._schema)
+        if split in self.shuffle_splits:
+            self._scatter(split, table)
+            return
+        self._buffer(split, table)
+
+    def _buffer(self, split: str, table: pa.Table) -> None:
         self._buffers.setdefault(split, []).append(table)
         self._buffered_rows[split] = self._buffered_rows.get(split, 0) + table.num_rows
         if self._buffered_rows[split] >= self.row_group_size:
             self._flush(split, final=False)
+
+    def _scatter(self, split: str, table: pa.Table) -> None:
+        """Sends each row of ``table`` to a random bucket of ``split`` (see the class docstring)."""
+        buckets = self._buckets.setdefault(split, [[] for _ in range(SHUFFLE_BUCKETS)])
+        codes = self._rng.integers(0, SHUFFLE_BUCKETS, table.num_rows)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(SHUFFLE_BUCKETS + 1))
+        for bucket in range(SHUFFLE_BUCKETS):
+            if bounds[bucket] < bounds[bucket + 1]:
+                buckets[bucket].append(table.take(pa.array(order[bounds[bucket] : bounds[bucket + 1]])))
+        self._bucket_rows += table.num_rows
+        if self._bucket_rows > SPILL_ROWS:
+            self._spill()
+
+    def _spill(self) -> None:
+        for split, buckets in self._buckets.items():
+            for bucket, tables in enumerate(buckets):
+                if not tables:
+                    continue
+                key = (split, bucket)
+                if key not in self._spills:
+                    (self.tmp / ".shuffle").mkdir(exist_ok=True)
+                    sink = pa.OSFile(str(self.tmp / ".shuffle" / f"{split}-{bucket:03d}.arrow"), "wb")
+                    self._spills[key] = (sink, pa.ipc.new_stream(sink, self._schema))
+                for t in tables:
+                    self._spills[key][1].write_table(t)
+                buckets[bucket] = []
+        self._bucket_rows = 0
+
+    def _write_shuffled(self, split: str) -> None:
+        """Each bucket of ``split`` in turn: its rows (spilled and in memory) permuted, written."""
+        for bucket, tables in enumerate(self._buckets.pop(split, [])):
+            parts = list(tables)
+            spill = self._spills.pop((split, bucket), None)
+            if spill is not None:
+                sink, stream = spill
+                stream.close()
+                sink.close()
+                path = self.tmp / ".shuffle" / f"{split}-{bucket:03d}.arrow"
+                with pa.OSFile(str(path), "rb") as source:
+                    parts.insert(0, pa.ipc.open_stream(source).read_all())
+                path.unlink()
+            if not parts:
+                continue
+            rows = pa.concat_tables(parts)
+            self._buffer(split, rows.take(pa.array(self._rng.permutation(rows.num_rows))))
 
     def write_splits(self, table: pa.Table, codes, names: tuple[str, ...]) -> dict[str, int]:
         """Writes row i of ``table`` to split ``names[codes[i]]``; returns the rows written per split."""
@@ -195,6 +280,9 @@ class DatasetWriter:
         report: dict[str, Any] | None = None,
     ) -> DatasetMeta:
         """Closes the shards, writes ``metadata.json`` and moves the data set into place."""
+        for split in list(self._buckets):
+            self._write_shuffled(split)
+        shutil.rmtree(self.tmp / ".shuffle", ignore_errors=True)
         for split in list(self._buffers):
             self._flush(split, final=True)
         for writer in self._writers.values():
@@ -217,6 +305,7 @@ class DatasetWriter:
             "splits": splits,
             "statistics": statistics or {},
             "report": report or {},
+            "shuffled_splits": sorted(set(self.shuffle_splits) & self._splits_seen),
         }
         (self.tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
         old = self.path.parent / f"{self.path.name}.old-{os.getpid()}"
@@ -229,6 +318,9 @@ class DatasetWriter:
     def abort(self) -> None:
         for writer in self._writers.values():
             writer.close()
+        for sink, stream in self._spills.values():
+            stream.close()
+            sink.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

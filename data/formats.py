@@ -378,7 +378,7 @@ def convert(
     else:
         mappers = {name: IdMapper(num_hash_buckets=cfg.num_hash_buckets) for name in id_columns}
 
-    writer = DatasetWriter(out, num_shards=cfg.num_shards, row_group_size=cfg.row_group_size)
+    writer = DatasetWriter(out, cfg.num_shards, cfg.row_group_size, shuffle_splits=("train",), seed=cfg.seed)
     rows_per_split = dict.fromkeys(SPLIT_NAMES, 0)
     try:  # the last pass: encode and write
         for name, mapper in mappers.items():

@@ -2,16 +2,24 @@
 
 Columns written: ``user_id``, ``item_id``, ``gender``, ``age_bucket``, ``occupation``,
 ``zip_prefix``, ``release_decade`` (sparse, vocabularies fitted on the training split, row 0 =
-unseen), ``genres`` (multi-hot), ``timestamp`` (int64), dense history features computed on the
-training split only (``user_mean_rating``, ``item_mean_rating``, ``user_log_count``,
-``item_log_count``; for training rows leave-one-out, so a row never sees its own label), time
+unseen), ``genres`` (multi-hot), ``timestamp`` (int64), dense history features
+(``user_mean_rating``, ``item_mean_rating``, ``user_log_count``, ``item_log_count``), time
 features (``user_log_days``: log(1 + days since the user's first training rating, 0 before it);
 ``item_age_decades``: (rating year - release year) / 10, clipped to [0, 8], 0 when the release
-year is unknown), rating-level neighbourhoods from the training split (multi-hot, leave-one-out
-on training rows): ``user_items_r1`` .. ``user_items_r5`` (items the user rated 1..5, item-id
-vocabulary) and ``item_users_r1`` .. ``item_users_r5`` (users who rated the item 1..5, user-id
-vocabulary), each the ``neighbourhood_max_ids`` most recent, and the labels ``rating`` (1..5) and
-``click`` (= rating >= 4).
+year is unknown), rating-level neighbourhoods (multi-hot): ``user_items_r1`` .. ``user_items_r5``
+(items the user rated 1..5, item-id vocabulary) and ``item_users_r1`` .. ``item_users_r5`` (users
+who rated the item 1..5, user-id vocabulary), each the ``neighbourhood_max_ids`` most recent, and
+the labels ``rating`` (1..5) and ``click`` (= rating >= 4).
+
+History features are strictly earlier, for every row of every split alike: a row's means, counts
+and neighbourhood bags come from the training ratings whose timestamp is before the row's own
+(its sampled negatives carry its timestamp, so they see the same history). A row never sees its
+own rating, and training and evaluation rows are built by one rule, so their features share one
+distribution, also within a user. (Leave-one-out statistics do not: a leave-one-out count is one
+lower on each rated training row than on its sampled negatives, and a leave-one-out mean varies
+across a user's training rows exactly against their own ratings: within a user both separate the
+labels perfectly on training rows and not at all on evaluation rows. Out-of-fold statistics
+leave the same effect at the scale of a fold.)
 
 With ``negatives_per_positive`` = k > 0 every split also gets k sampled unrated items per rated row
 (see ``with_negatives``) and a ``rated`` label: 1 for the rated rows, 0 for the sampled ones, whose
@@ -34,6 +42,7 @@ import pyarrow.csv as pacsv
 
 from data.config import PrepareConfig
 from data.dataset import DataError, DatasetMeta, DatasetWriter
+from data.jagged import Jagged
 from data.vocab import Vocabulary
 
 CANONICAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
@@ -112,31 +121,31 @@ def _item_table(root: Path) -> dict[str, np.ndarray]:
     return {"genres": genre_matrix, "decade": decade, "year": year}
 
 
-def _history_features(
-    users: np.ndarray,
-    items: np.ndarray,
-    train_users,
-    train_items,
-    train_ratings,
-    leave_out: np.ndarray,
-    ratings,
-) -> dict[str, np.ndarray]:
-    """Mean rating and log count per user and item from the training split (smoothed to the global
-    mean); rows where ``leave_out`` is true are training rows that must not see their own rating."""
-    global_mean = float(train_ratings.mean())
+def _earlier(keys: np.ndarray, times: np.ndarray, event_keys: np.ndarray, event_times: np.ndarray):
+    """For each row (key, time): the events of that key strictly before that time, as the range
+    [first, end) of the events sorted by (key, time). Returns (sort order of the events, first
+    (N,), end (N,))."""
+    order = np.lexsort((event_times, event_keys))
+    low = min(int(times.min(initial=0)), int(event_times.min(initial=0)))
+    span = max(int(times.max(initial=0)), int(event_times.max(initial=0))) - low + 2
+    sorted_codes = event_keys[order] * span + (event_times[order] - low)
+    end = np.searchsorted(sorted_codes, keys * span + (times - low), side="left")
+    first = np.searchsorted(sorted_codes, keys * span, side="left")
+    return order, first, end
+
+
+def _history_features(rows: dict[str, np.ndarray], train: dict[str, np.ndarray], global_mean: float):
+    """Mean rating (smoothed towards ``global_mean``) and log count of each row's user and item
+    over the training ratings strictly before the row's timestamp."""
     out = {}
-    for prefix, keys, train_keys in (("user", users, train_users), ("item", items, train_items)):
-        size = max(keys.max(initial=0), train_keys.max()) + 1
-        sums = np.bincount(train_keys, weights=train_ratings, minlength=size)
-        counts = np.bincount(train_keys, minlength=size).astype(np.float64)
-        row_sums, row_counts = sums[keys], counts[keys]
-        row_sums = row_sums - np.where(leave_out, ratings, 0.0)
-        row_counts = row_counts - leave_out
+    for prefix, key in (("user", "user"), ("item", "item")):
+        order, first, end = _earlier(rows[key], rows["timestamp"], train[key], train["timestamp"])
+        cumulative = np.concatenate([[0.0], np.cumsum(train["rating"][order].astype(np.float64))])
+        counts = (end - first).astype(np.float64)
+        sums = cumulative[end] - cumulative[first]
         prior = 5.0
-        out[f"{prefix}_mean_rating"] = ((row_sums + prior * global_mean) / (row_counts + prior)).astype(
-            np.float32
-        )
-        out[f"{prefix}_log_count"] = np.log1p(row_counts).astype(np.float32)
+        out[f"{prefix}_mean_rating"] = ((sums + prior * global_mean) / (counts + prior)).astype(np.float32)
+        out[f"{prefix}_log_count"] = np.log1p(counts).astype(np.float32)
     return out
 
 
@@ -161,47 +170,26 @@ def _time_features(
 
 
 def _neighbourhoods(
-    keys: np.ndarray,
-    others: np.ndarray,
-    train: dict[str, np.ndarray],
-    key: str,
-    other: str,
-    leave_one_out: bool,
-    max_ids: int,
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per rating level r: for each row, the ``other`` ids (raw) that the row's ``key`` rated r in the
-    training split, most recent first, at most ``max_ids``; without the row's own ``other``
-    when ``leave_one_out``. Returns {r: (offsets (N + 1,), values)}. Vectorized: one gather of every
-    row's bag, then a filter and a cap, no per-row Python."""
+    rows: dict[str, np.ndarray], train: dict[str, np.ndarray], key: str, other: str, max_ids: int
+) -> dict[int, Jagged]:
+    """Per rating level r: for each row, the ``other`` ids (raw) that the row's ``key`` rated r in
+    the training split strictly before the row's timestamp, most recent first, at most
+    ``max_ids``. Vectorized: one gather of every row's bag, no per-row Python."""
     out = {}
-    order = np.lexsort((-train["timestamp"], train[key]))  # by key, then most recent first
-    size = int(max(keys.max(initial=0), train[key].max(initial=0))) + 1
-    num_rows = len(keys)
-
-    def starts_of(lengths: np.ndarray) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(lengths)])[:-1].astype(np.int64)
-
     for level in RATING_LEVELS:
-        chosen = order[train["rating"][order] == level]
-        chosen_keys = train[key][chosen]
-        # each key's most recent max_ids + 1 (one may be the row's own pair, left out below)
-        rank = np.arange(len(chosen)) - starts_of(np.bincount(chosen_keys, minlength=size))[chosen_keys]
-        kept = chosen[rank <= max_ids]
-        bag_lengths = np.bincount(train[key][kept], minlength=size)
-        bag_values = train[other][kept]
-        lengths = bag_lengths[keys]
-        row_of = np.repeat(np.arange(num_rows), lengths)
-        gather = np.arange(lengths.sum()) - np.repeat(starts_of(lengths), lengths)
-        values = bag_values[starts_of(bag_lengths)[keys][row_of] + gather]
-        if leave_one_out:
-            keep = values != others[row_of]
-            values, row_of = values[keep], row_of[keep]
-        position = np.arange(len(values)) - starts_of(np.bincount(row_of, minlength=num_rows))[row_of]
-        keep = position < max_ids
-        values, row_of = values[keep], row_of[keep]
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=num_rows))]).astype(np.int32)
-        out[level] = (offsets, values.astype(np.int64))
+        events = {name: values[train["rating"] == level] for name, values in train.items()}
+        order, first, end = _earlier(rows[key], rows["timestamp"], events[key], events["timestamp"])
+        begin = np.maximum(first, end - max_ids)
+        lengths = end - begin
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+        newest_first = np.repeat(end, lengths) - 1 - within
+        out[level] = Jagged(events[other][order][newest_first].astype(np.int64), offsets)
     return out
+
+
+NEIGHBOURHOODS = (("user_items", "user", "item"), ("item_users", "item", "user"))
 
 
 def with_negatives(
@@ -306,7 +294,7 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
 
     train_raw = raw_columns(train)
     vocabs = {name: Vocabulary.fit(train_raw[name]) for name in SPARSE_COLUMNS}
-    writer = DatasetWriter(out, num_shards=cfg.num_shards, row_group_size=cfg.row_group_size)
+    writer = DatasetWriter(out, cfg.num_shards, cfg.row_group_size, shuffle_splits=("train",), seed=cfg.seed)
     for name in ("user_id", "item_id"):
         writer.write_vocabulary(name, vocabs[name].keys)
     genre_values = np.arange(NUM_GENRES, dtype=np.int64) + 1  # row 0 stays unused (no genre)
@@ -321,28 +309,15 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
         columns["genres"] = pa.ListArray.from_arrays(
             pa.array(offsets), pa.array(np.tile(genre_values, len(genre_mask))[genre_mask.ravel()])
         )
-        history = _history_features(
-            rows["user"],
-            rows["item"],
-            train["user"],
-            train["item"],
-            train["rating"],
-            (name == "train") & rated,
-            np.nan_to_num(rows["rating"]),
-        )
+        history = _history_features(rows, train, float(train["rating"].mean()))
         columns.update({key: pa.array(value) for key, value in history.items()})
         time_columns = _time_features(rows, train, item_info["year"])
         columns.update({key: pa.array(value) for key, value in time_columns.items()})
-        for prefix, key, other, vocab in (
-            ("user_items", "user", "item", "item_id"),
-            ("item_users", "item", "user", "user_id"),
-        ):
-            bags = _neighbourhoods(
-                rows[key], rows[other], train, key, other, name == "train", cfg.neighbourhood_max_ids
-            )
-            for level, (offsets, values) in bags.items():
-                columns[f"{prefix}_r{level}"] = pa.ListArray.from_arrays(
-                    pa.array(offsets), pa.array(vocabs[vocab].lookup(values))
+        for prefix, key, other in NEIGHBOURHOODS:
+            vocab = vocabs[f"{other}_id"]
+            for level, bag in _neighbourhoods(rows, train, key, other, cfg.neighbourhood_max_ids).items():
+                columns[f"{prefix}_r{level}"] = Jagged(vocab.lookup(bag.values), bag.offsets).to_arrow(
+                    pa.int64()
                 )
         columns["timestamp"] = pa.array(rows["timestamp"])
         columns["rating"] = pa.array(rows["rating"].astype(np.float32), mask=~rated)
@@ -378,6 +353,7 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
         "rows_per_split": {name: int(len(rows["user"])) for name, rows in splits.items()},
         "negatives_per_positive": cfg.negatives_per_positive,
         "neighbourhood_max_ids": cfg.neighbourhood_max_ids,
+        "history": "strictly earlier training ratings",
         "train_rating_mean": float(train["rating"].mean()),
     }
     return writer.commit(columns=meta_columns, report=report)

@@ -121,7 +121,7 @@ def split_of_rows(row_ids: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
 
 def prepare_synthetic(cfg: PrepareConfig, out: str) -> DatasetMeta:
     """Generates ``cfg.num_rows`` rows and writes train/val/test shards plus metadata."""
-    writer = DatasetWriter(out, num_shards=cfg.num_shards, row_group_size=cfg.row_group_size)
+    writer = DatasetWriter(out, cfg.num_shards, cfg.row_group_size, shuffle_splits=("train",), seed=cfg.seed)
     counts = {"train": 0, "val": 0, "test": 0}
     try:
         for table in generate_chunks(cfg):

@@ -148,8 +148,14 @@ def test_neighbourhood_cap_and_no_validation_slice(tmp_path, ml100k_dir, u1):
     meta = prepare_movielens100k(cfg, str(tmp_path / "u1cap"))
     assert meta.num_rows("train") == 80_000 and meta.num_rows("val") == 0
     assert meta.report["neighbourhood_max_ids"] == 5
+    uncapped = prepare_movielens100k(
+        PrepareConfig(
+            format="movielens100k", source=str(ml100k_dir), split="u1", num_shards=1, val_fraction=0.0
+        ),
+        str(tmp_path / "u1full"),
+    )  # the same folds: only the cap differs
     capped = pq.read_table(meta.root / "test", columns=["item_users_r4"]).column(0)
-    default = pq.read_table(u1.root / "test", columns=["item_users_r4"]).column(0)
+    default = pq.read_table(uncapped.root / "test", columns=["item_users_r4"]).column(0)
     capped_lengths = np.diff(capped.combine_chunks().offsets.to_numpy())
     default_lengths = np.diff(default.combine_chunks().offsets.to_numpy())
     assert capped_lengths.max() == 5 and default_lengths.max() == 24
@@ -163,3 +169,65 @@ def test_neighbourhood_cap_and_no_validation_slice(tmp_path, ml100k_dir, u1):
             ),
             str(tmp_path / "bad"),
         )
+
+
+def _auc_gap_allowed(train_labels: np.ndarray, val_labels: np.ndarray) -> float:
+    """4 standard errors of the difference of two AUCs, bounding each AUC's variance by
+    AUC(1 - AUC) / (size of its smaller class) <= 0.25 / that size (Hanley & McNeil's bound)."""
+
+    def smaller(labels):
+        return min(int(labels.sum()), int((1 - labels).sum()))
+
+    return 4 * np.sqrt(0.25 / smaller(train_labels) + 0.25 / smaller(val_labels))
+
+
+@pytest.fixture(scope="module")
+def u1_topk(tmp_path_factory, ml100k_dir):
+    cfg = PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="u1", negatives_per_positive=4)
+    return prepare_movielens100k(cfg, str(tmp_path_factory.mktemp("ml") / "topk"))
+
+
+BAGS = [f"{side}_r{level}" for side in ("user_items", "item_users") for level in range(1, 6)]
+
+
+def test_no_history_feature_separates_the_labels_better_on_training_rows(u1, u1_topk):
+    """A probe on the features alone: each feature's AUC against a label must be the same on the
+    training split as on the validation split (evaluation rows, same distribution) within noise. A
+    leave-one-out count (one lower on rated training rows than on their sampled negatives) or mean
+    (moving against the row's own rating) gives AUC ~1 on training rows and ~0.5 on evaluation rows."""
+    from sklearn.metrics import roc_auc_score
+
+    def probe(meta, label: str, features: dict) -> None:
+        split_values = {}
+        for split in ("train", "val"):
+            table = pq.read_table(meta.root / split)
+            labels = np.nan_to_num(table.column(label).to_numpy(zero_copy_only=False))
+            split_values[split] = (labels, {name: fn(table) for name, fn in features.items()})
+        allowed = _auc_gap_allowed(split_values["train"][0], split_values["val"][0])
+        for name in features:
+            aucs = [roc_auc_score(labels, values[name]) for labels, values in split_values.values()]
+            assert abs(aucs[0] - aucs[1]) <= allowed, (
+                f"{name} vs {label}: AUC train {aucs[0]:.3f}, val {aucs[1]:.3f}"
+            )
+
+    def column(name):
+        return lambda table: table.column(name).to_numpy()
+
+    def bag_size(names):
+        return lambda table: sum(np.diff(table.column(n).combine_chunks().offsets.to_numpy()) for n in names)
+
+    def within_user(name):  # the row's value minus its user's mean value in that split
+        def deviation(table):
+            users, values = table.column("user_id").to_numpy(), table.column(name).to_numpy()
+            means = np.bincount(users, weights=values) / np.maximum(np.bincount(users), 1)
+            return values - means[users]
+
+        return deviation
+
+    dense = ("user_mean_rating", "item_mean_rating", "user_log_count", "item_log_count")
+    features = {name: column(name) for name in dense}
+    features["user bags"] = bag_size(BAGS[:5])
+    features["item bags"] = bag_size(BAGS[5:])
+    probe(u1_topk, "rated", features)  # rated rows vs their sampled negatives
+    with_deviation = {**features, **{f"{n} within user": within_user(n) for n in dense}}
+    probe(u1, "click", with_deviation)  # like = rating >= 4 among rated rows
