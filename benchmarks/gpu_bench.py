@@ -93,6 +93,13 @@ class _DenseOptimizer:
         self.adam.step()
 
 
+class _Pipeline(TrainPipelineSparseDist):
+    """The model returns per-task loss sums and weight sums (2, T); back-propagate their mean losses."""
+
+    def _backward(self, loss_sums: torch.Tensor) -> None:
+        (loss_sums[0] / loss_sums[1].clamp_min(1e-12)).sum().backward()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -124,7 +131,7 @@ def main() -> None:
     )
     dmp, plan, _ = shard_model(model, cfg, tables, cluster, dist.group.WORLD, device)
     dense = [p for n, p in dmp.named_parameters() if "embedding_bags" not in n]
-    pipeline = TrainPipelineSparseDist(dmp, _DenseOptimizer(dense), device, execute_all_batches=True)
+    pipeline = _Pipeline(dmp, _DenseOptimizer(dense), device, execute_all_batches=True)
     generator = torch.Generator().manual_seed(0)
     batches = synthetic_batches(cfg, 8, device, generator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.ours import load, step_timer
     from trainer.config import _read_yaml
     from trainer.run import _finish, build
-    from trainer.sharding import PlanDoesNotFit
+    from trainer.errors import PlanDoesNotFit
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -41,9 +42,9 @@ class TaskConfig:
 class ModelConfig:
     """The dense part of the model; embedding tables come from ``data.sparse``."""
 
-    tower: str = "shared_bottom"
+    tower: Literal["shared_bottom", "mmoe", "ple", "esmm"] = "shared_bottom"
     """Architecture: ``shared_bottom``, ``mmoe``, ``ple`` or ``esmm``."""
-    interaction: str = "none"
+    interaction: Literal["none", "dot", "concat_dot", "dcn"] = "none"
     """Feature interaction before the tower: ``none`` (concatenate), ``dot`` (DLRM pairwise dot
     products), ``concat_dot`` (the concatenation plus the embeddings' pairwise dot products: the
     user·item matrix-factorisation term among them) or ``dcn`` (DCNv2 cross layers)."""
@@ -77,7 +78,7 @@ class ModelConfig:
     they are used (the regularisation of SGD matrix factorisation). fbgemm's rowwise adagrad and
     sgd ignore weight decay; this is the embedding regulariser that works with them. Applied to
     the gradient only: logged losses are the tasks' own."""
-    loss_balancing: str = "fixed"
+    loss_balancing: Literal["fixed", "uncertainty", "gradnorm", "pcgrad"] = "fixed"
     """``fixed`` (task weights / alpha), ``uncertainty`` (Kendall et al.), ``gradnorm`` or ``pcgrad``."""
     alpha: float | None = None
     """Two-task shortcut of the original design: loss = alpha * L_task0 + (1 - alpha) * L_task1."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "checkpoint saved, requeue me" (launch/slurm/towerrec.sbatch)
+from trainer.errors import ReplicasDiverged
 
 
 def save_step_checkpoint(trainer: L.Trainer, root: Path) -> None:
@@ -42,6 +42,30 @@ class StepCheckpoint(L.Callback):
         if pl_module.preempt_now:
             trainer.should_stop = True
             self.preempted = True
+
+
+class ReplicaCheck(L.Callback):
+    """``trainer.check_replicas_every_n_steps``: after every N-th step, every rank compares the
+    checksums of its dense parameters with rank 0's (``TorchRecStrategy.dense_digests``); all ranks
+    raise ``ReplicasDiverged`` together, naming the first differing parameter."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size == 1 or trainer.global_step % self.every_n_steps:
+            return
+        names, digests = trainer.strategy.dense_digests()
+        gathered = trainer.strategy.all_gather(digests)  # (W, P, 2)
+        differs = (gathered != gathered[0]).any(dim=2)  # (W, P)
+        if bool(differs.any()):
+            rank, index = (int(i) for i in differs.nonzero()[0])
+            raise ReplicasDiverged(
+                f"step {trainer.global_step}: the dense replicas differ between ranks: {names[index]} on rank "
+                f"{rank} is not rank 0's ({int(differs.any(dim=0).sum())} of {len(names)} parameters differ); "
+                "something in the model or the step runs differently per rank "
+                "(trainer.check_replicas_every_n_steps)"
+            )
 
 
 class Throughput(L.Callback):

@@ -32,13 +32,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
+from trainer.errors import CheckpointError
+
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not match the model."""
 
 
 # ------------------------------------------------------------------------------------ JSON encoding
@@ -104,11 +102,16 @@ def save(
     partial = final.with_name(final.name + ".partial")
     if is_rank_zero:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        try:
+            partial.mkdir(parents=True)
+        except OSError as err:
+            raise CheckpointError(
+                f"{partial}: cannot create the checkpoint folder ({err.strerror or err})"
+            ) from err
     barrier()
     try:
         dcp.save(tensors, checkpoint_id=str(partial), process_group=process_group)
-    except CheckpointException as err:  # a BaseException: turn it into an error the CLI reports
+    except (CheckpointException, OSError) as err:  # CheckpointException is a BaseException
         raise CheckpointError(f"{partial}: saving failed ({_first_failure(err)})") from err
     barrier()
     if is_rank_zero:

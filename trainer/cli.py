@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from data.dataset import DataError
-from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, dump_yaml, load_config
+from trainer.config import dump_yaml, load_config
+from trainer.errors import ConfigError, PeerLost, exit_code
 
 # name -> (help, module with `add_arguments(parser)` (optional) and `run_<name>(cfg, args)`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -94,15 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_yaml(cfg), end="")
             return 0
         return getattr(module, f"run_{_python_name(args.command)}")(cfg, args)
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        # Raised by the trainer with a message for the user; anything else keeps its traceback.
-        if type(err).__name__ not in ("NonFiniteLossError", "CollectiveTimeout"):
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:  # not a user-facing error: a bug, keep its traceback
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 4
+        if isinstance(err, PeerLost):  # the process group is broken: no teardown can complete
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
 
 if __name__ == "__main__":

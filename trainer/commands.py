@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from trainer.config import Config
 
@@ -72,10 +71,5 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plan(cfg: Config, args: argparse.Namespace) -> int:
     from trainer.plan import plan_command
-    from trainer.sharding import PlanDoesNotFit
 
-    try:
-        return plan_command(cfg, args.nodes, args.gpus_per_node, args.hbm_gb, args.device, args.ddr_gb)
-    except PlanDoesNotFit as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    return plan_command(cfg, args.nodes, args.gpus_per_node, args.hbm_gb, args.device, args.ddr_gb)

@@ -15,16 +15,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from data.config import DataConfig, DenseFeature, PrepareConfig, SparseFeature
 from models.config import ModelConfig, TaskConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or impossible; names the key."""
+from trainer.errors import ConfigError
 
 
 @dataclass
@@ -130,6 +127,11 @@ class TrainerConfig:
     """With ``non_finite_loss: skip``: stop after this many skipped batches."""
     collective_timeout_s: int = 600
     """Timeout of process-group collectives: a dead peer ends the job with an error after this."""
+    check_replicas_every_n_steps: int = 0
+    """Every N steps, compare checksums of every dense parameter across ranks and stop (exit 4)
+    naming the first parameter whose replicas differ: a guard against a desync in your own model
+    code (e.g. a rank-dependent branch). 0: off. Costs one pass over the dense parameters and one
+    small all-gather per check."""
     deterministic: bool = False
     """Use deterministic algorithms (slower)."""
     num_threads: int | None = None
@@ -210,6 +212,11 @@ def _type_name(tp: Any) -> str:
 
 def _build(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -388,6 +395,7 @@ def validate(cfg: Config) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sparse: duplicate feature names in {names}")
     dims_of_table: dict[str, int] = {}
+    pooling_of_table: dict[str, tuple[str, str]] = {}
     for i, feature in enumerate(data.sparse):
         key = f"data.sparse[{i}]"
         _positive(f"{key}.embedding_dim", feature.embedding_dim)
@@ -410,6 +418,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{key}.embedding_dim: table {feature.table_name!r} is shared with another feature of dim {previous}"
             )
+        if feature.multi_hot:  # TorchRec pools per table; one id per row pools the same either way
+            owner, pooling = pooling_of_table.setdefault(feature.table_name, (feature.name, feature.pooling))
+            if pooling != feature.pooling:
+                raise ConfigError(
+                    f"{key}.pooling: table {feature.table_name!r} pools {pooling!r} for multi-hot feature "
+                    f"{owner!r}; multi-hot features sharing a table must pool alike (TorchRec pools per table)"
+                )
     if data.prepare is not None:
         prep = data.prepare
         _positive("data.prepare.num_shards", prep.num_shards)
@@ -466,6 +481,7 @@ def validate(cfg: Config) -> None:
             "trainer.precision: 16-mixed needs a gradient scaler, which sparse_dist does not run; use bf16-mixed"
         )
     _positive("trainer.collective_timeout_s", trainer.collective_timeout_s)
+    _positive("trainer.check_replicas_every_n_steps", trainer.check_replicas_every_n_steps, allow_zero=True)
     _positive("trainer.gradient_clip_val", trainer.gradient_clip_val)
     _positive("trainer.val_check_interval", trainer.val_check_interval)
     sharding = cfg.sharding

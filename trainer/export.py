@@ -35,6 +35,7 @@ from models.heads import predictions
 from models.multitask import MultiTaskModel
 from trainer import checkpoint as ckpt
 from trainer.config import Config
+from trainer.errors import OutputExists
 from trainer.sharding import embedding_tables, resolve_num_embeddings
 
 MODEL_FILE = "model.pt"
@@ -219,6 +220,8 @@ def export(cfg: Config, checkpoint: str | Path | None, output: str | Path) -> Pa
     model, path = load_unsharded_model(cfg, checkpoint, num_embeddings)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise OutputExists(f"--output: {out} is not empty; towerrec never writes over an earlier export")
     torch.save({key: value.detach().clone() for key, value in model.state_dict().items()}, out / MODEL_FILE)
     torch.export.save(export_serving(model, len(cfg.data.dense)), out / SERVING_FILE)
     spec = serving_spec(cfg, model, num_embeddings, path)
@@ -234,11 +237,20 @@ def load_serving(folder: str | Path):
 # ------------------------------------------------------------------------------------------ command
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="checkpoint folder or run folder (default: the run's latest)")
-    parser.add_argument("--output", help="output folder (default: <run_dir>/export)")
+    parser.add_argument(
+        "--output", help="output folder, new or empty (default: <run_dir>/export/<checkpoint>)"
+    )
 
 
 def run_export(cfg: Config, args: argparse.Namespace) -> int:
-    out = export(cfg, args.checkpoint, args.output or Path(cfg.run_dir) / "export")
+    from trainer.run_folder import new_output, user_output
+
+    if args.output:
+        out = user_output(args.output, "--output", folder=True)
+    else:
+        checkpoint = ckpt.resolve(args.checkpoint or Path(cfg.run_dir) / "checkpoints")
+        out = new_output(Path(cfg.run_dir) / "export", checkpoint.name)
+    out = export(cfg, args.checkpoint, out)
     print(
         f"[towerrec] exported {', '.join((MODEL_FILE, SERVING_FILE, SERVING_SPEC_FILE))} to {out}", flush=True
     )

@@ -4,7 +4,7 @@ runs the training/evaluation steps with per-task losses and metrics."""
 from __future__ import annotations
 
 import math
-import signal
+import time
 from typing import Any
 
 import lightning as L
@@ -16,6 +16,8 @@ from models.balancing import fixed_task_weights, task_gradients
 from models.heads import predictions
 from models.multitask import MultiTaskModel
 from trainer.config import Config
+from trainer.errors import NonFiniteLossError
+from trainer.faults import PreemptionFlag
 from trainer.metrics import task_metrics, trivial_baseline
 from trainer.sharding import embedding_tables
 
@@ -29,26 +31,6 @@ class TrainingModel(MultiTaskModel):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = super().forward(batch.sparse, batch.dense)
         return self.loss_sums(outputs, batch.labels, batch.label_mask, batch.weights), outputs
-
-
-class NonFiniteLossError(RuntimeError):
-    """A task's loss became NaN or infinite (policy ``trainer.non_finite_loss: stop``)."""
-
-
-class PreemptionFlag:
-    """Set by SIGUSR1/SIGTERM (what SLURM sends before a time limit or preemption)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name: str | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
 
 
 class MultiTaskModule(L.LightningModule):
@@ -69,6 +51,8 @@ class MultiTaskModule(L.LightningModule):
         self.skip_step = False
         self.current_position = -1
         self.skipped_batches = 0
+        self._train_seconds_before = 0.0  # earlier fit sessions of this run (from the checkpoint)
+        self._session_started: float | None = None
         self.last_metrics: dict[str, dict[str, dict[str, float]]] = {}
         self.last_baseline: dict[str, dict[str, dict[str, float]]] = {}
         self._eval_rows: list[tuple[torch.Tensor, ...]] = []
@@ -102,6 +86,20 @@ class MultiTaskModule(L.LightningModule):
         return self.model(batch)
 
     # ------------------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        self._session_started = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Training time of this run, summed over its fit sessions."""
+        session = time.perf_counter() - self._session_started if self._session_started is not None else 0.0
+        return self._train_seconds_before + session
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["train_seconds"] = self.train_seconds()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._train_seconds_before = float(checkpoint.get("train_seconds", 0.0))
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.seed_step()
         self.trainer.datamodule.train_stream.mark_consumed(batch.position)

@@ -265,7 +265,10 @@ def format_ranking(result: dict) -> str:
 def add_rank_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="checkpoint folder or run folder (default: the run's latest)")
     parser.add_argument("--k", type=int, help="list length (overrides recommend.k)")
-    parser.add_argument("--output", help="JSON file for the metrics (default: <run_dir>/ranking.json)")
+    parser.add_argument(
+        "--output",
+        help="JSON file for the metrics, new (default: <run_dir>/rankings/ranking-<checkpoint>.json)",
+    )
 
 
 def rank_eval_overrides(args: argparse.Namespace) -> list[str]:
@@ -275,14 +278,15 @@ def rank_eval_overrides(args: argparse.Namespace) -> list[str]:
 def run_rank_eval(cfg: Config, args: argparse.Namespace) -> int:
     from trainer.export import load_unsharded_model
     from trainer.recommend import load_catalogue
+    from trainer.run_folder import new_output, user_output
 
+    out = user_output(args.output, "--output", folder=False) if args.output else None
     meta = DatasetMeta.load(cfg.data.path)
     catalogue = load_catalogue(cfg, meta)
     model, path = load_unsharded_model(cfg, args.checkpoint, catalogue.num_embeddings)
     result = evaluate_ranking(cfg, model, catalogue, meta)
     result["checkpoint"] = str(path)
-    out = Path(args.output or Path(cfg.run_dir) / "ranking.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = out or new_output(Path(cfg.run_dir) / "rankings", f"ranking-{path.name}", ".json")
     out.write_text(json.dumps(result, indent=1))
     print(format_ranking(result) + f"\n[towerrec] written to {out}", flush=True)
     return 0

@@ -427,6 +427,27 @@ def seen_codes(user_positions: np.ndarray, item_positions: np.ndarray, num_candi
     return np.unique(user_positions[keep].astype(np.int64) * num_candidates + item_positions[keep])
 
 
+def top_k_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` along dim 1 with ties broken by position (lower first), deterministically.
+
+    ``torch.topk`` leaves the order of equal scores unspecified, so lists would depend on the
+    block layout. Here: every score above the k-th value is kept, then as many of the ones equal
+    to it as fit, the lowest positions first; the k are ordered by score, then position (a stable
+    sort of k entries, not of the whole row). (U, C) → values (U, k), positions (U, k)."""
+    if k == 0:
+        return scores[:, :0], torch.zeros(scores.shape[0], 0, dtype=torch.int64)
+    scores = torch.nan_to_num(scores, nan=-math.inf)
+    threshold = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]  # (U, 1): the k-th score
+    above = scores > threshold
+    tied = scores == threshold
+    room = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly k per row, in position order
+    positions = chosen.nonzero()[:, 1].view(scores.shape[0], k)
+    values = scores.gather(1, positions)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), positions.gather(1, order)
+
+
 def top_k(
     scorer,
     score: Callable[[torch.Tensor], torch.Tensor],
@@ -474,8 +495,7 @@ def top_k(
                 all_scores = torch.cat([best_scores[rows], scores], dim=1)
                 block_items = torch.arange(item_start, item_end).expand(user_end - user_start, -1)
                 all_items = torch.cat([best_items[rows], block_items], dim=1)
-                keep = min(k, all_scores.shape[1])
-                top_scores, top = torch.topk(all_scores, keep, dim=1, sorted=True)
+                top_scores, top = top_k_stable(all_scores, min(k, all_scores.shape[1]))
                 merged_scores.append(top_scores)
                 merged_items.append(all_items.gather(1, top))
                 all_preds = torch.cat([best_preds[rows], preds], dim=1)
@@ -637,6 +657,16 @@ def to_table(
     return pa.table(columns)
 
 
+def check_output(path: str | Path) -> Path:
+    """``--output``: a new .parquet or .csv file."""
+    from trainer.run_folder import user_output
+
+    path = Path(path)
+    if path.suffix not in (".parquet", ".csv"):
+        raise RecommendError(f"--output: {path} must end in .parquet or .csv")
+    return user_output(path, "--output", folder=False)
+
+
 def write_table(table: pa.Table, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix not in (".parquet", ".csv"):
@@ -695,7 +725,8 @@ def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
         "--candidates", help="file of candidate item ids (default: every item in the data set)"
     )
     parser.add_argument(
-        "--output", help="output .parquet or .csv (default: <run_dir>/recommendations.parquet)"
+        "--output",
+        help="output .parquet or .csv, new (default: <run_dir>/recommendations/top<k>-<checkpoint>.parquet)",
     )
     parser.add_argument(
         "--evaluate", action="store_true", help="also compute ranking metrics on the test split"
@@ -708,7 +739,9 @@ def recommend_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
     from trainer.export import load_unsharded_model
+    from trainer.run_folder import new_output
 
+    output = check_output(args.output) if args.output else None
     meta = DatasetMeta.load(cfg.data.path)
     rec = cfg.recommend
     user_ids = (
@@ -739,7 +772,7 @@ def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
     }
     out = write_table(
         to_table(users, candidates, result, model.task_names, vocabularies),
-        args.output or Path(cfg.run_dir) / "recommendations.parquet",
+        output or new_output(Path(cfg.run_dir) / "recommendations", f"top{rec.k}-{path.name}", ".parquet"),
     )
     unknown_users = int((~catalogue.users.known[catalogue.users.positions(users)]).sum())
     print(

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import (
     LightningEnvironment,
     SLURMEnvironment,
@@ -26,10 +26,20 @@ from lightning.pytorch.plugins.environments import (
 from data.dataset import DatasetMeta, is_complete
 from data.validate import validate_dataset
 from trainer import checkpoint as ckpt
-from trainer.callbacks import EXIT_PREEMPTED, StepCheckpoint, Throughput
+from trainer.callbacks import ReplicaCheck, StepCheckpoint, Throughput
 from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
 from trainer.datamodule import ParquetDataModule, read_spec
+from trainer.errors import EXIT_PREEMPTED
+from trainer.faults import diagnose_collective_failure, ignore_late_signals
 from trainer.module import MultiTaskModule, PipelinedMultiTaskModule
+from trainer.run_folder import (
+    AppendingCSVLogger,
+    check_writable,
+    new_output,
+    training_lock,
+    user_output,
+    write_record,
+)
 from trainer.sharding import resolve_num_embeddings
 from trainer.strategy import TorchRecStrategy
 
@@ -84,8 +94,7 @@ def ensure_dataset(cfg: Config) -> DatasetMeta:
     """Loads the data set, building it first (on global rank 0) when ``data.prepare`` says how."""
     path = Path(cfg.data.path)
     if not is_complete(path) and cfg.data.prepare is not None:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-        if rank == 0:
+        if launcher_rank() == 0:
             from data.prepare import prepare
 
             print(
@@ -158,44 +167,60 @@ def versions() -> dict[str, str]:
     }
 
 
+def record_files(cfg: Config, strategy: TorchRecStrategy) -> dict[str, str]:
+    """What a run folder (or an evaluation folder) records of how a model was made."""
+    files = {"config.yaml": dump_yaml(cfg), "versions.json": json.dumps(versions(), indent=1)}
+    if strategy.plan_text:
+        files["plan.txt"] = strategy.plan_text + "\n"
+        files["plan.json"] = json.dumps(strategy.plan_summary, indent=1)
+    return files
+
+
 class RunInfo(L.Callback):
-    """Writes the resolved config, versions and sharding plan to the run folder and prints the plan
-    (once, when the sharded model exists: at the start of fit/validate/test/predict)."""
+    """Prints the sharding plan once the sharded model exists; in ``fit``, also writes the
+    training record (resolved config, versions, plan) into the run folder (see
+    ``trainer.run_folder.write_record``)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self._written = False
+        self._printed = False
 
-    def _write(self, trainer) -> None:
-        strategy = trainer.strategy
-        if self._written or not trainer.is_global_zero:
-            return
-        self._written = True
-        run_dir = Path(self.cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
-        if strategy.plan_text:
-            (run_dir / "plan.txt").write_text(strategy.plan_text + "\n")
-            (run_dir / "plan.json").write_text(json.dumps(strategy.plan_summary, indent=1))
-            print(f"[towerrec] sharding plan ({trainer.world_size} ranks):\n{strategy.plan_text}", flush=True)
+    def _print_plan(self, trainer) -> None:
+        if not self._printed and trainer.is_global_zero and trainer.strategy.plan_text:
+            self._printed = True
+            print(
+                f"[towerrec] sharding plan ({trainer.world_size} ranks):\n{trainer.strategy.plan_text}",
+                flush=True,
+            )
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._write(trainer)
+    def on_train_start(self, trainer, pl_module) -> None:  # after a resume has restored the step
+        self._print_plan(trainer)
+        if trainer.is_global_zero:
+            run_dir = Path(self.cfg.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name, text in record_files(self.cfg, trainer.strategy).items():
+                write_record(run_dir / name, text, trainer.global_step)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._write(trainer)
+        self._print_plan(trainer)
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self._write(trainer)
+        self._print_plan(trainer)
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._write(trainer)
+        self._print_plan(trainer)
 
 
 # ------------------------------------------------------------------------------------------ building
-def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str | None = None):
-    """Returns (trainer, module, datamodule, checkpoint callback) for ``cfg``."""
+def build(
+    cfg: Config,
+    extra_callbacks: list | None = None,
+    predict_split: str | None = None,
+    log_dir: Path | None = None,
+):
+    """Returns (trainer, module, datamodule, checkpoint callback) for ``cfg``. ``log_dir``: where
+    the CSV and TensorBoard logs go (``fit``: the run folder); None logs nothing (evaluations
+    write their own results)."""
     env = launch_environment(cfg)
     validate_for_device(cfg, env["accelerator"])
     _set_threads(cfg, env["devices"])
@@ -223,6 +248,8 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
     run_dir = Path(cfg.run_dir)
     checkpointing = StepCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps)
     callbacks = [checkpointing, Throughput(), RunInfo(cfg), *(extra_callbacks or [])]
+    if cfg.trainer.check_replicas_every_n_steps:
+        callbacks.append(ReplicaCheck(cfg.trainer.check_replicas_every_n_steps))
     if cfg.trainer.early_stopping_patience:
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping(
@@ -246,9 +273,11 @@ def build(cfg: Config, extra_callbacks: list | None = None, predict_split: str |
         check_val_every_n_epoch=None if cfg.trainer.val_check_interval else 1,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         logger=[
-            CSVLogger(run_dir, name="logs", version=""),
-            TensorBoardLogger(run_dir, name="tensorboard", version=""),
-        ],
+            AppendingCSVLogger(log_dir, name="logs", version=""),
+            TensorBoardLogger(log_dir, name="tensorboard", version=""),
+        ]
+        if log_dir is not None
+        else False,
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=cfg.trainer.progress_bar,
@@ -285,49 +314,73 @@ def format_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-class CollectiveTimeout(RuntimeError):
-    """A peer rank stopped answering collectives within ``trainer.collective_timeout_s``."""
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it, before any process group exists."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return int(os.environ.get("LOCAL_RANK", "0"))  # Lightning's own launcher (one node)
 
 
 # ------------------------------------------------------------------------------------------ commands
 def fit(cfg: Config) -> int:
     """Trains (resuming from the latest checkpoint when there is one), then evaluates on the test
     split. Returns the process exit code (0, or EXIT_PREEMPTED after a preemption checkpoint)."""
-    trainer, module, datamodule, checkpointing = build(cfg)
-    resume = resume_path(cfg)
-    if resume is not None and trainer.is_global_zero:
-        print(f"[towerrec] resuming from {resume}", flush=True)
-    started = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    except RuntimeError as err:
-        if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
-            raise
-        raise CollectiveTimeout(
-            f"rank {trainer.global_rank}: a collective did not complete within trainer.collective_timeout_s="
-            f"{cfg.trainer.collective_timeout_s}s, so a peer rank is dead or hung; the job stops here and "
-            f"resumes from the latest checkpoint when restarted ({str(err).splitlines()[0]})"
-        ) from err
-    train_seconds = time.perf_counter() - started
-    if checkpointing.preempted:
+    run_dir = Path(cfg.run_dir)
+    trainer, module, datamodule, checkpointing = build(cfg, log_dir=run_dir)  # validates the data first
+    with training_lock(run_dir, is_rank_zero=launcher_rank() == 0):
+        if launcher_rank() == 0:
+            check_writable(run_dir / "checkpoints")
+        resume = resume_path(cfg)
+        if resume is not None:
+            epoch = int(ckpt.load_state(resume).get("epoch", 0))
+            if epoch > cfg.trainer.max_epochs:
+                raise ConfigError(
+                    f"trainer.max_epochs: {cfg.trainer.max_epochs}, but {resume} is already at epoch {epoch}; "
+                    "raise it to continue training, or test the run with `towerrec test`"
+                )
+            if trainer.is_global_zero:
+                print(f"[towerrec] resuming from {resume}", flush=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+        except RuntimeError as err:
+            raise _diagnosed(err, trainer, cfg) from err
+        if checkpointing.preempted:
+            if trainer.is_global_zero:
+                heard = module.preemption.signal_name or "signal received by another rank"
+                print(
+                    f"[towerrec] preempted ({heard}): checkpoint saved, exiting {EXIT_PREEMPTED}", flush=True
+                )
+            _finish()
+            return EXIT_PREEMPTED
+        result = _evaluate_loaded(cfg, trainer, module, datamodule, "test")
+        result["train_seconds"] = module.train_seconds()
+        result["global_step"] = trainer.global_step
+        result["skipped_non_finite_batches"] = module.skipped_batches
+        stream = datamodule.train_stream
+        result["skipped_bad_rows"] = stream.skipped_bad_rows if stream is not None else 0
+        if "val" in module.last_metrics:
+            result["metrics"]["val"] = module.last_metrics["val"]
+        if "test" in module.last_baseline:
+            result["baseline"] = {"test": module.last_baseline["test"]}
         if trainer.is_global_zero:
-            heard = module.preemption.signal_name or "signal received by another rank"
-            print(f"[towerrec] preempted ({heard}): checkpoint saved, exiting {EXIT_PREEMPTED}", flush=True)
+            (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+            _print_result(result, run_dir)
         _finish()
-        return EXIT_PREEMPTED
-    result = _evaluate_loaded(cfg, trainer, module, datamodule, "test")
-    result["train_seconds"] = train_seconds
-    result["global_step"] = trainer.global_step
-    result["skipped_non_finite_batches"] = module.skipped_batches
-    stream = datamodule.train_stream
-    result["skipped_bad_rows"] = stream.skipped_bad_rows if stream is not None else 0
-    if "val" in module.last_metrics:
-        result["metrics"]["val"] = module.last_metrics["val"]
-    if "test" in module.last_baseline:
-        result["baseline"] = {"test": module.last_baseline["test"]}
-    _write_result(cfg, trainer, result)
-    _finish()
-    return 0
+        return 0
+
+
+def _diagnosed(err: RuntimeError, trainer: L.Trainer, cfg: Config) -> BaseException:
+    """A failed collective as ``PeerLost`` (naming the lost rank), anything else unchanged."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return err
+    store = dist.distributed_c10d._get_default_store()
+    lost = diagnose_collective_failure(
+        err, store, trainer.global_rank, trainer.world_size, cfg.trainer.collective_timeout_s
+    )
+    return lost or err
 
 
 def _evaluate_loaded(cfg, trainer, module, datamodule, stage: str) -> dict:
@@ -340,36 +393,55 @@ def _evaluate_loaded(cfg, trainer, module, datamodule, stage: str) -> dict:
     return {"metrics": {stage: module.last_metrics[stage]}}
 
 
-def _write_result(cfg: Config, trainer: L.Trainer, result: dict) -> None:
-    if not trainer.is_global_zero:
-        return
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+def _print_result(result: dict, folder: Path) -> None:
     print("[towerrec] per-task metrics:\n" + format_metrics(result["metrics"]), flush=True)
     if "baseline" in result:
         print(
             "[towerrec] trivial predictor (each task's mean label):\n" + format_metrics(result["baseline"]),
             flush=True,
         )
-    print(f"[towerrec] run folder: {run_dir}", flush=True)
+    print(f"[towerrec] results in {folder}", flush=True)
+
+
+def _shared_output(trainer: L.Trainer, make) -> Path:
+    """A folder chosen by global rank 0 (``make()``) and told to every rank."""
+    chosen = str(make()) if trainer.is_global_zero else None
+    return Path(trainer.strategy.broadcast(chosen, src=0))
 
 
 def evaluate(cfg: Config, stage: str, checkpoint: str | None) -> int:
-    """``validate``/``test`` a checkpoint (default: the run's latest)."""
-    trainer, module, datamodule, _ = build(cfg)
+    """``validate``/``test`` a checkpoint (default: the run's latest). Results go to a new folder
+    ``<run_dir>/evaluations/<stage>-<checkpoint>``; the training record is left as it is."""
     path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
+    trainer, module, datamodule, _ = build(cfg)
     run = trainer.test if stage == "test" else trainer.validate
-    run(module, datamodule=datamodule, ckpt_path=str(path), verbose=False)
+    try:
+        run(module, datamodule=datamodule, ckpt_path=str(path), verbose=False)
+    except RuntimeError as err:
+        raise _diagnosed(err, trainer, cfg) from err
     result = {"checkpoint": str(path), "metrics": {stage: module.last_metrics[stage]}}
-    _write_result(cfg, trainer, result)
+    command = "test" if stage == "test" else "validate"
+    if stage in module.last_baseline:
+        result["baseline"] = {stage: module.last_baseline[stage]}
+    out = _shared_output(
+        trainer, lambda: new_output(Path(cfg.run_dir) / "evaluations", f"{command}-{path.name}")
+    )
+    if trainer.is_global_zero:
+        for name, text in {
+            **record_files(cfg, trainer.strategy),
+            "metrics.json": json.dumps(result, indent=1),
+        }.items():
+            (out / name).write_text(text)
+        _print_result(result, out)
     _finish()
     return 0
 
 
 def _finish() -> None:
+    """The job's outcome is saved: late signals are ignored, and the process group is closed."""
     import torch.distributed as dist
 
+    ignore_late_signals()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -377,16 +449,25 @@ def _finish() -> None:
 
 def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str | None) -> int:
     """Scores a split with a checkpoint; each rank writes ``part-rankNNNNN.parquet`` with the
-    row's position in the split (``row``) and one prediction column per task."""
+    row's position in the split (``row``) and one prediction column per task, into ``output``
+    (which must not hold anything yet) or a new ``<run_dir>/predictions/<split>-<checkpoint>``."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    trainer, module, datamodule, _ = build(cfg, predict_split=split)
     path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
+    split = split or cfg.data.test_split
+    if output is not None and launcher_rank() == 0:
+        user_output(output, "--output", folder=True)
+    trainer, module, datamodule, _ = build(cfg, predict_split=split)
     outputs = trainer.predict(module, datamodule=datamodule, ckpt_path=str(path), return_predictions=True)
-    out_dir = Path(output or Path(cfg.run_dir) / "predictions")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = (
+        Path(output)
+        if output
+        else _shared_output(
+            trainer, lambda: new_output(Path(cfg.run_dir) / "predictions", f"{split}-{path.name}")
+        )
+    )
     row_id = torch.cat([o["row_id"] for o in outputs]).numpy()
     preds = torch.cat([o["predictions"] for o in outputs]).numpy()
     keep = row_id >= 0
@@ -395,9 +476,6 @@ def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str 
         columns[name] = pa.array(np.ascontiguousarray(preds[keep, t]))
     pq.write_table(pa.table(columns), out_dir / f"part-rank{trainer.global_rank:05d}.parquet")
     if trainer.is_global_zero:
-        print(
-            f"[towerrec] predictions of {path} for split {split or cfg.data.test_split} in {out_dir}",
-            flush=True,
-        )
+        print(f"[towerrec] predictions of {path} for split {split} in {out_dir}", flush=True)
     _finish()
     return 0

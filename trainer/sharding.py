@@ -21,7 +21,8 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from data.dataset import DatasetMeta
-from trainer.config import DEFAULT_CPU_SHARDING_TYPES, SHARDING_TYPES, Config, ConfigError, OptimizerConfig
+from trainer.config import DEFAULT_CPU_SHARDING_TYPES, SHARDING_TYPES, Config, OptimizerConfig
+from trainer.errors import ConfigError, PlanDoesNotFit
 
 GB = 1024**3
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -46,7 +47,9 @@ def resolve_num_embeddings(cfg: Config, meta: DatasetMeta | None) -> dict[str, i
 
 
 def embedding_tables(cfg: Config, num_embeddings: dict[str, int]) -> list[EmbeddingBagConfig]:
-    """One TorchRec table per ``table`` name; features sharing a table get its largest row count."""
+    """One TorchRec table per ``table`` name; features sharing a table get its largest row count.
+    The table pools as its multi-hot features do (config validation makes them agree; a feature
+    with one id per row pools the same by sum or mean)."""
     grouped: dict[str, list] = {}
     for feature in cfg.data.sparse:
         grouped.setdefault(feature.table_name, []).append(feature)
@@ -58,11 +61,16 @@ def embedding_tables(cfg: Config, num_embeddings: dict[str, int]) -> list[Embedd
                 embedding_dim=features[0].embedding_dim,
                 num_embeddings=max(num_embeddings[f.name] for f in features),
                 feature_names=[f.name for f in features],
-                pooling=PoolingType.MEAN if features[0].pooling == "mean" else PoolingType.SUM,
+                pooling=PoolingType.MEAN if _table_pooling(features) == "mean" else PoolingType.SUM,
                 data_type=DATA_TYPES[cfg.sharding.embedding_precision],
             )
         )
     return tables
+
+
+def _table_pooling(features) -> str:
+    multi_hot = [f.pooling for f in features if f.multi_hot]
+    return multi_hot[0] if multi_hot else features[0].pooling
 
 
 def _fused_optimizer(opt: OptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict]:
@@ -156,10 +164,6 @@ def sharders(cfg: Config) -> list:
     if cfg.sharding.compute_kernel == "fused_uvm_caching":
         fused_params["cache_load_factor"] = cfg.sharding.cache_load_factor
     return [EmbeddingBagCollectionSharder(fused_params=fused_params or None)]
-
-
-class PlanDoesNotFit(ValueError):
-    """The tables cannot be placed within the given memory budget."""
 
 
 def plan_for_cluster(

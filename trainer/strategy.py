@@ -22,12 +22,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config
+from trainer.faults import register_rank
 from trainer.sharding import ClusterSpec, describe_plan, initialize_tables, shard_model
 
 
@@ -216,8 +217,16 @@ class TorchRecStrategy(DDPStrategy):
         if self.is_global_zero:
             shutil.rmtree(filepath, ignore_errors=True)
 
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.world_size > 1:  # host and pid of every rank, to name a lost one (trainer.faults)
+            register_rank(dist.distributed_c10d._get_default_store(), self.global_rank)
+
     def teardown(self) -> None:
-        if dist.is_available() and dist.is_initialized():
+        interrupted = self.lightning_module is not None and (
+            self.lightning_module.trainer.state.status == TrainerStatus.INTERRUPTED
+        )
+        if not interrupted and dist.is_available() and dist.is_initialized():
             dist.barrier()  # without it gloo can abort at interpreter exit (NOTES-torchrec)
         super().teardown()
 

@@ -202,3 +202,28 @@ def fit(overrides: list[str]) -> dict[str, Any]:
     resume = resume_path(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     return {**model_state(module), "steps": recorder.steps, "global_step": trainer.global_step}
+
+
+def fit_with_desync(overrides: list[str], perturb_at_step: int, parameter: str) -> str:
+    """Trains with the replica guard on, nudging ``parameter`` on rank 1 after step
+    ``perturb_at_step``; returns the error message the guard raised."""
+    import lightning as L
+    import torch.distributed as dist
+
+    from trainer.errors import ReplicasDiverged
+    from trainer.run import build
+
+    class Nudge(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == perturb_at_step and dist.get_rank() == 1:
+                with torch.no_grad():
+                    dict(pl_module.model.module.named_parameters())[parameter].add_(1e-6)
+
+    cfg = load(overrides)
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[Nudge()])
+    trainer.callbacks.insert(0, trainer.callbacks.pop())  # the nudge runs before the guard
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except ReplicasDiverged as err:
+        return str(err)
+    return "no error"

@@ -42,7 +42,19 @@ def test_overrides_and_base_merge():
         (["trainer.max_epochs=three"], r"trainer\.max_epochs: expected an integer, got 'three'"),
         (["model.alpha=1.5"], r"model\.alpha: must be in \[0, 1\], got 1\.5"),
         (["data.sparse.0.embedding_dim=-4"], r"data\.sparse\[0\]\.embedding_dim: must be > 0, got -4"),
-        (["model.tower=transformer"], None),
+        (
+            ["model.tower=transformer"],
+            r"model\.tower: 'transformer' is not one of shared_bottom, mmoe, ple, esmm",
+        ),
+        (["model.interaction=attention"], r"model\.interaction: 'attention' is not one of none, dot"),
+        (["model.loss_balancing=magic"], r"model\.loss_balancing: 'magic' is not one of fixed, uncertainty"),
+        (
+            [
+                "data.sparse=[{name: a, multi_hot: true, pooling: mean, table: t},"
+                " {name: b, multi_hot: true, pooling: sum, table: t}]",
+            ],
+            r"data\.sparse\[1\]\.pooling: table 't' pools 'mean' for multi-hot feature 'a'",
+        ),
         (["tasks.0.type=ranking"], r"tasks\[0\]\.type: 'ranking' is not one of regression, binary"),
         (["data.batch_size=0"], r"data\.batch_size: must be > 0"),
         (["sharding.sharding_types=[diagonal]"], r"sharding\.sharding_types\[0\]: 'diagonal' is not one of"),
@@ -64,13 +76,6 @@ def test_overrides_and_base_merge():
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
-    if message is None:  # unknown tower: rejected when the model is built, naming the key
-        from models.towers import build_tower
-
-        cfg = load_config("configs/default.yaml", overrides)
-        with pytest.raises(ValueError, match=r"model\.tower: unknown tower 'transformer'"):
-            build_tower(cfg.model, 8, 2)
-        return
     with pytest.raises(ConfigError, match=message):
         load_config("configs/default.yaml", overrides)
 
@@ -124,3 +129,18 @@ def test_background_decode_only_with_a_spare_cpu(monkeypatch):
         assert not decode_in_background(None)  # 2 x 2 = every CPU busy: decode inline
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_single_valued_feature_shares_a_mean_pooled_table_without_changing_its_pooling():
+    from torchrec.modules.embedding_configs import PoolingType
+
+    from trainer.sharding import embedding_tables
+
+    cfg = load_config(
+        "configs/default.yaml",
+        [
+            "data.sparse=[{name: item_id, table: t_items}, {name: history, multi_hot: true, pooling: mean, table: t_items}]"
+        ],
+    )
+    (table,) = embedding_tables(cfg, {"item_id": 10, "history": 10})
+    assert table.pooling == PoolingType.MEAN  # the bag's pooling wins; one id pools alike either way

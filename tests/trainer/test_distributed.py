@@ -21,6 +21,12 @@ def metrics(run_dir, stage="test"):
     return json.loads((run_dir / "metrics.json").read_text())["metrics"][stage]
 
 
+def evaluation(run_dir, stage="test"):
+    """The metrics of the one evaluation a ``test``/``validate`` command wrote under ``run_dir``."""
+    (path,) = (run_dir / "evaluations").glob(f"{stage}-*/metrics.json")
+    return json.loads(path.read_text())["metrics"][stage]
+
+
 def flat(per_task: dict) -> dict:
     return {f"{task}/{name}": value for task, values in per_task.items() for name, value in values.items()}
 
@@ -54,7 +60,7 @@ def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):
 
     # 2 -> 1: a single process loads the 2-rank checkpoint and gets the same test metrics.
     run_cli([*evaluate, "--run_dir", str(tmp_path / "eval1"), "--checkpoint", str(two)])
-    assert flat(metrics(tmp_path / "eval1")) == pytest.approx(flat(metrics(two)), rel=1e-6)
+    assert flat(evaluation(tmp_path / "eval1")) == pytest.approx(flat(metrics(two)), rel=1e-6)
     # ... and the AUC over both ranks equals sklearn's on the single-process predictions.
     run_cli(["predict", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), "--run_dir", str(two),
              "--output", str(tmp_path / "preds"), "--trainer.progress_bar", "false"])  # fmt: skip
@@ -68,7 +74,7 @@ def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):
     one = tmp_path / "one"
     run_cli(fit_args(synthetic_data, one, "--trainer.max_epochs", "1"))
     run_cli([*evaluate, "--run_dir", str(tmp_path / "eval2"), "--checkpoint", str(one)], nproc=2)
-    assert flat(metrics(tmp_path / "eval2")) == pytest.approx(flat(metrics(one)), rel=1e-6)
+    assert flat(evaluation(tmp_path / "eval2")) == pytest.approx(flat(metrics(one)), rel=1e-6)
 
     # Training continues across a change of world size (2-rank checkpoint, 1 process).
     run_cli(fit_args(synthetic_data, two, "--trainer.max_epochs", "2"))

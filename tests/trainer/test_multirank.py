@@ -172,7 +172,7 @@ def resume_overrides(data, run_dir, balancing: str, pipeline: str, batch_size: i
         "data.validate_on_start=false", f"data.batch_size={batch_size}", "data.shuffle_window_rows=512",
         f"model.loss_balancing={balancing}", "model.alpha=null", "model.dropout=0.1",
         f"trainer.train_pipeline={pipeline}", "trainer.max_epochs=2", "checkpoint.every_n_steps=0",
-        "trainer.log_every_n_steps=5",
+        "trainer.log_every_n_steps=5", "trainer.check_replicas_every_n_steps=5",
     ]  # fmt: skip
 
 
@@ -258,3 +258,15 @@ def test_resume_on_another_world_size_sees_every_row_once_per_epoch(
             rank_jobs.fit, resume_overrides(tiny_data, tmp_path / "straight", "fixed", "lightning", first[1])
         )
         assert after[0]["global_step"] == straight[0]["global_step"]
+
+
+def test_the_replica_guard_names_the_first_parameter_that_diverged(rank_pools, tiny_data, tmp_path):
+    overrides = [
+        *resume_overrides(tiny_data, tmp_path / "run", "fixed", "lightning", 32),
+        "trainer.check_replicas_every_n_steps=4", "trainer.max_steps=20", "checkpoint.resume=never",
+    ]  # fmt: skip
+    messages = rank_pools(2).run(rank_jobs.fit_with_desync, overrides, 6, "heads.units.1.bias")
+    for message in messages:  # both ranks stop, at the first check after the nudge
+        assert message.startswith(
+            "step 8: the dense replicas differ between ranks: heads.units.1.bias on rank 1"
+        )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from trainer.config import load_config
+from trainer.errors import PlanDoesNotFit
 from trainer.plan import plan_command
-from trainer.sharding import PlanDoesNotFit
 
 LARGE = "configs/large_tables.yaml"
 

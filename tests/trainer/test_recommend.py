@@ -3,8 +3,6 @@ items, unknown ids, short catalogues, block streaming and a 200k-item catalogue.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -167,7 +165,28 @@ def test_blocks_give_the_same_lists(setup):
     finally:
         cfg.recommend.item_block_size, cfg.recommend.max_pairs_per_step = 65536, 262144
     torch.testing.assert_close(blocked.scores, whole.scores)
-    assert (blocked.items == whole.items).float().mean() > 0.99
+    assert torch.equal(blocked.items, whole.items)
+
+
+class TiedScorer:
+    """Scores where many candidates tie: prediction = (candidate position // 3) % 4."""
+
+    task_names = ["score"]
+
+    def item_block(self, start: int, end: int) -> dict:
+        return {"positions": torch.arange(start, end)}
+
+    def __call__(self, user_start: int, user_end: int, block: dict) -> torch.Tensor:
+        values = ((block["positions"] // 3) % 4).float()
+        return values.expand(user_end - user_start, -1)[:, :, None]
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 7, 64, 1000])
+def test_ties_are_broken_by_candidate_position_whatever_the_blocks(block_size):
+    result = top_k(TiedScorer(), lambda p: p[..., 0], 3, 50, 10, item_block_size=block_size, max_pairs=40)
+    # score 3 for positions 9-11, 21-23, 33-35, 45-47; then score 2 for 6-8, 18-20, ...
+    expected = [9, 10, 11, 21, 22, 23, 33, 34, 35, 45]
+    assert result.items.tolist() == [expected] * 3
 
 
 def test_large_synthetic_catalogue_streams_in_blocks(setup):
@@ -192,9 +211,7 @@ def test_large_synthetic_catalogue_streams_in_blocks(setup):
         np.ones(num_items, bool),
     )
     scorer = ModelScorer(model, cfg, catalogue.users, catalogue_items, np.arange(4), np.arange(num_items))
-    started = time.perf_counter()
     result = top_k(scorer, lambda p: p[..., 1], 4, num_items, 10, item_block_size=32768, max_pairs=65536)
-    assert time.perf_counter() - started < 30
     assert result.items.shape == (4, 10) and (result.items >= 0).all()
     assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()
     # the best of the last block competes with the earlier ones: check against a full scan of a user

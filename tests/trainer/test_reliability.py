@@ -87,7 +87,7 @@ def test_crash_inside_save_leaves_latest_untouched(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.dcp, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointError, match="disk full"):
         ckpt.save(tmp_path, 2, {"w": torch.zeros(3)}, {"global_step": 2}, True, lambda: None, keep_last=3)
     assert (tmp_path / "latest").read_text().strip() == "step-00000001"
     assert ckpt.find_latest(tmp_path) == tmp_path / "step-00000001"
@@ -229,3 +229,52 @@ def test_a_hung_peer_ends_the_job_with_a_timeout_message(synthetic_data, tmp_pat
     assert proc.returncode != 0
     assert time.time() - started < 120
     assert "trainer.collective_timeout_s=10s" in output and "peer rank is dead or hung" in output
+
+
+def test_a_killed_peer_ends_the_survivor_with_exit_4_naming_the_dead_rank(synthetic_data, tmp_path):
+    """Lightning's own launcher (``--trainer.devices 2``): rank 0 is this process, rank 1 its child."""
+    run_dir = tmp_path / "run"
+    proc = start_fit(fit_args(synthetic_data, run_dir, "--trainer.devices", "2", "--trainer.max_epochs", "30",
+                              "--checkpoint.every_n_steps", "20"))  # fmt: skip
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists())
+        (child,) = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        os.kill(int(child), signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 4, output[-3000:]
+    assert f"error: rank 0: rank 1 (pid {child} on " in output and "is gone" in output, output[-3000:]
+    assert "resumes from the latest checkpoint when restarted" in output
+    assert "Traceback" not in output
+
+
+def test_a_second_sigterm_while_exiting_keeps_exit_75(synthetic_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_fit(
+        fit_args(synthetic_data, run_dir, "--trainer.max_epochs", "30", "--checkpoint.every_n_steps", "25")
+    )
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists())
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, output[-3000:]
+    assert "checkpoint saved, exiting 75" in output
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_reported_before_training(synthetic_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file where the checkpoint folder should be")
+    result = run_cli(fit_args(synthetic_data, run_dir), check=False)
+    assert result.returncode == 2
+    assert f"error: run_dir: checkpoints cannot be written to {run_dir / 'checkpoints'}" in result.stderr
+    assert "sharding plan" not in result.stdout and "Traceback" not in result.stderr

@@ -1,0 +1,112 @@
+"""Nothing a user made is lost or written over: evaluations, predictions, serving outputs and a
+second process leave a run's training record as it was; a resumed fit continues the record."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fit_args, run_cli
+from tests.trainer.test_reliability import start_fit, wait_for
+
+pytestmark = pytest.mark.slow
+
+DERIVED = ("evaluations", "predictions", "recommendations", "rankings", "export", "report")
+
+
+def record(run_dir: Path) -> dict[str, bytes]:
+    """Every file of the training record (what fit wrote), by relative path."""
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in run_dir.rglob("*")
+        if p.is_file() and p.relative_to(run_dir).parts[0] not in DERIVED and p.name != ".lock"
+    }
+
+
+def command(name: str, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [name, "--config", "configs/default.yaml", "--data.path", str(data), "--run_dir", str(run_dir),
+            "--trainer.progress_bar", "false", *extra]  # fmt: skip
+
+
+def test_evaluation_and_serving_commands_write_beside_the_training_record(synthetic_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(
+        fit_args(synthetic_data, run_dir, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "5")
+    )
+    before = record(run_dir)
+    assert {"metrics.json", "logs/metrics.csv", "config.yaml", "plan.txt"} <= set(before)
+    for name in ("validate", "test", "test", "predict", "predict", "rank-eval", "recommend", "export"):
+        run_cli(command(name, synthetic_data, run_dir))
+    assert record(run_dir) == before  # not one byte of the record changed
+    step = json.loads((run_dir / "metrics.json").read_text())["global_step"]
+    evaluations = sorted(p.name for p in (run_dir / "evaluations").iterdir())
+    checkpoint = f"step-{step:08d}"
+    assert evaluations == [f"test-{checkpoint}", f"test-{checkpoint}-2", f"validate-{checkpoint}"]
+    for folder in (run_dir / "evaluations").iterdir():
+        result = json.loads((folder / "metrics.json").read_text())
+        assert result["checkpoint"].endswith(checkpoint) and (folder / "config.yaml").exists()
+    assert len(list((run_dir / "predictions").iterdir())) == 2
+    assert len(list((run_dir / "recommendations").glob("*.parquet"))) == 1
+    assert len(list((run_dir / "rankings").glob("*.json"))) == 1
+    assert (run_dir / "export" / checkpoint / "serving.pt2").exists()
+    run_cli(["report", str(run_dir)])  # the record is still whole
+    # an output path that already holds something is refused before any work, naming the flag
+    taken_parquet = next((run_dir / "predictions").rglob("*.parquet"))
+    for name, taken in (
+        ("predict", run_dir / "logs"),
+        ("recommend", taken_parquet),
+        ("rank-eval", run_dir / "metrics.json"),
+    ):
+        flag = "--output"
+        refused = run_cli(command(name, synthetic_data, run_dir, flag, str(taken)), check=False)
+        assert refused.returncode == 2 and f"{flag}: {taken} already exists" in refused.stderr, refused.stderr
+    assert record(run_dir) == before
+
+
+def test_a_resumed_fit_continues_the_training_record(synthetic_data, tmp_path):
+    run_dir = tmp_path / "run"
+    common = (
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.log_every_n_steps",
+        "5",
+        "--checkpoint.every_n_steps",
+        "10",
+    )
+    run_cli(fit_args(synthetic_data, run_dir, *common, "--trainer.max_steps", "30"))
+    first = json.loads((run_dir / "metrics.json").read_text())
+    rows_before = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
+    run_cli(fit_args(synthetic_data, run_dir, *common))
+    rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
+    assert rows[: len(rows_before)] == [
+        {**row, **{k: row.get(k, "") for k in rows[0]}} for row in rows_before
+    ]
+    steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    assert min(steps) < 30 < max(steps)  # both sessions' curves are there
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final["train_seconds"] > first["train_seconds"]  # summed over the sessions
+
+
+def test_a_second_fit_on_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_not_stale(
+    synthetic_data, tmp_path
+):
+    run_dir = tmp_path / "run"
+    args = fit_args(synthetic_data, run_dir, "--trainer.max_epochs", "8", "--checkpoint.every_n_steps", "20")
+    first = start_fit(args)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists())
+        second = run_cli(args, check=False)
+        assert second.returncode == 2
+        assert f"run_dir {run_dir}: another towerrec fit is using it (pid {first.pid} on" in second.stderr
+        assert first.poll() is None  # the first one goes on
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    resumed = run_cli(args)  # the killed process's lock died with it
+    assert "resuming from" in resumed.stdout

@@ -1,0 +1,79 @@
+"""Every error a user can meet, and the exit code the command line returns for it.
+
+    0   done
+    2   bad configuration, data, checkpoint or run folder (nothing was trained or lost)
+    3   the embedding tables do not fit the cluster (``towerrec plan``, or sharding at start)
+    4   training failed: a non-finite loss, a lost or hung peer rank, diverged replicas
+    75  preempted: a checkpoint was saved; requeue the job (EX_TEMPFAIL)
+
+The CLI maps an exception to its code by type (``exit_code``); anything else is a bug and keeps
+its traceback. ``DataError`` lives in ``data`` (which never imports the trainer) and maps to 2.
+"""
+
+from __future__ import annotations
+
+from data.dataset import DataError
+
+EXIT_BAD_INPUT = 2
+EXIT_PLAN_DOES_NOT_FIT = 3
+EXIT_TRAINING_FAILED = 4
+EXIT_PREEMPTED = 75
+
+
+class TowerrecError(Exception):
+    """Base of the errors below; ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class ConfigError(TowerrecError, ValueError):
+    """A configuration value or flag is missing, unknown, of the wrong type or impossible; names the key."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckpointError(TowerrecError, ValueError):
+    """A checkpoint is missing, incomplete, does not match the model, or cannot be written."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class RunFolderBusy(ConfigError):
+    """Another live ``fit`` process holds the run folder."""
+
+
+class OutputExists(ConfigError):
+    """An output path already holds something: towerrec never writes over earlier results."""
+
+
+class PlanDoesNotFit(TowerrecError, ValueError):
+    """The tables cannot be placed within the given memory budget."""
+
+    exit_code = EXIT_PLAN_DOES_NOT_FIT
+
+
+class NonFiniteLossError(TowerrecError, RuntimeError):
+    """A task's loss became NaN or infinite (policy ``trainer.non_finite_loss: stop``)."""
+
+    exit_code = EXIT_TRAINING_FAILED
+
+
+class PeerLost(TowerrecError, RuntimeError):
+    """A peer rank died or stopped answering collectives; names the rank where it can."""
+
+    exit_code = EXIT_TRAINING_FAILED
+
+
+class ReplicasDiverged(TowerrecError, RuntimeError):
+    """The dense replicas differ between ranks (``trainer.check_replicas_every_n_steps``)."""
+
+    exit_code = EXIT_TRAINING_FAILED
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit code for a user-facing error, None for anything else (a bug: keep the traceback)."""
+    if isinstance(err, TowerrecError):
+        return err.exit_code
+    if isinstance(err, DataError):
+        return EXIT_BAD_INPUT
+    return None

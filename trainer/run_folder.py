@@ -1,0 +1,155 @@
+"""The run folder: what each command writes where, and the guarantee that nothing a user made is
+lost or written over by another command.
+
+    <run_dir>/
+      .lock                     held by the live ``fit`` (an OS file lock: gone when the process is)
+      config.yaml versions.json plan.txt plan.json    the training record (latest fit session;
+                                a session with another value keeps the earlier file as
+                                ``<name>.before-step-N``)
+      logs/metrics.csv          training curves, appended by every fit session
+      tensorboard/              the same for TensorBoard
+      metrics.json              fit's result (test metrics, baseline, train time summed over sessions)
+      checkpoints/              see ``trainer.checkpoint``
+      evaluations/<stage>-<checkpoint>[-N]/       ``validate``/``test``: metrics.json + config + plan
+      predictions/<split>-<checkpoint>[-N]/       ``predict`` (default output)
+      recommendations/, rankings/, export/...     the serving commands' default outputs
+
+Every default output gets a new name (``-2``, ``-3``, ... when taken); an output path given on the
+command line must not exist yet (a folder may exist empty). ``OutputExists`` otherwise (exit 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from trainer.errors import ConfigError, OutputExists, RunFolderBusy
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def training_lock(run_dir: str | os.PathLike, is_rank_zero: bool) -> Iterator[None]:
+    """Holds the run folder for one ``fit`` (global rank 0 takes the lock for the whole job); a
+    second process is refused with ``RunFolderBusy`` while the first lives. The lock is the
+    operating system's (``flock``): a killed process releases it, so a stale one never blocks."""
+    if not is_rank_zero:
+        yield
+        return
+    path = Path(run_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ConfigError(f"run_dir: cannot create or write {path} ({err.strerror or err})") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise RunFolderBusy(
+                f"run_dir {path}: another towerrec fit is using it ({holder}); wait for it to finish or "
+                "choose another --run_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_writable(folder: Path) -> None:
+    """Fails now, with the folder named, if checkpoints could not be written there later."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"run_dir: checkpoints cannot be written to {folder} ({err.strerror or err}); make it writable "
+            "or choose another --run_dir"
+        ) from err
+
+
+def write_record(path: Path, text: str, step: int) -> None:
+    """Writes a training-record file; an earlier, different version is kept beside it as
+    ``<name>.before-step-<step>`` (a resumed session with another config or plan)."""
+    if path.exists():
+        old = path.read_text()
+        if old == text:
+            return
+        path.rename(path.with_name(f"{path.name}.before-step-{step}"))
+    path.write_text(text)
+
+
+def new_output(root: Path, name: str, suffix: str = "") -> Path:
+    """A path under ``root`` that nothing holds yet: ``name``, else ``name-2``, ``name-3``, ...
+    Folders (``suffix`` empty) are created; files are reserved by creating them empty."""
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        candidate = root / (f"{name}{suffix}" if attempt == 1 else f"{name}-{attempt}{suffix}")
+        try:
+            if suffix:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            else:
+                candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise OutputExists(f"{root}: no free name for {name}{suffix}")
+
+
+def user_output(path: str | os.PathLike, flag: str, folder: bool) -> Path:
+    """An output path given on the command line: it must not exist yet (a folder may be empty)."""
+    out = Path(path)
+    if out.exists() and (not folder or not out.is_dir() or any(out.iterdir())):
+        raise OutputExists(
+            f"{flag}: {out} already exists{' and is not empty' if folder and out.is_dir() else ''}; towerrec "
+            "never writes over earlier results: choose another path or remove it"
+        )
+    if folder:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` (an earlier fit session of
+    this run) is continued, not deleted."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as file:
+                self.metrics_keys = list(next(csv.reader(file), []))
+
+    def _check_log_dir_exists(self) -> None:
+        """Lightning deletes the earlier metrics here; the run's record must survive a resume."""
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` writing ``<root>/<name>/metrics.csv``, appending across fit sessions."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
