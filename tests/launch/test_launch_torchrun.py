@@ -199,7 +199,7 @@ def test_torchrun_two_nodes_on_localhost(launch_dataset: Path, tmp_path: Path, f
     _assert_id_tables_sharded_over_two_ranks(run_dir)
     _assert_beats_baseline(load_metrics(run_dir))
     # metrics.json is written by global rank 0 only: exactly one node reports the results
-    assert sum("[towerrec] run folder:" in o for o in outs) == 1
+    assert sum("[towerrec] results in" in o for o in outs) == 1
 
 
 def _workers(agent: subprocess.Popen) -> dict[int, int]:
