@@ -1,7 +1,7 @@
 """Where a training step goes, and the bare TorchRec loop that the Lightning trainer is compared to.
 
 Both build the model exactly as the trainer does (``MultiTaskModule.build_model()`` →
-``trainer.sharding.shard_model`` in a 1-process gloo group) and run on batches pre-materialised in
+``trainer.distributed.sharding.shard_model`` in a 1-process gloo group) and run on batches pre-materialised in
 memory, so neither pays for reading data.
 """
 
@@ -27,14 +27,21 @@ def build_dmp(cfg, num_embeddings: dict[str, int]):
     import torch.distributed as dist
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+    from trainer.distributed.sharding import ClusterSpec, shard_model
     from trainer.module import MultiTaskModule
-    from trainer.sharding import ClusterSpec, shard_model
 
     init_single_process_group()
     module = MultiTaskModule(cfg, num_embeddings)
     cluster = ClusterSpec(world_size=1, device_type="cpu", local_world_size=1)
     dmp, _, _ = shard_model(
-        module.build_model(), cfg, module.tables, cluster, dist.group.WORLD, torch.device("cpu")
+        module.build_model(),
+        tables=module.tables,
+        sharding=cfg.sharding,
+        embedding_optimizer=cfg.trainer.embedding_optimizer,
+        batch_size=cfg.data.batch_size,
+        cluster=cluster,
+        process_group=dist.group.WORLD,
+        device=torch.device("cpu"),
     )
     params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     opt = cfg.trainer.dense_optimizer
@@ -50,7 +57,11 @@ def materialize(cfg, num_embeddings: dict[str, int], num_batches: int) -> list:
 
     meta = DatasetMeta.load(cfg.data.path)
     stream = BatchStream(
-        meta, cfg.data.train_split, read_spec(cfg, num_embeddings), cfg.data.batch_size, seed=cfg.seed
+        meta,
+        cfg.data.train_split,
+        read_spec(cfg.data, cfg.tasks, num_embeddings),
+        cfg.data.batch_size,
+        seed=cfg.seed,
     )
     batches: list = []
     while len(batches) < num_batches:
@@ -106,10 +117,9 @@ def profile(cfg, num_steps: int = 20) -> dict:
     autocast, as the trainer runs them.
     """
     from data.dataset import DatasetMeta
-    from trainer.sharding import resolve_num_embeddings
 
     torch.set_num_threads(cfg.trainer.num_threads or 2)
-    num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
+    num_embeddings = DatasetMeta.load(cfg.data.path).table_rows(cfg.data.sparse)
     batches = materialize(cfg, num_embeddings, num_steps + 3)
     module, dmp, optimizer = build_dmp(cfg, num_embeddings)
     inner = dmp.module
@@ -120,7 +130,7 @@ def profile(cfg, num_steps: int = 20) -> dict:
     from data.reader import BatchStream
     from trainer.datamodule import read_spec
 
-    meta, spec = DatasetMeta.load(cfg.data.path), read_spec(cfg, num_embeddings)
+    meta, spec = DatasetMeta.load(cfg.data.path), read_spec(cfg.data, cfg.tasks, num_embeddings)
     started, count = time.perf_counter(), 0
     while count < num_steps:
         for _ in BatchStream(meta, cfg.data.train_split, spec, cfg.data.batch_size, seed=cfg.seed):
@@ -196,11 +206,10 @@ def prototypes(cfg, num_steps: int = 20, reps: int = 3) -> dict:
 
     import models.layers as layers
     from data.dataset import DatasetMeta
-    from trainer.sharding import resolve_num_embeddings
 
     threads = cfg.trainer.num_threads or 2
     torch.set_num_threads(threads)
-    num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
+    num_embeddings = DatasetMeta.load(cfg.data.path).table_rows(cfg.data.sparse)
     batches = materialize(cfg, num_embeddings, num_steps + 3)
     _, dmp, optimizer = build_dmp(cfg, num_embeddings)
     original = layers.Gate.forward

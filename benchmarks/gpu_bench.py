@@ -25,10 +25,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
 from data.config import DenseFeature, SparseFeature
+from models.builder import build_model
 from models.config import TaskConfig
 from trainer.config import Config, load_config
+from trainer.distributed.sharding import ClusterSpec, shard_model
 from trainer.module import TrainingModel
-from trainer.sharding import ClusterSpec, embedding_tables, shard_model
 
 TABLE_ROWS = (
     [10_000_000, 5_000_000, 2_000_000, 1_000_000] + [500_000] * 4 + [100_000] * 6 + [10_000] * 6 + [1_000] * 6
@@ -117,19 +118,24 @@ def main() -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
     cfg = make_config(args.tiny, batch_size)
-    tables = embedding_tables(cfg, {f.name: f.num_embeddings for f in cfg.data.sparse})
     torch.manual_seed(0)
     with torch.device(device):
-        model = TrainingModel(
-            tables, [f.name for f in cfg.data.sparse], 13, cfg.tasks, cfg.model, embedding_device="meta"
-        )
+        model = build_model(
+            sparse=cfg.data.sparse, num_dense=13, tasks=cfg.tasks, model=cfg.model,
+            table_rows={f.name: f.num_embeddings for f in cfg.data.sparse}, embedding_device="meta",
+            model_class=TrainingModel,
+        )  # fmt: skip
+    tables = model.embeddings.embedding_bag_configs()
     hbm_gb = (
         torch.cuda.get_device_properties(device).total_memory / 1024**3 * 0.9 if device.type == "cuda" else 64
     )
     cluster = ClusterSpec(
         world_size=1, device_type=device.type, local_world_size=1, memory_gb_per_device=hbm_gb
     )
-    dmp, plan, _ = shard_model(model, cfg, tables, cluster, dist.group.WORLD, device)
+    dmp, plan, _ = shard_model(
+        model, tables=tables, sharding=cfg.sharding, embedding_optimizer=cfg.trainer.embedding_optimizer,
+        batch_size=batch_size, cluster=cluster, process_group=dist.group.WORLD, device=device,
+    )  # fmt: skip
     dense = [p for n, p in dmp.named_parameters() if "embedding_bags" not in n]
     pipeline = _Pipeline(dmp, _DenseOptimizer(dense), device, execute_all_batches=True)
     generator = torch.Generator().manual_seed(0)

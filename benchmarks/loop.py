@@ -68,7 +68,7 @@ def rates(starts: list[float], cpu_starts: list[float], rows: list[int]) -> dict
 def fit_on_batches(cfg, batches: list, callbacks: list):
     """Trains with ``trainer.run.build`` on ``batches`` (in memory) and returns the step timer."""
     from benchmarks.ours import step_timer
-    from trainer.run import _finish, build
+    from trainer.run import build, finish
 
     timer = step_timer()
     trainer, module, datamodule, _ = build(cfg, extra_callbacks=[timer, *callbacks])
@@ -76,7 +76,7 @@ def fit_on_batches(cfg, batches: list, callbacks: list):
     datamodule.train_stream = stream
     datamodule.train_dataloader = lambda: stream
     trainer.fit(module, datamodule=datamodule)
-    _finish()
+    finish()
     return timer
 
 
@@ -166,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.breakdown import materialize
     from benchmarks.ours import config_tree, load
     from data.dataset import DatasetMeta
-    from trainer.sharding import resolve_num_embeddings
 
     with tempfile.TemporaryDirectory() as run_dir:
         epochs = args.epochs if args.mode == "interleaved" else 1
         cfg = load(config_tree(args.data, args.tower, args.batch_size, epochs, run_dir, args.threads))
-        num_embeddings = resolve_num_embeddings(cfg, DatasetMeta.load(cfg.data.path))
+        num_embeddings = DatasetMeta.load(cfg.data.path).table_rows(cfg.data.sparse)
         batches = materialize(cfg, num_embeddings, args.steps)
         if args.mode == "lightning":
             result = run_lightning(cfg, batches)

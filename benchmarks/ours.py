@@ -99,7 +99,7 @@ def step_timer():
 
 
 def fit_and_test(tree: dict) -> dict:
-    from trainer.run import _finish, build
+    from trainer.run import build, finish
 
     cfg = load(tree)
     timer = step_timer()
@@ -109,7 +109,7 @@ def fit_and_test(tree: dict) -> dict:
     total = time.perf_counter() - started
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = module.last_metrics["test"]
-    _finish()
+    finish()
     return {
         "samples_per_s": steady_samples_per_s(timer.starts, timer.rows),
         "epoch_steps": [len(s) for s in timer.starts],

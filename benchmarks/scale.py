@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from benchmarks.loop import rate
     from benchmarks.ours import load, step_timer
-    from trainer.config import _read_yaml
-    from trainer.run import _finish, build
+    from trainer.config import read_config_tree
     from trainer.errors import PlanDoesNotFit
+    from trainer.run import build, finish
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     with tempfile.TemporaryDirectory() as run_dir:
-        tree = _read_yaml(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+        tree = read_config_tree(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
         tree["data"].update(
             path=args.data,
             batch_size=args.batch_size,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         except PlanDoesNotFit as err:
             result["refused"] = str(err)
         result["peak_rss_mib"] = peak_rss_mib()
-        _finish()
+        finish()
     print(json.dumps(result), flush=True)
     return 0
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.dataset import DataError
+from data.jagged import list_parts
 
 NULL_HASH = np.uint64(0x5BD1E9955BD1E995)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -89,10 +90,8 @@ def column_hashes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         column = column.combine_chunks()
     kind = column.type
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        flat_hashes = column_hashes(column.values)
-        offsets = np.asarray(column.offsets, dtype=np.int64)
-        flat_hashes = flat_hashes[offsets[0] : offsets[-1]]
-        offsets = offsets - offsets[0]
+        flat, offsets = list_parts(column)
+        flat_hashes = column_hashes(flat)
         lengths = np.diff(offsets)
         position = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
         terms = mix64(flat_hashes ^ mix64(position.astype(np.uint64) + _GOLDEN))

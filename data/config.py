@@ -7,6 +7,9 @@ keys and wrong types with the dotted key in the message (for example ``data.batc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from data.checks import in_unit_interval, positive
 
 
 @dataclass
@@ -25,17 +28,17 @@ class SparseFeature:
     """Rows of the embedding table. ``null`` takes the vocabulary size from the data set's metadata."""
     embedding_dim: int = 16
     """Width of the embedding vectors."""
-    pooling: str = "sum"
+    pooling: Literal["sum", "mean"] = "sum"
     """How a multi-hot bag is reduced: ``sum`` or ``mean``."""
     multi_hot: bool = False
     """True for ``list<int64>`` columns (variable number of ids per row)."""
     table: str | None = None
     """Embedding table name; features naming the same table share it (default: ``t_<name>``)."""
-    id_mapping: str = "vocab"
+    id_mapping: Literal["vocab", "hash"] = "vocab"
     """``vocab``: ids were mapped to ``[0, num_embeddings)`` at preparation (0 = out-of-vocabulary);
     ids outside that range at read time go to row 0. ``hash``: raw non-negative ids are hashed into
     ``num_embeddings`` rows."""
-    side: str | None = None
+    side: Literal["user", "item"] | None = None
     """``user`` or ``item`` when the feature describes the user or the item of a row (used to build
     candidate rows for recommendation and cold start); ``null`` for context features."""
     train_drop_prob: float = 0.0
@@ -52,6 +55,18 @@ class SparseFeature:
     def table_name(self) -> str:
         return self.table or f"t_{self.name}"
 
+    def check(self) -> None:
+        positive("embedding_dim", self.embedding_dim)
+        positive("num_embeddings", self.num_embeddings)
+        in_unit_interval("train_drop_prob", self.train_drop_prob)
+        if self.train_drop_prob and not (self.multi_hot and self.pooling == "mean"):
+            raise ValueError(
+                "train_drop_prob: only for multi_hot features with pooling: mean (a sum over a "
+                "thinned bag would be smaller in training than in evaluation)"
+            )
+        if self.id_mapping == "hash" and self.num_embeddings is None:
+            raise ValueError("num_embeddings: required with id_mapping: hash")
+
 
 @dataclass
 class DenseFeature:
@@ -63,7 +78,7 @@ class DenseFeature:
     """Parquet column (default: ``name``)."""
     fill_nan: float | None = None
     """Value that replaces NaN/inf at read time; ``null`` makes NaN/inf an error naming file and row."""
-    side: str | None = None
+    side: Literal["user", "item"] | None = None
     """``user``, ``item`` or ``null`` (context), as for sparse features."""
 
     @property
@@ -75,7 +90,7 @@ class DenseFeature:
 class PrepareConfig:
     """How to build the data set on first use when ``data.path`` holds no complete data set."""
 
-    format: str = "synthetic"
+    format: Literal["synthetic", "movielens100k", "movielens", "criteo", "csv", "parquet"] = "synthetic"
     """``synthetic`` (generated), ``movielens100k`` (the ml-100k folder), or another format that
     ``towerrec prepare --help`` lists."""
     source: str | None = None
@@ -120,16 +135,16 @@ class PrepareConfig:
     """``time`` split: rows with time >= this are test (default: the ``1 - test_fraction`` quantile)."""
     min_count: int = 1
     """Ids seen fewer times than this in the training split map to the out-of-vocabulary row 0."""
-    sparse_mapping: str = "vocab"
+    sparse_mapping: Literal["vocab", "hash"] = "vocab"
     """``vocab``: ids → rows of a vocabulary fitted on the training split; ``hash``: ids are hashed
     into ``num_hash_buckets`` rows (row 0 is kept for missing ids); no vocabulary pass."""
     num_hash_buckets: int = 1_000_000
     """Rows of every hashed id table (``sparse_mapping: hash``), plus row 0."""
     dedup: bool = True
     """Drop exact duplicate rows (memory: 8 bytes per distinct row; see ``data.cleaning``)."""
-    missing_sparse: str = "fill"
+    missing_sparse: Literal["fill", "drop"] = "fill"
     """Missing sparse/multi-hot id: ``fill`` (out-of-vocabulary row 0 / empty list) or ``drop`` the row."""
-    missing_dense: str = "fill"
+    missing_dense: Literal["fill", "drop"] = "fill"
     """Missing/NaN dense value: ``fill`` (with ``dense_fill``) or ``drop`` the row."""
     dense_fill: float = 0.0
     """Value of a missing dense feature with ``missing_dense: fill``."""
@@ -147,6 +162,16 @@ class PrepareConfig:
     """Dense x → log(1 + max(x, 0)); ``null`` = the format's default (``criteo``: true, others: false)."""
     clip_quantile: float | None = None
     """Clip dense features to the [1 - q, q] quantiles of the training split (q in (0.5, 1)); ``null``: no clipping."""
+
+    def check(self) -> None:
+        positive("num_shards", self.num_shards)
+        positive("row_group_size", self.row_group_size)
+        in_unit_interval("val_fraction", self.val_fraction)
+        in_unit_interval("test_fraction", self.test_fraction)
+        positive("neighbourhood_max_ids", self.neighbourhood_max_ids)
+        positive("negatives_per_positive", self.negatives_per_positive, allow_zero=True)
+        if self.clip_quantile is not None and not 0.5 < self.clip_quantile < 1:
+            raise ValueError(f"clip_quantile: must be in (0.5, 1), got {self.clip_quantile}")
 
 
 @dataclass
@@ -184,6 +209,35 @@ class DataConfig:
     validate_on_start: bool = True
     """Read every split once before training and report all bad files/values up front (the
     reader still checks each batch as it reads; turn off for very large data sets to save a pass)."""
-    bad_rows: str = "error"
+    bad_rows: Literal["error", "skip"] = "error"
     """What to do with a row whose label/feature value is invalid: ``error`` (stop, naming file,
     row group and row) or ``skip`` (drop it, count it and report the count)."""
+
+    def check(self) -> None:
+        positive("batch_size", self.batch_size)
+        positive("eval_batch_size", self.eval_batch_size)
+        positive("shuffle_window_rows", self.shuffle_window_rows)
+        if not self.sparse:
+            raise ValueError("sparse: at least one sparse feature is needed (the model embeds ids)")
+        names = [f.name for f in self.sparse]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sparse: duplicate feature names in {names}")
+        dims_of_table: dict[str, int] = {}
+        pooling_of_table: dict[str, tuple[str, str]] = {}
+        for i, feature in enumerate(self.sparse):
+            previous = dims_of_table.setdefault(feature.table_name, feature.embedding_dim)
+            if previous != feature.embedding_dim:
+                raise ValueError(
+                    f"sparse[{i}].embedding_dim: table {feature.table_name!r} is shared with another feature "
+                    f"of dim {previous}"
+                )
+            if feature.multi_hot:  # TorchRec pools per table; one id per row pools the same either way
+                owner, pooling = pooling_of_table.setdefault(
+                    feature.table_name, (feature.name, feature.pooling)
+                )
+                if pooling != feature.pooling:
+                    raise ValueError(
+                        f"sparse[{i}].pooling: table {feature.table_name!r} pools {pooling!r} for multi-hot "
+                        f"feature {owner!r}; multi-hot features sharing a table must pool alike (TorchRec "
+                        "pools per table)"
+                    )

@@ -24,14 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.errors import DataError
+
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 2
 SHUFFLE_BUCKETS = 64
 SPILL_ROWS = 1_000_000
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, column (and row where it applies) and the problem."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +100,11 @@ class DatasetMeta:
     def vocab_size(self, column: str) -> int | None:
         return self.columns.get(column, {}).get("num_embeddings")
 
+    def table_rows(self, sparse) -> dict[str, int]:
+        """Rows of each sparse feature's table: its ``num_embeddings`` when set, else the
+        vocabulary size this data set's metadata records for its column."""
+        return table_rows(sparse, self)
+
     def vocabulary(self, column: str) -> np.ndarray | None:
         """Raw ids of ``column``'s rows: entry r - 1 is the original id of row r (None: not saved,
         e.g. hashed ids or a data set written before vocabularies were saved)."""
@@ -112,6 +115,26 @@ class DatasetMeta:
             return pq.read_table(self.root / file).column("id").to_numpy(zero_copy_only=False)
         except (OSError, pa.ArrowInvalid, KeyError) as err:
             raise DataError(f"{self.root / file}: cannot read the vocabulary of {column!r} ({err})") from err
+
+
+def table_rows(sparse, meta: DatasetMeta | None) -> dict[str, int]:
+    """``DatasetMeta.table_rows``, also without a data set (then every feature needs ``num_embeddings``)."""
+    rows = {}
+    for i, feature in enumerate(sparse):
+        size = feature.num_embeddings
+        if size is None and meta is not None:
+            size = meta.vocab_size(feature.source_column)
+        if size is None:
+            raise DataError(
+                f"data.sparse[{i}].num_embeddings: not set and "
+                + (
+                    f"{meta.root / METADATA_FILE} has no vocabulary size for column {feature.source_column!r}"
+                    if meta is not None
+                    else "there is no prepared data set to take it from"
+                )
+            )
+        rows[feature.name] = int(size)
+    return rows
 
 
 class DatasetWriter:

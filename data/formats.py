@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from data.cleaning import Cleaner, DenseTransform, TableSchema, dense_values, mix64, string_ids
 from data.config import PrepareConfig
 from data.dataset import DataError, DatasetMeta, DatasetWriter
+from data.jagged import list_parts
 from data.splits import SPLIT_NAMES, TRAIN, SplitKeys, make_splitter
 from data.vocab import Vocabulary
 
@@ -176,10 +177,7 @@ def _as_id_lists(column, where: str, name: str, first_row: int, delimiter: str) 
             f"{where}: column {name!r} has type {column.type}, expected a list or a delimited string"
         )
     validity = np.asarray(column.is_valid())
-    column = column.fill_null([]) if column.null_count else column
-    offsets = np.asarray(column.offsets, dtype=np.int64)
-    flat = column.values.slice(offsets[0], offsets[-1] - offsets[0])
-    offsets = offsets - offsets[0]
+    flat, offsets = list_parts(column)
     keep = np.asarray(flat.is_valid())
     if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
         keep &= np.asarray(pc.utf8_length(flat).fill_null(0)) > 0
@@ -267,10 +265,7 @@ def _id_values(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
         column = column.combine_chunks()
     offsets = None
     if pa.types.is_list(column.type):
-        column = column.fill_null([]) if column.null_count else column
-        offsets = np.asarray(column.offsets, dtype=np.int64)
-        column = column.values.slice(offsets[0], offsets[-1] - offsets[0])
-        offsets = offsets - offsets[0]
+        column, offsets = list_parts(column)
     nulls = np.asarray(column.is_null()) if column.null_count else np.zeros(len(column), dtype=bool)
     return np.asarray(column.fill_null(0), dtype=np.int64), offsets, nulls
 

@@ -55,15 +55,21 @@ class Jagged:
 
     @classmethod
     def from_arrow(cls, column: pa.Array | pa.ChunkedArray) -> Jagged:
-        """A list column (nulls: empty lists) as values and offsets starting at 0."""
-        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        if array.null_count:
-            array = array.fill_null([])
-        offsets = array.offsets.to_numpy().astype(np.int64)
-        values = array.values.slice(offsets[0], offsets[-1] - offsets[0])
-        return cls(np.asarray(values.to_numpy(zero_copy_only=False)), offsets - offsets[0])
+        """A list column (nulls: empty lists) as numpy values and offsets starting at 0."""
+        values, offsets = list_parts(column)
+        return cls(np.asarray(values.to_numpy(zero_copy_only=False)), offsets)
 
     def to_arrow(self, value_type: pa.DataType | None = None) -> pa.ListArray:
         return pa.ListArray.from_arrays(
             pa.array(self.offsets.astype(np.int32)), pa.array(self.values, type=value_type)
         )
+
+
+def list_parts(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """A list column as (its flat values, as Arrow, of the rows only; int64 offsets from 0). Null
+    lists read as empty ones. The one decoder of Arrow list columns (bags, delimited strings)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if array.null_count:
+        array = array.fill_null([])
+    offsets = np.asarray(array.offsets, dtype=np.int64)
+    return array.values.slice(offsets[0], offsets[-1] - offsets[0]), offsets - offsets[0]

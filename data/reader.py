@@ -19,88 +19,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import Batch
-from data.config import DenseFeature, SparseFeature
-from data.dataset import DataError, DatasetMeta, RowGroup
+from data.dataset import DatasetMeta, RowGroup
+from data.errors import DataError
+from data.rows import DecodedRows, LabelSpec, ReadSpec, RowLocator, decode_rows, map_ids
 
-HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """What the reader needs to know about one task's label."""
-
-    column: str
-    mask_column: str | None = None
-    min_value: float | None = None
-    max_value: float | None = None
-    binary: bool = False
-
-
-@dataclass(frozen=True)
-class ReadSpec:
-    """Columns to read and how to turn them into a Batch."""
-
-    sparse: tuple[SparseFeature, ...]
-    dense: tuple[DenseFeature, ...]
-    labels: tuple[LabelSpec, ...]
-    num_embeddings: dict[str, int]
-    """Rows of each sparse feature's table (resolved from config or metadata)."""
-    sample_weight_column: str | None = None
-    skip_bad_rows: bool = False
-
-    def columns(self) -> list[str]:
-        names = [f.source_column for f in self.sparse] + [f.source_column for f in self.dense]
-        for label in self.labels:
-            names += [label.column] + ([label.mask_column] if label.mask_column else [])
-        if self.sample_weight_column:
-            names.append(self.sample_weight_column)
-        return list(dict.fromkeys(names))
-
-
-@dataclass
-class _Window:
-    """Decoded, validated and shuffled rows of one window (numpy, row-major by shuffled order).
-
-    Single-valued ids of all features sit in one (F_single, N) matrix so that shuffling them is one
-    gather; ``lengths`` (F, N) holds every feature's bag sizes in KJT order.
-    """
-
-    single_ids: np.ndarray  # (F_single, N) int64
-    multi_values: list[np.ndarray]  # per multi-hot feature, its flat ids
-    multi_offsets: list[np.ndarray]  # per multi-hot feature, (N + 1,) offsets into its ids
-    lengths: np.ndarray  # (F, N) int32, features in spec order
-    dense: np.ndarray
-    labels: np.ndarray
-    label_mask: np.ndarray
-    weights: np.ndarray
-    row_id: np.ndarray
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.weights)
-
-
-class _Locator:
-    """Maps a window row back to (file, row group, row) for error messages."""
-
-    def __init__(self, parts: list[tuple[RowGroup, int]]):
-        self.parts = parts  # (row group, first row read from it)
-        self.starts = np.cumsum([0] + [rg.num_rows - first for rg, first in parts[:-1]])
-
-    def describe(self, row: int) -> str:
-        part = int(np.searchsorted(self.starts, row, side="right") - 1)
-        rg, first = self.parts[part]
-        return f"{rg.file}: row group {rg.index}, row {first + row - int(self.starts[part])}"
+__all__ = ["BatchStream", "LabelSpec", "ReadSpec", "map_ids", "read_split"]
 
 
 Segment = tuple[int, int, int]
@@ -178,7 +108,6 @@ class BatchStream:
         self.consumed = 0
         self.skipped_bad_rows = 0
         self._externally_tracked = False
-        self._keys = [f.name for f in spec.sparse]
         self._files: dict[str, pq.ParquetFile] = {}
         self._base = (world_size, self.window_rows)  # the layout the epoch's base sequences follow
         self._sequence = self._base_sequence(*self._base)  # what this layout splits over the ranks
@@ -318,16 +247,16 @@ class BatchStream:
         else:
             template_only = False
 
-        def read(key: tuple[int, int]) -> _Window:
+        def read(key: tuple[int, int]) -> DecodedRows:
             base_rank, window_start = key
             window_end = min(window_start + base_window, base_sizes[base_rank])
             return self._read_window(
                 order, epoch, base_rank, base_starts[base_rank], window_start, window_end
             )
 
-        pieces: list[tuple[_Window, int, int]] = []
+        pieces: list[tuple[DecodedRows, int, int]] = []
         buffered, position = 0, start_batch
-        last: tuple[_Window, int] | None = None
+        last: tuple[DecodedRows, int] | None = None
         for index, window in _windows([t[:2] for t in tasks], read, self.background_decode):
             first, end = tasks[index][2:]
             if template_only:
@@ -344,25 +273,22 @@ class BatchStream:
                 yield batch
         if padded_rows > 0:
             window, row = last
-            rows = _concat([_permute(w, np.arange(a, b)) for w, a, b in pieces]) if pieces else None
-            template = _permute(window, np.array([row]))
-            padding = _pad(template, padded_rows - buffered)
-            padding = _permute(padding, np.arange(1, padding.num_rows))  # drop the template itself
-            tail = _concat([rows, padding]) if rows is not None else padding
+            padding = window.take(np.array([row])).padding(padded_rows - buffered)
+            tail = DecodedRows.concat([*(w.take(np.arange(a, b)) for w, a, b in pieces), padding])
             for begin in range(0, tail.num_rows, self.batch_size):
-                batch = self._make_batch(tail, begin, min(begin + self.batch_size, tail.num_rows))
+                batch = tail.to_batch(begin, min(begin + self.batch_size, tail.num_rows))
                 batch.position = position
                 position += 1
                 yield batch
         if not self._externally_tracked:
             self.epoch, self.consumed = epoch, len(self)
 
-    def _cut(self, pieces: list[tuple[_Window, int, int]], buffered: int):
+    def _cut(self, pieces: list[tuple[DecodedRows, int, int]], buffered: int):
         """The first ``batch_size`` rows of ``pieces`` as a Batch, and what is left."""
         size = self.batch_size
         window, first, end = pieces[0]
         if end - first >= size:  # the common case: the batch lies in one window
-            batch = self._make_batch(window, first, first + size)
+            batch = window.to_batch(first, first + size)
             rest = [(window, first + size, end)] if end - first > size else []
             return batch, rest + pieces[1:], buffered - size
         taken, parts, rest = 0, [], []
@@ -372,12 +298,11 @@ class BatchStream:
                 rest.append((window, first, end))
                 continue
             stop = min(end, first + need)
-            parts.append(_permute(window, np.arange(first, stop)))
+            parts.append(window.take(np.arange(first, stop)))
             taken += stop - first
             if stop < end:
                 rest.append((window, stop, end))
-        joined = _concat(parts)
-        return self._make_batch(joined, 0, joined.num_rows), rest, buffered - size
+        return DecodedRows.concat(parts).to_batch(), rest, buffered - size
 
     def _epoch_order(self, epoch: int) -> list[RowGroup]:
         if not self.shuffle:
@@ -395,7 +320,7 @@ class BatchStream:
                 raise DataError(f"{path}: not a readable Parquet file ({err})") from err
         return self._files[path]
 
-    def _read_rows(self, order: list[RowGroup], start: int, end: int) -> tuple[pa.Table, _Locator]:
+    def _read_rows(self, order: list[RowGroup], start: int, end: int) -> tuple[pa.Table, RowLocator]:
         """Rows [start, end) of the epoch sequence, reading only the row groups that overlap them."""
         tables, parts, offset = [], [], 0
         columns = self.spec.columns()
@@ -420,7 +345,7 @@ class BatchStream:
             tables.append(table.slice(first, min(end, rg_end) - rg_start - first))
             parts.append((rg, first))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        return table, _Locator(parts)
+        return table, RowLocator(parts)
 
     def _read_window(
         self,
@@ -430,168 +355,24 @@ class BatchStream:
         base_start: int,
         window_start: int,
         window_end: int,
-    ) -> _Window:
+    ) -> DecodedRows:
         """Rows [window_start, window_end) of base rank ``base_rank``'s part of the epoch sequence
         (which starts at ``base_start``): read, validated, decoded and shuffled by (seed, epoch,
         base rank, window start), so the same rows come out whichever rank reads them."""
         start, end = base_start + window_start, base_start + window_end
         table, locator = self._read_rows(order, start, end)
-        window = self._decode(table, locator, start)
+        window, report = decode_rows(table, self.spec, locator, first_row_id=start)
+        self.skipped_bad_rows += report.bad_rows
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch, base_rank, window_start])
-            window = _permute(window, rng.permutation(window.num_rows))
+            window = window.take(rng.permutation(window.num_rows))
         if self.drop_bag_ids:
             rng = np.random.default_rng([self.seed, epoch, base_rank, window_start, 1])
-            window = _drop_bag_ids(window, self.spec.sparse, rng)
+            window = window.drop_bag_ids(self.spec.sparse, rng)
         return window
 
-    # ----------------------------------------------------------------------------- decoding
-    def _decode(self, table: pa.Table, locator: _Locator, first_row_id: int) -> _Window:
-        spec = self.spec
-        num_rows = table.num_rows
-        bad = np.zeros(num_rows, dtype=bool)
-        single_ids = np.empty((sum(not f.multi_hot for f in spec.sparse), num_rows), dtype=np.int64)
-        multi_values, multi_offsets = [], []
-        lengths = np.ones((len(spec.sparse), num_rows), dtype=np.int32)
-        for index, feature in enumerate(spec.sparse):
-            column = _column(table, feature.source_column, locator)
-            if feature.multi_hot:
-                if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
-                    raise DataError(
-                        f"{locator.parts[0][0].file}: column {feature.source_column!r} has type {column.type}, "
-                        "expected a list of integer ids (multi_hot: true)"
-                    )
-                array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-                if array.null_count:
-                    array = array.fill_null([]) if hasattr(array, "fill_null") else array
-                offsets = array.offsets.to_numpy().astype(np.int64)
-                values = _ints(array.values.slice(offsets[0], offsets[-1] - offsets[0]), feature, locator)
-                offsets = offsets - offsets[0]
-                lengths[index] = np.diff(offsets)
-                row_of_value = np.repeat(np.arange(num_rows), lengths[index])
-            else:
-                values = _ints(column, feature, locator)
-                row_of_value = None
-            negative = values < 0
-            if negative.any():
-                rows = row_of_value[negative] if row_of_value is not None else np.flatnonzero(negative)
-                if not spec.skip_bad_rows:
-                    row = int(rows[0])
-                    raise DataError(
-                        f"{locator.describe(row)}: column {feature.source_column!r} has negative id "
-                        f"{int(values[negative][0])}"
-                    )
-                bad[rows] = True
-                values = np.where(negative, 0, values)
-            values = map_ids(values, feature, spec.num_embeddings[feature.name])
-            if feature.multi_hot:
-                multi_values.append(values)
-                multi_offsets.append(offsets)
-            else:
-                single_ids[index - len(multi_values)] = values
 
-        dense = np.empty((num_rows, len(spec.dense)), dtype=np.float32)
-        for j, feature in enumerate(spec.dense):
-            values = _floats(_column(table, feature.source_column, locator), feature.source_column, locator)
-            non_finite = ~np.isfinite(values)
-            if non_finite.any():
-                if feature.fill_nan is not None:
-                    values = np.where(non_finite, np.float32(feature.fill_nan), values)
-                elif spec.skip_bad_rows:
-                    bad |= non_finite
-                    values = np.where(non_finite, 0, values)
-                else:
-                    row = int(np.flatnonzero(non_finite)[0])
-                    raise DataError(
-                        f"{locator.describe(row)}: column {feature.source_column!r} has non-finite value {values[row]} "
-                        f"(set fill_nan for data.dense feature {feature.name!r} to replace it)"
-                    )
-            dense[:, j] = values
-
-        labels = np.empty((num_rows, len(spec.labels)), dtype=np.float32)
-        label_mask = np.ones((num_rows, len(spec.labels)), dtype=np.float32)
-        counted_by_mask: dict[str, np.ndarray] = {}  # tasks often share a mask column (e.g. rated)
-        for j, label in enumerate(spec.labels):
-            values = _floats(_column(table, label.column, locator), label.column, locator)
-            counted = np.ones(num_rows, dtype=bool)
-            if label.mask_column:
-                if label.mask_column not in counted_by_mask:
-                    mask = _floats(_column(table, label.mask_column, locator), label.mask_column, locator)
-                    counted_by_mask[label.mask_column] = np.isfinite(mask) & (mask != 0)
-                counted = counted_by_mask[label.mask_column]
-                label_mask[:, j] = counted
-                # a masked-out row's label is undefined (e.g. no rating for a sampled negative)
-                values = np.where(counted, values, 0.0).astype(np.float32)
-            invalid = ~np.isfinite(values)
-            if label.binary:
-                invalid |= (values != 0) & (values != 1)
-                allowed = "{0, 1}"
-            else:
-                if label.min_value is not None:
-                    invalid |= values < label.min_value
-                if label.max_value is not None:
-                    invalid |= values > label.max_value
-                allowed = f"[{label.min_value}, {label.max_value}]"
-            invalid &= counted
-            if invalid.any():
-                if not spec.skip_bad_rows:
-                    row = int(np.flatnonzero(invalid)[0])
-                    raise DataError(
-                        f"{locator.describe(row)}: label column {label.column!r} has value {values[row]} outside {allowed}"
-                    )
-                bad |= invalid
-                values = np.where(invalid, 0, values)
-            labels[:, j] = values
-
-        if spec.sample_weight_column:
-            weights = _floats(
-                _column(table, spec.sample_weight_column, locator), spec.sample_weight_column, locator
-            )
-            if (~np.isfinite(weights) | (weights < 0)).any():
-                row = int(np.flatnonzero(~np.isfinite(weights) | (weights < 0))[0])
-                raise DataError(
-                    f"{locator.describe(row)}: sample weight column {spec.sample_weight_column!r} has "
-                    f"invalid value {weights[row]} (must be finite and >= 0)"
-                )
-        else:
-            weights = np.ones(num_rows, dtype=np.float32)
-        if bad.any():
-            self.skipped_bad_rows += int(bad.sum())
-            label_mask[bad] = 0
-            weights = np.where(bad, 0, weights).astype(np.float32)
-        row_id = np.arange(first_row_id, first_row_id + num_rows, dtype=np.int64)
-        return _Window(
-            single_ids, multi_values, multi_offsets, lengths, dense, labels, label_mask, weights, row_id
-        )
-
-    def _make_batch(self, window: _Window, begin: int, end: int) -> Batch:
-        values = []
-        single, multi = 0, 0
-        for feature in self.spec.sparse:
-            if feature.multi_hot:
-                offsets = window.multi_offsets[multi]
-                values.append(window.multi_values[multi][offsets[begin] : offsets[end]])
-                multi += 1
-            else:
-                values.append(window.single_ids[single, begin:end])
-                single += 1
-        sparse = KeyedJaggedTensor(
-            keys=self._keys,
-            values=torch.from_numpy(np.concatenate(values)),
-            lengths=torch.from_numpy(window.lengths[:, begin:end].ravel()),
-            stride=end - begin,
-        )
-        return Batch(
-            sparse=sparse,
-            dense=torch.from_numpy(window.dense[begin:end]),
-            labels=torch.from_numpy(window.labels[begin:end]),
-            label_mask=torch.from_numpy(window.label_mask[begin:end]),
-            weights=torch.from_numpy(window.weights[begin:end]),
-            row_id=torch.from_numpy(window.row_id[begin:end]),
-        )
-
-
-def _windows(keys: list, read, background: bool) -> Iterator[tuple[int, _Window]]:
+def _windows(keys: list, read, background: bool) -> Iterator[tuple[int, DecodedRows]]:
     """(index, window) for each key in order, reading each distinct key once (consecutive equal
     keys share one read). ``background``: the next window is read and decoded in a thread while
     this one is consumed (pyarrow and most numpy work release the GIL); otherwise each is read when
@@ -608,7 +389,7 @@ def _windows(keys: list, read, background: bool) -> Iterator[tuple[int, _Window]
         yield index, window
 
 
-def _prefetched(keys: list, read) -> Iterator[_Window]:
+def _prefetched(keys: list, read) -> Iterator[DecodedRows]:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="towerrec-reader") as pool:
         pending = pool.submit(read, keys[0]) if keys else None
         for i in range(len(keys)):
@@ -617,114 +398,36 @@ def _prefetched(keys: list, read) -> Iterator[_Window]:
             yield window
 
 
-def _column(table: pa.Table, name: str, locator: _Locator) -> pa.ChunkedArray:
-    if name not in table.column_names:
-        raise DataError(f"{locator.parts[0][0].file}: missing column {name!r}")
-    return table.column(name)
-
-
-def _ints(column, feature: SparseFeature, locator: _Locator) -> np.ndarray:
-    if not pa.types.is_integer(column.type):
-        raise DataError(
-            f"{locator.parts[0][0].file}: column {feature.source_column!r} has type {column.type}, expected integer ids"
-        )
-    if column.null_count:
-        column = column.fill_null(0)
-    return np.asarray(column.to_numpy(), dtype=np.int64)
-
-
-def _floats(column, name: str, locator: _Locator) -> np.ndarray:
-    if not (
-        pa.types.is_floating(column.type)
-        or pa.types.is_integer(column.type)
-        or pa.types.is_boolean(column.type)
-    ):
-        raise DataError(
-            f"{locator.parts[0][0].file}: column {name!r} has type {column.type}, expected numbers"
-        )
-    if column.null_count:
-        column = column.cast(pa.float32()).fill_null(float("nan"))
-    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32)
-
-
-def map_ids(values: np.ndarray, feature: SparseFeature, num_embeddings: int) -> np.ndarray:
-    """Raw ids → table rows, as training reads them (``vocab``: out of range → row 0; ``hash``)."""
-    if feature.id_mapping == "hash":
-        mixed = values.astype(np.uint64) * HASH_MULTIPLIER
-        return ((mixed >> np.uint64(17)) % np.uint64(num_embeddings)).astype(np.int64)
-    return np.where(values < num_embeddings, values, 0)
-
-
-def _permute(window: _Window, perm: np.ndarray) -> _Window:
-    """Rows of ``window`` in the order ``perm`` (a permutation, or any row index: padding repeats rows)."""
-    multi_values, multi_offsets = [], []
-    for values, offsets in zip(window.multi_values, window.multi_offsets):
-        lengths = np.take(np.diff(offsets), perm)
-        new_offsets = np.zeros(len(perm) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=new_offsets[1:])
-        starts = np.repeat(np.take(offsets[:-1], perm) - new_offsets[:-1], lengths)
-        multi_values.append(np.take(values, np.arange(new_offsets[-1]) + starts))
-        multi_offsets.append(new_offsets)
-    return _Window(
-        np.take(window.single_ids, perm, axis=1),
-        multi_values,
-        multi_offsets,
-        np.take(window.lengths, perm, axis=1),
-        np.take(window.dense, perm, axis=0),
-        np.take(window.labels, perm, axis=0),
-        np.take(window.label_mask, perm, axis=0),
-        np.take(window.weights, perm),
-        np.take(window.row_id, perm),
-    )
-
-
-def _drop_bag_ids(window: _Window, features: tuple[SparseFeature, ...], rng: np.random.Generator) -> _Window:
-    """Leaves out each id of a multi-hot bag with its feature's ``train_drop_prob`` (in place)."""
-    multi_index = 0
-    for index, feature in enumerate(features):
-        if not feature.multi_hot:
-            continue
-        if feature.train_drop_prob > 0:
-            values, offsets = window.multi_values[multi_index], window.multi_offsets[multi_index]
-            kept = rng.random(len(values)) >= feature.train_drop_prob
-            kept_before = np.zeros(len(values) + 1, dtype=np.int64)
-            np.cumsum(kept, out=kept_before[1:])
-            window.multi_values[multi_index] = values[kept]
-            window.multi_offsets[multi_index] = kept_before[offsets]
-            window.lengths[index] = np.diff(window.multi_offsets[multi_index])
-        multi_index += 1
-    return window
-
-
-def _concat(windows: list[_Window]) -> _Window:
-    """The rows of ``windows`` one after the other."""
-    multi_values, multi_offsets = [], []
-    for f in range(len(windows[0].multi_values)):
-        values = [w.multi_values[f] for w in windows]
-        shifts = np.cumsum([0] + [len(v) for v in values[:-1]])
-        offsets = [np.zeros(1, dtype=np.int64)] + [
-            w.multi_offsets[f][1:] + shift for w, shift in zip(windows, shifts)
-        ]
-        multi_values.append(np.concatenate(values))
-        multi_offsets.append(np.concatenate(offsets))
-    return _Window(
-        np.concatenate([w.single_ids for w in windows], axis=1),
-        multi_values,
-        multi_offsets,
-        np.concatenate([w.lengths for w in windows], axis=1),
-        np.concatenate([w.dense for w in windows]),
-        np.concatenate([w.labels for w in windows]),
-        np.concatenate([w.label_mask for w in windows]),
-        np.concatenate([w.weights for w in windows]),
-        np.concatenate([w.row_id for w in windows]),
-    )
-
-
-def _pad(window: _Window, num_padding: int) -> _Window:
-    """Appends copies of row 0 that carry no weight and no label (see module docstring)."""
-    index = np.concatenate([np.arange(window.num_rows), np.zeros(num_padding, dtype=np.int64)])
-    padded = _permute(window, index)
-    padded.weights[window.num_rows :] = 0
-    padded.label_mask[window.num_rows :] = 0
-    padded.row_id[window.num_rows :] = -1
-    return padded
+def read_split(
+    meta: DatasetMeta, split: str, spec: ReadSpec, extra_columns: tuple[str, ...] = ()
+) -> tuple[DecodedRows, dict[str, pa.ChunkedArray]]:
+    """Every row of ``split`` in stored order, decoded and validated like training reads them
+    (bad values stop with the file, row group and row named), plus ``extra_columns`` as stored
+    (e.g. raw ids for serving). Holds the whole split in memory."""
+    columns = list(dict.fromkeys([*spec.columns(), *extra_columns]))
+    parts, extras = [], {name: [] for name in extra_columns}
+    files: dict[str, pq.ParquetFile] = {}
+    offset = 0
+    for group in meta.row_groups(split):
+        try:
+            file = files.setdefault(group.file, pq.ParquetFile(group.file))
+            table = file.read_row_group(group.index, columns=columns)
+        except FileNotFoundError as err:
+            raise DataError(f"{group.file}: listed in metadata.json but missing") from err
+        except KeyError as err:
+            raise DataError(f"{group.file}: missing column {err} (needed: {columns})") from err
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{group.file}: row group {group.index} cannot be read ({err})") from err
+        rows, _ = decode_rows(table, spec, RowLocator([(group, 0)]), first_row_id=offset)
+        parts.append(rows)
+        for name in extra_columns:
+            extras[name].append(table.column(name))
+        offset += table.num_rows
+    if not parts:
+        empty = pa.table({name: pa.array([], pa.int64()) for name in columns})
+        rows, _ = decode_rows(empty, spec, RowLocator([(RowGroup(str(meta.root), 0, 0), 0)]))
+        return rows, {name: pa.chunked_array([], pa.int64()) for name in extra_columns}
+    chunked = {
+        name: pa.chunked_array([c for column in cols for c in column.chunks]) for name, cols in extras.items()
+    }
+    return DecodedRows.concat(parts), chunked

@@ -10,13 +10,14 @@ it is reached, perhaps hours in. :func:`validate_dataset` reads every row group 
 - columns of ``metadata.json`` absent from a file; columns the training needs that are missing
   or of the wrong type (sparse: integers; multi-hot: list of integers; dense, labels, masks and
   weights: numbers);
-- values the reader would reject: negative ids, NaN/inf/null dense values without ``fill_nan``,
-  labels that are missing, outside ``[min_value, max_value]``, or not 0/1 for binary tasks,
-  negative or non-finite sample weights. With ``skip_bad_rows`` such rows are only counted.
+- values the reader would reject, by the reader's own rules (``data.rows.decode_rows``): negative
+  ids, NaN/inf/null dense values without ``fill_nan``, labels that are missing, outside
+  ``[min_value, max_value]``, or not 0/1 for binary tasks, negative or non-finite sample weights.
+  With ``skip_bad_rows`` such rows are only counted.
 
 Example::
 
-    spec = read_spec(cfg, num_embeddings)                 # trainer.datamodule.read_spec
+    spec = read_spec(cfg.data, cfg.tasks, table_rows)     # trainer.datamodule.read_spec
     summary = validate_dataset(meta, spec, splits=["train", "val", "test"])
     summary["rows"]             # {"train": 80000, ...}
 """
@@ -28,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.dataset import METADATA_FILE, DataError, DatasetMeta, RowGroup
-from data.reader import ReadSpec
+from data.rows import ReadSpec, RowLocator, decode_rows
 
 MAX_REPORTED = 20
 """Problems listed in the error message (the rest are counted)."""
@@ -75,7 +75,7 @@ _EXPECTED_TEXT = {"sparse": "integer ids", "multi_hot": "a list of integer ids",
 
 
 class _Checker:
-    """Collects problems; value checks return the bad-row mask's first row and count."""
+    """Collects problems across files; the value rules are the reader's (``data.rows.decode_rows``)."""
 
     def __init__(self, spec: ReadSpec):
         self.spec = spec
@@ -83,105 +83,12 @@ class _Checker:
         self.bad_rows = 0
         self.ids_out_of_range: dict[str, int] = {}
 
-    def value_problem(
-        self, where: str, mask: pa.Array, column: str, what: str, values: pa.Array
-    ) -> pa.Array | None:
-        """Records rows where ``mask`` is true; returns the mask when rows are to be skipped instead."""
-        mask = pc.fill_null(mask, True)
-        count = pc.sum(mask).as_py() or 0
-        if not count:
-            return None
-        row = pc.index(mask, True).as_py()
-        value = values[row].as_py()
-        if self.spec.skip_bad_rows:
-            return mask
-        self.problems.append(
-            f"{where}, row {row}: column {column!r} {what} (value {value!r}; {count} such rows)"
-        )
-        return None
-
-    def check_row_group(self, table: pa.Table, where: str) -> None:
-        spec = self.spec
-        bad = pa.array([False] * table.num_rows)
-
-        def merge(mask: pa.Array | None) -> None:
-            nonlocal bad
-            if mask is not None:
-                bad = pc.or_(bad, mask)
-
-        for feature in spec.sparse:
-            column = table.column(feature.source_column).combine_chunks()
-            values = column.flatten() if feature.multi_hot else column
-            negative = pc.less(values, 0)
-            if feature.multi_hot:
-                parents = column.value_parent_indices()
-                negative_rows = pc.filter(parents, pc.fill_null(negative, False))
-                if len(negative_rows):
-                    mask = pc.is_in(
-                        pa.array(range(table.num_rows), pa.int64()), value_set=negative_rows.cast(pa.int64())
-                    )
-                    merge(
-                        self.value_problem(
-                            where, mask, feature.source_column, "has a negative id in its list", column
-                        )
-                    )
-            else:
-                merge(
-                    self.value_problem(
-                        where,
-                        pc.fill_null(negative, False),
-                        feature.source_column,
-                        "has a negative id",
-                        column,
-                    )
-                )
-            size = spec.num_embeddings.get(feature.name)
-            if feature.id_mapping == "vocab" and size is not None:
-                outside = pc.sum(pc.fill_null(pc.greater_equal(values, size), False)).as_py() or 0
-                if outside:
-                    self.ids_out_of_range[feature.name] = self.ids_out_of_range.get(feature.name, 0) + outside
-        for feature in spec.dense:
-            if feature.fill_nan is not None:
-                continue
-            values = table.column(feature.source_column).combine_chunks().cast(pa.float64())
-            invalid = pc.invert(pc.fill_null(pc.is_finite(values), False))
-            hint = f"is NaN/inf/missing (set fill_nan for dense feature {feature.name!r})"
-            merge(self.value_problem(where, invalid, feature.source_column, hint, values))
-        for label in spec.labels:
-            values = table.column(label.column).combine_chunks().cast(pa.float64())
-            invalid = pc.invert(pc.fill_null(pc.is_finite(values), False))
-            if label.binary:
-                invalid = pc.or_(
-                    invalid, pc.invert(pc.fill_null(pc.is_in(values, value_set=pa.array([0.0, 1.0])), False))
-                )
-                allowed = "{0, 1}"
-            else:
-                if label.min_value is not None:
-                    invalid = pc.or_(invalid, pc.fill_null(pc.less(values, label.min_value), False))
-                if label.max_value is not None:
-                    invalid = pc.or_(invalid, pc.fill_null(pc.greater(values, label.max_value), False))
-                allowed = f"[{label.min_value}, {label.max_value}]"
-            if label.mask_column:  # rows the task's mask leaves out may have any label (or none)
-                mask = table.column(label.mask_column).combine_chunks().cast(pa.float64())
-                counted = pc.fill_null(pc.and_(pc.is_finite(mask), pc.not_equal(mask, 0.0)), False)
-                invalid = pc.and_(invalid, counted)
-            merge(
-                self.value_problem(
-                    where, invalid, label.column, f"is a label outside {allowed} or missing", values
-                )
-            )
-        if spec.sample_weight_column:
-            values = table.column(spec.sample_weight_column).combine_chunks().cast(pa.float64())
-            invalid = pc.invert(
-                pc.fill_null(pc.and_(pc.is_finite(values), pc.greater_equal(values, 0.0)), False)
-            )
-            if pc.any(invalid).as_py():  # the reader rejects bad weights even with skip_bad_rows
-                row = pc.index(invalid, True).as_py()
-                self.problems.append(
-                    f"{where}, row {row}: sample weight column {spec.sample_weight_column!r} has invalid value "
-                    f"{values[row].as_py()!r} (must be finite and >= 0)"
-                )
-        self.bad_rows += pc.sum(bad).as_py() or 0
+    def check_row_group(self, table: pa.Table, group: RowGroup) -> None:
+        _, report = decode_rows(table, self.spec, RowLocator([(group, 0)]), collect=True)
+        self.problems += report.problems
+        self.bad_rows += report.bad_rows
+        for name, count in report.ids_out_of_range.items():
+            self.ids_out_of_range[name] = self.ids_out_of_range.get(name, 0) + count
 
 
 def _check_file(file: str, groups: list[RowGroup], meta: DatasetMeta, checker: _Checker) -> int:
@@ -232,7 +139,7 @@ def _check_file(file: str, groups: list[RowGroup], meta: DatasetMeta, checker: _
         except (pa.ArrowInvalid, OSError) as err:
             problems.append(f"{file}: row group {index} cannot be read (truncated or corrupt: {err})")
             continue
-        checker.check_row_group(table, f"{file}: row group {index}")
+        checker.check_row_group(table, RowGroup(file, index, table.num_rows))
     return num_rows
 
 
@@ -243,7 +150,7 @@ def validate_dataset(
 
     Args:
         meta: the loaded data set (``DatasetMeta.load(path)``).
-        spec: what training reads (``trainer.datamodule.read_spec(cfg, num_embeddings)``).
+        spec: what training reads (``trainer.datamodule.read_spec``).
         splits: split names to check (default: every split in ``metadata.json``).
 
     Returns:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data.checks import in_unit_interval, positive
+
 
 @dataclass
 class TaskConfig:
@@ -12,13 +14,13 @@ class TaskConfig:
 
     name: str
     """Task name (used in metric names, e.g. ``val/rating/rmse``)."""
-    type: str = "binary"
+    type: Literal["regression", "binary"] = "binary"
     """``regression`` (predicts a value) or ``binary`` (predicts a probability from a logit)."""
     label: str = ""
     """Parquet column holding the label (float). Defaults to the task name."""
     weight: float = 1.0
     """Fixed loss weight (``fixed`` balancing). ``model.alpha`` overrides it for two tasks."""
-    loss: str | None = None
+    loss: Literal["mse", "huber", "bce"] | None = None
     """``mse`` or ``huber`` for regression, ``bce`` for binary (default: mse / bce)."""
     mask: str | None = None
     """Optional column: the task's loss and metrics only count rows where it is non-zero
@@ -36,6 +38,16 @@ class TaskConfig:
     @property
     def loss_name(self) -> str:
         return self.loss or ("mse" if self.type == "regression" else "bce")
+
+    def check(self) -> None:
+        allowed = ("mse", "huber") if self.type == "regression" else ("bce",)
+        if self.loss_name not in allowed:
+            raise ValueError(
+                f"loss: {self.loss_name!r} is not one of {', '.join(allowed)} (type {self.type})"
+            )
+        positive("weight", self.weight, allow_zero=True)
+        if self.min_value is not None and self.max_value is not None and self.min_value >= self.max_value:
+            raise ValueError(f"max_value: must exceed min_value ({self.min_value})")
 
 
 @dataclass
@@ -97,3 +109,33 @@ class ModelConfig:
     probability pCTR × pCVR."""
     pcgrad_seed: int = 0
     """PCGrad: seed of the generator that draws the task order of each projection step."""
+
+    def check(self) -> None:
+        if self.alpha is not None:
+            in_unit_interval("alpha", self.alpha, include_one=True)
+        for name in ("bottom_dims", "expert_dims", "head_dims", "dense_dims"):
+            for dim in getattr(self, name):
+                positive(name, dim)
+        in_unit_interval("dropout", self.dropout)
+        positive("embedding_l2", self.embedding_l2, allow_zero=True)
+        positive("dcn_num_layers", self.dcn_num_layers)
+        positive("dcn_low_rank", self.dcn_low_rank)
+        if self.tower == "mmoe":
+            positive("num_experts", self.num_experts)
+        if self.tower in ("mmoe", "ple") and not self.expert_dims:
+            raise ValueError(f"expert_dims: {self.tower} needs at least one expert layer")
+        if self.tower == "ple":
+            positive("num_levels", self.num_levels)
+            positive("num_shared_experts", self.num_shared_experts, allow_zero=True)
+            positive("num_task_experts", self.num_task_experts, allow_zero=True)
+            if self.num_shared_experts + self.num_task_experts < 1:
+                raise ValueError("num_shared_experts / num_task_experts: give each task at least one expert")
+        if self.loss_balancing in ("pcgrad", "gradnorm"):  # they act on the shared layers
+            if self.tower in ("shared_bottom", "esmm") and not self.bottom_dims:
+                raise ValueError(
+                    f"bottom_dims: empty, so {self.loss_balancing} has no shared layer to act on"
+                )
+            if self.tower == "ple" and self.num_shared_experts == 0:
+                raise ValueError(
+                    f"num_shared_experts: 0, so {self.loss_balancing} has no shared layer to act on"
+                )

@@ -1,6 +1,6 @@
 """Feature interaction between pooled embeddings and dense features, before the tower.
 
-Input: a list of F pooled embeddings, each (B, D_f), in a fixed, name-sorted order, and the dense
+Input: a list of F pooled embeddings, each (B, D_f), in config order (``data.sparse``), and the dense
 features (B, num_dense). Output: (B, out_dim).
 """
 

@@ -1,2 +1,3 @@
-"""Trainer: config, the TorchRec Lightning strategy (owner of process groups and sharding), the
-training module, checkpoints, metrics and the CLI."""
+"""Trainer: the training job. Config and CLI, the Lightning module and data module, the run
+folder, metrics and reports; ``trainer.distributed`` owns process groups, sharding, checkpoints
+and fault tolerance."""

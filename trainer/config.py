@@ -19,16 +19,21 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from data.checks import in_unit_interval, positive
 from data.config import DataConfig, DenseFeature, PrepareConfig, SparseFeature
 from models.config import ModelConfig, TaskConfig
 from trainer.errors import ConfigError
+
+ShardingType = Literal[
+    "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel"
+]
 
 
 @dataclass
 class OptimizerConfig:
     """An optimizer with a learning-rate schedule."""
 
-    type: str = "adam"
+    type: Literal["rowwise_adagrad", "adagrad", "adam", "adamw", "sgd"] = "adam"
     """Embeddings (fused into backward): ``rowwise_adagrad``, ``adagrad``, ``adam`` (CUDA only:
     fbgemm has no CPU Adam kernel), ``sgd``.
     Dense: ``adam``, ``adamw``, ``sgd``, ``adagrad``."""
@@ -42,19 +47,25 @@ class OptimizerConfig:
     momentum: float = 0.0
     """SGD momentum (dense only)."""
 
+    def check(self) -> None:
+        positive("lr", self.lr)
+        positive("eps", self.eps)
+        positive("weight_decay", self.weight_decay, allow_zero=True)
+        positive("momentum", self.momentum, allow_zero=True)
+
 
 @dataclass
 class ShardingConfig:
     """How TorchRec's planner places the embedding tables."""
 
-    sharding_types: list[str] | None = None
+    sharding_types: list[ShardingType] | None = None
     """Sharding types the planner may use for every table (``table_wise``, ``row_wise``,
     ``column_wise``, ``table_row_wise``, ``table_column_wise``, ``data_parallel``). ``null`` = every
     model-parallel type the device supports (on CPU: table_wise, column_wise, table_column_wise);
     ``data_parallel`` only when asked for, since its tables are trained by the dense optimizer."""
-    table_constraints: dict[str, list[str]] = field(default_factory=dict)
+    table_constraints: dict[str, list[ShardingType]] = field(default_factory=dict)
     """Per-table sharding types, e.g. ``{t_user_id: [row_wise]}``; overrides ``sharding_types``."""
-    compute_kernel: str | None = None
+    compute_kernel: Literal["fused", "fused_uvm_caching", "dense"] | None = None
     """Force one kernel: ``fused``, ``fused_uvm_caching`` (CUDA: tables larger than HBM, rows
     cached in HBM) or ``dense``. Default: ``fused`` on CPU; on CUDA the planner chooses between
     ``fused`` and ``fused_uvm_caching`` (the latter when a table does not fit the HBM budget)."""
@@ -64,8 +75,13 @@ class ShardingConfig:
     """Host memory per rank in GB for UVM caching (default: planner's)."""
     cache_load_factor: float = 0.2
     """UVM caching: fraction of each table kept in HBM."""
-    embedding_precision: str = "fp32"
+    embedding_precision: Literal["fp32", "fp16", "int8"] = "fp32"
     """Storage precision of embedding weights: ``fp32``, ``fp16`` (CUDA) or ``int8`` (inference)."""
+
+    def check(self) -> None:
+        positive("hbm_gb", self.hbm_gb)
+        positive("ddr_gb", self.ddr_gb)
+        in_unit_interval("cache_load_factor", self.cache_load_factor, include_one=True)
 
 
 @dataclass
@@ -79,12 +95,16 @@ class CheckpointConfig:
     resume: str = "auto"
     """``auto``: resume from ``checkpoints/latest`` when it exists; ``never``; or a checkpoint path."""
 
+    def check(self) -> None:
+        positive("every_n_steps", self.every_n_steps, allow_zero=True)
+        positive("keep_last", self.keep_last)
+
 
 @dataclass
 class TrainerConfig:
     """The Lightning trainer and optimisation settings."""
 
-    accelerator: str = "auto"
+    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto"
     """``cpu``, ``cuda`` or ``auto`` (CUDA when available)."""
     devices: int = 1
     """Processes per node (each drives one GPU on CUDA). With torchrun/SLURM it must match the launcher."""
@@ -94,7 +114,7 @@ class TrainerConfig:
     """Training epochs."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: no limit)."""
-    precision: str = "32-true"
+    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = "32-true"
     """Dense-tower precision: ``32-true``, ``bf16-mixed`` (autocast; CUDA or CPU with bf16)."""
     compile: bool = False
     """``torch.compile`` the dense part (interaction, tower, heads) at the start of training. On CPU
@@ -108,7 +128,7 @@ class TrainerConfig:
     """Optimizer fused into the embedding tables' backward pass."""
     dense_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer of the dense tower."""
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
     """Dense learning-rate schedule: ``constant``, ``cosine`` (to 0 over the run) or ``step``."""
     warmup_steps: int = 0
     """Linear warm-up steps of the dense learning rate."""
@@ -121,7 +141,7 @@ class TrainerConfig:
     early_stopping_metric: str = "val/loss"
     """Metric watched by early stopping (lower is better). ``val/loss`` is Σ_t w_t · (MSE or log
     loss) with the fixed task weights. The model tested at the end is the last one."""
-    non_finite_loss: str = "stop"
+    non_finite_loss: Literal["stop", "skip"] = "stop"
     """On a NaN/inf task loss: ``stop`` (raise, naming task and step) or ``skip`` (skip the batch)."""
     max_skipped_batches: int = 10
     """With ``non_finite_loss: skip``: stop after this many skipped batches."""
@@ -136,12 +156,42 @@ class TrainerConfig:
     """Use deterministic algorithms (slower)."""
     num_threads: int | None = None
     """torch intra-op threads per process (default: cores / processes on the node)."""
-    train_pipeline: str = "auto"
+    train_pipeline: Literal["auto", "lightning", "sparse_dist"] = "auto"
     """``lightning`` (Lightning's own step), ``sparse_dist`` (TorchRec's TrainPipelineSparseDist:
     on CUDA it overlaps the next batches' copy and embedding input all-to-all with compute), or
     ``auto`` (sparse_dist on CUDA, lightning on CPU, where there is nothing to overlap)."""
     progress_bar: bool = True
     """Show a progress bar with samples/s."""
+
+    def check(self) -> None:
+        positive("devices", self.devices)
+        positive("num_nodes", self.num_nodes)
+        positive("max_epochs", self.max_epochs)
+        positive("num_threads", self.num_threads)
+        positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        positive("log_every_n_steps", self.log_every_n_steps)
+        positive("max_skipped_batches", self.max_skipped_batches, allow_zero=True)
+        positive("collective_timeout_s", self.collective_timeout_s)
+        positive("check_replicas_every_n_steps", self.check_replicas_every_n_steps, allow_zero=True)
+        positive("gradient_clip_val", self.gradient_clip_val)
+        positive("val_check_interval", self.val_check_interval)
+        positive("early_stopping_patience", self.early_stopping_patience)
+        for name, optimizer, allowed in (
+            ("embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS),
+            ("dense_optimizer", self.dense_optimizer, DENSE_OPTIMIZERS),
+        ):
+            if optimizer.type not in allowed:
+                raise ValueError(f"{name}.type: {optimizer.type!r} is not one of {', '.join(allowed)}")
+        embedding = self.embedding_optimizer
+        if embedding.weight_decay and embedding.type != "adam":
+            raise ValueError(
+                "embedding_optimizer.weight_decay: only the adam embedding optimizer applies it "
+                f"(type {embedding.type!r} would ignore it); set it to 0 or use type adam"
+            )
+        if self.train_pipeline == "sparse_dist" and self.precision == "16-mixed":
+            raise ValueError(
+                "precision: 16-mixed needs a gradient scaler, which sparse_dist does not run; use bf16-mixed"
+            )
 
 
 @dataclass
@@ -154,7 +204,7 @@ class RecommendConfig:
     """Sparse feature holding the item id."""
     k: int = 10
     """Length of each recommendation list."""
-    score: str = "weighted_sum"
+    score: Literal["weighted_sum", "product"] = "weighted_sum"
     """How task predictions combine into the ranking score: ``weighted_sum`` (Σ w_t · pred_t) or
     ``product`` (Π pred_t^w_t, e.g. pCTR × rating)."""
     task_weights: dict[str, float] = field(default_factory=dict)
@@ -179,6 +229,11 @@ class RecommendConfig:
     as seen (``exclude_seen``) and in the popularity baseline's counts. Default: every row is one."""
     max_pairs_per_step: int = 262144
     """(user, item) pairs scored per forward pass (bounds activation memory: pairs × interaction width)."""
+
+    def check(self) -> None:
+        positive("k", self.k)
+        positive("item_block_size", self.item_block_size)
+        positive("max_pairs_per_step", self.max_pairs_per_step)
 
 
 @dataclass
@@ -274,7 +329,14 @@ def _build_dataclass(cls: type, values: dict, prefix: str) -> Any:
             kwargs[f.name] = _build(hints[f.name], values[f.name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required")
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    check = getattr(section, "check", None)
+    if check is not None:  # the section's own rules; ValueError("field: problem") names the field
+        try:
+            check()
+        except ValueError as err:
+            raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from err
+    return section
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -315,7 +377,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Reads a config file; a top-level ``base: other.yaml`` (relative to this file) is loaded first
     and deep-merged under this file's values (lists are replaced, not merged)."""
     if not path.exists():
@@ -332,14 +394,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise ConfigError(f"{path}: base: {base} includes itself")
-    return _deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), tree)
+    return _deep_merge(read_config_tree(base_path, seen + (path.resolve(),)), tree)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML file (or the defaults when ``path`` is None), applies overrides, validates."""
     tree: dict = {}
     if path is not None:
-        tree = _read_yaml(Path(path))
+        tree = read_config_tree(Path(path))
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     cfg = _build_dataclass(Config, tree, "")
@@ -370,138 +432,42 @@ EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
 DENSE_OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
 
 
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 def validate(cfg: Config) -> None:
-    """Checks values that types alone cannot; every error names the key."""
-    data = cfg.data
-    _positive("data.batch_size", data.batch_size)
-    _positive("data.eval_batch_size", data.eval_batch_size)
-    _positive("data.shuffle_window_rows", data.shuffle_window_rows)
-    _one_of("data.bad_rows", data.bad_rows, ("error", "skip"))
-    if not data.sparse:
-        raise ConfigError("data.sparse: at least one sparse feature is needed (the model embeds ids)")
-    names = [f.name for f in data.sparse]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"data.sparse: duplicate feature names in {names}")
-    dims_of_table: dict[str, int] = {}
-    pooling_of_table: dict[str, tuple[str, str]] = {}
-    for i, feature in enumerate(data.sparse):
-        key = f"data.sparse[{i}]"
-        _positive(f"{key}.embedding_dim", feature.embedding_dim)
-        _positive(f"{key}.num_embeddings", feature.num_embeddings)
-        _one_of(f"{key}.pooling", feature.pooling, ("sum", "mean"))
-        if not 0 <= feature.train_drop_prob < 1:
-            raise ConfigError(f"{key}.train_drop_prob: must be in [0, 1), got {feature.train_drop_prob}")
-        if feature.train_drop_prob and not (feature.multi_hot and feature.pooling == "mean"):
-            raise ConfigError(
-                f"{key}.train_drop_prob: only for multi_hot features with pooling: mean (a sum over a "
-                "thinned bag would be smaller in training than in evaluation)"
-            )
-        _one_of(f"{key}.id_mapping", feature.id_mapping, ("vocab", "hash"))
-        if feature.side is not None:
-            _one_of(f"{key}.side", feature.side, ("user", "item"))
-        if feature.id_mapping == "hash" and feature.num_embeddings is None:
-            raise ConfigError(f"{key}.num_embeddings: required with id_mapping: hash")
-        previous = dims_of_table.setdefault(feature.table_name, feature.embedding_dim)
-        if previous != feature.embedding_dim:
-            raise ConfigError(
-                f"{key}.embedding_dim: table {feature.table_name!r} is shared with another feature of dim {previous}"
-            )
-        if feature.multi_hot:  # TorchRec pools per table; one id per row pools the same either way
-            owner, pooling = pooling_of_table.setdefault(feature.table_name, (feature.name, feature.pooling))
-            if pooling != feature.pooling:
-                raise ConfigError(
-                    f"{key}.pooling: table {feature.table_name!r} pools {pooling!r} for multi-hot feature "
-                    f"{owner!r}; multi-hot features sharing a table must pool alike (TorchRec pools per table)"
-                )
-    if data.prepare is not None:
-        prep = data.prepare
-        _positive("data.prepare.num_shards", prep.num_shards)
-        _positive("data.prepare.row_group_size", prep.row_group_size)
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(prep, name)
-            if not 0 <= value < 1:
-                raise ConfigError(f"data.prepare.{name}: must be in [0, 1), got {value}")
+    """The rules that span sections (each section checks its own fields when it is built)."""
     if not cfg.tasks:
         raise ConfigError("tasks: at least one task is needed")
     task_names = [t.name for t in cfg.tasks]
     if len(set(task_names)) != len(task_names):
         raise ConfigError(f"tasks: duplicate task names in {task_names}")
-    for i, task in enumerate(cfg.tasks):
-        key = f"tasks[{i}]"
-        _one_of(f"{key}.type", task.type, ("regression", "binary"))
-        allowed_losses = ("mse", "huber") if task.type == "regression" else ("bce",)
-        _one_of(f"{key}.loss", task.loss_name, allowed_losses)
-        _positive(f"{key}.weight", task.weight, allow_zero=True)
-        if task.min_value is not None and task.max_value is not None and task.min_value >= task.max_value:
-            raise ConfigError(f"{key}.max_value: must exceed min_value ({task.min_value})")
-    for i, feature in enumerate(data.dense):
-        if feature.side is not None:
-            _one_of(f"data.dense[{i}].side", feature.side, ("user", "item"))
-    model = cfg.model
-    if model.alpha is not None and not 0 <= model.alpha <= 1:
-        raise ConfigError(f"model.alpha: must be in [0, 1], got {model.alpha}")
-    for name in ("bottom_dims", "expert_dims", "head_dims"):
-        for dim in getattr(model, name):
-            _positive(f"model.{name}", dim)
-    if not 0 <= model.dropout < 1:
-        raise ConfigError(f"model.dropout: must be in [0, 1), got {model.dropout}")
-    _positive("model.embedding_l2", model.embedding_l2, allow_zero=True)
-    trainer = cfg.trainer
-    _one_of("trainer.accelerator", trainer.accelerator, ("auto", "cpu", "cuda", "gpu"))
-    _positive("trainer.devices", trainer.devices)
-    _positive("trainer.num_nodes", trainer.num_nodes)
-    _positive("trainer.max_epochs", trainer.max_epochs)
-    _one_of("trainer.precision", trainer.precision, ("32-true", "32", "bf16-mixed", "16-mixed"))
-    _one_of("trainer.embedding_optimizer.type", trainer.embedding_optimizer.type, EMBEDDING_OPTIMIZERS)
-    _one_of("trainer.dense_optimizer.type", trainer.dense_optimizer.type, DENSE_OPTIMIZERS)
-    _positive("trainer.embedding_optimizer.lr", trainer.embedding_optimizer.lr)
-    if trainer.embedding_optimizer.weight_decay and trainer.embedding_optimizer.type != "adam":
+    if cfg.model.alpha is not None and len(cfg.tasks) != 2:
         raise ConfigError(
-            "trainer.embedding_optimizer.weight_decay: only the adam embedding optimizer applies it "
-            f"(type {trainer.embedding_optimizer.type!r} would ignore it); set it to 0 or use type adam"
+            f"model.alpha: needs exactly 2 tasks, the config has {len(cfg.tasks)} (set it to null)"
         )
-    _positive("trainer.dense_optimizer.lr", trainer.dense_optimizer.lr)
-    _one_of("trainer.lr_schedule", trainer.lr_schedule, ("constant", "cosine", "step"))
-    _one_of("trainer.non_finite_loss", trainer.non_finite_loss, ("stop", "skip"))
-    _one_of("trainer.train_pipeline", trainer.train_pipeline, ("auto", "lightning", "sparse_dist"))
-    if trainer.train_pipeline == "sparse_dist" and trainer.precision == "16-mixed":
-        raise ConfigError(
-            "trainer.precision: 16-mixed needs a gradient scaler, which sparse_dist does not run; use bf16-mixed"
-        )
-    _positive("trainer.collective_timeout_s", trainer.collective_timeout_s)
-    _positive("trainer.check_replicas_every_n_steps", trainer.check_replicas_every_n_steps, allow_zero=True)
-    _positive("trainer.gradient_clip_val", trainer.gradient_clip_val)
-    _positive("trainer.val_check_interval", trainer.val_check_interval)
-    sharding = cfg.sharding
-    for i, kind in enumerate(sharding.sharding_types or []):
-        _one_of(f"sharding.sharding_types[{i}]", kind, SHARDING_TYPES)
-    for table, kinds in sharding.table_constraints.items():
-        for kind in kinds:
-            _one_of(f"sharding.table_constraints.{table}", kind, SHARDING_TYPES)
-    if sharding.compute_kernel is not None:
-        _one_of("sharding.compute_kernel", sharding.compute_kernel, ("fused", "fused_uvm_caching", "dense"))
-    _one_of("sharding.embedding_precision", sharding.embedding_precision, ("fp32", "fp16", "int8"))
-    _positive("sharding.hbm_gb", sharding.hbm_gb)
-    _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, allow_zero=True)
-    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if cfg.model.tower == "esmm":
+        keys = {"esmm_ctr_task": cfg.model.esmm_ctr_task, "esmm_cvr_task": cfg.model.esmm_cvr_task,
+                "esmm_ctcvr_task": cfg.model.esmm_ctcvr_task}  # fmt: skip
+        for key, name in keys.items():
+            if name not in task_names:
+                raise ConfigError(f"model.{key}: {name!r} is not one of the tasks {task_names}")
+            if cfg.tasks[task_names.index(name)].type != "binary":
+                raise ConfigError(f"model.{key}: task {name!r} must be binary for ESMM")
+        if len(set(keys.values())) != 3:
+            raise ConfigError(
+                f"model.esmm_*_task: must name three different tasks, got {list(keys.values())}"
+            )
     rec = cfg.recommend
-    _positive("recommend.k", rec.k)
-    _positive("recommend.item_block_size", rec.item_block_size)
-    _one_of("recommend.score", rec.score, ("weighted_sum", "product"))
     for name in rec.task_weights:
-        _one_of("recommend.task_weights", name, tuple(task_names))
+        if name not in task_names:
+            raise ConfigError(f"recommend.task_weights: {name!r} is not one of {', '.join(task_names)}")
+    if rec.relevance_task is not None and rec.relevance_task not in task_names:
+        raise ConfigError(
+            f"recommend.relevance_task: {rec.relevance_task!r} is not one of {', '.join(task_names)}"
+        )
+    columns = {f.name for f in cfg.data.sparse}
+    for key in ("user_feature", "item_feature"):
+        name = getattr(rec, key)
+        if cfg.data.sparse and name not in columns and any(f.side for f in cfg.data.sparse):
+            raise ConfigError(f"recommend.{key}: {name!r} is not a data.sparse feature")
 
 
 def validate_for_device(cfg: Config, device_type: str) -> None:

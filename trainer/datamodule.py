@@ -8,12 +8,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from data.config import DataConfig
 from data.dataset import DatasetMeta
 from data.reader import BatchStream, LabelSpec, ReadSpec
-from trainer.config import Config
+from models.config import TaskConfig
 
 
-def read_spec(cfg: Config, num_embeddings: dict[str, int]) -> ReadSpec:
+def read_spec(data: DataConfig, tasks: list[TaskConfig], table_rows: dict[str, int]) -> ReadSpec:
+    """What the reader needs: the ``data`` section's features and weights, each task's label."""
     labels = tuple(
         LabelSpec(
             column=task.label_column,
@@ -22,15 +24,15 @@ def read_spec(cfg: Config, num_embeddings: dict[str, int]) -> ReadSpec:
             max_value=task.max_value,
             binary=task.type == "binary",
         )
-        for task in cfg.tasks
+        for task in tasks
     )
     return ReadSpec(
-        sparse=tuple(cfg.data.sparse),
-        dense=tuple(cfg.data.dense),
+        sparse=tuple(data.sparse),
+        dense=tuple(data.dense),
         labels=labels,
-        num_embeddings=num_embeddings,
-        sample_weight_column=cfg.data.sample_weight_column,
-        skip_bad_rows=cfg.data.bad_rows == "skip",
+        num_embeddings=table_rows,
+        sample_weight_column=data.sample_weight_column,
+        skip_bad_rows=data.bad_rows == "skip",
     )
 
 
@@ -43,7 +45,8 @@ class ParquetDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        cfg: Config,
+        data: DataConfig,
+        seed: int,
         meta: DatasetMeta,
         spec: ReadSpec,
         predict_split: str | None = None,
@@ -52,7 +55,8 @@ class ParquetDataModule(L.LightningDataModule):
         super().__init__()
         self.pipelined = pipelined
         self.tickets = None
-        self.cfg = cfg
+        self.data = data
+        self.seed = seed
         self.meta = meta
         self.spec = spec
         self.predict_split = predict_split
@@ -64,13 +68,13 @@ class ParquetDataModule(L.LightningDataModule):
             self.meta,
             split,
             self.spec,
-            batch_size=self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size,
+            batch_size=self.data.batch_size if train else self.data.eval_batch_size,
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
-            seed=self.cfg.seed,
+            seed=self.seed,
             shuffle=train,
-            window_rows=self.cfg.data.shuffle_window_rows,
-            background_decode=decode_in_background(self.cfg.data.background_decode),
+            window_rows=self.data.shuffle_window_rows,
+            background_decode=decode_in_background(self.data.background_decode),
             drop_bag_ids=train,
         )
 
@@ -78,7 +82,7 @@ class ParquetDataModule(L.LightningDataModule):
         """The training stream, or with a TorchRec train pipeline (which reads the stream itself)
         one ticket per batch (trainer.pipeline.Tickets)."""
         if self.train_stream is None:
-            self.train_stream = self._stream(self.cfg.data.train_split, train=True)
+            self.train_stream = self._stream(self.data.train_split, train=True)
             if self._pending_state is not None:
                 self.train_stream.load_state_dict(self._pending_state)
         # Lightning asks for the loader (and its length) at every epoch start: an epoch finished on
@@ -91,13 +95,13 @@ class ParquetDataModule(L.LightningDataModule):
         return self.tickets if self.pipelined else self.train_stream
 
     def val_dataloader(self):
-        return self._stream(self.cfg.data.val_split, train=False) if self.cfg.data.val_split else []
+        return self._stream(self.data.val_split, train=False) if self.data.val_split else []
 
     def test_dataloader(self) -> BatchStream:
-        return self._stream(self.cfg.data.test_split, train=False)
+        return self._stream(self.data.test_split, train=False)
 
     def predict_dataloader(self) -> BatchStream:
-        return self._stream(self.predict_split or self.cfg.data.test_split, train=False)
+        return self._stream(self.predict_split or self.data.test_split, train=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"train": self.train_stream.state_dict()} if self.train_stream is not None else {}

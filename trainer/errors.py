@@ -12,7 +12,7 @@ its traceback. ``DataError`` lives in ``data`` (which never imports the trainer)
 
 from __future__ import annotations
 
-from data.dataset import DataError
+from data.errors import DataError
 
 EXIT_BAD_INPUT = 2
 EXIT_PLAN_DOES_NOT_FIT = 3
@@ -40,6 +40,10 @@ class CheckpointError(TowerrecError, ValueError):
 
 class RunFolderBusy(ConfigError):
     """Another live ``fit`` process holds the run folder."""
+
+
+class RecommendError(ConfigError):
+    """A bad recommendation request (unknown feature, unreadable id file, bad output name); names the flag or key."""
 
 
 class OutputExists(ConfigError):

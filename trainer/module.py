@@ -13,13 +13,13 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.batch import Batch
 from models.balancing import fixed_task_weights, task_gradients
+from models.builder import build_model, embedding_tables
 from models.heads import predictions
 from models.multitask import MultiTaskModel
 from trainer.config import Config
+from trainer.distributed.faults import PreemptionFlag
 from trainer.errors import NonFiniteLossError
-from trainer.faults import PreemptionFlag
 from trainer.metrics import task_metrics, trivial_baseline
-from trainer.sharding import embedding_tables
 
 
 class TrainingModel(MultiTaskModel):
@@ -35,14 +35,15 @@ class TrainingModel(MultiTaskModel):
 
 class MultiTaskModule(L.LightningModule):
     """Args:
-    cfg: the run configuration.
-    num_embeddings: rows of each sparse feature's table (config or data set metadata).
+    cfg: the run configuration (the module is the training recipe: it reads most sections).
+    table_rows: rows of each sparse feature's table (config or data set metadata).
     """
 
-    def __init__(self, cfg: Config, num_embeddings: dict[str, int]):
+    def __init__(self, cfg: Config, table_rows: dict[str, int]):
         super().__init__()
         self.cfg = cfg
-        self.tables = embedding_tables(cfg, num_embeddings)
+        self.table_rows = table_rows
+        self.tables = embedding_tables(cfg.data.sparse, table_rows, cfg.sharding.embedding_precision)
         self.task_names = [t.name for t in cfg.tasks]
         self.task_types = [t.type for t in cfg.tasks]
         self.model: torch.nn.Module | None = None
@@ -61,13 +62,15 @@ class MultiTaskModule(L.LightningModule):
     def build_model(self) -> TrainingModel:
         """The unsharded model: tables on ``meta`` (the sharder materialises them), dense part seeded."""
         torch.manual_seed(self.cfg.seed)
-        return TrainingModel(
-            tables=self.tables,
-            feature_names=[f.name for f in self.cfg.data.sparse],
+        return build_model(
+            sparse=self.cfg.data.sparse,
             num_dense=len(self.cfg.data.dense),
             tasks=self.cfg.tasks,
-            cfg=self.cfg.model,
+            model=self.cfg.model,
+            table_rows=self.table_rows,
+            precision=self.cfg.sharding.embedding_precision,
             embedding_device="meta",
+            model_class=TrainingModel,
         )
 
     def configure_model(self) -> None:
@@ -312,8 +315,8 @@ class PipelinedMultiTaskModule(MultiTaskModule):
     """``trainer.train_pipeline: sparse_dist``: each step runs TorchRec's TrainPipelineSparseDist
     (see trainer.pipeline); losses, checks and the optimizer step are the same as above."""
 
-    def __init__(self, cfg: Config, num_embeddings: dict[str, int]):
-        super().__init__(cfg, num_embeddings)
+    def __init__(self, cfg: Config, table_rows: dict[str, int]):
+        super().__init__(cfg, table_rows)
         self.automatic_optimization = False
         self.pipeline = None
 

@@ -4,43 +4,51 @@ from __future__ import annotations
 
 import json
 
-from data.dataset import DatasetMeta, is_complete
-from models.multitask import MultiTaskModel
-from trainer.config import Config, ConfigError
-from trainer.sharding import (
+from data.dataset import DatasetMeta, is_complete, table_rows
+from models.builder import build_model
+from trainer.config import Config
+from trainer.distributed.sharding import (
     ClusterSpec,
     apply_embedding_optimizer,
     describe_plan,
-    embedding_tables,
     plan_for_cluster,
-    resolve_num_embeddings,
 )
+from trainer.errors import ConfigError
+
+
+def run_plan(cfg: Config, args) -> int:
+    """``towerrec plan`` (see ``trainer.commands``)."""
+    return plan_command(cfg, args.nodes, args.gpus_per_node, args.hbm_gb, args.device, args.ddr_gb)
 
 
 def plan_command(
     cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, device: str, ddr_gb: float | None = None
 ) -> int:
+    """Plans the config's tables for ``nodes`` × ``gpus_per_node`` devices of ``hbm_gb`` and prints it."""
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError("--nodes and --gpus-per-node must be >= 1")
     if hbm_gb <= 0:
         raise ConfigError("--hbm-gb must be > 0")
     meta = DatasetMeta.load(cfg.data.path) if is_complete(cfg.data.path) else None
-    tables = embedding_tables(cfg, resolve_num_embeddings(cfg, meta))
-    model = MultiTaskModel(
-        tables,
-        [f.name for f in cfg.data.sparse],
-        len(cfg.data.dense),
-        cfg.tasks,
-        cfg.model,
+    model = build_model(
+        sparse=cfg.data.sparse,
+        num_dense=len(cfg.data.dense),
+        tasks=cfg.tasks,
+        model=cfg.model,
+        table_rows=table_rows(cfg.data.sparse, meta),
+        precision=cfg.sharding.embedding_precision,
         embedding_device="meta",
     )
+    tables = model.embeddings.embedding_bag_configs()
     apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
     world_size = nodes * gpus_per_node
     cluster = ClusterSpec(
         world_size, device, gpus_per_node, memory_gb_per_device=hbm_gb, ddr_gb_per_rank=ddr_gb
     )
-    plan = plan_for_cluster(cfg, model, tables, cluster)
-    text, summary = describe_plan(plan, tables, world_size, cfg)
+    plan = plan_for_cluster(
+        model, tables=tables, sharding=cfg.sharding, batch_size=cfg.data.batch_size, cluster=cluster
+    )
+    text, _ = describe_plan(plan, tables, world_size, cfg.sharding, cfg.trainer.embedding_optimizer.type)
     params = sum(t.num_embeddings * t.embedding_dim for t in tables)
     print(
         f"cluster: {nodes} node(s) x {gpus_per_node} {device} device(s), {hbm_gb:g} GB each; "
@@ -51,7 +59,7 @@ def plan_command(
     return 0
 
 
-def prepare_command(cfg: Config) -> int:
+def prepare_command(cfg: Config, args=None) -> int:
     from data.prepare import prepare
 
     if cfg.data.prepare is None:

@@ -203,20 +203,6 @@ def make_report(run_dir: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ command
-class _RunDir(argparse.Action):
-    """``RUN_DIR`` also selects the run's resolved ``config.yaml`` when no ``--config`` is given
-    (trainer.cli loads a valid config before every command)."""
-
-    def __call__(self, parser, namespace, value, option_string=None) -> None:
-        setattr(namespace, self.dest, value)
-        if value and getattr(namespace, "config", None) is None:
-            namespace.config = str(Path(value) / "config.yaml")
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "run_dir", nargs="?", action=_RunDir, help="run folder (default: the config's run_dir)"
-    )
 
 
 def run_report(cfg: Config, args: argparse.Namespace) -> int:

@@ -12,25 +12,21 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.environments import (
-    LightningEnvironment,
-    SLURMEnvironment,
-    TorchElasticEnvironment,
-)
 
 from data.dataset import DatasetMeta, is_complete
 from data.validate import validate_dataset
-from trainer import checkpoint as ckpt
 from trainer.callbacks import ReplicaCheck, StepCheckpoint, Throughput
 from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
 from trainer.datamodule import ParquetDataModule, read_spec
+from trainer.distributed import checkpoint as ckpt
+from trainer.distributed.environment import launch_environment, launcher_rank, set_threads
+from trainer.distributed.faults import diagnose_collective_failure, ignore_late_signals, take_over_signals
+from trainer.distributed.strategy import TorchRecStrategy
 from trainer.errors import EXIT_PREEMPTED
-from trainer.faults import diagnose_collective_failure, ignore_late_signals
 from trainer.module import MultiTaskModule, PipelinedMultiTaskModule
 from trainer.run_folder import (
     AppendingCSVLogger,
@@ -40,54 +36,12 @@ from trainer.run_folder import (
     user_output,
     write_record,
 )
-from trainer.sharding import resolve_num_embeddings
-from trainer.strategy import TorchRecStrategy
 
 # Evaluation metrics are computed on predictions gathered from all ranks, so they are already global;
 # Lightning cannot know that and suggests sync_dist. The srun hint fires whenever slurm is installed.
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 warnings.filterwarnings("ignore", message=r".*The `srun` command is available.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
-
-# ------------------------------------------------------------------------------------------ environment
-def launch_environment(cfg: Config) -> dict[str, Any]:
-    """Device, processes per node, nodes and cluster environment, detected from the launcher."""
-    accelerator = cfg.trainer.accelerator
-    if accelerator in ("auto", "gpu"):
-        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.accelerator: cuda requested but no CUDA device is visible")
-    devices, num_nodes = cfg.trainer.devices, cfg.trainer.num_nodes
-    if TorchElasticEnvironment.detect():  # torchrun: the launcher decides the world
-        environment = TorchElasticEnvironment()
-        devices = int(os.environ["LOCAL_WORLD_SIZE"])
-        num_nodes = int(os.environ["WORLD_SIZE"]) // devices
-    elif SLURMEnvironment.detect():
-        environment = SLURMEnvironment(auto_requeue=False)  # our sbatch script requeues (exit 75)
-        num_nodes = int(os.environ.get("SLURM_NNODES", "1"))
-        devices = int(os.environ["SLURM_NTASKS"]) // num_nodes
-        os.environ.setdefault("SLURM_NTASKS_PER_NODE", str(devices))  # `srun -n 2` alone leaves it unset
-    else:
-        environment = LightningEnvironment()
-    return {
-        "accelerator": accelerator,
-        "devices": devices,
-        "num_nodes": num_nodes,
-        "environment": environment,
-    }
-
-
-def _set_threads(cfg: Config, processes_per_node: int) -> None:
-    """Config, else OMP_NUM_THREADS (torchrun sets it), else this process's CPU set / processes.
-
-    The choice is also written to OMP_NUM_THREADS: without it, Lightning's launcher resets torch to
-    CPUs / processes when the trainer starts (``trainer.num_threads: 1`` ran with 2 threads on 2 CPUs).
-    """
-    threads = cfg.trainer.num_threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
-    threads = threads or max(1, len(os.sched_getaffinity(0)) // processes_per_node)
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def ensure_dataset(cfg: Config) -> DatasetMeta:
@@ -221,15 +175,15 @@ def build(
     """Returns (trainer, module, datamodule, checkpoint callback) for ``cfg``. ``log_dir``: where
     the CSV and TensorBoard logs go (``fit``: the run folder); None logs nothing (evaluations
     write their own results)."""
-    env = launch_environment(cfg)
-    validate_for_device(cfg, env["accelerator"])
-    _set_threads(cfg, env["devices"])
+    env = launch_environment(cfg.trainer)
+    validate_for_device(cfg, env.accelerator)
+    set_threads(cfg.trainer.num_threads, env.devices)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
     meta = ensure_dataset(cfg)
     check_data_against_config(cfg, meta)
-    world_size = env["devices"] * env["num_nodes"]
+    world_size = env.world_size
     splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split, predict_split) if s]
     for split in dict.fromkeys(splits):
         if meta.num_rows(split) < world_size:
@@ -237,14 +191,16 @@ def build(
                 f"trainer.devices x trainer.num_nodes: {world_size} ranks but split {split!r} of "
                 f"{meta.root} has only {meta.num_rows(split)} rows (every rank needs at least one)"
             )
-    num_embeddings = resolve_num_embeddings(cfg, meta)
-    spec = read_spec(cfg, num_embeddings)
+    table_rows = meta.table_rows(cfg.data.sparse)
+    spec = read_spec(cfg.data, cfg.tasks, table_rows)
     if cfg.data.validate_on_start:
         validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
     pipeline = cfg.trainer.train_pipeline
-    pipelined = pipeline == "sparse_dist" or (pipeline == "auto" and env["accelerator"] == "cuda")
-    datamodule = ParquetDataModule(cfg, meta, spec, predict_split=predict_split, pipelined=pipelined)
-    module = (PipelinedMultiTaskModule if pipelined else MultiTaskModule)(cfg, num_embeddings)
+    pipelined = pipeline == "sparse_dist" or (pipeline == "auto" and env.accelerator == "cuda")
+    datamodule = ParquetDataModule(
+        cfg.data, cfg.seed, meta, spec, predict_split=predict_split, pipelined=pipelined
+    )
+    module = (PipelinedMultiTaskModule if pipelined else MultiTaskModule)(cfg, table_rows)
     run_dir = Path(cfg.run_dir)
     checkpointing = StepCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps)
     callbacks = [checkpointing, Throughput(), RunInfo(cfg), *(extra_callbacks or [])]
@@ -259,10 +215,18 @@ def build(
             )
         )
     trainer = L.Trainer(
-        accelerator=env["accelerator"],
-        devices=env["devices"],
-        num_nodes=env["num_nodes"],
-        strategy=TorchRecStrategy(cfg, cluster_environment=env["environment"]),
+        accelerator=env.accelerator,
+        devices=env.devices,
+        num_nodes=env.num_nodes,
+        strategy=TorchRecStrategy(
+            sharding=cfg.sharding,
+            embedding_optimizer=cfg.trainer.embedding_optimizer,
+            batch_size=cfg.data.batch_size,
+            checkpoint=cfg.checkpoint,
+            seed=cfg.seed,
+            collective_timeout_s=cfg.trainer.collective_timeout_s,
+            cluster_environment=env.cluster,
+        ),
         max_epochs=cfg.trainer.max_epochs,
         max_steps=cfg.trainer.max_steps,
         precision=cfg.trainer.precision,
@@ -288,12 +252,7 @@ def build(
         limit_val_batches=None if cfg.data.val_split else 0,
         deterministic=cfg.trainer.deterministic or None,
     )
-    # Lightning's SIGTERM handler broadcasts inside the handler (it can deadlock a rank that is in
-    # another collective) and its teardown restores default handlers; ours only sets a flag that
-    # all ranks agree on at the next step (MultiTaskModule.training_step).
-    trainer._signal_connector.register_signal_handlers = lambda: None
-    trainer._signal_connector.teardown = lambda: None
-    module.preemption.install()
+    take_over_signals(trainer, module.preemption)
     return trainer, module, datamodule, checkpointing
 
 
@@ -312,14 +271,6 @@ def format_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "count")
             lines.append(f"{stage:<9} {task:<12} {shown}")
     return "\n".join(lines)
-
-
-def launcher_rank() -> int:
-    """This process's global rank as the launcher set it, before any process group exists."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return int(os.environ.get("LOCAL_RANK", "0"))  # Lightning's own launcher (one node)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -351,7 +302,7 @@ def fit(cfg: Config) -> int:
                 print(
                     f"[towerrec] preempted ({heard}): checkpoint saved, exiting {EXIT_PREEMPTED}", flush=True
                 )
-            _finish()
+            finish()
             return EXIT_PREEMPTED
         result = _evaluate_loaded(cfg, trainer, module, datamodule, "test")
         result["train_seconds"] = module.train_seconds()
@@ -366,7 +317,7 @@ def fit(cfg: Config) -> int:
         if trainer.is_global_zero:
             (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
             _print_result(result, run_dir)
-        _finish()
+        finish()
         return 0
 
 
@@ -433,11 +384,11 @@ def evaluate(cfg: Config, stage: str, checkpoint: str | None) -> int:
         }.items():
             (out / name).write_text(text)
         _print_result(result, out)
-    _finish()
+    finish()
     return 0
 
 
-def _finish() -> None:
+def finish() -> None:
     """The job's outcome is saved: late signals are ignored, and the process group is closed."""
     import torch.distributed as dist
 
@@ -477,5 +428,22 @@ def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str 
     pq.write_table(pa.table(columns), out_dir / f"part-rank{trainer.global_rank:05d}.parquet")
     if trainer.is_global_zero:
         print(f"[towerrec] predictions of {path} for split {split} in {out_dir}", flush=True)
-    _finish()
+    finish()
     return 0
+
+
+# ------------------------------------------------------------------------------------------ CLI entries
+def fit_command(cfg: Config, args) -> int:
+    return fit(cfg)
+
+
+def validate_command(cfg: Config, args) -> int:
+    return evaluate(cfg, "val", args.checkpoint)
+
+
+def test_command(cfg: Config, args) -> int:
+    return evaluate(cfg, "test", args.checkpoint)
+
+
+def predict_command(cfg: Config, args) -> int:
+    return predict(cfg, args.checkpoint, args.split, args.output)

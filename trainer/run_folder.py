@@ -9,7 +9,7 @@ lost or written over by another command.
       logs/metrics.csv          training curves, appended by every fit session
       tensorboard/              the same for TensorBoard
       metrics.json              fit's result (test metrics, baseline, train time summed over sessions)
-      checkpoints/              see ``trainer.checkpoint``
+      checkpoints/              see ``trainer.distributed.checkpoint``
       evaluations/<stage>-<checkpoint>[-N]/       ``validate``/``test``: metrics.json + config + plan
       predictions/<split>-<checkpoint>[-N]/       ``predict`` (default output)
       recommendations/, rankings/, export/...     the serving commands' default outputs

@@ -106,14 +106,18 @@ def test_labels_out_of_range(tmp_path):
     rating[6] = 7.0
     meta = build(tmp_path / "d", rating=pa.array(rating))
     file = meta.row_groups("train")[2].file  # rows 5..9 went to the second shard: row 6 is its row 1
-    check(meta, f"{file}: row group 0, row 1: column 'rating' is a label outside [1.0, 5.0]", "value 7.0")
+    check(meta, f"{file}: row group 0, row 1: label column 'rating' has value 7.0 outside [1.0, 5.0]")
     click = np.zeros(12)
     click[1] = 0.5
     check(
-        build(tmp_path / "c", click=pa.array(click)), "row 1: column 'click' is a label outside {0, 1}", "0.5"
+        build(tmp_path / "c", click=pa.array(click)),
+        "row 1: label column 'click' has value 0.5 outside {0, 1}",
     )
     missing = pa.array([1.0] * 11 + [None])
-    check(build(tmp_path / "n", rating=missing), "column 'rating' is a label outside [1.0, 5.0] or missing")
+    check(
+        build(tmp_path / "n", rating=missing),
+        "label column 'rating' has no value (null or NaN), expected one in [1.0, 5.0]",
+    )
 
 
 def test_masked_out_rows_may_have_no_label(tmp_path):
@@ -140,8 +144,8 @@ def test_masked_out_rows_may_have_no_label(tmp_path):
     assert mask[:, 0].sum() == 8 and (labels[:, 0][mask[:, 0] == 0] == 0).all()
     assert set(labels[:, 0][mask[:, 0] == 1].tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
     # the same missing ratings without the mask are bad rows
-    check(meta, "column 'rating' is a label outside [1.0, 5.0] or missing")
-    with pytest.raises(DataError, match="label column 'rating' has value nan"):
+    check(meta, "label column 'rating' has no value (null or NaN), expected one in [1.0, 5.0]")
+    with pytest.raises(DataError, match="label column 'rating' has no value"):
         list(BatchStream(meta, "train", spec(), batch_size=12, seed=0))
 
 
@@ -149,7 +153,10 @@ def test_nan_dense_unless_fill(tmp_path):
     price = np.linspace(0, 1, 12)
     price[[3, 9]] = [np.nan, np.inf]
     meta = build(tmp_path / "d", price=pa.array(price))
-    check(meta, "row 3: column 'price' is NaN/inf/missing (set fill_nan for dense feature 'price')")
+    check(
+        meta,
+        "row 3: column 'price' has non-finite value nan (set fill_nan for data.dense feature 'price' to replace it)",
+    )
     assert validate_dataset(meta, spec(fill_nan=0.0))["rows"] == {"train": 12}
 
 
@@ -158,13 +165,12 @@ def test_negative_ids(tmp_path):
     users[5] = -4
     check(
         build(tmp_path / "d", user_id=pa.array(users)),
-        "row group 0, row 0: column 'user_id' has a negative id",
-        "-4",
+        "row group 0, row 0: column 'user_id' has negative id -4",
     )
     genres = pa.array([[1]] * 11 + [[2, -1]], pa.list_(pa.int64()))
     check(
         build(tmp_path / "g", genres=genres),
-        "row group 1, row 1: column 'genres' has a negative id in its list",
+        "row group 1, row 1: column 'genres' has negative id -1",
     )
 
 

@@ -263,15 +263,16 @@ def test_compiled_dense_part_matches_eager(tower):
 
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from models.multitask import MultiTaskModel
+    from models.builder import build_model
     from trainer.config import load_config
-    from trainer.sharding import embedding_tables
 
     cfg = load_config("configs/default.yaml", [f"model.tower={tower}", "model.dropout=0.0"])
     names = [f.name for f in cfg.data.sparse]
-    tables = embedding_tables(cfg, {name: 50 for name in names})
     torch.manual_seed(0)
-    eager = MultiTaskModel(tables, names, len(cfg.data.dense), cfg.tasks, cfg.model, embedding_device="cpu")
+    eager = build_model(
+        sparse=cfg.data.sparse, num_dense=len(cfg.data.dense), tasks=cfg.tasks, model=cfg.model,
+        table_rows={name: 50 for name in names}, embedding_device="cpu",
+    )  # fmt: skip
     compiled = copy.deepcopy(eager)
     compiled.compile_dense()
     assert compiled.state_dict().keys() == eager.state_dict().keys()

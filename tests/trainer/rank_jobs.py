@@ -84,10 +84,9 @@ def global_batches(cfg, world_size: int, num_steps: int, reverse: bool = False) 
     from data.dataset import DatasetMeta
     from data.reader import BatchStream
     from trainer.datamodule import read_spec
-    from trainer.sharding import resolve_num_embeddings
 
     meta = DatasetMeta.load(cfg.data.path)
-    spec = read_spec(cfg, resolve_num_embeddings(cfg, meta))
+    spec = read_spec(cfg.data, cfg.tasks, meta.table_rows(cfg.data.sparse))
     per_rank = []
     for rank in range(world_size):
         stream = BatchStream(

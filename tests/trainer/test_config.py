@@ -101,14 +101,14 @@ def test_trainer_num_threads_survives_lightnings_launcher(monkeypatch):
     import torch
     from lightning.fabric.utilities.distributed import _set_num_threads_if_needed, _suggested_max_num_threads
 
-    from trainer.run import _set_threads
+    from trainer.distributed.environment import set_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(
         torch, "set_num_threads", lambda n: monkeypatch.setattr(torch, "get_num_threads", lambda: n)
     )
     wanted = _suggested_max_num_threads(1) + 1  # what Lightning would not choose by itself
-    _set_threads(load_config("configs/default.yaml", [f"trainer.num_threads={wanted}"]), processes_per_node=1)
+    set_threads(load_config("configs/default.yaml", [f"trainer.num_threads={wanted}"]).trainer.num_threads, 1)
     _set_num_threads_if_needed(num_processes=1)  # what Trainer.fit does when it launches
     assert torch.get_num_threads() == wanted
 
@@ -134,7 +134,7 @@ def test_background_decode_only_with_a_spare_cpu(monkeypatch):
 def test_a_single_valued_feature_shares_a_mean_pooled_table_without_changing_its_pooling():
     from torchrec.modules.embedding_configs import PoolingType
 
-    from trainer.sharding import embedding_tables
+    from models.builder import embedding_tables
 
     cfg = load_config(
         "configs/default.yaml",
@@ -142,5 +142,5 @@ def test_a_single_valued_feature_shares_a_mean_pooled_table_without_changing_its
             "data.sparse=[{name: item_id, table: t_items}, {name: history, multi_hot: true, pooling: mean, table: t_items}]"
         ],
     )
-    (table,) = embedding_tables(cfg, {"item_id": 10, "history": 10})
+    (table,) = embedding_tables(cfg.data.sparse, {"item_id": 10, "history": 10})
     assert table.pooling == PoolingType.MEAN  # the bag's pooling wins; one id pools alike either way

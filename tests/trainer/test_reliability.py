@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, fit_args, run_cli
-from trainer import checkpoint as ckpt
+from trainer.distributed import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

@@ -9,23 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data.jagged import Jagged
 from data.prepare import prepare
+from data.rows import DecodedRows
+from serving.catalogue import Entities, Rows, load_catalogue
+from serving.export import build_unsharded_model
+from serving.ranking import evaluate_ranking, predict_rows
+from serving.recommend import read_ids, to_table, write_table
+from serving.scoring import ModelScorer, recommend, top_k
 from trainer.config import load_config
-from trainer.export import build_unsharded_model
-from trainer.ranking import evaluate_ranking, predict_rows
-from trainer.recommend import (
-    Entities,
-    Jagged,
-    ModelScorer,
-    RecommendError,
-    Rows,
-    load_catalogue,
-    read_ids,
-    recommend,
-    to_table,
-    top_k,
-    write_table,
-)
+from trainer.errors import RecommendError
 
 SMALL = [
     "data.prepare.num_rows=4000",
@@ -64,15 +57,9 @@ def pair_rows(cfg, catalogue, user_rows: np.ndarray, item_rows: np.ndarray) -> R
     item_cols = [j for j, f in enumerate(cfg.data.dense) if f.side == "item"]
     dense[:, user_cols] = catalogue.users.dense[users]
     dense[:, item_cols] = catalogue.items.dense[items]
-    empty = np.zeros((len(users), len(cfg.tasks)), dtype=np.float32)
+    decoded = DecodedRows.from_columns(sparse, {f.name: f.multi_hot for f in cfg.data.sparse}, dense)
     return Rows(
-        sparse,
-        dense,
-        catalogue.users.ids[users],
-        catalogue.items.ids[items],
-        empty,
-        empty,
-        np.ones(len(users), dtype=bool),
+        decoded, catalogue.users.ids[users], catalogue.items.ids[items], np.ones(len(users), dtype=bool)
     )
 
 
@@ -85,7 +72,7 @@ def test_entities_take_each_ids_last_row(setup):
     item, r = next(iter(last.items()))
     position = catalogue.items.positions(np.array([item]))[0]
     genres = catalogue.items.sparse["genres"].take(np.array([position]))
-    expected = rows.sparse["genres"].take(np.array([r]))
+    expected = rows.sparse("genres").take(np.array([r]))
     np.testing.assert_array_equal(genres.values, expected.values)
     price_column = [f.name for f in cfg.data.dense if f.side == "item"].index("price")
     assert (
@@ -243,7 +230,7 @@ def test_sampled_negatives_are_not_seen_and_not_popularity(setup, tmp_path):
     import shutil
 
     from data.dataset import DatasetMeta
-    from trainer.recommend import item_counts
+    from serving.catalogue import item_counts
 
     cfg, meta, catalogue, model = setup
     copy = tmp_path / "data"
@@ -279,7 +266,7 @@ def test_sampled_negatives_are_not_seen_and_not_popularity(setup, tmp_path):
 
 
 def test_original_ids_come_from_the_saved_vocabulary():
-    from trainer.recommend import original_ids
+    from serving.recommend import original_ids
 
     vocabulary = np.array([10, 20, 35])  # rows 1, 2, 3
     assert original_ids(np.array([2, 0, 3, 7, 1]), vocabulary).to_pylist() == [20, None, 35, None, 10]

@@ -47,6 +47,15 @@ class PreemptionFlag:
         self.signal_name = signal.Signals(signum).name
 
 
+def take_over_signals(trainer, flag: PreemptionFlag) -> None:
+    """Replaces Lightning's signal handling by ``flag``: Lightning's SIGTERM handler broadcasts
+    inside the handler (it can deadlock a rank that is in another collective) and its teardown
+    restores the default handlers; ours only sets a flag that all ranks agree on at the next step."""
+    trainer._signal_connector.register_signal_handlers = lambda: None
+    trainer._signal_connector.teardown = lambda: None
+    flag.install()
+
+
 def ignore_late_signals() -> None:
     """From here on SIGUSR1/SIGTERM are ignored: the job's outcome is decided and saved."""
     for sig in PREEMPTION_SIGNALS:

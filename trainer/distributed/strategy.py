@@ -6,10 +6,13 @@ fails on differently sized local shards, broadcasting module states aborts for t
 and its checkpoints hold only rank 0's shards. This strategy keeps DDPStrategy's process-group
 setup and launchers (Lightning's own launcher, torchrun, SLURM) and replaces the rest:
 
-- ``shard(model, tables)``: the one place that plans and wraps the model (DMP already wraps the
-  dense part in DDP, so the strategy neither wraps nor broadcasts);
+- ``shard(model, tables)``: the one place that plans and wraps the model in DMP; the dense part is
+  data-parallel through ``sharding.DenseReplicas`` (broadcast once, gradients averaged by
+  ``average_dense_gradients``), so the strategy neither wraps in DDP nor broadcasts states;
+- the collectives of a training step: ``all_reduce_sum`` (the step's agreement and global loss
+  sums), ``mean_over_ranks``, ``average_dense_gradients``, ``dense_digests`` (replica guard);
 - ``save_checkpoint``/``load_checkpoint``: tensors through DCP (every rank writes its shards and
-  loads any resharding), metadata as JSON, atomically (see ``trainer.checkpoint``).
+  loads any resharding), metadata as JSON, atomically (see ``trainer.distributed.checkpoint``).
 """
 
 from __future__ import annotations
@@ -26,18 +29,32 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from trainer import checkpoint as ckpt
-from trainer.config import Config
-from trainer.faults import register_rank
-from trainer.sharding import ClusterSpec, describe_plan, initialize_tables, shard_model
+from trainer.config import CheckpointConfig, OptimizerConfig, ShardingConfig
+from trainer.distributed import checkpoint as ckpt
+from trainer.distributed.faults import register_rank
+from trainer.distributed.sharding import ClusterSpec, describe_plan, initialize_tables, shard_model
 
 
 class TorchRecStrategy(DDPStrategy):
     strategy_name = "torchrec"
 
-    def __init__(self, cfg: Config, **kwargs: Any):
-        super().__init__(timeout=timedelta(seconds=cfg.trainer.collective_timeout_s), **kwargs)
-        self.cfg = cfg
+    def __init__(
+        self,
+        *,
+        sharding: ShardingConfig,
+        embedding_optimizer: OptimizerConfig,
+        batch_size: int,
+        checkpoint: CheckpointConfig,
+        seed: int,
+        collective_timeout_s: int,
+        **kwargs: Any,
+    ):
+        super().__init__(timeout=timedelta(seconds=collective_timeout_s), **kwargs)
+        self.sharding = sharding
+        self.embedding_optimizer = embedding_optimizer
+        self.batch_size = batch_size
+        self.checkpoint_config = checkpoint
+        self.seed = seed
         self.plan_text: str | None = None
         self.plan_summary: dict | None = None
         self._checkpoint_to_load: Path | None = None
@@ -55,10 +72,19 @@ class TorchRecStrategy(DDPStrategy):
             local_world_size=self.num_processes,
         )
         dmp, plan, self._replicas = shard_model(
-            model, self.cfg, tables, cluster, self.process_group, self.root_device
+            model,
+            tables=tables,
+            sharding=self.sharding,
+            embedding_optimizer=self.embedding_optimizer,
+            batch_size=self.batch_size,
+            cluster=cluster,
+            process_group=self.process_group,
+            device=self.root_device,
         )
-        initialize_tables(dmp, tables, self.cfg.seed)
-        self.plan_text, self.plan_summary = describe_plan(plan, tables, self.world_size, self.cfg)
+        initialize_tables(dmp, tables, self.seed)
+        self.plan_text, self.plan_summary = describe_plan(
+            plan, tables, self.world_size, self.sharding, self.embedding_optimizer.type
+        )
         return dmp
 
     # ------------------------------------------------------------------------------ data parallelism
@@ -85,7 +111,7 @@ class TorchRecStrategy(DDPStrategy):
     def average_dense_gradients(self, extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
         """Replaces each dense parameter's gradient by its mean over ranks, and returns the means of
         ``extra`` tensors (e.g. per-task gradients) computed in the same all-reduce (see
-        ``trainer.sharding.DenseReplicas``). Every rank must call it at the same point of a step."""
+        ``trainer.distributed.sharding.DenseReplicas``). Every rank must call it at the same point of a step."""
         extra = list(extra)
         if self.world_size == 1:
             return extra
@@ -173,7 +199,7 @@ class TorchRecStrategy(DDPStrategy):
             state,
             is_rank_zero=self.is_global_zero,
             barrier=self.barrier,
-            keep_last=self.cfg.checkpoint.keep_last,
+            keep_last=self.checkpoint_config.keep_last,
             process_group=self.process_group,
         )
 
@@ -219,7 +245,7 @@ class TorchRecStrategy(DDPStrategy):
 
     def setup_environment(self) -> None:
         super().setup_environment()
-        if self.world_size > 1:  # host and pid of every rank, to name a lost one (trainer.faults)
+        if self.world_size > 1:  # host and pid of every rank, to name a lost one (trainer.distributed.faults)
             register_rank(dist.distributed_c10d._get_default_store(), self.global_rank)
 
     def teardown(self) -> None:

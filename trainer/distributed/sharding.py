@@ -1,7 +1,8 @@
-"""Embedding tables, TorchRec planning and DistributedModelParallel wrapping.
+"""TorchRec planning, DistributedModelParallel wrapping, dense data parallelism, table init.
 
-Only the trainer (through ``TorchRecStrategy``) calls these: models never pick a sharding. The
-``towerrec plan`` command uses the same planner on a hypothetical cluster without any GPU.
+Only the strategy (``trainer.distributed.strategy``) and ``towerrec plan`` call these: models never
+pick a sharding. ``towerrec plan`` uses the same planner on a hypothetical cluster without any GPU.
+Each function takes the config sections it reads (``sharding``, an optimizer), not the whole config.
 """
 
 from __future__ import annotations
@@ -16,61 +17,15 @@ from torchrec.distributed.model_parallel import DataParallelWrapper, Distributed
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from data.dataset import DatasetMeta
-from trainer.config import DEFAULT_CPU_SHARDING_TYPES, SHARDING_TYPES, Config, OptimizerConfig
+from trainer.config import DEFAULT_CPU_SHARDING_TYPES, SHARDING_TYPES, OptimizerConfig, ShardingConfig
 from trainer.errors import ConfigError, PlanDoesNotFit
 
 GB = 1024**3
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
-DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
-
-
-def resolve_num_embeddings(cfg: Config, meta: DatasetMeta | None) -> dict[str, int]:
-    """Rows of each sparse feature's table: from config, else from the data set's vocabulary."""
-    rows = {}
-    for i, feature in enumerate(cfg.data.sparse):
-        if feature.num_embeddings is not None:
-            rows[feature.name] = feature.num_embeddings
-            continue
-        size = meta.vocab_size(feature.source_column) if meta is not None else None
-        if size is None:
-            raise ConfigError(
-                f"data.sparse[{i}].num_embeddings: not set and the data set's metadata has no vocabulary "
-                f"size for column {feature.source_column!r}"
-            )
-        rows[feature.name] = int(size)
-    return rows
-
-
-def embedding_tables(cfg: Config, num_embeddings: dict[str, int]) -> list[EmbeddingBagConfig]:
-    """One TorchRec table per ``table`` name; features sharing a table get its largest row count.
-    The table pools as its multi-hot features do (config validation makes them agree; a feature
-    with one id per row pools the same by sum or mean)."""
-    grouped: dict[str, list] = {}
-    for feature in cfg.data.sparse:
-        grouped.setdefault(feature.table_name, []).append(feature)
-    tables = []
-    for name, features in grouped.items():
-        tables.append(
-            EmbeddingBagConfig(
-                name=name,
-                embedding_dim=features[0].embedding_dim,
-                num_embeddings=max(num_embeddings[f.name] for f in features),
-                feature_names=[f.name for f in features],
-                pooling=PoolingType.MEAN if _table_pooling(features) == "mean" else PoolingType.SUM,
-                data_type=DATA_TYPES[cfg.sharding.embedding_precision],
-            )
-        )
-    return tables
-
-
-def _table_pooling(features) -> str:
-    multi_hot = [f.pooling for f in features if f.multi_hot]
-    return multi_hot[0] if multi_hot else features[0].pooling
 
 
 def _fused_optimizer(opt: OptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict]:
@@ -91,9 +46,9 @@ def apply_embedding_optimizer(model: nn.Module, opt: OptimizerConfig) -> None:
 
 
 def planner_constraints(
-    cfg: Config, tables: list[EmbeddingBagConfig], device_type: str
+    sharding: ShardingConfig, tables: list[EmbeddingBagConfig], device_type: str
 ) -> dict[str, ParameterConstraints]:
-    default_types = cfg.sharding.sharding_types
+    default_types = sharding.sharding_types
     if default_types is None:  # data_parallel only on request: its tables leave the fused optimizer
         default_types = [t for t in SHARDING_TYPES if t != "data_parallel"]
         if device_type == "cpu":
@@ -101,24 +56,24 @@ def planner_constraints(
     # Fused kernels keep every table on the fused optimizer path. Without this constraint the
     # planner gives small data-parallel tables the "dense" kernel, whose weights then fall to the
     # dense optimizer (and fbgemm warns its CPU autograd for that kernel is not registered).
-    if cfg.sharding.compute_kernel is not None:
-        kernels = [cfg.sharding.compute_kernel]
+    if sharding.compute_kernel is not None:
+        kernels = [sharding.compute_kernel]
     else:
         kernels = ["fused", "fused_uvm_caching"] if device_type == "cuda" else ["fused"]
     constraints = {}
     table_names = {t.name for t in tables}
-    for name in cfg.sharding.table_constraints:
+    for name in sharding.table_constraints:
         if name not in table_names:
             raise ConfigError(
                 f"sharding.table_constraints.{name}: no such table (tables: {', '.join(sorted(table_names))})"
             )
     for table in tables:
-        types = cfg.sharding.table_constraints.get(table.name, default_types)
+        types = sharding.table_constraints.get(table.name, default_types)
         # data_parallel tables only have the dense kernel: leave the kernel to the planner then.
         allows_data_parallel = types is None or "data_parallel" in types
         constraints[table.name] = ParameterConstraints(
             sharding_types=list(types) if types else None,
-            compute_kernels=None if allows_data_parallel and cfg.sharding.compute_kernel is None else kernels,
+            compute_kernels=None if allows_data_parallel and sharding.compute_kernel is None else kernels,
         )
     return constraints
 
@@ -135,13 +90,13 @@ class ClusterSpec:
 
 
 def make_planner(
-    cfg: Config, tables: list[EmbeddingBagConfig], cluster: ClusterSpec
+    sharding: ShardingConfig, batch_size: int, tables: list[EmbeddingBagConfig], cluster: ClusterSpec
 ) -> EmbeddingShardingPlanner:
-    memory = cluster.memory_gb_per_device or cfg.sharding.hbm_gb
+    memory = cluster.memory_gb_per_device or sharding.hbm_gb
     hbm_cap = ddr_cap = None
     if cluster.device_type == "cuda":
         hbm_cap = int(memory * GB) if memory else None
-        ddr_gb = cluster.ddr_gb_per_rank or cfg.sharding.ddr_gb
+        ddr_gb = cluster.ddr_gb_per_rank or sharding.ddr_gb
         ddr_cap = int(ddr_gb * GB) if ddr_gb else None
     else:
         ddr_cap = int(memory * GB) if memory else None
@@ -154,27 +109,33 @@ def make_planner(
     )
     return EmbeddingShardingPlanner(
         topology=topology,
-        batch_size=cfg.data.batch_size,
-        constraints=planner_constraints(cfg, tables, cluster.device_type),
+        batch_size=batch_size,
+        constraints=planner_constraints(sharding, tables, cluster.device_type),
     )
 
 
-def sharders(cfg: Config) -> list:
+def sharders(sharding: ShardingConfig) -> list:
     fused_params = {}
-    if cfg.sharding.compute_kernel == "fused_uvm_caching":
-        fused_params["cache_load_factor"] = cfg.sharding.cache_load_factor
+    if sharding.compute_kernel == "fused_uvm_caching":
+        fused_params["cache_load_factor"] = sharding.cache_load_factor
     return [EmbeddingBagCollectionSharder(fused_params=fused_params or None)]
 
 
 def plan_for_cluster(
-    cfg: Config, model: nn.Module, tables, cluster: ClusterSpec, process_group=None
+    model: nn.Module,
+    *,
+    tables: list[EmbeddingBagConfig],
+    sharding: ShardingConfig,
+    batch_size: int,
+    cluster: ClusterSpec,
+    process_group=None,
 ) -> ShardingPlan:
     """Runs TorchRec's planner; with a process group all ranks agree on one plan (collective)."""
-    planner = make_planner(cfg, tables, cluster)
+    planner = make_planner(sharding, batch_size, tables, cluster)
     try:
         if process_group is not None:
-            return planner.collective_plan(model, sharders(cfg), process_group)
-        return planner.plan(model, sharders(cfg))
+            return planner.collective_plan(model, sharders(sharding), process_group)
+        return planner.plan(model, sharders(sharding))
     except PlannerError as err:
         total_gb = sum(t.num_embeddings * t.embedding_dim for t in tables) * 4 / GB
         raise PlanDoesNotFit(
@@ -215,18 +176,33 @@ class DenseReplicas(DataParallelWrapper):
 
 
 def shard_model(
-    model: nn.Module, cfg: Config, tables, cluster: ClusterSpec, process_group, device: torch.device
+    model: nn.Module,
+    *,
+    tables: list[EmbeddingBagConfig],
+    sharding: ShardingConfig,
+    embedding_optimizer: OptimizerConfig,
+    batch_size: int,
+    cluster: ClusterSpec,
+    process_group,
+    device: torch.device,
 ) -> tuple[DistributedModelParallel, ShardingPlan, DenseReplicas]:
     """Fused optimizer → plan → DMP. Tables built on ``meta`` are materialised on their shards."""
-    apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
-    plan = plan_for_cluster(cfg, model, tables, cluster, process_group)
+    apply_embedding_optimizer(model, embedding_optimizer)
+    plan = plan_for_cluster(
+        model,
+        tables=tables,
+        sharding=sharding,
+        batch_size=batch_size,
+        cluster=cluster,
+        process_group=process_group,
+    )
     replicas = DenseReplicas()
     dmp = DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(process_group),
         device=device,
         plan=plan,
-        sharders=sharders(cfg),
+        sharders=sharders(sharding),
         data_parallel_wrapper=replicas,
     )
     return dmp, plan, replicas
@@ -274,7 +250,11 @@ def initialize_tables(dmp: DistributedModelParallel, tables: list[EmbeddingBagCo
 
 
 def describe_plan(
-    plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_size: int, cfg: Config
+    plan: ShardingPlan,
+    tables: list[EmbeddingBagConfig],
+    world_size: int,
+    sharding: ShardingConfig,
+    embedding_optimizer: str,
 ) -> tuple[str, dict]:
     """Human-readable table of the plan and an estimate of each rank's embedding memory.
 
@@ -282,17 +262,17 @@ def describe_plan(
     Adagrad: one float per row; Adagrad: one per element; Adam: two per element; SGD: none).
     """
     by_name = {t.name: t for t in tables}
-    bytes_per = BYTES_PER_ELEMENT[cfg.sharding.embedding_precision]
-    opt = cfg.trainer.embedding_optimizer.type
+    bytes_per = BYTES_PER_ELEMENT[sharding.embedding_precision]
+    opt = embedding_optimizer
     per_rank = [0.0] * world_size  # on the device (HBM, or host memory for CPU ranks)
     host_per_rank = [0.0] * world_size  # UVM-cached tables keep all but the cache in host memory
     rows_out = []
     for module_plan in plan.plan.values():
-        for table_name, sharding in module_plan.items():
+        for table_name, table_sharding in module_plan.items():
             table = by_name[table_name]
             shards = []
-            if sharding.sharding_spec is not None:
-                for shard in sharding.sharding_spec.shards:
+            if table_sharding.sharding_spec is not None:
+                for shard in table_sharding.sharding_spec.shards:
                     rank = shard.placement.rank()
                     rows, cols = shard.shard_sizes
                     shards.append((rank, rows, cols))
@@ -305,8 +285,8 @@ def describe_plan(
                     "adam": 2 * rows * cols * 4,
                 }.get(opt, 0)
                 weights = rows * cols * bytes_per
-                if sharding.compute_kernel == "fused_uvm_caching":
-                    cached = cfg.sharding.cache_load_factor
+                if table_sharding.compute_kernel == "fused_uvm_caching":
+                    cached = sharding.cache_load_factor
                     per_rank[rank] += weights * cached + state
                     host_per_rank[rank] += weights * (1 - cached)
                 else:
@@ -317,8 +297,8 @@ def describe_plan(
                     table_name,
                     table.num_embeddings,
                     table.embedding_dim,
-                    sharding.sharding_type,
-                    sharding.compute_kernel,
+                    table_sharding.sharding_type,
+                    table_sharding.compute_kernel,
                     ranks,
                 )
             )
@@ -350,7 +330,3 @@ def _human(num_bytes: float) -> str:
         if num_bytes >= size:
             return f"{num_bytes / size:.2f} {unit}"
     return f"{num_bytes:.0f} B"
-
-
-def total_parameters(tables: list[EmbeddingBagConfig]) -> int:
-    return sum(t.num_embeddings * t.embedding_dim for t in tables)

@@ -28,15 +28,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 
-from data.dataset import DatasetMeta, is_complete
+from data.dataset import DatasetMeta, is_complete, table_rows
+from models.builder import build_model
 from models.heads import predictions
 from models.multitask import MultiTaskModel
-from trainer import checkpoint as ckpt
 from trainer.config import Config
+from trainer.distributed import checkpoint as ckpt
 from trainer.errors import OutputExists
-from trainer.sharding import embedding_tables, resolve_num_embeddings
 
 MODEL_FILE = "model.pt"
 SERVING_FILE = "serving.pt2"
@@ -45,19 +44,20 @@ PREDICTION_KINDS = {"logit": "probability", "probability": "probability", "value
 
 
 # ------------------------------------------------------------------------------------------ loading
-def dataset_meta_if_present(cfg: Config) -> DatasetMeta | None:
-    """The data set's metadata when ``data.path`` holds a complete data set (vocabulary sizes)."""
-    return DatasetMeta.load(cfg.data.path) if is_complete(cfg.data.path) else None
+def dataset_meta_if_present(path: str) -> DatasetMeta | None:
+    """The data set's metadata when ``path`` holds a complete data set (vocabulary sizes)."""
+    return DatasetMeta.load(path) if is_complete(path) else None
 
 
 def build_unsharded_model(cfg: Config, num_embeddings: dict[str, int]) -> MultiTaskModel:
     """The plain model with real tables on CPU (what DMP wraps during training)."""
-    return MultiTaskModel(
-        tables=embedding_tables(cfg, num_embeddings),
-        feature_names=[f.name for f in cfg.data.sparse],
+    return build_model(
+        sparse=cfg.data.sparse,
         num_dense=len(cfg.data.dense),
         tasks=cfg.tasks,
-        cfg=cfg.model,
+        model=cfg.model,
+        table_rows=num_embeddings,
+        precision=cfg.sharding.embedding_precision,
         embedding_device="cpu",
     )
 
@@ -76,7 +76,7 @@ def load_unsharded_model(
     """
     path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
     if num_embeddings is None:
-        num_embeddings = resolve_num_embeddings(cfg, dataset_meta_if_present(cfg))
+        num_embeddings = table_rows(cfg.data.sparse, dataset_meta_if_present(cfg.data.path))
     model = build_unsharded_model(cfg, num_embeddings)
     state = model.state_dict()
     _check_against_checkpoint(path, state)
@@ -90,7 +90,7 @@ def load_unsharded_model(
 
 def _check_against_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Names the first tensor whose shape differs (DCP's own message does not say which)."""
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = ckpt.SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
     for key, tensor in state.items():
         entry = saved.get(f"model.{key}")
         if entry is None:
@@ -216,7 +216,7 @@ def serving_spec(
 
 def export(cfg: Config, checkpoint: str | Path | None, output: str | Path) -> Path:
     """Writes ``model.pt``, ``serving.pt2`` and ``serving.json`` into ``output``; returns the folder."""
-    num_embeddings = resolve_num_embeddings(cfg, dataset_meta_if_present(cfg))
+    num_embeddings = table_rows(cfg.data.sparse, dataset_meta_if_present(cfg.data.path))
     model, path = load_unsharded_model(cfg, checkpoint, num_embeddings)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,11 +235,6 @@ def load_serving(folder: str | Path):
 
 
 # ------------------------------------------------------------------------------------------ command
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="checkpoint folder or run folder (default: the run's latest)")
-    parser.add_argument(
-        "--output", help="output folder, new or empty (default: <run_dir>/export/<checkpoint>)"
-    )
 
 
 def run_export(cfg: Config, args: argparse.Namespace) -> int:

@@ -33,17 +33,10 @@ import torch
 from data.dataset import DatasetMeta
 from models.heads import predictions
 from models.multitask import MultiTaskModel
+from serving.catalogue import Catalogue, Rows, excluded_pairs, item_counts
+from serving.scoring import PopularityScorer, recommend, top_k
 from trainer.config import Config
-from trainer.recommend import (
-    Catalogue,
-    PopularityScorer,
-    RecommendError,
-    Rows,
-    excluded_pairs,
-    item_counts,
-    recommend,
-    top_k,
-)
+from trainer.errors import RecommendError
 
 PER_USER = ("precision", "recall", "ndcg", "map", "hit_rate")
 
@@ -158,27 +151,11 @@ def relevance_task(cfg: Config) -> int:
 
 def predict_rows(model: MultiTaskModel, rows: Rows, batch_size: int = 8192) -> torch.Tensor:
     """(N, T) predictions of the data set rows ``rows`` (their own feature values), batched."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
     outputs = []
     with torch.inference_mode():
         for start in range(0, rows.num_rows, batch_size):
-            end = min(start + batch_size, rows.num_rows)
-            values, lengths = [], []
-            for name in model.feature_names:
-                jagged = rows.sparse[name]
-                offsets = jagged.offsets[start : end + 1]
-                values.append(jagged.values[offsets[0] : offsets[-1]])
-                lengths.append(np.diff(offsets))
-            sparse = KeyedJaggedTensor(
-                keys=list(model.feature_names),
-                values=torch.from_numpy(np.concatenate(values)),
-                lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
-                stride=end - start,
-            )
-            outputs.append(
-                predictions(model(sparse, torch.from_numpy(rows.dense[start:end])), model.output_kinds)
-            )
+            batch = rows.decoded.to_batch(start, min(start + batch_size, rows.num_rows))
+            outputs.append(predictions(model(batch.sparse, batch.dense), model.output_kinds))
     return torch.cat(outputs) if outputs else torch.zeros(0, len(model.output_kinds))
 
 
@@ -262,22 +239,11 @@ def format_ranking(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ command
-def add_rank_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="checkpoint folder or run folder (default: the run's latest)")
-    parser.add_argument("--k", type=int, help="list length (overrides recommend.k)")
-    parser.add_argument(
-        "--output",
-        help="JSON file for the metrics, new (default: <run_dir>/rankings/ranking-<checkpoint>.json)",
-    )
-
-
-def rank_eval_overrides(args: argparse.Namespace) -> list[str]:
-    return [f"recommend.k={args.k}"] if args.k is not None else []
 
 
 def run_rank_eval(cfg: Config, args: argparse.Namespace) -> int:
-    from trainer.export import load_unsharded_model
-    from trainer.recommend import load_catalogue
+    from serving.catalogue import load_catalogue
+    from serving.export import load_unsharded_model
     from trainer.run_folder import new_output, user_output
 
     out = user_output(args.output, "--output", folder=False) if args.output else None

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from data.dataset import DatasetMeta
+from serving.catalogue import read_rows
+from serving.export import MODEL_FILE, SERVING_SPEC_FILE, export, load_serving, load_unsharded_model
 from tests.conftest import run_cli
-from trainer import checkpoint as ckpt
 from trainer.config import load_config
-from trainer.export import MODEL_FILE, SERVING_SPEC_FILE, export, load_serving, load_unsharded_model
-from trainer.recommend import read_rows
-from trainer.sharding import resolve_num_embeddings
+from trainer.distributed import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -58,8 +57,8 @@ def trained_runs(tmp_path_factory) -> dict[int, list[str]]:
 
 
 def _serving_inputs(rows, feature_names: list[str]):
-    values = [torch.from_numpy(rows.sparse[name].values) for name in feature_names]
-    lengths = [torch.from_numpy(np.diff(rows.sparse[name].offsets)) for name in feature_names]
+    values = [torch.from_numpy(rows.sparse(name).values) for name in feature_names]
+    lengths = [torch.from_numpy(np.diff(rows.sparse(name).offsets)) for name in feature_names]
     return torch.from_numpy(rows.dense), values, lengths
 
 
@@ -94,7 +93,7 @@ def test_export_matches_trainer_predictions(trained_runs, nproc, tmp_path):
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
 
     meta = DatasetMeta.load(cfg.data.path)
-    rows = read_rows(cfg, meta, cfg.data.test_split, resolve_num_embeddings(cfg, meta))
+    rows = read_rows(cfg, meta, cfg.data.test_split, meta.table_rows(cfg.data.sparse))
     spec = json.loads((out / SERVING_SPEC_FILE).read_text())
     feature_names = [f["name"] for f in spec["inputs"]["sparse"]]
     assert feature_names == [f.name for f in cfg.data.sparse]

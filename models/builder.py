@@ -1,0 +1,70 @@
+"""The one way to build the model: embedding table configs from the sparse features, then the
+``MultiTaskModel`` (training builds it on ``meta`` for the sharder; serving, planning and export
+build it with real tables on CPU, or on ``meta`` to plan).
+
+    model = build_model(sparse=cfg.data.sparse, num_dense=len(cfg.data.dense), tasks=cfg.tasks,
+                        model=cfg.model, table_rows=rows, embedding_device="cpu")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+
+from data.config import SparseFeature
+from models.config import ModelConfig, TaskConfig
+from models.multitask import MultiTaskModel
+
+DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
+
+
+def _table_pooling(features: Sequence[SparseFeature]) -> str:
+    """The pooling of a table: its multi-hot features' (they must agree; config validation checks
+    it), else the single-valued feature's, for which sum and mean are the same."""
+    multi_hot = [f.pooling for f in features if f.multi_hot]
+    return multi_hot[0] if multi_hot else features[0].pooling
+
+
+def embedding_tables(
+    sparse: Sequence[SparseFeature], table_rows: dict[str, int], precision: str = "fp32"
+) -> list[EmbeddingBagConfig]:
+    """One TorchRec table per ``table`` name, with the features it serves; features sharing a
+    table get its largest row count (``table_rows``: rows per feature)."""
+    grouped: dict[str, list[SparseFeature]] = {}
+    for feature in sparse:
+        grouped.setdefault(feature.table_name, []).append(feature)
+    return [
+        EmbeddingBagConfig(
+            name=name,
+            embedding_dim=features[0].embedding_dim,
+            num_embeddings=max(table_rows[f.name] for f in features),
+            feature_names=[f.name for f in features],
+            pooling=PoolingType.MEAN if _table_pooling(features) == "mean" else PoolingType.SUM,
+            data_type=DATA_TYPES[precision],
+        )
+        for name, features in grouped.items()
+    ]
+
+
+def build_model(
+    *,
+    sparse: Sequence[SparseFeature],
+    num_dense: int,
+    tasks: list[TaskConfig],
+    model: ModelConfig,
+    table_rows: dict[str, int],
+    precision: str = "fp32",
+    embedding_device: torch.device | str = "meta",
+    model_class: type[MultiTaskModel] = MultiTaskModel,
+) -> MultiTaskModel:
+    """The multi-task model over ``sparse`` (config order) and ``num_dense`` dense features."""
+    return model_class(
+        tables=embedding_tables(sparse, table_rows, precision),
+        feature_names=[f.name for f in sparse],
+        num_dense=num_dense,
+        tasks=tasks,
+        cfg=model,
+        embedding_device=embedding_device,
+    )

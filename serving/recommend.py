@@ -1,0 +1,183 @@
+"""Top-K recommendation lists: every (user, candidate item) pair scored by the unsharded model.
+
+    towerrec recommend --config configs/movielens100k.yaml --k 10 --output runs/ml100k-u1/recs.parquet
+    towerrec recommend --config configs/movielens100k.yaml --users users.txt --candidates items.parquet
+    towerrec recommend --config configs/movielens100k.yaml --evaluate      # + ranking metrics on the test split
+
+How the scores are computed (U users, C candidates, T tasks, D_f embedding width of feature f)::
+
+    data set rows ──▶ per entity (user / item) the feature values of its last row (``side`` of each feature)
+    user-side features ──embedding_bag once per user──▶ (U, D_f)
+    item-side features ──embedding_bag once per item block──▶ (C_block, D_f)
+    context features: id 0 (out of vocabulary), dense 0 ──▶ one vector shared by every pair
+    for each block of users × items: expand to pairs ─▶ interaction ─▶ tower ─▶ heads ─▶ (U_b, C_b, T)
+    ranking score per pair (``recommend.score``/``task_weights``) ─▶ merged into a running top-K per user
+
+Embedding lookups happen once per entity, never per pair; candidates stream in blocks of
+``recommend.item_block_size``, so memory is bounded by the block and the (U, K) lists, not by U × C.
+Items a user interacted with in ``recommend.seen_splits`` are excluded when ``recommend.exclude_seen``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from data.dataset import DatasetMeta
+from serving.catalogue import id_feature, load_catalogue
+from serving.scoring import TopK, recommend
+from trainer.config import Config
+from trainer.errors import RecommendError
+
+
+def original_ids(ids: np.ndarray, vocabulary: np.ndarray) -> pa.Array:
+    """Data set ids (vocabulary rows) → the original ids they encode; null for row 0 (unseen) and
+    for ids outside the vocabulary."""
+    known = (ids >= 1) & (ids <= len(vocabulary))
+    return pa.array(np.asarray(vocabulary)[np.where(known, ids - 1, 0)], mask=~known)
+
+
+def to_table(
+    user_ids: np.ndarray,
+    candidate_ids: np.ndarray,
+    result: TopK,
+    task_names: list[str],
+    vocabularies: dict[str, np.ndarray | None] | None = None,
+) -> pa.Table:
+    """Long format: one row per (user, rank) with ``user, rank, item, score`` and one column per task.
+
+    ``user``/``item`` are data set ids (what the training data and ``--users``/``--candidates`` hold).
+    With ``vocabularies["user"]``/``["item"]`` (the data set's saved vocabularies) the table also
+    has ``original_user``/``original_item``: the ids of the source data (e.g. MovieLens ids)."""
+    num_users, k = result.items.shape
+    items = result.items.numpy()
+    keep = (items >= 0).ravel()
+    columns = {
+        "user": np.repeat(user_ids, k)[keep],
+        "rank": np.tile(np.arange(1, k + 1), num_users)[keep],
+        "item": candidate_ids[np.maximum(items, 0)].ravel()[keep],
+        "score": result.scores.numpy().ravel()[keep],
+    }
+    for side, vocabulary in (vocabularies or {}).items():
+        if vocabulary is not None:
+            columns[f"original_{side}"] = original_ids(columns[side], vocabulary)
+    for t, name in enumerate(task_names):
+        columns[name] = result.predictions[:, :, t].numpy().ravel()[keep]
+    return pa.table(columns)
+
+
+def check_output(path: str | Path) -> Path:
+    """``--output``: a new .parquet or .csv file."""
+    from trainer.run_folder import user_output
+
+    path = Path(path)
+    if path.suffix not in (".parquet", ".csv"):
+        raise RecommendError(f"--output: {path} must end in .parquet or .csv")
+    return user_output(path, "--output", folder=False)
+
+
+def write_table(table: pa.Table, path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix not in (".parquet", ".csv"):
+        raise RecommendError(f"--output: {path} must end in .parquet or .csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        pacsv.write_csv(table, path)
+    return path
+
+
+def read_ids(path: str | Path, column: str, flag: str) -> np.ndarray:
+    """Ids from a Parquet file (column ``column``, or its only column) or a text/CSV file (one id
+    per line; a first line that is not a number is a header naming the columns)."""
+    path = Path(path)
+    if not path.exists():
+        raise RecommendError(f"{flag}: {path} does not exist")
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        name = (
+            column
+            if column in table.column_names
+            else (table.column_names[0] if table.num_columns == 1 else None)
+        )
+        if name is None:
+            raise RecommendError(
+                f"{flag}: {path} has no column {column!r} (columns: {', '.join(table.column_names)})"
+            )
+        if not pa.types.is_integer(table.column(name).type):
+            raise RecommendError(
+                f"{flag}: {path} column {name!r} has type {table.column(name).type}, expected integer ids"
+            )
+        return np.asarray(table.column(name).drop_null().to_numpy(), dtype=np.int64)
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    field = 0
+    if lines and not lines[0].split(",")[0].strip().lstrip("-").isdigit():
+        header = [h.strip() for h in lines.pop(0).split(",")]
+        if column not in header and len(header) > 1:
+            raise RecommendError(f"{flag}: {path} header has no column {column!r} ({', '.join(header)})")
+        field = header.index(column) if column in header else 0
+    try:
+        return np.array([int(line.split(",")[field]) for line in lines], dtype=np.int64)
+    except (ValueError, IndexError) as err:
+        raise RecommendError(f"{flag}: {path} must hold one integer id per line ({err})") from err
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
+    from serving.export import load_unsharded_model
+    from trainer.run_folder import new_output
+
+    output = check_output(args.output) if args.output else None
+    meta = DatasetMeta.load(cfg.data.path)
+    rec = cfg.recommend
+    user_ids = (
+        None
+        if args.users == "all"
+        else read_ids(
+            args.users, id_feature(cfg, rec.user_feature, "recommend.user_feature").source_column, "--users"
+        )
+    )
+    candidate_ids = (
+        None
+        if not args.candidates
+        else read_ids(
+            args.candidates,
+            id_feature(cfg, rec.item_feature, "recommend.item_feature").source_column,
+            "--candidates",
+        )
+    )
+    started = time.perf_counter()
+    catalogue = load_catalogue(cfg, meta, extra_users=user_ids, extra_items=candidate_ids)
+    model, path = load_unsharded_model(cfg, args.checkpoint, catalogue.num_embeddings)
+    loaded = time.perf_counter()
+    users, candidates, result = recommend(cfg, model, catalogue, user_ids, candidate_ids)
+    scored = time.perf_counter()
+    vocabularies = {
+        side: meta.vocabulary(id_feature(cfg, name, f"recommend.{side}_feature").source_column)
+        for side, name in (("user", rec.user_feature), ("item", rec.item_feature))
+    }
+    out = write_table(
+        to_table(users, candidates, result, model.task_names, vocabularies),
+        output or new_output(Path(cfg.run_dir) / "recommendations", f"top{rec.k}-{path.name}", ".parquet"),
+    )
+    unknown_users = int((~catalogue.users.known[catalogue.users.positions(users)]).sum())
+    print(
+        f"[towerrec] top-{rec.k} of {len(candidates):,} candidates for {len(users):,} users "
+        f"({unknown_users} without history) from {path}: scored in {scored - loaded:.2f} s "
+        f"(data + model {loaded - started:.2f} s) → {out}",
+        flush=True,
+    )
+    if args.evaluate:
+        from serving.ranking import evaluate_ranking, format_ranking
+
+        print(format_ranking(evaluate_ranking(cfg, model, catalogue, meta)), flush=True)
+    return 0
