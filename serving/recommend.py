@@ -4,17 +4,9 @@
     towerrec recommend --config configs/movielens100k.yaml --users users.txt --candidates items.parquet
     towerrec recommend --config configs/movielens100k.yaml --evaluate      # + ranking metrics on the test split
 
-How the scores are computed (U users, C candidates, T tasks, D_f embedding width of feature f)::
-
-    data set rows ──▶ per entity (user / item) the feature values of its last row (``side`` of each feature)
-    user-side features ──embedding_bag once per user──▶ (U, D_f)
-    item-side features ──embedding_bag once per item block──▶ (C_block, D_f)
-    context features: id 0 (out of vocabulary), dense 0 ──▶ one vector shared by every pair
-    for each block of users × items: expand to pairs ─▶ interaction ─▶ tower ─▶ heads ─▶ (U_b, C_b, T)
-    ranking score per pair (``recommend.score``/``task_weights``) ─▶ merged into a running top-K per user
-
-Embedding lookups happen once per entity, never per pair; candidates stream in blocks of
-``recommend.item_block_size``, so memory is bounded by the block and the (U, K) lists, not by U × C.
+How pairs are scored and lists kept: ``serving.scoring`` (per-entity lookups, candidate blocks,
+a running top-K per user); the rows and entities: ``serving.catalogue``. This module writes the
+lists (data set ids and, with saved vocabularies, the original ids) and runs the command.
 Items a user interacted with in ``recommend.seen_splits`` are excluded when ``recommend.exclude_seen``.
 """
 
