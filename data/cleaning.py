@@ -12,9 +12,11 @@ Rules, applied chunk by chunk in this order (each counted in :attr:`Cleaner.repo
    or drops the row (``drop``); a null/NaN dense value becomes ``dense_fill`` (``fill``) or drops
    the row (``drop``).
 
-Dense transforms are applied after the split is known (:class:`DenseTransform`): ``log(1 + max(x, 0))``
-and/or clipping at quantiles fitted on a bounded, seeded sample of the training rows
-(:class:`BottomKSample`).
+Dense transforms are applied after the split is known (:class:`DenseTransforms`): per column
+``log(1 + max(x, 0))``, clipping (fixed, or at quantiles of the training rows), standardisation
+(mean and std of the training rows) and bucketisation into ids, fitted on a bounded, seeded sample
+of the training rows (:class:`BottomKSample`). :func:`describe_report` turns the counts into the
+lines ``towerrec prepare`` prints.
 """
 
 from __future__ import annotations
@@ -205,6 +207,16 @@ class TableSchema:
     """Column that identifies the user (for ``user`` and ``leave_last_out`` splits)."""
     time_column: str | None = None
     """Column ordering interactions in time (for ``time``/``leave_last_out``; default: row order)."""
+    dense_specs: dict[str, DenseSpec] = field(default_factory=dict)
+    """Dense column → its transforms (see ``DenseTransforms``)."""
+    dense_fill: dict[str, float] = field(default_factory=dict)
+    """Dense column → the value of a missing cell (else ``missing_dense`` decides)."""
+    buckets: dict[str, BucketSpec] = field(default_factory=dict)
+    """Bucketised id column (output) → its numeric input column and edges."""
+    delimiters: dict[str, str] = field(default_factory=dict)
+    """Multi-hot column → separator inside a string cell."""
+    split_column: str | None = None
+    """Column naming each row's split (``given`` split)."""
 
     def of_kind(self, *kinds: str) -> list[str]:
         return [name for name, kind in self.kinds.items() if kind in kinds]
@@ -292,12 +304,12 @@ class Cleaner:
         for name in self.schema.of_kind("dense"):
             values = np.asarray(table.column(name).cast(pa.float64()).fill_null(np.nan), dtype=np.float64)
             missing = np.isnan(values)
-            if self.missing_dense == "drop":
+            if self.missing_dense == "drop" and name not in self.schema.dense_fill:
                 self._count("dense_missing_dropped", name, (keep & missing).sum())
                 keep &= ~missing
             else:
                 self._count("dense_missing_filled", name, (keep & missing).sum())
-                values = np.where(missing, self.dense_fill, values)
+                values = np.where(missing, self.schema.dense_fill.get(name, self.dense_fill), values)
             dense_columns[name] = values
         for name, values in dense_columns.items():
             table = table.set_column(table.column_names.index(name), name, pa.array(values))
@@ -309,52 +321,159 @@ class Cleaner:
 
 
 # --------------------------------------------------------------------------------------------- dense
-class DenseTransform:
-    """``log(1 + max(x, 0))`` (optional) then clipping at quantiles of the training rows (optional).
+@dataclass
+class DenseSpec:
+    """One dense column's preparation, in this order: ``log1p``, clip (fixed ``clip`` or training
+    ``clip_quantile``), ``standardize`` (training mean and std)."""
 
-    ``observe`` feeds training rows (after the log); ``apply`` transforms any split and counts the
-    clipped values per column.
+    log1p: bool = False
+    clip: tuple[float, float] | None = None
+    clip_quantile: float | None = None
+    standardize: bool = False
+
+
+@dataclass
+class BucketSpec:
+    """A numeric input column bucketised into ids: fixed ``edges`` or ``num_buckets`` training quantiles."""
+
+    source: str
+    edges: list[float] | None = None
+    num_buckets: int | None = None
+
+
+class DenseTransforms:
+    """Per-column dense transforms and bucketisation, fitted on a seeded sample of the training rows
+    (``BottomKSample``: exact up to a million training rows, a uniform sample above).
+
+    ``observe`` feeds training rows; ``finish_fit`` fixes quantile bounds, means, standard
+    deviations and bucket edges; ``apply`` / ``bucketize`` transform any split. ``steps(name)``
+    describes what was applied (``metadata.json`` and the serving artifact replay it on raw values).
     """
 
-    def __init__(self, columns: list[str], log_transform: bool, clip_quantile: float | None, seed: int = 0):
-        if clip_quantile is not None and not 0.5 < clip_quantile < 1:
-            raise ValueError(f"data.prepare.clip_quantile: must be in (0.5, 1), got {clip_quantile}")
-        self.columns = columns
-        self.log_transform = log_transform
-        self.clip_quantile = clip_quantile
-        self.samples = {name: BottomKSample(seed=seed) for name in columns} if clip_quantile else {}
-        self.bounds: dict[str, tuple[float, float]] = {}
-        self.report: dict[str, Any] = {"log_transformed": columns if log_transform else [], "clipped": {}}
+    def __init__(self, specs: dict[str, DenseSpec], buckets: dict[str, BucketSpec], seed: int = 0):
+        self.specs, self.buckets = specs, buckets
+        fitted = {n for n, s in specs.items() if s.clip_quantile or s.standardize}
+        fitted |= {b.source for b in buckets.values() if b.num_buckets}
+        self.samples = {name: BottomKSample(seed=seed) for name in fitted}
+        self.bounds: dict[str, tuple[float, float]] = {n: tuple(s.clip) for n, s in specs.items() if s.clip}
+        self.moments: dict[str, tuple[float, float]] = {}
+        self.edges: dict[str, list[float]] = {n: list(b.edges) for n, b in buckets.items() if b.edges}
+        self.report: dict[str, Any] = {"clipped": {}}
 
     @property
     def needs_fit(self) -> bool:
         return bool(self.samples)
 
-    def _log(self, values: np.ndarray) -> np.ndarray:
-        return np.log1p(np.maximum(values, 0.0)) if self.log_transform else values
+    def _log(self, name: str, values: np.ndarray) -> np.ndarray:
+        spec = self.specs.get(name)
+        return np.log1p(np.maximum(values, 0.0)) if spec is not None and spec.log1p else values
 
     def observe(self, name: str, values: np.ndarray, row_index: np.ndarray) -> None:
         if name in self.samples:
-            self.samples[name].add(self._log(values), row_index)
+            keep = np.isfinite(values)
+            self.samples[name].add(values[keep], row_index[keep])
 
     def finish_fit(self) -> None:
-        for name, sample in self.samples.items():
-            if len(sample.values):
-                low, high = sample.quantile([1 - self.clip_quantile, self.clip_quantile])
+        for name, spec in self.specs.items():
+            if name not in self.samples or not len(self.samples[name].values):
+                continue
+            sample = self._log(name, self.samples[name].values)
+            if spec.clip_quantile:
+                low, high = np.quantile(sample, [1 - spec.clip_quantile, spec.clip_quantile])
                 self.bounds[name] = (float(low), float(high))
+            if name in self.bounds:
+                sample = np.clip(sample, *self.bounds[name])
+            if spec.standardize:
+                std = float(sample.std())
+                self.moments[name] = (float(sample.mean()), std if std > 0 else 1.0)
+        for name, bucket in self.buckets.items():
+            if (
+                bucket.num_buckets
+                and bucket.source in self.samples
+                and len(self.samples[bucket.source].values)
+            ):
+                quantiles = np.quantile(
+                    self.samples[bucket.source].values, np.linspace(0, 1, bucket.num_buckets + 1)[1:-1]
+                )
+                self.edges[name] = sorted(set(float(q) for q in quantiles))
         self.report["clip_bounds"] = {name: list(bounds) for name, bounds in self.bounds.items()}
+        self.report["standardized"] = {name: list(m) for name, m in self.moments.items()}
+        self.report["bucket_edges"] = dict(self.edges)
 
     def apply(self, name: str, values: np.ndarray) -> np.ndarray:
-        values = self._log(values)
+        values = self._log(name, values)
         if name in self.bounds:
             low, high = self.bounds[name]
             clipped = (values < low) | (values > high)
             counts = self.report["clipped"]
             counts[name] = counts.get(name, 0) + int(clipped.sum())
             values = np.clip(values, low, high)
+        if name in self.moments:
+            mean, std = self.moments[name]
+            values = (values - mean) / std
         return values
+
+    def bucketize(self, name: str, values: np.ndarray) -> np.ndarray:
+        """Bucket ids: 0 for a missing value, 1..len(edges)+1 for the intervals."""
+        edges = np.asarray(self.edges.get(name, []), dtype=np.float64)
+        ids = np.searchsorted(edges, values, side="right") + 1
+        return np.where(np.isfinite(values), ids, 0).astype(np.int64)
+
+    def num_buckets(self, name: str) -> int:
+        return len(self.edges.get(name, [])) + 2
+
+    def steps(self, name: str) -> list[dict[str, Any]]:
+        """The transform of column ``name`` as serving replays it on a raw value."""
+        out: list[dict[str, Any]] = []
+        spec = self.specs.get(name)
+        if spec is not None and spec.log1p:
+            out.append({"op": "log1p"})
+        if name in self.bounds:
+            out.append({"op": "clip", "low": self.bounds[name][0], "high": self.bounds[name][1]})
+        if name in self.moments:
+            out.append({"op": "standardize", "mean": self.moments[name][0], "std": self.moments[name][1]})
+        return out
 
 
 def dense_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A numeric column as float64 numpy (nulls → NaN)."""
     return np.asarray(pc.fill_null(column.cast(pa.float64()), np.nan), dtype=np.float64)
+
+
+def describe_report(report: dict[str, Any]) -> list[str]:
+    """The cleaning and transform counts of a preparation as lines for the user (every rule that
+    changed or dropped a row, with its count; nothing happens to the data unannounced)."""
+    lines = []
+    cleaning = report.get("cleaning", {})
+    if cleaning:
+        lines.append(f"rows read: {cleaning.get('rows_in', 0):,}; rows kept: {cleaning.get('rows_out', 0):,}")
+    labels = {k: v for k, v in cleaning.get("label_missing_dropped", {}).items() if v}
+    for name, count in labels.items():
+        lines.append(f"dropped {count:,} rows without a value in label column {name!r}")
+    if cleaning.get("duplicates_dropped"):
+        lines.append(
+            f"dropped {cleaning['duplicates_dropped']:,} exact duplicate rows (data.prepare.dedup: true)"
+        )
+    for rule, what in (
+        ("sparse_missing_filled", "missing ids set to the out-of-vocabulary row 0 in"),
+        ("sparse_missing_dropped", "rows dropped for a missing id in"),
+        ("dense_missing_filled", "missing values filled in"),
+        ("dense_missing_dropped", "rows dropped for a missing value in"),
+    ):
+        for name, count in cleaning.get(rule, {}).items():
+            if count:
+                lines.append(f"{count:,} {what} column {name!r}")
+    dense = report.get("dense", {})
+    for name, count in dense.get("clipped", {}).items():
+        if count:
+            lines.append(
+                f"clipped {count:,} values of column {name!r} to {dense.get('clip_bounds', {}).get(name)}"
+            )
+    for name, (mean, std) in dense.get("standardized", {}).items():
+        lines.append(f"standardized column {name!r} (training mean {mean:.4g}, std {std:.4g})")
+    for name, edges in dense.get("bucket_edges", {}).items():
+        lines.append(f"bucketized into {name!r}: {len(edges) + 1} buckets")
+    for name, count in report.get("ids_outside_vocabulary", {}).items():
+        if count:
+            lines.append(f"{count:,} ids of column {name!r} not in the training vocabulary (row 0)")
+    return lines

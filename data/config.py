@@ -41,6 +41,14 @@ class SparseFeature:
     side: Literal["user", "item"] | None = None
     """``user`` or ``item`` when the feature describes the user or the item of a row (used to build
     candidate rows for recommendation and cold start); ``null`` for context features."""
+    buckets: list[float] | int | None = None
+    """Bucketise a numeric ``column`` into this feature's ids at preparation (``csv``/``parquet``):
+    a list of ascending edges, or a number of quantile buckets fitted on the training rows. Id 0 =
+    missing value; ids 1..n+1 = the intervals between the n edges. The data set stores the ids
+    under the feature's ``name``; the edges go to ``metadata.json`` (and to the serving artifact)."""
+    delimiter: str | None = None
+    """``csv``: separator of a multi-hot string column (``Action|Comedy``; default
+    ``data.prepare.list_delimiter``)."""
     train_drop_prob: float = 0.0
     """Multi-hot, mean-pooled only: in training, each id of a bag is left out with this probability
     (drawn from seed, epoch, rank and window, so a resumed run sees the same bags); evaluation and
@@ -49,6 +57,12 @@ class SparseFeature:
 
     @property
     def source_column(self) -> str:
+        """The data set column holding the ids (a bucketised feature stores them under its name)."""
+        return self.name if self.buckets is not None else (self.column or self.name)
+
+    @property
+    def input_column(self) -> str:
+        """The column of the input file the feature comes from (``towerrec prepare``)."""
         return self.column or self.name
 
     @property
@@ -66,6 +80,14 @@ class SparseFeature:
             )
         if self.id_mapping == "hash" and self.num_embeddings is None:
             raise ValueError("num_embeddings: required with id_mapping: hash")
+        if isinstance(self.buckets, list):
+            if any(b >= a for a, b in zip(self.buckets[1:], self.buckets)):
+                raise ValueError(f"buckets: edges must be strictly ascending, got {self.buckets}")
+            if self.multi_hot:
+                raise ValueError("buckets: a bucketised feature holds one id per row (multi_hot: false)")
+        elif isinstance(self.buckets, int):
+            if self.buckets < 2:
+                raise ValueError(f"buckets: at least 2 quantile buckets, got {self.buckets}")
 
 
 @dataclass
@@ -77,13 +99,56 @@ class DenseFeature:
     column: str | None = None
     """Parquet column (default: ``name``)."""
     fill_nan: float | None = None
-    """Value that replaces NaN/inf at read time; ``null`` makes NaN/inf an error naming file and row."""
+    """Value that replaces a missing (null/NaN/inf) value, at preparation (``csv``/``parquet``,
+    before any transform) and at read time; ``null``: at preparation ``data.prepare.missing_dense``
+    decides, at read time a NaN/inf is an error naming file and row."""
     side: Literal["user", "item"] | None = None
     """``user``, ``item`` or ``null`` (context), as for sparse features."""
+    transform: list[Literal["log1p", "standardize"]] = field(default_factory=list)
+    """``csv``/``parquet`` preparation, in this order after ``clip``: ``log1p`` (log(1 + max(x, 0)),
+    applied before clipping) and ``standardize`` ((x - mean) / std of the training rows). Stored in
+    ``metadata.json``; the serving artifact applies the same steps to raw values."""
+    clip: list[float] | None = None
+    """``[low, high]``: clip at preparation (after ``log1p``)."""
+    clip_quantile: float | None = None
+    """Clip at the [1 - q, q] quantiles of the training rows (q in (0.5, 1)), after ``log1p``."""
 
     @property
     def source_column(self) -> str:
         return self.column or self.name
+
+    def check(self) -> None:
+        if self.clip is not None and (len(self.clip) != 2 or self.clip[0] >= self.clip[1]):
+            raise ValueError(f"clip: give [low, high] with low < high, got {self.clip}")
+        if self.clip_quantile is not None and not 0.5 < self.clip_quantile < 1:
+            raise ValueError(f"clip_quantile: must be in (0.5, 1), got {self.clip_quantile}")
+        if self.clip is not None and self.clip_quantile is not None:
+            raise ValueError("clip_quantile: give clip or clip_quantile, not both")
+        if len(set(self.transform)) != len(self.transform):
+            raise ValueError(f"transform: each step once, got {self.transform}")
+
+
+@dataclass
+class CsvOptions:
+    """How CSV input files are written."""
+
+    header: bool = True
+    """The first line names the columns."""
+    column_names: list[str] | None = None
+    """Column names, for files without a header (or to rename a header's columns)."""
+    delimiter: str = ","
+    """Field separator (one character; a space after it, as in ``a, b``, is stripped with ``strip``)."""
+    null_values: list[str] = field(default_factory=list)
+    """Cells that mean "missing" besides an empty cell, e.g. ``["?", "NA"]``. None by default: a
+    category called ``NA`` stays a category."""
+    strip: bool = True
+    """Strip spaces around every cell (``"a, b"`` and ``"a,b"`` read alike)."""
+
+    def check(self) -> None:
+        if len(self.delimiter) != 1:
+            raise ValueError(f"delimiter: must be one character, got {self.delimiter!r}")
+        if not self.header and not self.column_names:
+            raise ValueError("column_names: a file without a header needs its column names")
 
 
 @dataclass
@@ -94,9 +159,36 @@ class PrepareConfig:
     """``synthetic`` (generated), ``movielens100k`` (the ml-100k folder), or another format that
     ``towerrec prepare --help`` lists."""
     source: str | None = None
-    """Input file or folder for converted formats (ignored for ``synthetic``)."""
+    """Input for converted formats (ignored for ``synthetic``): a file, a folder (its files in name
+    order), a glob pattern (``logs/part-*.csv``) or a filesystem URI pyarrow understands
+    (``file:///data/x.parquet``, ``s3://bucket/prefix/``)."""
+    split_files: dict[str, str] = field(default_factory=dict)
+    """``csv``/``parquet``, data that is already split: split name (``train``, ``val``, ``test``) →
+    its input (file, folder, glob or URI, as ``source``). Rows stay in their split; ``split`` is not
+    used."""
+    split_column: str | None = None
+    """``csv``/``parquet``: a column naming each row's split (values in ``split_values``); rows stay
+    in their split."""
+    split_values: dict[str, str] = field(
+        default_factory=lambda: {
+            "train": "train",
+            "val": "val",
+            "valid": "val",
+            "validation": "val",
+            "test": "test",
+        }
+    )
+    """``split_column`` value → split (``train``, ``val`` or ``test``); other values are an error."""
+    csv: CsvOptions = field(default_factory=lambda: CsvOptions())
+    """``csv``: how the files are written (header, delimiter, missing-value tokens)."""
+    derive: dict[str, str] = field(default_factory=dict)
+    """``csv``/``parquet``: new column → expression over input columns, computed per row before
+    anything else and usable as a label or feature, e.g. ``{like: "rating >= 4", ctcvr: "click * buy",
+    married: "marital_status == 'Never married'"}``. Operators: ``+ - * / ** == != < <= > >= and or
+    not``, numbers, quoted strings, ``where(c, a, b)``, ``abs``, ``log1p``, ``is_null``."""
     split: str = "random"
-    """Split rule: ``random``, ``time``, ``user``, or a canonical MovieLens split such as ``u1``."""
+    """Split rule: ``random``, ``time``, ``user``, ``leave_last_out``, or a canonical MovieLens split
+    such as ``u1`` (``split_files``/``split_column`` keep a split the data already has)."""
     val_fraction: float = 0.1
     """Fraction of the training rows held out as the validation split (for early stopping/tuning)."""
     test_fraction: float = 0.1
@@ -115,18 +207,14 @@ class PrepareConfig:
     """Synthetic: power-law exponent of user/item popularity."""
     seed: int = 0
     """Seed of the generator and of the split."""
-    columns: dict[str, str] = field(default_factory=dict)
-    """``csv``/``parquet``: input column → kind: ``sparse`` (one id, integer or string), ``multi_hot``
-    (a list, or a ``list_delimiter``-separated string in CSV), ``dense`` (number), ``label`` (number)
-    or ``other`` (copied as is). Only listed columns are written, in this order."""
-    label_ranges: dict[str, list[float]] = field(default_factory=dict)
-    """``csv``/``parquet``: label column → ``[min, max]`` (inclusive); rows outside are an error."""
-    binary_labels: list[str] = field(default_factory=list)
-    """``csv``/``parquet``: label columns that must be exactly 0 or 1 (e.g. ``click``)."""
+    columns: dict[str, Literal["sparse", "multi_hot", "dense", "label", "other"]] = field(
+        default_factory=dict
+    )
+    """``csv``/``parquet``: extra input columns to keep (``other``: copied as is, e.g. a timestamp)
+    or a kind for a column that no feature or task names. Features and labels need no entry here:
+    their columns come from ``data.sparse``, ``data.dense`` and ``tasks``."""
     list_delimiter: str = "|"
-    """``csv``: separator inside a multi-hot string (``Action|Comedy``)."""
-    csv_delimiter: str = ","
-    """``csv``: field separator (the file must have a header row)."""
+    """``csv``: default separator inside a multi-hot string (``Action|Comedy``)."""
     user_column: str | None = None
     """``csv``/``parquet``: column identifying the user (needed by ``user``/``leave_last_out`` splits)."""
     time_column: str | None = None
@@ -140,8 +228,9 @@ class PrepareConfig:
     into ``num_hash_buckets`` rows (row 0 is kept for missing ids); no vocabulary pass."""
     num_hash_buckets: int = 1_000_000
     """Rows of every hashed id table (``sparse_mapping: hash``), plus row 0."""
-    dedup: bool = True
-    """Drop exact duplicate rows (memory: 8 bytes per distinct row; see ``data.cleaning``)."""
+    dedup: bool = False
+    """Drop exact duplicate rows (memory: 8 bytes per distinct row; see ``data.cleaning``). Off by
+    default: repeated rows are often real (the same impression twice, identical survey answers)."""
     missing_sparse: Literal["fill", "drop"] = "fill"
     """Missing sparse/multi-hot id: ``fill`` (out-of-vocabulary row 0 / empty list) or ``drop`` the row."""
     missing_dense: Literal["fill", "drop"] = "fill"
@@ -159,9 +248,8 @@ class PrepareConfig:
     ``item_users_r*``), most recent first. Larger bags carry more of the rating structure and cost
     more ids per row (10 bags)."""
     log_transform: bool | None = None
-    """Dense x → log(1 + max(x, 0)); ``null`` = the format's default (``criteo``: true, others: false)."""
-    clip_quantile: float | None = None
-    """Clip dense features to the [1 - q, q] quantiles of the training split (q in (0.5, 1)); ``null``: no clipping."""
+    """``criteo``: dense x → log(1 + max(x, 0)) (``null``: true). Other formats: per column,
+    ``data.dense[i].transform``."""
 
     def check(self) -> None:
         positive("num_shards", self.num_shards)
@@ -170,8 +258,18 @@ class PrepareConfig:
         in_unit_interval("test_fraction", self.test_fraction)
         positive("neighbourhood_max_ids", self.neighbourhood_max_ids)
         positive("negatives_per_positive", self.negatives_per_positive, allow_zero=True)
-        if self.clip_quantile is not None and not 0.5 < self.clip_quantile < 1:
-            raise ValueError(f"clip_quantile: must be in (0.5, 1), got {self.clip_quantile}")
+        positive("min_count", self.min_count)
+        positive("num_hash_buckets", self.num_hash_buckets)
+        if self.split_files and self.split_column:
+            raise ValueError("split_column: give split_files or split_column, not both")
+        for name in self.split_files:
+            if name not in ("train", "val", "test"):
+                raise ValueError(f"split_files.{name}: not a split (train, val, test)")
+        if self.split_files and "train" not in self.split_files:
+            raise ValueError("split_files: needs a train entry")
+        for value, split in self.split_values.items():
+            if split not in ("train", "val", "test"):
+                raise ValueError(f"split_values.{value}: {split!r} is not train, val or test")
 
 
 @dataclass
@@ -181,7 +279,11 @@ class DataConfig:
     path: str = "runs/data/synthetic"
     """Data set folder: ``metadata.json`` plus one sub-folder of Parquet shards per split."""
     prepare: PrepareConfig | None = None
-    """If set and ``path`` holds no complete data set, build it first (the embedded default does)."""
+    """If set and ``path`` holds no complete data set, build it first (the embedded default does).
+    A data set built from another ``prepare`` section (or other feature columns) is not used: the
+    command stops, unless ``rebuild``."""
+    rebuild: bool = False
+    """Rebuild the data set at ``path`` when it was prepared differently from ``data.prepare``."""
     train_split: str = "train"
     """Split used for training."""
     val_split: str | None = "val"

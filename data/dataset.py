@@ -52,6 +52,10 @@ class DatasetMeta:
     report: dict[str, Any]
     shuffled_splits: list[str]
     """Splits stored in a seeded random row order (the training split; see ``DatasetWriter``)."""
+    fingerprint: str | None = None
+    """Digest of how the data set was made (``data.prepare.prepared_with``); None for a data set
+    written directly with ``DatasetWriter``."""
+    prepared_with: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DatasetMeta:
@@ -87,6 +91,8 @@ class DatasetMeta:
             raw.get("statistics", {}),
             raw.get("report", {}),
             raw.get("shuffled_splits", []),
+            raw.get("fingerprint"),
+            raw.get("prepared_with"),
         )
 
     def row_groups(self, split: str) -> list[RowGroup]:

@@ -1,19 +1,29 @@
 """``towerrec prepare``: build a Parquet data set from a known format.
 
-Each format is a function ``(cfg: PrepareConfig, out: str) -> DatasetMeta``.
+Each format is a function ``(cfg: PrepareConfig, out: str[, schema]) -> DatasetMeta``; the generic
+formats (``csv``, ``parquet``) also take the ``TableSchema`` of the columns the config declares.
+Every data set records how it was made (``metadata.json``: ``prepared_with`` and its
+``fingerprint``), so that a run never trains on a data set prepared from another config.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from data.cleaning import TableSchema
 from data.config import PrepareConfig
-from data.dataset import DataError, DatasetMeta
+from data.dataset import METADATA_FILE, DataError, DatasetMeta
 from data.formats import prepare_criteo, prepare_csv, prepare_movielens, prepare_parquet
 from data.movielens import prepare_movielens100k
 from data.synthetic import prepare_synthetic
 
-FORMATS: dict[str, Callable[[PrepareConfig, str], DatasetMeta]] = {
+FORMATS: dict[str, Callable[..., DatasetMeta]] = {
     "synthetic": prepare_synthetic,
     "movielens100k": prepare_movielens100k,
     "movielens": prepare_movielens,
@@ -21,11 +31,36 @@ FORMATS: dict[str, Callable[[PrepareConfig, str], DatasetMeta]] = {
     "csv": prepare_csv,
     "parquet": prepare_parquet,
 }
+GENERIC = ("csv", "parquet")
 
 
-def prepare(cfg: PrepareConfig, out: str) -> DatasetMeta:
+def prepared_with(cfg: PrepareConfig, schema: TableSchema | None) -> dict[str, Any]:
+    """What decides a data set's contents: the ``prepare`` section and, for the generic formats,
+    the columns and their kinds, ranges and transforms that the config declares."""
+    recipe: dict[str, Any] = {"prepare": dataclasses.asdict(cfg)}
+    if cfg.format in GENERIC and schema is not None:
+        recipe["columns"] = json.loads(json.dumps(dataclasses.asdict(schema), default=list))
+    return recipe
+
+
+def fingerprint(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: PrepareConfig, out: str, schema: TableSchema | None = None) -> DatasetMeta:
     if cfg.format not in FORMATS:
         raise DataError(
             f"data.prepare.format: unknown format {cfg.format!r}; choose one of {', '.join(sorted(FORMATS))}"
         )
-    return FORMATS[cfg.format](cfg, out)
+    if cfg.format in GENERIC:
+        FORMATS[cfg.format](cfg, out, schema)
+    else:
+        FORMATS[cfg.format](cfg, out)
+    recipe = prepared_with(cfg, schema)
+    path = Path(out) / METADATA_FILE
+    raw = json.loads(path.read_text())
+    raw.update(prepared_with=recipe, fingerprint=fingerprint(recipe))
+    temporary = path.with_name(f"{METADATA_FILE}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(raw, indent=1, sort_keys=True, default=str))
+    os.replace(temporary, path)
+    return DatasetMeta.load(out)

@@ -9,6 +9,7 @@ Rules (``data.prepare.split``):
   from a seeded sample of at most 1M timestamps (exact below that). ``cut_time`` fixes the test
   cut instead (val is then a hashed ``val_fraction`` of the earlier rows). Without a time column,
   the row order is the time (Criteo's files are ordered by time).
+- ``given``: the input's own split (``split_files`` or ``split_column``): every row stays in it.
 - ``leave_last_out``: each user's last interaction (latest time, then latest row) is test and the
   one before it is val (when ``val_fraction > 0``); users need 2 (3) interactions to give up one
   to test (val). Memory: O(number of users).
@@ -29,7 +30,7 @@ from data.cleaning import BottomKSample, mix64
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")
-RULES = ("random", "time", "leave_last_out", "user")
+RULES = ("random", "time", "leave_last_out", "user", "given")
 
 
 @dataclass
@@ -39,6 +40,8 @@ class SplitKeys:
     row_index: np.ndarray
     user: np.ndarray | None = None
     time: np.ndarray | None = None
+    given: np.ndarray | None = None
+    """Split codes the input states itself (pre-split files or a split column)."""
 
 
 def unit_hash(keys: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
@@ -55,6 +58,16 @@ def codes_from_unit(unit: np.ndarray, val_fraction: float, test_fraction: float)
     codes[unit < test_fraction + val_fraction] = VAL
     codes[unit < test_fraction] = TEST
     return codes
+
+
+class GivenSplit:
+    """The split the input states (``data.prepare.split_files`` or ``split_column``): rows stay put."""
+
+    needs_fit = False
+
+    def assign(self, keys: SplitKeys) -> np.ndarray:
+        assert keys.given is not None, "a given split needs split codes"
+        return keys.given
 
 
 class RandomSplit:
@@ -197,6 +210,8 @@ def make_splitter(
         raise ValueError(f"data.prepare.split: {rule!r} is not one of {', '.join(RULES)}")
     if rule in ("user", "leave_last_out") and not has_user:
         raise ValueError(f"data.prepare.split: {rule!r} needs a user column (set data.prepare.user_column)")
+    if rule == "given":
+        return GivenSplit()
     if rule == "random":
         return RandomSplit(seed, val_fraction, test_fraction)
     if rule == "user":

@@ -18,9 +18,12 @@ class Vocabulary:
         vocab.lookup(np.array([7, 5]))                             # -> [2, 0]
     """
 
-    def __init__(self, keys: np.ndarray):
+    def __init__(self, keys: np.ndarray, originals: np.ndarray | None = None):
         self.keys = np.asarray(keys)
         assert np.all(self.keys[1:] > self.keys[:-1]), "vocabulary keys must be sorted and unique"
+        self.originals = self.keys if originals is None else np.asarray(originals)
+        """The id each row stands for as the input wrote it (the text of a string id, whose key
+        is its 64-bit hash); row r holds ``originals[r - 1]``."""
 
     @classmethod
     def fit(cls, values: np.ndarray, min_count: int = 1) -> Vocabulary:

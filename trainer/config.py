@@ -276,7 +276,17 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _build(args[0], value, key)
+        errors = []
+        for alternative in args:  # the first alternative the value fits
+            try:
+                return _build(alternative, value, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -463,11 +473,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"recommend.relevance_task: {rec.relevance_task!r} is not one of {', '.join(task_names)}"
         )
-    columns = {f.name for f in cfg.data.sparse}
-    for key in ("user_feature", "item_feature"):
-        name = getattr(rec, key)
-        if cfg.data.sparse and name not in columns and any(f.side for f in cfg.data.sparse):
-            raise ConfigError(f"recommend.{key}: {name!r} is not a data.sparse feature")
 
 
 def validate_for_device(cfg: Config, device_type: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from data.dataset import DatasetMeta, is_complete, table_rows
 from models.builder import build_model
 from trainer.config import Config
@@ -61,14 +59,28 @@ def plan_command(
 
 def prepare_command(cfg: Config, args=None) -> int:
     from data.prepare import prepare
+    from trainer.datasets import input_schema, report_lines
 
     if cfg.data.prepare is None:
         raise ConfigError("data.prepare: not set (give --format and --source, or a config with data.prepare)")
-    meta = prepare(cfg.data.prepare, cfg.data.path)
-    counts = {split: meta.num_rows(split) for split in meta.splits}
-    print(f"wrote {cfg.data.path}: rows per split {json.dumps(counts)}")
-    report = meta.report
-    if report:
-        print("report: " + json.dumps(report, indent=1))
+    from data.dataset import DatasetMeta, is_complete
+    from data.prepare import fingerprint, prepared_with
+
+    schema = input_schema(cfg)
+    if is_complete(cfg.data.path):
+        existing = DatasetMeta.load(cfg.data.path)
+        if existing.fingerprint == fingerprint(prepared_with(cfg.data.prepare, schema)):
+            print(
+                f"[towerrec] {cfg.data.path} is already prepared from this config; nothing to do", flush=True
+            )
+            return 0
+        if not cfg.data.rebuild:
+            raise ConfigError(
+                f"--out / data.path: {cfg.data.path} already holds another data set; choose another folder, "
+                "delete it, or pass --data.rebuild true to replace it"
+            )
+    meta = prepare(cfg.data.prepare, cfg.data.path, schema)
+    report_lines(meta)
+    print(f"[towerrec] the whole report is in {meta.root / 'metadata.json'}", flush=True)
 
     return 0

@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import subprocess
-import time
 import warnings
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from data.dataset import DatasetMeta, is_complete
 from data.validate import validate_dataset
 from trainer.callbacks import ReplicaCheck, StepCheckpoint, Throughput
 from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
 from trainer.datamodule import ParquetDataModule, read_spec
+from trainer.datasets import check_data_against_config, ensure_dataset
 from trainer.distributed import checkpoint as ckpt
 from trainer.distributed.environment import launch_environment, launcher_rank, set_threads
 from trainer.distributed.faults import diagnose_collective_failure, ignore_late_signals, take_over_signals
@@ -42,56 +41,6 @@ from trainer.run_folder import (
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 warnings.filterwarnings("ignore", message=r".*The `srun` command is available.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
-
-def ensure_dataset(cfg: Config) -> DatasetMeta:
-    """Loads the data set, building it first (on global rank 0) when ``data.prepare`` says how."""
-    path = Path(cfg.data.path)
-    if not is_complete(path) and cfg.data.prepare is not None:
-        if launcher_rank() == 0:
-            from data.prepare import prepare
-
-            print(
-                f"[towerrec] preparing data set {path} ({cfg.data.prepare.format}) on first use", flush=True
-            )
-            prepare(cfg.data.prepare, str(path))
-        else:
-            deadline = time.time() + 1800
-            while not is_complete(path):
-                if time.time() > deadline:
-                    raise TimeoutError(
-                        f"{path}: rank 0 did not finish preparing the data set within 30 minutes"
-                    )
-                time.sleep(1)
-    return DatasetMeta.load(path)
-
-
-def check_data_against_config(cfg: Config, meta: DatasetMeta) -> None:
-    """Schema and metadata must agree before any process group starts."""
-    known = meta.columns
-    where = meta.root / "metadata.json"
-    for i, feature in enumerate(cfg.data.sparse):
-        column = known.get(feature.source_column)
-        if column is None:
-            raise ConfigError(f"data.sparse[{i}].column: {where} has no column {feature.source_column!r}")
-        expected = "multi_hot" if feature.multi_hot else "sparse"
-        if column.get("kind") in ("sparse", "multi_hot") and column["kind"] != expected:
-            raise ConfigError(
-                f"data.sparse[{i}].multi_hot: column {feature.source_column!r} is {column['kind']} in {where}"
-            )
-    for i, feature in enumerate(cfg.data.dense):
-        if feature.source_column not in known:
-            raise ConfigError(f"data.dense[{i}].column: {where} has no column {feature.source_column!r}")
-    for i, task in enumerate(cfg.tasks):
-        if task.label_column not in known:
-            raise ConfigError(f"tasks[{i}].label: {where} has no column {task.label_column!r}")
-        if task.mask and task.mask not in known:
-            raise ConfigError(f"tasks[{i}].mask: {where} has no column {task.mask!r}")
-    for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
-        if split is not None and split not in meta.splits:
-            raise ConfigError(
-                f"data: split {split!r} is not in {where} (have: {', '.join(sorted(meta.splits))})"
-            )
 
 
 def versions() -> dict[str, str]:

@@ -214,7 +214,7 @@ def test_missing_split(tmp_path):
 # --------------------------------------------------------------------------------------------- converters
 def test_criteo_wrong_field_count(tmp_path):
     (tmp_path / "c.tsv").write_text("1\t2\t3\n")
-    with pytest.raises(DataError, match=r"c\.tsv: cannot parse after data row 0.*Expected 40 columns"):
+    with pytest.raises(DataError, match=r"c\.tsv: line 1: expected 40 fields, found 3"):
         prepare(PrepareConfig(format="criteo", source=str(tmp_path / "c.tsv")), str(tmp_path / "o"))
 
 
@@ -237,19 +237,22 @@ def test_movielens_bad_values(tmp_path):
 
 
 def test_generic_config_and_header_errors(tmp_path):
+    from data.cleaning import TableSchema
+
     (tmp_path / "t.csv").write_text("a,b\n1,2\n")
     base = {"format": "csv", "source": str(tmp_path / "t.csv")}
-    with pytest.raises(ValueError, match="data.prepare.label_ranges.b"):
-        prepare(PrepareConfig(**base, columns={"a": "sparse", "b": "label"}), str(tmp_path / "o"))
+    with pytest.raises(DataError, match="data.prepare.format: csv needs the columns to read"):
+        prepare(PrepareConfig(**base), str(tmp_path / "o"))
     with pytest.raises(ValueError, match="data.prepare.columns.a: kind 'id'"):
-        prepare(PrepareConfig(**base, columns={"a": "id"}), str(tmp_path / "o"))
-    with pytest.raises(DataError, match=r"t\.csv: columns \['c'\] named in data.prepare are missing"):
-        prepare(PrepareConfig(**base, columns={"a": "sparse", "c": "dense"}), str(tmp_path / "o"))
+        prepare(PrepareConfig(**base), str(tmp_path / "o"), TableSchema({"a": "id"}))
+    with pytest.raises(DataError, match=r"t\.csv: columns \['c'\] that the config names are missing"):
+        prepare(PrepareConfig(**base), str(tmp_path / "o"), TableSchema({"a": "sparse", "c": "dense"}))
     (tmp_path / "t.parquet").write_text("not parquet")
     with pytest.raises(DataError, match=r"t\.parquet: not a readable Parquet file"):
         prepare(
-            PrepareConfig(format="parquet", source=str(tmp_path / "t.parquet"), columns={"a": "sparse"}),
+            PrepareConfig(format="parquet", source=str(tmp_path / "t.parquet")),
             str(tmp_path / "o"),
+            TableSchema({"a": "sparse"}),
         )
     with pytest.raises(DataError, match="unknown format 'tsv'"):
         prepare(PrepareConfig(format="tsv"), str(tmp_path / "o"))

@@ -8,8 +8,10 @@ import pytest
 
 from data.cleaning import (
     BottomKSample,
+    BucketSpec,
     Cleaner,
-    DenseTransform,
+    DenseSpec,
+    DenseTransforms,
     SeenHashes,
     TableSchema,
     row_hashes,
@@ -87,18 +89,23 @@ def test_string_hashes_distinguish_and_agree():
     assert np.array_equal(string_hashes(values.slice(3, 3)), hashes[3:6])
 
 
-def test_dense_transform_log_and_clip():
-    transform = DenseTransform(["x"], log_transform=True, clip_quantile=0.9)
+def test_dense_transforms_log_clip_standardize_and_buckets():
+    specs = {"x": DenseSpec(log1p=True, clip_quantile=0.9, standardize=True)}
+    transforms = DenseTransforms(specs, {"x_bucket": BucketSpec("x", num_buckets=4)})
     values = np.arange(-5, 95, dtype=np.float64)
-    transform.observe("x", values, np.arange(100))
-    transform.finish_fit()
-    out = transform.apply("x", values)
+    transforms.observe("x", values, np.arange(100))
+    transforms.finish_fit()
+    out = transforms.apply("x", values)
     logged = np.log1p(np.maximum(values, 0))
     low, high = np.quantile(logged, [0.1, 0.9])
-    assert transform.bounds["x"] == pytest.approx((low, high))
-    assert out.min() == pytest.approx(low) and out.max() == pytest.approx(high)
-    assert np.array_equal(out[(logged > low) & (logged < high)], logged[(logged > low) & (logged < high)])
-    assert transform.report["clipped"]["x"] == int(((logged < low) | (logged > high)).sum()) == 20
+    assert transforms.bounds["x"] == pytest.approx((low, high))
+    clipped = np.clip(logged, low, high)
+    assert out == pytest.approx((clipped - clipped.mean()) / clipped.std())  # training mean and std
+    assert transforms.report["clipped"]["x"] == int(((logged < low) | (logged > high)).sum()) == 20
+    assert [s["op"] for s in transforms.steps("x")] == ["log1p", "clip", "standardize"]
+    ids = transforms.bucketize("x_bucket", np.array([-100.0, 20.0, 60.0, 1000.0, np.nan]))
+    assert transforms.edges["x_bucket"] == pytest.approx(list(np.quantile(values, [0.25, 0.5, 0.75])))
+    assert ids.tolist() == [1, 2, 3, 4, 0] and transforms.num_buckets("x_bucket") == 5
 
 
 def test_bottom_k_sample_is_exact_below_capacity_and_bounded_above():

@@ -13,7 +13,7 @@ import pytest
 
 import data.formats as formats
 from data.config import DenseFeature, PrepareConfig, SparseFeature
-from data.dataset import DatasetMeta, DatasetWriter, is_complete
+from data.dataset import DataError, DatasetMeta, DatasetWriter, is_complete
 from data.prepare import FORMATS, prepare
 from data.reader import BatchStream, LabelSpec, ReadSpec
 from tests.conftest import ML100K
@@ -25,7 +25,7 @@ def read_split(meta: DatasetMeta, split: str) -> pa.Table:
 
 
 def all_rows(meta: DatasetMeta) -> pa.Table:
-    return pa.concat_tables([read_split(meta, s) for s in meta.splits])
+    return pa.concat_tables([read_split(meta, s) for s in meta.splits if meta.row_groups(s)])
 
 
 def test_formats_registered():
@@ -62,7 +62,12 @@ def write_ml1m(root: Path) -> None:
 def test_movielens_1m_double_colon(tmp_path):
     write_ml1m(tmp_path / "ml-1m")
     cfg = PrepareConfig(
-        format="movielens", source=str(tmp_path / "ml-1m"), val_fraction=0.0, test_fraction=0.0, num_shards=2
+        format="movielens",
+        source=str(tmp_path / "ml-1m"),
+        val_fraction=0.0,
+        test_fraction=0.0,
+        num_shards=2,
+        dedup=True,
     )
     meta = prepare(cfg, str(tmp_path / "out"))
     table = read_split(meta, "train")
@@ -154,7 +159,12 @@ def test_criteo_missing_values_log_and_min_count(tmp_path):
     )  # I1 unique, I2 negative, most fields missing
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     cfg = PrepareConfig(
-        format="criteo", source=str(tmp_path / "train.txt"), min_count=3, num_shards=2, row_group_size=64
+        format="criteo",
+        source=str(tmp_path / "train.txt"),
+        min_count=3,
+        num_shards=2,
+        row_group_size=64,
+        dedup=True,
     )
     meta = prepare(cfg, str(tmp_path / "out"))
     rows = all_rows(meta)
@@ -163,7 +173,7 @@ def test_criteo_missing_values_log_and_min_count(tmp_path):
     assert report["duplicates_dropped"] == 1
     raw_i1_missing = sum(1 for line in lines[:-2] if line.split("\t")[1] == "")
     assert report["dense_missing_filled"]["I1"] == raw_i1_missing
-    assert meta.report["dense"]["log_transformed"][0] == "I1"
+    assert meta.columns["I1"]["transforms"] == [{"op": "log1p"}]
     # log(1 + max(x, 0)): the hand-written row has I1 = 123456 → log(123457), I2 = -3 → 0, I3 missing → 0
     special = rows.filter(pa.compute.equal(rows.column("I1"), np.float32(math.log(123457))))
     assert (
@@ -184,7 +194,7 @@ def test_criteo_missing_values_log_and_min_count(tmp_path):
 
 def test_criteo_chunked_equals_single_chunk_and_hashing(tmp_path, monkeypatch):
     (tmp_path / "day_0").write_text("\n".join(criteo_lines(300, seed=1) * 2) + "\n")  # every row twice
-    cfg = PrepareConfig(format="criteo", source=str(tmp_path / "day_0"), num_shards=1)
+    cfg = PrepareConfig(format="criteo", source=str(tmp_path / "day_0"), num_shards=1, dedup=True)
     whole = all_rows(prepare(cfg, str(tmp_path / "a")))
     monkeypatch.setattr(formats, "CSV_BLOCK_BYTES", 4096)  # many chunks: dedup and vocab across chunks
     chunked_meta = prepare(cfg, str(tmp_path / "b"))
@@ -225,45 +235,65 @@ def test_criteo_reads_through_batch_stream(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- generic
-def test_generic_csv_multi_hot_and_user_split(tmp_path):
-    rng = np.random.default_rng(0)
+def generic(tmp_path: Path, prepare_section: dict, sparse: list, dense: list, tasks: list, out: str = "out"):
+    """Prepares a csv/parquet data set the way the trainer does: the columns come from the
+    config's features and tasks (declared once), the preparation from ``data.prepare``."""
+    import yaml
+
+    from trainer.config import load_config
+    from trainer.datasets import input_schema
+
+    tree = {"data": {"path": str(tmp_path / out), "prepare": prepare_section, "sparse": sparse, "dense": dense},
+            "tasks": tasks}  # fmt: skip
+    config = tmp_path / f"{out}.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    cfg = load_config(config)
+    return prepare(cfg.data.prepare, cfg.data.path, input_schema(cfg))
+
+
+def shop_lines(num_rows: int = 600, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
     lines = ["user,item,tags,price,stars,bought,ts"]
-    for k in range(600):
+    for k in range(num_rows):
         tags = "|".join(rng.choice(["a", "b", "c", "d"], rng.integers(0, 3), replace=False))
         price = "" if k % 50 == 0 else f"{rng.random() * 100:.2f}"
         lines.append(f"u{k % 40},i{rng.integers(0, 30)},{tags},{price},{rng.integers(1, 6)},{k % 2},{k}")
-    (tmp_path / "events.csv").write_text("\n".join(lines) + "\n")
-    cfg = PrepareConfig(
-        format="csv",
-        source=str(tmp_path / "events.csv"),
-        columns={
-            "user": "sparse",
-            "item": "sparse",
-            "tags": "multi_hot",
-            "price": "dense",
-            "stars": "label",
-            "bought": "label",
-            "ts": "other",
-        },
-        label_ranges={"stars": [1, 5]},
-        binary_labels=["bought"],
-        user_column="user",
-        split="user",
-        clip_quantile=0.9,
-        num_shards=1,
-    )
-    meta = prepare(cfg, str(tmp_path / "out"))
+    return lines
+
+
+SHOP_SPARSE = [{"name": "user", "side": "user"}, {"name": "item", "side": "item"},
+               {"name": "tags", "multi_hot": True, "pooling": "mean"}]  # fmt: skip
+SHOP_TASKS = [{"name": "stars", "type": "regression", "min_value": 1.0, "max_value": 5.0},
+              {"name": "bought", "type": "binary"}]  # fmt: skip
+
+
+def test_generic_csv_declared_once_multi_hot_user_split_and_transforms(tmp_path):
+    (tmp_path / "events.csv").write_text("\n".join(shop_lines()) + "\n")
+    dense = [{"name": "price", "transform": ["log1p", "standardize"], "clip_quantile": 0.9}]
+    meta = generic(
+        tmp_path,
+        {"format": "csv", "source": str(tmp_path / "events.csv"), "user_column": "user", "split": "user",
+         "num_shards": 1, "columns": {"ts": "other"}},
+        SHOP_SPARSE, dense, SHOP_TASKS,
+    )  # fmt: skip
     assert meta.report["cleaning"]["dense_missing_filled"]["price"] == 12
     assert meta.columns["tags"]["num_embeddings"] == 5
-    users_per_split = {s: set(read_split(meta, s).column("ts").to_numpy() % 40) for s in meta.splits}
+    users_per_split = {
+        s: set(read_split(meta, s).column("ts").cast(pa.int64()).to_numpy() % 40) for s in meta.splits
+    }
     splits = list(users_per_split.values())
     assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1 :])  # a user is in one split
-    low, high = meta.columns["price"]["clip"]
-    price = all_rows(meta).column("price").to_numpy()
-    assert price.min() >= np.float32(low) and price.max() <= np.float32(high)
+    steps = meta.columns["price"]["transforms"]
+    assert [step["op"] for step in steps] == ["log1p", "clip", "standardize"]
+    train_price = read_split(meta, "train").column("price").to_numpy()
+    assert abs(train_price.mean()) < 1e-3 and abs(train_price.std() - 1) < 1e-2  # training statistics
     assert meta.report["dense"]["clipped"]["price"] > 0
     tag_lengths = [len(t) for t in all_rows(meta).column("tags").to_pylist()]
     assert max(tag_lengths) == 2 and min(tag_lengths) == 0
+    # string ids come back as written: the vocabulary holds 'u3', not a hash
+    assert {"u0", "u3"} <= set(meta.vocabulary("user").tolist()) and meta.report["cleaning"][
+        "duplicates_dropped"
+    ] == 0
 
 
 def test_generic_parquet_time_split(tmp_path):
@@ -278,19 +308,121 @@ def test_generic_parquet_time_split(tmp_path):
         }
     )
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=100)
-    cfg = PrepareConfig(
-        format="parquet",
-        source=str(tmp_path / "in.parquet"),
-        columns={"uid": "sparse", "genres": "multi_hot", "score": "dense", "y": "label", "when": "other"},
-        binary_labels=["y"],
-        time_column="when",
-        split="time",
-        num_shards=1,
-    )
-    meta = prepare(cfg, str(tmp_path / "out"))
+    meta = generic(
+        tmp_path,
+        {"format": "parquet", "source": str(tmp_path / "in.parquet"), "time_column": "when", "split": "time",
+         "num_shards": 1, "columns": {"when": "other"}},
+        [{"name": "uid"}, {"name": "genres", "multi_hot": True}], [{"name": "score"}], [{"name": "y"}],
+    )  # fmt: skip
     times = {s: read_split(meta, s).column("when").to_numpy() for s in ("train", "val", "test")}
     assert times["train"].max() < times["val"].min() and times["val"].max() < times["test"].min()
     assert len(times["test"]) == 100 and len(times["val"]) == 100
+    assert meta.vocabulary("uid").dtype.kind == "i"  # integer ids stay integers
+
+
+def test_pre_split_files_and_a_split_column_keep_every_row_in_its_split(tmp_path):
+    lines = shop_lines(300)
+    for name, part in (("train", lines[1:201]), ("test", lines[201:])):
+        (tmp_path / name).mkdir()
+        for k in range(2):  # several files per split
+            (tmp_path / name / f"part{k}.csv").write_text("\n".join([lines[0], *part[k::2]]) + "\n")
+    meta = generic(
+        tmp_path,
+        {"format": "csv", "split_files": {"train": str(tmp_path / "train"), "test": str(tmp_path / "test" / "*.csv")},
+         "num_shards": 1, "columns": {"ts": "other"}},
+        SHOP_SPARSE, [], SHOP_TASKS,
+    )  # fmt: skip
+    assert meta.num_rows("train") == 200 and meta.num_rows("test") == 100 and meta.num_rows("val") == 0
+    assert set(read_split(meta, "test").column("ts").cast(pa.int64()).to_numpy()) == set(range(200, 300))
+    # the same rows with a split column
+    column = [lines[0] + ",part"] + [
+        f"{line},{'train' if k < 200 else 'test'}" for k, line in enumerate(lines[1:])
+    ]
+    (tmp_path / "all.csv").write_text("\n".join(column) + "\n")
+    by_column = generic(
+        tmp_path,
+        {"format": "csv", "source": str(tmp_path / "all.csv"), "split_column": "part", "num_shards": 1,
+         "columns": {"ts": "other"}},
+        SHOP_SPARSE, [], SHOP_TASKS, out="column",
+    )  # fmt: skip
+    assert set(read_split(by_column, "test").column("ts").cast(pa.int64()).to_numpy()) == set(range(200, 300))
+
+
+def test_csv_without_header_other_delimiter_missing_tokens_and_derived_labels(tmp_path):
+    rows = ["1; a, b; 4.5; NA; 5", "2; NA; ?; x; 3", "3; c; 2.0; NA; ?", "1; a; 1.0; y; 5"] * 25
+    (tmp_path / "raw.txt").write_text("\n".join(rows) + "\n")
+    meta = generic(
+        tmp_path,
+        {"format": "csv", "source": str(tmp_path / "raw.txt"), "num_shards": 1, "val_fraction": 0.0,
+         "test_fraction": 0.0,
+         "csv": {"header": False, "column_names": ["user", "tags", "price", "category", "stars"],
+                 "delimiter": ";", "null_values": ["?"]},
+         "derive": {"liked": "stars >= 4", "spend": "where(is_null(price), 0, price * 2)"}},
+        [{"name": "user"}, {"name": "tags", "multi_hot": True, "delimiter": ","}, {"name": "category"}],
+        [{"name": "spend"}],
+        [{"name": "liked"}],
+    )  # fmt: skip
+    # '?' is missing (not NA: "NA" stays a category), ", " reads like ","; 'liked' derived from stars
+    assert set(meta.vocabulary("category").tolist()) == {"NA", "x", "y"}
+    assert set(meta.vocabulary("tags").tolist()) == {"a", "b", "NA"}  # 'c' is only on a dropped row
+    rows_out = all_rows(meta)
+    assert rows_out.num_rows == 75  # the rows whose stars is '?' have no label: dropped, and said so
+    assert meta.report["cleaning"]["label_missing_dropped"]["liked"] == 25
+    assert sorted(set(rows_out.column("spend").to_pylist())) == [0.0, 2.0, 9.0]
+
+
+def test_numbers_bucketized_into_ids(tmp_path):
+    lines = ["user,age,y"] + [f"u{k % 7},{k % 90},{k % 2}" for k in range(900)]
+    (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
+    meta = generic(
+        tmp_path,
+        {"format": "csv", "source": str(tmp_path / "a.csv"), "num_shards": 1},
+        [{"name": "user"}, {"name": "age_group", "column": "age", "buckets": [18, 30, 50]},
+         {"name": "age_decile", "column": "age", "buckets": 10}],
+        [], [{"name": "y"}],
+    )  # fmt: skip
+    groups = all_rows(meta).column("age_group").to_numpy()
+    ages = all_rows(meta).column("age_decile").to_numpy()
+    assert meta.columns["age_group"]["num_embeddings"] == 5 and set(groups) == {1, 2, 3, 4}
+    assert meta.columns["age_group"]["edges"] == [18, 30, 50]
+    assert len(meta.columns["age_decile"]["edges"]) == 9 and len(set(ages)) == 10
+
+
+def test_a_filesystem_uri_source(tmp_path):
+    (tmp_path / "events.csv").write_text("\n".join(shop_lines(200)) + "\n")
+    meta = generic(
+        tmp_path,
+        {"format": "csv", "source": (tmp_path / "events.csv").as_uri(), "num_shards": 1},
+        SHOP_SPARSE, [], SHOP_TASKS,
+    )  # fmt: skip
+    assert sum(meta.num_rows(s) for s in meta.splits) == 200
+
+
+def test_csv_defects_name_the_file_row_line_and_column(tmp_path):
+    lines = shop_lines(1200)
+    bad_number = list(lines)
+    bad_number[1001] = bad_number[1001].replace(
+        bad_number[1001].split(",")[3], "12,5", 1
+    )  # one field too many
+    (tmp_path / "fields.csv").write_text("\n".join(bad_number) + "\n")
+    with pytest.raises(DataError, match=r"fields\.csv: line 1002: expected 7 fields, found 8"):
+        generic(
+            tmp_path, {"format": "csv", "source": str(tmp_path / "fields.csv")}, SHOP_SPARSE, [], SHOP_TASKS
+        )
+    not_a_number = list(lines)
+    parts = not_a_number[1001].split(",")
+    parts[4] = "five"
+    not_a_number[1001] = ",".join(parts)
+    (tmp_path / "value.csv").write_text("\n".join(not_a_number) + "\n")
+    with pytest.raises(
+        DataError, match=r"value\.csv: row 1000 \(line 1002\): column 'stars': 'five' is not a number"
+    ):
+        generic(
+            tmp_path, {"format": "csv", "source": str(tmp_path / "value.csv")}, SHOP_SPARSE, [], SHOP_TASKS
+        )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no input files \(\*\.csv\*\) found in folder .*empty"):
+        generic(tmp_path, {"format": "csv", "source": str(tmp_path / "empty")}, SHOP_SPARSE, [], SHOP_TASKS)
 
 
 # --------------------------------------------------------------------------------------------- atomicity

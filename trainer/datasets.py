@@ -1,0 +1,171 @@
+"""The data set a run uses: built on first use from ``data.prepare`` (declare once: the columns
+to read come from ``data.sparse``, ``data.dense`` and ``tasks``), never used when it was made
+from another recipe, and checked against the config before any process group starts."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from data.cleaning import BucketSpec, DenseSpec, TableSchema
+from data.dataset import DatasetMeta, is_complete
+from trainer.config import Config
+from trainer.distributed.environment import launcher_rank
+from trainer.errors import ConfigError
+
+
+def input_schema(cfg: Config) -> TableSchema:
+    """The input columns of a generic (``csv``/``parquet``) preparation and what each is: every
+    sparse feature's column (ids, a bag, or a number to bucketise), every dense column with its
+    transforms, every task's label (range and 0/1 from the task) and mask, and the extra columns of
+    ``data.prepare.columns``."""
+    prepare = cfg.data.prepare
+    kinds: dict[str, str] = {}
+    buckets, delimiters, specs, fills = {}, {}, {}, {}
+    for feature in cfg.data.sparse:
+        if feature.buckets is not None:
+            edges = feature.buckets if isinstance(feature.buckets, list) else None
+            count = feature.buckets if isinstance(feature.buckets, int) else None
+            buckets[feature.source_column] = BucketSpec(feature.input_column, edges, count)
+            continue
+        kinds[feature.source_column] = "multi_hot" if feature.multi_hot else "sparse"
+        if feature.delimiter:
+            delimiters[feature.source_column] = feature.delimiter
+    for feature in cfg.data.dense:
+        kinds[feature.source_column] = "dense"
+        specs[feature.source_column] = DenseSpec(
+            log1p="log1p" in feature.transform,
+            clip=tuple(feature.clip) if feature.clip else None,
+            clip_quantile=feature.clip_quantile,
+            standardize="standardize" in feature.transform,
+        )
+        if feature.fill_nan is not None:
+            fills[feature.source_column] = float(feature.fill_nan)
+    ranges, binary = {}, []
+    for task in cfg.tasks:
+        kinds[task.label_column] = "label"
+        if task.type == "binary":
+            binary.append(task.label_column)
+            ranges[task.label_column] = (0.0, 1.0)
+        else:
+            ranges[task.label_column] = (
+                -float("inf") if task.min_value is None else task.min_value,
+                float("inf") if task.max_value is None else task.max_value,
+            )
+        if task.mask:
+            kinds.setdefault(task.mask, "label")
+            ranges.setdefault(task.mask, (-float("inf"), float("inf")))
+    if cfg.data.sample_weight_column:
+        kinds.setdefault(cfg.data.sample_weight_column, "label")
+    if prepare is not None:
+        for name, kind in prepare.columns.items():
+            kinds[name] = kind
+    return TableSchema(
+        kinds,
+        label_ranges=ranges,
+        binary_labels=tuple(binary),
+        user_column=prepare.user_column if prepare else None,
+        time_column=prepare.time_column if prepare else None,
+        dense_specs=specs,
+        dense_fill=fills,
+        buckets=buckets,
+        delimiters=delimiters,
+        split_column=prepare.split_column if prepare else None,
+    )
+
+
+def _build(cfg: Config, path: Path) -> None:
+    from data.prepare import prepare
+
+    print(f"[towerrec] preparing data set {path} ({cfg.data.prepare.format})", flush=True)
+    meta = prepare(cfg.data.prepare, str(path), input_schema(cfg))
+    report_lines(meta)
+
+
+def report_lines(meta: DatasetMeta) -> None:
+    """Prints what the preparation did to the rows (every rule that changed one, with counts)."""
+    from data.cleaning import describe_report
+
+    rows = {split: meta.num_rows(split) for split in meta.splits}
+    print(f"[towerrec] data set {meta.root}: rows per split {rows}", flush=True)
+    for line in describe_report(meta.report):
+        print(f"[towerrec]   {line}", flush=True)
+
+
+def ensure_dataset(cfg: Config) -> DatasetMeta:
+    """Loads the data set, building it first (on global rank 0) when ``data.prepare`` says how. A
+    complete data set made from another recipe stops the command (``data.rebuild: true`` builds it
+    again)."""
+    path = Path(cfg.data.path)
+    prepare = cfg.data.prepare
+    if is_complete(path) and prepare is not None:
+        from data.prepare import fingerprint, prepared_with
+
+        meta = DatasetMeta.load(path)
+        recipe = prepared_with(prepare, input_schema(cfg))
+        if meta.fingerprint != fingerprint(recipe):
+            if not cfg.data.rebuild:
+                raise ConfigError(_difference(meta, recipe, path))
+            if launcher_rank() == 0:
+                shutil.rmtree(path)
+    if not is_complete(path) and prepare is not None:
+        if launcher_rank() == 0:
+            _build(cfg, path)
+        else:
+            deadline = time.time() + 1800
+            while not is_complete(path):
+                if time.time() > deadline:
+                    raise TimeoutError(
+                        f"{path}: rank 0 did not finish preparing the data set within 30 minutes"
+                    )
+                time.sleep(1)
+    return DatasetMeta.load(path)
+
+
+def _difference(meta: DatasetMeta, recipe: dict, path: Path) -> str:
+    """Names the keys whose value differs between the data set's recipe and the config's."""
+    before = meta.prepared_with or {}
+    changed = []
+
+    def walk(a, b, key):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+        elif a != b:
+            changed.append(f"{key}: {a!r} there, {b!r} in the config")
+
+    walk(before, recipe, "")
+    shown = "; ".join(changed[:5]) or "it was made by an older towerrec"
+    return (
+        f"data.path: {path} was prepared differently from data.prepare ({shown}); point data.path elsewhere, "
+        "delete the folder, or set data.rebuild: true to build it again"
+    )
+
+
+def check_data_against_config(cfg: Config, meta: DatasetMeta) -> None:
+    """Schema and metadata must agree before any process group starts."""
+    known = meta.columns
+    where = meta.root / "metadata.json"
+    for i, feature in enumerate(cfg.data.sparse):
+        column = known.get(feature.source_column)
+        if column is None:
+            raise ConfigError(f"data.sparse[{i}].column: {where} has no column {feature.source_column!r}")
+        expected = "multi_hot" if feature.multi_hot else "sparse"
+        if column.get("kind") in ("sparse", "multi_hot") and column["kind"] != expected:
+            raise ConfigError(
+                f"data.sparse[{i}].multi_hot: column {feature.source_column!r} is {column['kind']} in {where}"
+            )
+    for i, feature in enumerate(cfg.data.dense):
+        if feature.source_column not in known:
+            raise ConfigError(f"data.dense[{i}].column: {where} has no column {feature.source_column!r}")
+    for i, task in enumerate(cfg.tasks):
+        if task.label_column not in known:
+            raise ConfigError(f"tasks[{i}].label: {where} has no column {task.label_column!r}")
+        if task.mask and task.mask not in known:
+            raise ConfigError(f"tasks[{i}].mask: {where} has no column {task.mask!r}")
+    for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
+        if split is not None and split not in meta.splits:
+            raise ConfigError(
+                f"data: split {split!r} is not in {where} (have: {', '.join(sorted(meta.splits))})"
+            )
