@@ -71,7 +71,7 @@ def _cell(values: list[float]) -> str:
 
 def summarize(results: list[dict]) -> dict:
     def ranking_of(who: str) -> dict[str, list[float]]:
-        return {name: [r[who][name] for r in results] for name in RANKING}
+        return {name: [r[who][name.removesuffix("@10")] for r in results] for name in RANKING}
 
     tasks = {
         "rated AUC": [r["test"]["rated"]["auc"] for r in results],
