@@ -143,6 +143,7 @@ def fit(job: Job, fresh: bool) -> dict:
         "fit",
         "--config", TOWERS[job.tower],
         "--data.path", str(BENCH_DIR / f"ml100k-{SUITE}-{job.fold}"),
+        "--data.prepare.split", job.fold,
         "--run_dir", str(job.run_dir),
         "--seed", str(job.seed),
         "--trainer.num_threads", "1",

@@ -12,12 +12,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
 
-# A small synthetic data set keeps integration tests fast on 2 cores.
+# A small synthetic data set keeps integration tests fast on 2 cores. Commands pointed at
+# ``synthetic_data`` repeat this recipe (``fit_args`` does), since a data set prepared from another
+# recipe is refused.
 SMALL_SYNTHETIC = [
     "--data.prepare.num_rows", "30000",
     "--data.prepare.num_users", "600",
     "--data.prepare.num_items", "400",
     "--data.prepare.row_group_size", "2048",
+]  # fmt: skip
+
+
+# The 3,000-row recipe of ``tiny_data`` (dotted overrides): configs that use it must repeat it, since a
+# data set prepared from another recipe is refused.
+TINY_SYNTHETIC = [
+    "data.prepare.num_rows=3000", "data.prepare.num_users=300", "data.prepare.num_items=150",
+    "data.prepare.row_group_size=256", "data.prepare.num_shards=2",
 ]  # fmt: skip
 
 
@@ -56,7 +66,7 @@ def fit_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     """`towerrec fit` on the small synthetic data set."""
     return [
         "fit", "--config", "configs/default.yaml",
-        "--data.path", str(data),
+        "--data.path", str(data), *SMALL_SYNTHETIC,
         "--run_dir", str(run_dir),
         "--trainer.progress_bar", "false",
         *extra,
@@ -70,11 +80,7 @@ def tiny_data(tmp_path_factory) -> Path:
     from trainer.config import load_config
 
     path = tmp_path_factory.mktemp("tiny") / "synthetic"
-    cfg = load_config(
-        "configs/default.yaml",
-        ["data.prepare.num_rows=3000", "data.prepare.num_users=300", "data.prepare.num_items=150",
-         "data.prepare.row_group_size=256", "data.prepare.num_shards=2"],
-    )  # fmt: skip
+    cfg = load_config("configs/default.yaml", TINY_SYNTHETIC)
     prepare(cfg.data.prepare, str(path))
     return path
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tests.conftest import fit_args, run_cli
+from tests.conftest import SMALL_SYNTHETIC, fit_args, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,7 @@ def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):
         "configs/default.yaml",
         "--data.path",
         str(synthetic_data),
+        *SMALL_SYNTHETIC,
         "--trainer.progress_bar",
         "false",
     ]
@@ -62,7 +63,7 @@ def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):
     run_cli([*evaluate, "--run_dir", str(tmp_path / "eval1"), "--checkpoint", str(two)])
     assert flat(evaluation(tmp_path / "eval1")) == pytest.approx(flat(metrics(two)), rel=1e-6)
     # ... and the AUC over both ranks equals sklearn's on the single-process predictions.
-    run_cli(["predict", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), "--run_dir", str(two),
+    run_cli(["predict", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), *SMALL_SYNTHETIC, "--run_dir", str(two),
              "--output", str(tmp_path / "preds"), "--trainer.progress_bar", "false"])  # fmt: skip
     preds = pq.read_table(tmp_path / "preds")
     rows, scores = preds.column("row").to_numpy(), preds.column("ctr").to_numpy()

@@ -35,6 +35,7 @@ import math
 import numpy as np
 import pytest
 
+from tests.conftest import TINY_SYNTHETIC
 from tests.trainer import rank_jobs
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,8 @@ ESMM_TASKS = (
 
 def matrix_overrides(data, run_dir, tower: str, balancing: str, precision: str, pipeline: str) -> list[str]:
     overrides = [
-        f"data.path={data}", f"run_dir={run_dir}", "data.val_split=null", "data.test_split=null", "data.validate_on_start=false",
+        f"data.path={data}", *TINY_SYNTHETIC, f"run_dir={run_dir}", "data.val_split=null", "data.test_split=null",
+        "data.validate_on_start=false",
         f"data.batch_size={BATCH_PER_RANK}", "data.sample_weight_column=user_activity",
         f"model.tower={tower}", f"model.loss_balancing={balancing}", "model.alpha=null",
         "model.num_levels=2", f"trainer.precision={precision}", f"trainer.train_pipeline={pipeline}",
@@ -168,8 +170,8 @@ def test_two_ranks_train_the_model_one_rank_would(
 
 def resume_overrides(data, run_dir, balancing: str, pipeline: str, batch_size: int) -> list[str]:
     return [
-        f"data.path={data}", f"run_dir={run_dir}", "data.val_split=null", "data.test_split=null",
-        "data.validate_on_start=false", f"data.batch_size={batch_size}", "data.shuffle_window_rows=512",
+        f"data.path={data}", *TINY_SYNTHETIC, f"run_dir={run_dir}", "data.val_split=null",
+        "data.test_split=null", "data.validate_on_start=false", f"data.batch_size={batch_size}", "data.shuffle_window_rows=512",
         f"model.loss_balancing={balancing}", "model.alpha=null", "model.dropout=0.1",
         f"trainer.train_pipeline={pipeline}", "trainer.max_epochs=2", "checkpoint.every_n_steps=0",
         "trainer.log_every_n_steps=5", "trainer.check_replicas_every_n_steps=5",

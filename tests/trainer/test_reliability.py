@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, fit_args, run_cli
+from tests.conftest import REPO, SMALL_SYNTHETIC, fit_args, run_cli
 from trainer.distributed import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(synthetic_da
     latest = ckpt.find_latest(root)
     assert latest is not None and ckpt.is_complete(latest)
     assert (root / (root / "latest").read_text().strip()) == latest
-    run_cli(["test", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), "--run_dir", str(tmp_path / "eval"),
+    run_cli(["test", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), *SMALL_SYNTHETIC, "--run_dir", str(tmp_path / "eval"),
              "--checkpoint", str(run_dir), "--trainer.progress_bar", "false"])  # fmt: skip
     resumed = run_cli(
         fit_args(synthetic_data, run_dir, "--checkpoint.every_n_steps", "50", "--trainer.max_epochs", "3")

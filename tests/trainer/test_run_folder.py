@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fit_args, run_cli
+from tests.conftest import SMALL_SYNTHETIC, fit_args, run_cli
 from tests.trainer.test_reliability import start_fit, wait_for
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def record(run_dir: Path) -> dict[str, bytes]:
 
 
 def command(name: str, data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [name, "--config", "configs/default.yaml", "--data.path", str(data), "--run_dir", str(run_dir),
+    return [name, "--config", "configs/default.yaml", "--data.path", str(data), *SMALL_SYNTHETIC, "--run_dir", str(run_dir),
             "--trainer.progress_bar", "false", *extra]  # fmt: skip
 
 
@@ -95,7 +95,8 @@ def test_a_second_fit_on_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_no
     synthetic_data, tmp_path
 ):
     run_dir = tmp_path / "run"
-    args = fit_args(synthetic_data, run_dir, "--trainer.max_epochs", "8", "--checkpoint.every_n_steps", "20")
+    # the first fit would run far longer than the test: it is still alive when the second starts
+    args = fit_args(synthetic_data, run_dir, "--trainer.max_epochs", "1000", "--checkpoint.every_n_steps", "20")
     first = start_fit(args)
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "latest").exists())
@@ -108,5 +109,6 @@ def test_a_second_fit_on_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_no
     finally:
         if first.poll() is None:
             first.kill()
-    resumed = run_cli(args)  # the killed process's lock died with it
+    saved = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    resumed = run_cli([*args, "--trainer.max_steps", str(saved + 5)])  # the killed process's lock died with it
     assert "resuming from" in resumed.stdout
