@@ -58,7 +58,7 @@ def config_tree(
             "compile": compile_dense,
             "embedding_optimizer": {"type": "rowwise_adagrad", "lr": 0.05},
             "dense_optimizer": {"type": "adam", "lr": 0.001},
-            "progress_bar": False,
+            "progress_bar": "off",
             "log_every_n_steps": 50,
         },
         "checkpoint": {"resume": "never", "keep_last": 1},

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             max_epochs=1,
             max_steps=args.steps,
             accelerator="cpu",
-            progress_bar=False,
+            progress_bar="off",
             num_threads=max(1, NUM_THREADS // world_size),
         )
         tree["checkpoint"] = {"every_n_steps": 0, "keep_last": 1, "resume": "never"}

@@ -250,6 +250,7 @@ class Cleaner:
             "label_missing_dropped": {},
             "duplicates_dropped": 0,
             "sparse_missing_filled": {},
+            "multi_hot_missing_empty": {},
             "sparse_missing_dropped": {},
             "dense_missing_filled": {},
             "dense_missing_dropped": {},
@@ -298,6 +299,8 @@ class Cleaner:
             if self.missing_sparse == "drop":
                 self._count("sparse_missing_dropped", name, (keep & missing).sum())
                 keep &= ~missing
+            elif name in self.schema.of_kind("multi_hot"):
+                self._count("multi_hot_missing_empty", name, (keep & missing).sum())
             else:
                 self._count("sparse_missing_filled", name, (keep & missing).sum())
         dense_columns = {}
@@ -339,6 +342,29 @@ class BucketSpec:
     source: str
     edges: list[float] | None = None
     num_buckets: int | None = None
+
+
+def quantile_edges(values: np.ndarray, num_buckets: int) -> list[float]:
+    """Ascending edges: the ``num_buckets`` training quantiles, and where a value holds
+    more than one bucket's share (the zeros of ``capital_gains``) and collapses several quantiles
+    into one edge, the edges left over go to quantiles of the other values, so a mostly-zero column
+    still splits its non-zero part."""
+    cuts = np.linspace(0, 1, num_buckets + 1)[1:-1]
+    edges = set(float(q) for q in np.quantile(values, cuts))
+    spare = num_buckets - 1 - len(edges)
+    if spare > 0:
+        distinct, counts = np.unique(values, return_counts=True)
+        heavy = distinct[counts > len(values) / num_buckets]
+        rest = values[~np.isin(values, heavy)]
+        if len(rest):
+            extra = np.quantile(rest, np.linspace(0, 1, spare + 2)[1:-1])
+            edges |= set(float(q) for q in extra)
+            for v in heavy:  # each heavy value gets a bucket of its own
+                above = rest[rest > v]
+                edges.add(float(v))
+                if len(above):
+                    edges.add(float((v + above.min()) / 2))
+    return sorted(edges)
 
 
 class DenseTransforms:
@@ -392,10 +418,7 @@ class DenseTransforms:
                 and bucket.source in self.samples
                 and len(self.samples[bucket.source].values)
             ):
-                quantiles = np.quantile(
-                    self.samples[bucket.source].values, np.linspace(0, 1, bucket.num_buckets + 1)[1:-1]
-                )
-                self.edges[name] = sorted(set(float(q) for q in quantiles))
+                self.edges[name] = quantile_edges(self.samples[bucket.source].values, bucket.num_buckets)
         self.report["clip_bounds"] = {name: list(bounds) for name, bounds in self.bounds.items()}
         self.report["standardized"] = {name: list(m) for name, m in self.moments.items()}
         self.report["bucket_edges"] = dict(self.edges)
@@ -456,6 +479,7 @@ def describe_report(report: dict[str, Any]) -> list[str]:
         )
     for rule, what in (
         ("sparse_missing_filled", "missing ids set to the out-of-vocabulary row 0 in"),
+        ("multi_hot_missing_empty", "missing lists read as empty in"),
         ("sparse_missing_dropped", "rows dropped for a missing id in"),
         ("dense_missing_filled", "missing values filled in"),
         ("dense_missing_dropped", "rows dropped for a missing value in"),

@@ -165,7 +165,7 @@ class PrepareConfig:
     split_files: dict[str, str] = field(default_factory=dict)
     """``csv``/``parquet``, data that is already split: split name (``train``, ``val``, ``test``) →
     its input (file, folder, glob or URI, as ``source``). Rows stay in their split; ``split`` is not
-    used."""
+    used. Without a ``val`` entry, a seeded ``val_fraction`` of the training rows becomes val."""
     split_column: str | None = None
     """``csv``/``parquet``: a column naming each row's split (values in ``split_values``); rows stay
     in their split."""

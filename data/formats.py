@@ -557,6 +557,9 @@ def convert(
         cfg.test_fraction,
         cfg.cut_time,
         has_user=schema.user_column is not None,
+        # train and test files without a val file: val is carved from train (a split column
+        # states every row's split, val included, so nothing moves)
+        given_has_val=not cfg.split_files or "val" in cfg.split_files,
     )
     id_columns = schema.of_kind("sparse", "multi_hot")
     transforms = DenseTransforms(schema.dense_specs, schema.buckets, seed=cfg.seed)

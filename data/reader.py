@@ -16,6 +16,7 @@ resuming skips whole windows by row count without reading them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -431,3 +432,19 @@ def read_split(
         name: pa.chunked_array([c for column in cols for c in column.chunks]) for name, cols in extras.items()
     }
     return DecodedRows.concat(parts), chunked
+
+
+def read_stored_columns(meta: DatasetMeta, split: str, columns: list[str]) -> pa.Table:
+    """``columns`` of every row of ``split`` as stored (no decoding), in stored order: row r of
+    the result is the row whose ``row_id`` is r."""
+    tables = []
+    for file, groups in itertools.groupby(meta.row_groups(split), key=lambda group: group.file):
+        try:
+            tables.append(pq.ParquetFile(file).read_row_groups([g.index for g in groups], columns=columns))
+        except FileNotFoundError as err:
+            raise DataError(f"{file}: listed in metadata.json but missing") from err
+        except (KeyError, pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{file}: cannot read columns {columns} ({err})") from err
+    if not tables:
+        return pa.table({name: pa.array([], pa.int64()) for name in columns})
+    return pa.concat_tables(tables)

@@ -56,6 +56,9 @@ class ReadSpec:
     """Rows of each sparse feature's table (resolved from config or metadata)."""
     sample_weight_column: str | None = None
     skip_bad_rows: bool = False
+    vocabulary_from_metadata: frozenset[str] = frozenset()
+    """Features whose table size is the vocabulary ``metadata.json`` records: an id at or above it
+    means the metadata does not describe the shards (an error, not an out-of-vocabulary id)."""
 
     def columns(self) -> list[str]:
         names = [f.source_column for f in self.sparse] + [f.source_column for f in self.dense]
@@ -336,9 +339,24 @@ def decode_rows(
             values = np.where(negative, 0, values)
         size = spec.num_embeddings[feature.name]
         if feature.id_mapping == "vocab":
-            outside = int((values >= size).sum())
-            if outside:
-                rules.report.ids_out_of_range[feature.name] = outside
+            outside = values >= size
+            if outside.any():
+                rules.report.ids_out_of_range[feature.name] = int(outside.sum())
+                if feature.name in spec.vocabulary_from_metadata:
+                    broken = np.zeros(num_rows, dtype=bool)
+                    broken[row_of_value[outside]] = True
+                    first_id = {
+                        int(r): int(v) for r, v in zip(row_of_value[outside][::-1], values[outside][::-1])
+                    }
+                    rules.check(
+                        broken,
+                        lambda row, ids=first_id, f=feature, n=size: (
+                            f"column {f.source_column!r} has id {ids[row]}, "
+                            f"but metadata.json gives its vocabulary {n} rows (ids 0..{n - 1}): the metadata does "
+                            "not describe these shards"
+                        ),
+                        skippable=False,
+                    )
         values = map_ids(values, feature, size)
         if feature.multi_hot:
             bags.append(Jagged(values, bag.offsets))

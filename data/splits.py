@@ -61,13 +61,23 @@ def codes_from_unit(unit: np.ndarray, val_fraction: float, test_fraction: float)
 
 
 class GivenSplit:
-    """The split the input states (``data.prepare.split_files`` or ``split_column``): rows stay put."""
+    """The split the input states (``data.prepare.split_files`` or ``split_column``): rows stay put.
+    Input without validation rows (``carve_val``: e.g. train and test files only) gives a seeded
+    ``val_fraction`` of its training rows to val, as the other rules do; test rows never move."""
 
     needs_fit = False
 
+    def __init__(self, seed: int = 0, val_fraction: float = 0.0, carve_val: bool = False):
+        self.seed, self.val_fraction, self.carve_val = seed, val_fraction, carve_val
+
     def assign(self, keys: SplitKeys) -> np.ndarray:
         assert keys.given is not None, "a given split needs split codes"
-        return keys.given
+        if not (self.carve_val and self.val_fraction):
+            return keys.given
+        codes = keys.given.copy()
+        held_out = (codes == TRAIN) & (unit_hash(keys.row_index, self.seed, salt=2) < self.val_fraction)
+        codes[held_out] = VAL
+        return codes
 
 
 class RandomSplit:
@@ -197,7 +207,8 @@ def make_splitter(
     test_fraction: float,
     cut_time: float | None = None,
     has_user: bool = True,
-) -> RandomSplit | UserSplit | TimeSplit | LeaveLastOut:
+    given_has_val: bool = True,
+) -> GivenSplit | RandomSplit | UserSplit | TimeSplit | LeaveLastOut:
     """The splitter for ``data.prepare.split``; errors name the key and the allowed values."""
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
@@ -211,7 +222,7 @@ def make_splitter(
     if rule in ("user", "leave_last_out") and not has_user:
         raise ValueError(f"data.prepare.split: {rule!r} needs a user column (set data.prepare.user_column)")
     if rule == "given":
-        return GivenSplit()
+        return GivenSplit(seed, val_fraction, carve_val=not given_has_val)
     if rule == "random":
         return RandomSplit(seed, val_fraction, test_fraction)
     if rule == "user":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 OOV_ROW = 0
 
@@ -43,3 +45,41 @@ class Vocabulary:
         pos_clipped = np.minimum(pos, len(self.keys) - 1)
         found = self.keys[pos_clipped] == values
         return np.where(found, pos_clipped + 1, OOV_ROW).astype(np.int64)
+
+
+def original_ids(ids: np.ndarray, originals: np.ndarray) -> pa.Array:
+    """Data set ids (vocabulary rows) → the original ids they stand for (``originals[r - 1]`` for
+    row r); null for row 0 (out of vocabulary) and for ids past the end."""
+    ids = np.asarray(ids)
+    known = (ids >= 1) & (ids <= len(originals))
+    return pa.array(np.asarray(originals)[np.where(known, ids - 1, 0)], mask=~known)
+
+
+def rows_of_originals(raw: pa.Array, originals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Original ids as a user writes them (text or numbers) → data set ids, compared as text
+    (``"7"`` finds the integer id 7). An original not in the vocabulary gets a placeholder id past
+    its end (an out-of-vocabulary row for the model), one per distinct original.
+
+    Returns ``(ids, extended originals)``: the second lists the vocabulary then the placeholders'
+    originals, so ``original_ids(ids, extended)`` gives back every input."""
+    texts = pc.utf8_trim_whitespace(raw.cast(pa.string()))
+    known_texts = pa.array(np.asarray(originals).astype(str))
+    position = pc.fill_null(pc.index_in(texts, value_set=known_texts), -1).to_numpy().astype(np.int64)
+    ids = position + 1
+    missing = position < 0
+    extended = np.asarray(originals)
+    if missing.any():
+        unknown, inverse = np.unique(
+            np.asarray(texts.to_pylist(), dtype=object)[missing], return_inverse=True
+        )
+        ids[missing] = len(originals) + 1 + inverse
+        try:  # integer vocabularies stay integer when the unknown ids are numbers too
+            unknown = unknown.astype(extended.dtype) if extended.dtype.kind in "iu" else unknown
+        except ValueError:
+            extended = extended.astype(str)
+        extended = np.concatenate([extended.astype(object), unknown.astype(object)])
+        if np.asarray(originals).dtype.kind in "iu" and all(
+            isinstance(v, (int, np.integer)) for v in extended
+        ):
+            extended = extended.astype(np.int64)
+    return ids, extended

@@ -86,7 +86,7 @@ def read_rows(cfg: Config, meta: DatasetMeta, split: str, table_rows: dict[str, 
     extra = tuple(
         dict.fromkeys([user.source_column, item.source_column, *([interaction] if interaction else [])])
     )
-    decoded, raw = read_split(meta, split, read_spec(cfg.data, cfg.tasks, table_rows), extra)
+    decoded, raw = read_split(meta, split, read_spec(cfg.data, cfg.tasks, table_rows, meta.columns), extra)
     where = RowLocator([(meta.row_groups(split)[0], 0)]) if meta.row_groups(split) else None
 
     def ids(column: str) -> np.ndarray:

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +42,8 @@ from trainer.errors import OutputExists
 MODEL_FILE = "model.pt"
 SERVING_FILE = "serving.pt2"
 SERVING_SPEC_FILE = "serving.json"
+CLIENT_FILE = "client.py"
+VOCABULARY_FOLDER = "vocabularies"
 PREDICTION_KINDS = {"logit": "probability", "probability": "probability", "value": "value"}
 
 
@@ -167,10 +171,35 @@ def export_serving(
         return torch.export.export(serving, (dense, values, lengths), dynamic_shapes=dynamic, strict=False)
 
 
+def _raw_sparse(feature, info: dict, list_delimiter: str) -> dict[str, Any]:
+    """How a raw value of ``feature`` becomes its rows (the client replays it)."""
+    raw: dict[str, Any] = {"input": feature.input_column, "delimiter": feature.delimiter or list_delimiter}
+    if info.get("vocabulary"):
+        raw.update(mapping="vocabulary", vocabulary=f"{VOCABULARY_FOLDER}/{feature.name}.json")
+    elif info.get("mapping") == "buckets":
+        raw.update(
+            mapping="buckets", edges=info.get("edges", []), input=info.get("source", feature.input_column)
+        )
+    elif info.get("mapping") == "hash":
+        raw.update(mapping="hash", hash_buckets=int(info["num_embeddings"]) - 1)
+    else:
+        raw.update(mapping="ids")  # the data set stores the ids as they came
+    return raw
+
+
 def serving_spec(
-    cfg: Config, model: MultiTaskModel, num_embeddings: dict[str, int], checkpoint: Path
+    cfg: Config,
+    model: MultiTaskModel,
+    num_embeddings: dict[str, int],
+    checkpoint: Path,
+    columns: dict | None = None,
 ) -> dict[str, Any]:
-    """What ``serving.json`` documents: the artifact's inputs and outputs."""
+    """What ``serving.json`` documents: the artifact's inputs and outputs, and for each input how a
+    raw value becomes it (``raw``: vocabulary, hash or buckets for ids; transforms and fill for
+    numbers), which ``client.py`` replays."""
+    columns = columns or {}
+    prepare = cfg.data.prepare
+    list_delimiter = prepare.list_delimiter if prepare is not None else "|"
     sparse = [
         {
             "name": f.name,
@@ -184,13 +213,29 @@ def serving_spec(
             "lengths_dtype": "int64",
             "id_range": [0, num_embeddings[f.name] - 1],
             "out_of_vocabulary_id": 0,
+            "raw": _raw_sparse(f, columns.get(f.source_column, {}), list_delimiter),
         }
         for f in cfg.data.sparse
     ]
     dense = [
-        {"name": f.name, "column": f.source_column, "side": f.side, "dtype": "float32"}
+        {
+            "name": f.name,
+            "column": f.source_column,
+            "side": f.side,
+            "dtype": "float32",
+            "raw": {
+                "input": f.source_column,
+                "transforms": columns.get(f.source_column, {}).get("transforms", []),
+                "fill": f.fill_nan if f.fill_nan is not None else (prepare.dense_fill if prepare else 0.0),
+            },
+        }
         for f in cfg.data.dense
     ]
+    csv_options = prepare.csv if prepare is not None and prepare.format == "csv" else None
+    missing = {
+        "tokens": ["", *(csv_options.null_values if csv_options else [])],
+        "strip": csv_options.strip if csv_options else True,
+    }
     outputs = [
         {"task": task.name, "type": task.type, "kind": PREDICTION_KINDS[kind]}
         for task, kind in zip(cfg.tasks, model.output_kinds)
@@ -205,12 +250,14 @@ def serving_spec(
             "values": "list over sparse features (this order) of int64 (N_f,): ids of all rows concatenated",
             "lengths": "list over sparse features (this order) of int64 (B,): ids per row",
             "sparse": sparse,
+            "missing": missing,
         },
         "outputs": {"shape": ["B", len(outputs)], "dtype": "float32", "columns": outputs},
         "id_note": (
-            "ids are embedding rows: vocab features hold the prepared data set's ids (values >= "
-            "num_embeddings must be sent as 0); hash features must be hashed as data.reader does"
+            "the program takes embedding rows and prepared dense values; client.py maps raw ids and raw "
+            "values to them as each input's 'raw' entry says (vocabularies in vocabularies/)"
         ),
+        "client": "from client import Scorer; Scorer(folder).score([{input column: raw value, ...}, ...])",
     }
 
 
@@ -224,8 +271,17 @@ def export(cfg: Config, checkpoint: str | Path | None, output: str | Path) -> Pa
         raise OutputExists(f"--output: {out} is not empty; towerrec never writes over an earlier export")
     torch.save({key: value.detach().clone() for key, value in model.state_dict().items()}, out / MODEL_FILE)
     torch.export.save(export_serving(model, len(cfg.data.dense)), out / SERVING_FILE)
-    spec = serving_spec(cfg, model, num_embeddings, path)
+    meta = dataset_meta_if_present(cfg.data.path)
+    columns = meta.columns if meta is not None else {}
+    spec = serving_spec(cfg, model, num_embeddings, path, columns)
+    for feature in spec["inputs"]["sparse"]:
+        if feature["raw"]["mapping"] == "vocabulary":
+            originals = meta.vocabulary(feature["column"])
+            file = out / feature["raw"]["vocabulary"]
+            file.parent.mkdir(exist_ok=True)
+            file.write_text(json.dumps(np.asarray(originals).tolist()))
     (out / SERVING_SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    shutil.copyfile(Path(__file__).parent / "templates" / "client.py", out / CLIENT_FILE)
     return out
 
 

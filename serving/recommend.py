@@ -22,17 +22,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from data.dataset import DatasetMeta
+from data.vocab import original_ids, rows_of_originals
 from serving.catalogue import id_feature, load_catalogue
 from serving.scoring import TopK, recommend
 from trainer.config import Config
 from trainer.errors import RecommendError
-
-
-def original_ids(ids: np.ndarray, vocabulary: np.ndarray) -> pa.Array:
-    """Data set ids (vocabulary rows) → the original ids they encode; null for row 0 (unseen) and
-    for ids outside the vocabulary."""
-    known = (ids >= 1) & (ids <= len(vocabulary))
-    return pa.array(np.asarray(vocabulary)[np.where(known, ids - 1, 0)], mask=~known)
 
 
 def to_table(
@@ -86,39 +80,48 @@ def write_table(table: pa.Table, path: str | Path) -> Path:
     return path
 
 
-def read_ids(path: str | Path, column: str, flag: str) -> np.ndarray:
-    """Ids from a Parquet file (column ``column``, or its only column) or a text/CSV file (one id
-    per line; a first line that is not a number is a header naming the columns)."""
+def read_ids(path: str | Path, column: str, flag: str) -> pa.Array:
+    """Ids as the user wrote them (any type), from a ``.parquet`` file (column ``column``, or its
+    only column), a ``.csv`` file (a header line naming the columns; ``column`` or the only one) or
+    any other file as text: one id per line, no header. Empty lines and nulls are skipped."""
     path = Path(path)
     if not path.exists():
         raise RecommendError(f"{flag}: {path} does not exist")
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-        name = (
-            column
-            if column in table.column_names
-            else (table.column_names[0] if table.num_columns == 1 else None)
-        )
-        if name is None:
+    if path.suffix in (".parquet", ".csv"):
+        try:
+            table = (
+                pq.read_table(path)
+                if path.suffix == ".parquet"
+                else pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+            )
+        except (pa.ArrowInvalid, OSError) as err:
+            raise RecommendError(f"{flag}: {path} cannot be read ({err})") from err
+        if column in table.column_names:
+            name = column
+        elif table.num_columns == 1:
+            name = table.column_names[0]
+        else:
             raise RecommendError(
                 f"{flag}: {path} has no column {column!r} (columns: {', '.join(table.column_names)})"
             )
-        if not pa.types.is_integer(table.column(name).type):
-            raise RecommendError(
-                f"{flag}: {path} column {name!r} has type {table.column(name).type}, expected integer ids"
-            )
-        return np.asarray(table.column(name).drop_null().to_numpy(), dtype=np.int64)
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    field = 0
-    if lines and not lines[0].split(",")[0].strip().lstrip("-").isdigit():
-        header = [h.strip() for h in lines.pop(0).split(",")]
-        if column not in header and len(header) > 1:
-            raise RecommendError(f"{flag}: {path} header has no column {column!r} ({', '.join(header)})")
-        field = header.index(column) if column in header else 0
+        return table.column(name).combine_chunks().drop_null()
+    return pa.array([line.strip() for line in path.read_text().splitlines() if line.strip()], pa.string())
+
+
+def dataset_ids(
+    raw: pa.Array, vocabulary: np.ndarray | None, flag: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw ids → data set ids: through the saved vocabulary when the data set has one (unknown
+    originals get placeholder ids, scored as out-of-vocabulary), else the ids themselves (integers).
+    Returns the ids and the originals to print them with."""
+    if vocabulary is not None:
+        return rows_of_originals(raw, vocabulary)
     try:
-        return np.array([int(line.split(",")[field]) for line in lines], dtype=np.int64)
-    except (ValueError, IndexError) as err:
-        raise RecommendError(f"{flag}: {path} must hold one integer id per line ({err})") from err
+        return np.asarray(raw.cast(pa.int64()).to_numpy(), dtype=np.int64), None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise RecommendError(
+            f"{flag}: the data set stores these ids as integers and keeps no vocabulary, so ids must be integers ({err})"
+        ) from err
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -131,32 +134,25 @@ def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
     output = check_output(args.output) if args.output else None
     meta = DatasetMeta.load(cfg.data.path)
     rec = cfg.recommend
-    user_ids = (
-        None
-        if args.users == "all"
-        else read_ids(
-            args.users, id_feature(cfg, rec.user_feature, "recommend.user_feature").source_column, "--users"
-        )
-    )
-    candidate_ids = (
-        None
-        if not args.candidates
-        else read_ids(
-            args.candidates,
-            id_feature(cfg, rec.item_feature, "recommend.item_feature").source_column,
-            "--candidates",
-        )
-    )
+    requested, vocabularies = {}, {}
+    for side, name, flag, given in (
+        ("user", rec.user_feature, "--users", None if args.users == "all" else args.users),
+        ("item", rec.item_feature, "--candidates", args.candidates or None),
+    ):
+        column = id_feature(cfg, name, f"recommend.{side}_feature").source_column
+        vocabularies[side] = meta.vocabulary(column)
+        requested[side] = None
+        if given is not None:
+            requested[side], vocabularies[side] = dataset_ids(
+                read_ids(given, column, flag), vocabularies[side], flag
+            )
+    user_ids, candidate_ids = requested["user"], requested["item"]
     started = time.perf_counter()
     catalogue = load_catalogue(cfg, meta, extra_users=user_ids, extra_items=candidate_ids)
     model, path = load_unsharded_model(cfg, args.checkpoint, catalogue.num_embeddings)
     loaded = time.perf_counter()
     users, candidates, result = recommend(cfg, model, catalogue, user_ids, candidate_ids)
     scored = time.perf_counter()
-    vocabularies = {
-        side: meta.vocabulary(id_feature(cfg, name, f"recommend.{side}_feature").source_column)
-        for side, name in (("user", rec.user_feature), ("item", rec.item_feature))
-    }
     out = write_table(
         to_table(users, candidates, result, model.task_names, vocabularies),
         output or new_output(Path(cfg.run_dir) / "recommendations", f"top{rec.k}-{path.name}", ".parquet"),

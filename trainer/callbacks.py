@@ -89,3 +89,83 @@ class Throughput(L.Callback):
             pl_module.log(
                 "samples_per_s", self._samples / elapsed, prog_bar=True, batch_size=batch.batch_size
             )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+SUMMARY_METRICS = ("auc", "rmse", "logloss", "loss")
+
+
+class LineProgress(L.Callback):
+    """Rank 0 prints a line every ``every_n_steps`` training steps (epoch, step, loss, samples/s
+    over all ranks, ETA of the epoch) and one at the end of each epoch and evaluation, for output
+    that goes to a file."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self._epoch_start: float | None = (
+            None  # None until the epoch's first batch (also mid-epoch, on resume)
+        )
+        self._samples = 0
+        self._steps = 0
+
+    def _print(self, trainer: L.Trainer, text: str) -> None:
+        if trainer.is_global_zero:
+            print(f"[towerrec] {text}", flush=True)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start, self._samples, self._steps = time.perf_counter(), 0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._epoch_start is None:  # a resumed epoch: Lightning does not call on_train_epoch_start
+            self._epoch_start, self._samples, self._steps = time.perf_counter(), 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._samples += batch.batch_size * trainer.world_size
+        self._steps += 1
+        if (trainer.global_step - 1) % self.every_n_steps:  # the steps whose loss the module logged
+            return
+        elapsed = time.perf_counter() - self._epoch_start
+        total = trainer.num_training_batches
+        rate = self._samples / elapsed if elapsed > 0 else float("nan")
+        remaining = (
+            f" · ETA {_duration(elapsed / self._steps * (total - batch_idx - 1))}"
+            if isinstance(total, int) and self._steps
+            else ""
+        )
+        loss = trainer.callback_metrics.get("train/loss")
+        shown = f" · loss {float(loss):.4f}" if loss is not None else ""
+        self._print(
+            trainer,
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {batch_idx + 1}/{total}"
+            f"{shown} · {rate:,.0f} samples/s{remaining}",
+        )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._epoch_start is None:
+            return
+        elapsed = time.perf_counter() - self._epoch_start
+        self._epoch_start = None
+        loss = trainer.callback_metrics.get("train/loss")
+        shown = f", last loss {float(loss):.4f}" if loss is not None else ""
+        rate = self._samples / elapsed if elapsed > 0 else float("nan")
+        self._print(
+            trainer,
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done: {self._steps} steps in "
+            f"{_duration(elapsed)} ({rate:,.0f} samples/s){shown}; global step {trainer.global_step}",
+        )
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        shown = [
+            f"{name}={float(value):.4f}"
+            for name, value in sorted(trainer.callback_metrics.items())
+            if name.startswith("val/") and name.rsplit("/", 1)[-1] in SUMMARY_METRICS and value.numel() == 1
+        ]
+        if shown:
+            self._print(trainer, "validation: " + "  ".join(shown))

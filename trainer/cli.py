@@ -19,6 +19,7 @@ import sys
 from trainer.commands import COMMANDS, parser
 from trainer.config import dump_yaml, load_config
 from trainer.errors import ConfigError, PeerLost, exit_code
+from trainer.logs import configure_logging
 
 
 def _overrides(extra: list[str]) -> list[str]:
@@ -40,6 +41,7 @@ def _overrides(extra: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parser().parse_known_args(argv)
     command = COMMANDS[args.command]
+    configure_logging()
     try:
         if not command.needs_config:
             if extra:

@@ -78,6 +78,41 @@ def _recommend_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _init_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source", required=True, help="CSV/Parquet file, folder, glob or URI to read columns from"
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        help='label column (repeat for several tasks), or NAME=EXPRESSION, e.g. "like=rating >= 4"',
+    )
+    parser.add_argument("--output", help="config file to write, new (default: <source name>.yaml)")
+    parser.add_argument("--user", help="user id column (default: a column named user, user_id, uid, ...)")
+    parser.add_argument(
+        "--item", help="item id column (default: a column named item, item_id, product, sku, ...)"
+    )
+    parser.add_argument("--delimiter", help="CSV delimiter (default: the most common of , tab ; | in line 1)")
+    parser.add_argument(
+        "--no-header",
+        action="store_true",
+        help="the CSV has no header line (columns named by --column-names, else c0, c1, ...)",
+    )
+    parser.add_argument(
+        "--column-names", help="comma-separated names of a headerless CSV's columns, in order"
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="column to leave out (repeat): one a label is derived from, a sample weight, ...",
+    )
+    parser.add_argument(
+        "--sample-rows", type=int, default=100_000, help="rows read to decide (default 100000)"
+    )
+
+
 def _rank_eval_flags(parser: argparse.ArgumentParser) -> None:
     _k_flag(parser)
     parser.add_argument(
@@ -154,6 +189,8 @@ COMMANDS: dict[str, Command] = {
                          "serving.ranking:run_rank_eval", _rank_eval_flags, _k_override, checkpoint=True),
     "report": Command("learning-curve and test-metric PNGs plus report.md for a run folder",
                       "trainer.report:run_report", _report_flags),
+    "init": Command("write a commented starter config from a CSV/Parquet file's columns",
+                    "trainer.starter:run_init", _init_flags, needs_config=False),
     "config": Command("list every config key with its type, default and meaning",
                       "trainer.config_reference:run_config", _config_flags, needs_config=False),
 }  # fmt: skip

@@ -160,8 +160,10 @@ class TrainerConfig:
     """``lightning`` (Lightning's own step), ``sparse_dist`` (TorchRec's TrainPipelineSparseDist:
     on CUDA it overlaps the next batches' copy and embedding input all-to-all with compute), or
     ``auto`` (sparse_dist on CUDA, lightning on CPU, where there is nothing to overlap)."""
-    progress_bar: bool = True
-    """Show a progress bar with samples/s."""
+    progress_bar: bool | Literal["auto", "off"] = "auto"
+    """``auto``: a progress bar (with samples/s) when the output is a terminal, else a plain line
+    every ``log_every_n_steps`` steps and per epoch (loss, samples/s, ETA); ``true``: always the
+    bar; ``false``: always the lines; ``off``: neither (benchmarks)."""
 
     def check(self) -> None:
         positive("devices", self.devices)

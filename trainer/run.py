@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import subprocess
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from data.validate import validate_dataset
-from trainer.callbacks import ReplicaCheck, StepCheckpoint, Throughput
+from trainer.callbacks import LineProgress, ReplicaCheck, StepCheckpoint, Throughput
 from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
 from trainer.datamodule import ParquetDataModule, read_spec
 from trainer.datasets import check_data_against_config, ensure_dataset
@@ -26,6 +25,7 @@ from trainer.distributed.environment import launch_environment, launcher_rank, s
 from trainer.distributed.faults import diagnose_collective_failure, ignore_late_signals, take_over_signals
 from trainer.distributed.strategy import TorchRecStrategy
 from trainer.errors import EXIT_PREEMPTED
+from trainer.logs import configure_logging, progress_style
 from trainer.module import MultiTaskModule, PipelinedMultiTaskModule
 from trainer.run_folder import (
     AppendingCSVLogger,
@@ -38,9 +38,6 @@ from trainer.run_folder import (
 
 # Evaluation metrics are computed on predictions gathered from all ranks, so they are already global;
 # Lightning cannot know that and suggests sync_dist. The srun hint fires whenever slurm is installed.
-warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
-warnings.filterwarnings("ignore", message=r".*The `srun` command is available.*")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def versions() -> dict[str, str]:
@@ -124,6 +121,7 @@ def build(
     """Returns (trainer, module, datamodule, checkpoint callback) for ``cfg``. ``log_dir``: where
     the CSV and TensorBoard logs go (``fit``: the run folder); None logs nothing (evaluations
     write their own results)."""
+    configure_logging()  # again: Lightning, now imported, set up loggers of its own
     env = launch_environment(cfg.trainer)
     validate_for_device(cfg, env.accelerator)
     set_threads(cfg.trainer.num_threads, env.devices)
@@ -141,7 +139,7 @@ def build(
                 f"{meta.root} has only {meta.num_rows(split)} rows (every rank needs at least one)"
             )
     table_rows = meta.table_rows(cfg.data.sparse)
-    spec = read_spec(cfg.data, cfg.tasks, table_rows)
+    spec = read_spec(cfg.data, cfg.tasks, table_rows, meta.columns)
     if cfg.data.validate_on_start:
         validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
     pipeline = cfg.trainer.train_pipeline
@@ -152,7 +150,10 @@ def build(
     module = (PipelinedMultiTaskModule if pipelined else MultiTaskModule)(cfg, table_rows)
     run_dir = Path(cfg.run_dir)
     checkpointing = StepCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps)
+    progress = progress_style(cfg.trainer.progress_bar)
     callbacks = [checkpointing, Throughput(), RunInfo(cfg), *(extra_callbacks or [])]
+    if progress == "lines":
+        callbacks.append(LineProgress(cfg.trainer.log_every_n_steps))
     if cfg.trainer.check_replicas_every_n_steps:
         callbacks.append(ReplicaCheck(cfg.trainer.check_replicas_every_n_steps))
     if cfg.trainer.early_stopping_patience:
@@ -193,7 +194,7 @@ def build(
         else False,
         callbacks=callbacks,
         enable_checkpointing=False,
-        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_progress_bar=progress == "bar",
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
@@ -347,9 +348,51 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+def _stored_names(meta, split: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    groups = meta.row_groups(split)
+    return pq.ParquetFile(groups[0].file).schema_arrow.names if groups else []
+
+
+def row_context(cfg: Config, split: str, rows) -> dict:
+    """What a prediction row is about: the user and item ids as the source data wrote them
+    (through the saved vocabularies), the columns kept as ``other`` (e.g. a timestamp or a key to
+    join on) and each task's label as ``<task>_label``."""
+    from data.dataset import DatasetMeta
+    from data.reader import read_stored_columns
+    from data.vocab import original_ids
+
+    meta = DatasetMeta.load(cfg.data.path)
+    by_name = {f.name: f for f in cfg.data.sparse}
+    ids = [
+        by_name[n].source_column
+        for n in (cfg.recommend.user_feature, cfg.recommend.item_feature)
+        if n in by_name
+    ]
+    labels = {f"{task.name}_label": task.label_column for task in cfg.tasks}
+    kept = [
+        name
+        for name, kind in (cfg.data.prepare.columns if cfg.data.prepare else {}).items()
+        if kind == "other"
+    ]
+    stored_names = _stored_names(meta, split)
+    kept = [name for name in kept if name in stored_names]
+    stored = read_stored_columns(meta, split, list(dict.fromkeys([*ids, *labels.values(), *kept]))).take(rows)
+    context = {name: stored.column(name).combine_chunks() for name in kept if name not in ids}
+    for column in ids:
+        vocabulary = meta.vocabulary(column)
+        values = stored.column(column).combine_chunks()
+        context[column] = values if vocabulary is None else original_ids(values.to_numpy(), vocabulary)
+    for name, column in labels.items():
+        context[name] = stored.column(column).combine_chunks()
+    return context
+
+
 def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str | None) -> int:
     """Scores a split with a checkpoint; each rank writes ``part-rankNNNNN.parquet`` with the
-    row's position in the split (``row``) and one prediction column per task, into ``output``
+    row's position in the split (``row``), its user and item ids as the source wrote them, each
+    task's label (``<task>_label``) and one prediction column per task, into ``output``
     (which must not hold anything yet) or a new ``<run_dir>/predictions/<split>-<checkpoint>``."""
     import numpy as np
     import pyarrow as pa
@@ -371,7 +414,7 @@ def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str 
     row_id = torch.cat([o["row_id"] for o in outputs]).numpy()
     preds = torch.cat([o["predictions"] for o in outputs]).numpy()
     keep = row_id >= 0
-    columns = {"row": pa.array(row_id[keep])}
+    columns = {"row": pa.array(row_id[keep]), **row_context(cfg, split, row_id[keep])}
     for t, name in enumerate(module.task_names):
         columns[name] = pa.array(np.ascontiguousarray(preds[keep, t]))
     pq.write_table(pa.table(columns), out_dir / f"part-rank{trainer.global_rank:05d}.parquet")

@@ -257,3 +257,28 @@ def test_generic_config_and_header_errors(tmp_path):
     with pytest.raises(DataError, match="unknown format 'tsv'"):
         prepare(PrepareConfig(format="tsv"), str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_metadata_that_does_not_describe_the_shards_is_an_error(tmp_path):
+    """A vocabulary size below the ids in the shards, or a label range that excludes labels
+    present, is reported by the up-front validation (it would otherwise train silently)."""
+    import json
+
+    from data.config import DataConfig
+    from models.config import TaskConfig
+    from trainer.datamodule import read_spec
+
+    meta = build(tmp_path / "d")
+    raw = json.loads((meta.root / "metadata.json").read_text())
+    raw["columns"]["user_id"]["num_embeddings"] = 5  # the shards hold ids up to 9
+    raw["columns"]["rating"].update(min=1.0, max=3.0)  # the shards hold ratings up to 5
+    (meta.root / "metadata.json").write_text(json.dumps(raw))
+    meta = DatasetMeta.load(meta.root)
+    data = DataConfig(sparse=[SparseFeature("user_id"), SparseFeature("genres", multi_hot=True)],
+                      dense=[DenseFeature("price")])  # fmt: skip
+    tasks = [TaskConfig("rating", type="regression"), TaskConfig("click")]
+    spec = read_spec(data, tasks, meta.table_rows(data.sparse), meta.columns)
+    with pytest.raises(DataError) as err:
+        validate_dataset(meta, spec)
+    assert "column 'user_id' has id 5, but metadata.json gives its vocabulary 5 rows" in str(err.value)
+    assert "label column 'rating' has value 4.0 outside [1.0, 3.0]" in str(err.value)

@@ -45,10 +45,8 @@ def test_report_counts_fill():
     assert report["rows_in"] == 6 and report["rows_out"] == 3
     assert report["label_missing_dropped"] == {"rating": 1, "click": 0}
     assert report["duplicates_dropped"] == 2  # rows 3 and 5 repeat row 0
-    assert report["sparse_missing_filled"] == {
-        "user": 0,
-        "tags": 1,
-    }  # row 2 (null user) was dropped for its label
+    assert report["sparse_missing_filled"] == {"user": 0}  # row 2 (null user) was dropped for its label
+    assert report["multi_hot_missing_empty"] == {"tags": 1}  # a null list reads as an empty bag
     assert report["dense_missing_filled"] == {"price": 2}
     assert rows.tolist() == [0, 1, 4]
     assert out.column("price").to_pylist() == [1.0, -1.0, -1.0]
@@ -117,3 +115,17 @@ def test_bottom_k_sample_is_exact_below_capacity_and_bounded_above():
     small = BottomKSample(capacity=1000)
     small.add(np.arange(11, dtype=np.float64), np.arange(11))
     assert small.quantile(0.5) == 5.0
+
+
+def test_quantile_buckets_of_a_mostly_zero_column_still_split_its_non_zero_values():
+    from data.cleaning import quantile_edges
+
+    values = np.r_[np.zeros(950), np.random.default_rng(0).lognormal(8, 1, 50)]
+    plain = sorted(set(np.quantile(values, np.linspace(0, 1, 9)[1:-1]).tolist()))
+    assert len(plain) <= 2  # the zeros swallow the quantiles
+    edges = quantile_edges(values, 8)
+    assert edges[0] == 0.0 and edges == sorted(edges)
+    ids = np.searchsorted(edges, values, side="right")
+    assert set(ids[:950]) == {1}  # zero: a bucket of its own
+    assert 1 not in ids[950:] and len(np.unique(ids[950:])) >= 6  # the rest spread over the spare buckets
+    assert quantile_edges(np.arange(100.0), 4) == pytest.approx([24.75, 49.5, 74.25])

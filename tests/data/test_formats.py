@@ -332,8 +332,11 @@ def test_pre_split_files_and_a_split_column_keep_every_row_in_its_split(tmp_path
          "num_shards": 1, "columns": {"ts": "other"}},
         SHOP_SPARSE, [], SHOP_TASKS,
     )  # fmt: skip
-    assert meta.num_rows("train") == 200 and meta.num_rows("test") == 100 and meta.num_rows("val") == 0
+    assert meta.num_rows("test") == 100 and meta.num_rows("train") + meta.num_rows("val") == 200
     assert set(read_split(meta, "test").column("ts").cast(pa.int64()).to_numpy()) == set(range(200, 300))
+    # no val file: val_fraction of the training rows (never a test row) is held out for validation
+    assert 5 <= meta.num_rows("val") <= 40
+    assert set(read_split(meta, "val").column("ts").cast(pa.int64()).to_numpy()) < set(range(200))
     # the same rows with a split column
     column = [lines[0] + ",part"] + [
         f"{line},{'train' if k < 200 else 'test'}" for k, line in enumerate(lines[1:])

@@ -15,7 +15,7 @@ from data.rows import DecodedRows
 from serving.catalogue import Entities, Rows, load_catalogue
 from serving.export import build_unsharded_model
 from serving.ranking import evaluate_ranking, predict_rows
-from serving.recommend import read_ids, to_table, write_table
+from serving.recommend import dataset_ids, read_ids, to_table, write_table
 from serving.scoring import ModelScorer, recommend, top_k
 from trainer.config import load_config
 from trainer.errors import RecommendError
@@ -127,8 +127,8 @@ def test_unknown_ids_and_k_larger_than_candidates(setup, tmp_path):
     users_file.write_text("user_id\n1\n999999\n")
     candidates_file = tmp_path / "items.txt"
     candidates_file.write_text(f"{known_item}\n888888\n2\n")
-    user_ids = read_ids(users_file, "user_id", "--users")
-    candidate_ids = read_ids(candidates_file, "item_id", "--candidates")
+    user_ids, _ = dataset_ids(read_ids(users_file, "user_id", "--users"), None, "--users")
+    candidate_ids, _ = dataset_ids(read_ids(candidates_file, "item_id", "--candidates"), None, "--candidates")
     catalogue = load_catalogue(cfg, meta, extra_users=user_ids, extra_items=candidate_ids)
     assert not catalogue.users.known[catalogue.users.positions(np.array([999999]))[0]]
     users, items, result = recommend(cfg, model, catalogue, user_ids, candidate_ids, k=10)
@@ -266,7 +266,7 @@ def test_sampled_negatives_are_not_seen_and_not_popularity(setup, tmp_path):
 
 
 def test_original_ids_come_from_the_saved_vocabulary():
-    from serving.recommend import original_ids
+    from data.vocab import original_ids
 
     vocabulary = np.array([10, 20, 35])  # rows 1, 2, 3
     assert original_ids(np.array([2, 0, 3, 7, 1]), vocabulary).to_pylist() == [20, None, 35, None, 10]

@@ -7,6 +7,7 @@ Each function takes the config sections it reads (``sharding``, an optimizer), n
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -14,8 +15,15 @@ import torch
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    PlannerError,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import RowWiseAdagrad
@@ -90,8 +98,14 @@ class ClusterSpec:
 
 
 def make_planner(
-    sharding: ShardingConfig, batch_size: int, tables: list[EmbeddingBagConfig], cluster: ClusterSpec
+    sharding: ShardingConfig,
+    batch_size: int,
+    tables: list[EmbeddingBagConfig],
+    cluster: ClusterSpec,
+    dense_bytes: int | None = None,
 ) -> EmbeddingShardingPlanner:
+    """TorchRec's planner for ``cluster``. ``dense_bytes``: memory the dense part needs per rank
+    (parameters, gradients, optimizer state); reserved before tables are placed."""
     memory = cluster.memory_gb_per_device or sharding.hbm_gb
     hbm_cap = ddr_cap = None
     if cluster.device_type == "cuda":
@@ -100,18 +114,30 @@ def make_planner(
         ddr_cap = int(ddr_gb * GB) if ddr_gb else None
     else:
         ddr_cap = int(memory * GB) if memory else None
-    topology = Topology(
-        world_size=cluster.world_size,
-        compute_device=cluster.device_type,
-        hbm_cap=hbm_cap,
-        ddr_cap=ddr_cap,
-        local_world_size=cluster.local_world_size,
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(
+            world_size=cluster.world_size,
+            local_world_size=cluster.local_world_size,
+            hbm_cap_bytes=hbm_cap,
+            ddr_cap_bytes=ddr_cap,
+        ),
+        kernel_config=KernelConfig(compute_device=cluster.device_type),
     )
+    with warnings.catch_warnings():  # warns on construction, whatever the arguments
+        warnings.filterwarnings("ignore", message="HeuristicalStorageReservation", category=FutureWarning)
+        reservation = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=dense_bytes)
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
         constraints=planner_constraints(sharding, tables, cluster.device_type),
+        storage_reservation=reservation,
     )
+
+
+def dense_memory_bytes(model: nn.Module) -> int:
+    """Parameters, gradients and two Adam moments of the model's dense (non-embedding) part, fp32."""
+    dense = sum(p.numel() for name, p in model.named_parameters() if "embedding_bags" not in name)
+    return 4 * 4 * dense
 
 
 def sharders(sharding: ShardingConfig) -> list:
@@ -131,7 +157,7 @@ def plan_for_cluster(
     process_group=None,
 ) -> ShardingPlan:
     """Runs TorchRec's planner; with a process group all ranks agree on one plan (collective)."""
-    planner = make_planner(sharding, batch_size, tables, cluster)
+    planner = make_planner(sharding, batch_size, tables, cluster, dense_memory_bytes(model))
     try:
         if process_group is not None:
             return planner.collective_plan(model, sharders(sharding), process_group)

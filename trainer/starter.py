@@ -1,0 +1,468 @@
+"""``towerrec init``: read a CSV/Parquet file's columns and write a commented starter config that
+trains as is.
+
+    towerrec init --source shop.csv --label click --label purchase --output shop.yaml
+    towerrec init --source logs/ --label "like=rating >= 4" --label rating --user uid --item movie
+
+Each column becomes one thing, decided from a sample of rows and said in a comment beside it:
+a label (``--label``: 0/1 values → a binary task, other numbers → regression), the user and item
+ids (by name, or ``--user``/``--item``), an id feature (text, integer codes, ``*_id`` names), a bag
+of ids (text with ``|`` inside), a number (standardised; ``log1p`` first when heavy-tailed), the
+time (kept to split on) or a split column; constant and one-per-row text columns are left out.
+Features that never change for a user (item) get ``side: user`` (``item``), which
+``towerrec recommend`` needs. Nothing is dropped or rewritten without a line in the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from data.errors import DataError
+from trainer.errors import ConfigError, OutputExists
+
+SAMPLE_ROWS = 100_000
+USER_NAMES = (
+    "user",
+    "user_id",
+    "userid",
+    "uid",
+    "customer",
+    "customer_id",
+    "visitor",
+    "visitor_id",
+    "member_id",
+)
+ITEM_NAMES = ("item", "item_id", "itemid", "iid", "product", "product_id", "sku", "movie", "movie_id", "ad", "ad_id",
+              "video_id", "song_id", "article_id", "offer_id")  # fmt: skip
+TIME_NAMES = ("ts", "time", "timestamp", "date", "datetime", "event_time", "created_at", "unix_time")
+SPLIT_NAMES = ("split", "fold", "set", "subset", "partition")
+SPLIT_VALUES = {"train", "val", "valid", "validation", "test"}
+MISSING_TOKENS = ("NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "?", "-")
+CODES_MAX = 32
+"""Integer columns with at most this many distinct values are codes (an embedding), not numbers."""
+
+
+@dataclass
+class Column:
+    name: str
+    kind: str  # label, user, item, sparse, multi_hot, dense, time, split, skip
+    why: str
+    cardinality: int = 0
+    side: str | None = None
+    transforms: list[str] = field(default_factory=list)
+    task_type: str | None = None
+    label_range: tuple[float, float] | None = None
+    expression: str | None = None
+    fill: float | None = None
+
+
+def embedding_dim(cardinality: int) -> int:
+    """Grows like n^0.56 (a common rule for categorical embeddings), between 4 and 32, a multiple of 4."""
+    return int(min(32, max(4, 4 * round(1.6 * max(cardinality, 2) ** 0.56 / 4))))
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_sample(
+    source: str, delimiter: str | None, header: bool, rows: int, column_names: list[str] | None = None
+) -> tuple[pa.Table, str, dict]:
+    """The first ``rows`` rows of the source's first file (every cell as text for CSV), its format,
+    and the CSV options found (delimiter, header, column names)."""
+    from data.formats import _open, input_files
+
+    files = input_files(source, key="--source")
+    first = files[0]
+    if str(first).endswith(".parquet") or Path(str(first)).suffix == ".parquet":
+        file = pq.ParquetFile(first.open() if hasattr(first, "filesystem") else first)
+        batches = []
+        for batch in file.iter_batches(batch_size=min(rows, 65536)):
+            batches.append(batch)
+            if sum(b.num_rows for b in batches) >= rows:
+                break
+        if not batches:
+            raise DataError(f"{first}: no rows")
+        return pa.Table.from_batches(batches).slice(0, rows), "parquet", {}
+    with _open(first) as stream:
+        head = stream.read(1 << 16).decode("utf-8", errors="replace")
+    lines = head.splitlines()
+    if not lines:
+        raise DataError(f"{first}: empty file")
+    if delimiter is None:
+        counts = {d: lines[0].count(d) for d in (",", "\t", ";", "|")}
+        delimiter = max(counts, key=counts.get)
+        if counts[delimiter] == 0:
+            raise DataError(f"{first}: line 1 has no ',', tab, ';' or '|' (pass --delimiter)")
+    width = len(lines[0].split(delimiter))
+    names = None if header else (column_names or [f"c{k}" for k in range(width)])
+    if names is not None and len(names) != width:
+        raise ConfigError(f"--column-names: {len(names)} names for {width} columns in line 1 of {first}")
+    read_options = pacsv.ReadOptions(column_names=names, block_size=1 << 22)
+    parse = pacsv.ParseOptions(delimiter=delimiter)
+    convert = pacsv.ConvertOptions(strings_can_be_null=False, null_values=[], column_types={})
+    try:
+        with _open(first) as stream:
+            reader = pacsv.open_csv(stream, read_options, parse, convert)
+            schema = reader.schema
+            convert = pacsv.ConvertOptions(
+                column_types=dict.fromkeys(schema.names, pa.string()), null_values=[]
+            )
+        with _open(first) as stream:
+            reader = pacsv.open_csv(stream, read_options, parse, convert)
+            batches = []
+            for batch in reader:
+                batches.append(batch)
+                if sum(b.num_rows for b in batches) >= rows:
+                    break
+    except pa.ArrowInvalid as err:
+        raise DataError(
+            f"{first}: cannot read as CSV with delimiter {delimiter!r} ({str(err).splitlines()[0]})"
+        ) from err
+    table = pa.Table.from_batches(batches).slice(0, rows)
+    table = pa.table({name: pc.utf8_trim_whitespace(table.column(name)) for name in table.column_names})
+    return table, "csv", {"delimiter": delimiter, "header": header, "column_names": names}
+
+
+def _numbers(column: pa.ChunkedArray, missing: set[str]) -> np.ndarray | None:
+    """The column as float64 (NaN for empty cells and ``missing`` tokens), or None if it is text."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        if (
+            pa.types.is_integer(column.type)
+            or pa.types.is_floating(column.type)
+            or pa.types.is_boolean(column.type)
+        ):
+            return np.asarray(pc.fill_null(column.cast(pa.float64()), np.nan), dtype=np.float64)
+        return None
+    text = pc.if_else(
+        pc.is_in(column, value_set=pa.array(["", *missing])), pa.scalar(None, pa.string()), column
+    )
+    try:
+        return np.asarray(pc.fill_null(text.cast(pa.float64()), np.nan), dtype=np.float64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def missing_tokens(table: pa.Table) -> set[str]:
+    """Tokens such as 'NA' or '?' that stand for missing in columns that are otherwise numbers
+    (in text columns they may be real values, e.g. a category 'NA', so only numbers decide)."""
+    found = set()
+    for name in table.column_names:
+        column = table.column(name)
+        if not pa.types.is_string(column.type):
+            continue
+        if _numbers(column, set()) is not None:
+            continue
+        for token in MISSING_TOKENS:
+            if _numbers(column, {token}) is not None:
+                found.add(token)
+                break
+    return found
+
+
+# ------------------------------------------------------------------------------------------ deciding
+def _is_id_name(name: str) -> bool:
+    """``user_id``, ``itemId``, ``det_ind_code``, ``zip_cd``: integers that name things, not amounts."""
+    return bool(re.search(r"(^|_)(id|code|cd)$|Id$|ID$|Code$", name))
+
+
+def _constant_per(table: pa.Table, key: str, name: str) -> bool:
+    """``name`` has one value per ``key`` value in ≥ 99% of the keys seen at least twice."""
+    grouped = table.select([key, name]).group_by(key).aggregate([(name, "count_distinct"), (name, "count")])
+    distinct = grouped.column(f"{name}_count_distinct").to_numpy()
+    repeated = grouped.column(f"{name}_count").to_numpy() >= 2
+    return bool(repeated.sum() >= 10 and (distinct[repeated] <= 1).mean() >= 0.99)
+
+
+def describe_columns(
+    table: pa.Table,
+    labels: list[str],
+    derived: dict[str, str],
+    user: str | None,
+    item: str | None,
+    missing: set[str],
+    exclude: tuple[str, ...] = (),
+) -> list[Column]:
+    names = table.column_names
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise ConfigError(f"--exclude: no column {unknown[0]!r} (columns: {', '.join(names)})")
+    lowered = {name.lower(): name for name in names}
+    user = user or next((lowered[n] for n in USER_NAMES if n in lowered), None)
+    item = item or next((lowered[n] for n in ITEM_NAMES if n in lowered), None)
+    for flag, value in (("--user", user), ("--item", item)):
+        if value is not None and value not in names:
+            raise ConfigError(f"{flag}: no column {value!r} (columns: {', '.join(names)})")
+    columns: list[Column] = []
+    for label in labels:
+        if label in derived:
+            from data.expressions import Expression
+
+            values = np.asarray(Expression(label, derived[label]).evaluate(table), dtype=np.float64)
+        elif label not in names:
+            raise ConfigError(
+                f"--label: no column {label!r} (columns: {', '.join(names)}); or write NAME=EXPRESSION"
+            )
+        else:
+            values = _numbers(table.column(label), missing)
+        if values is None:
+            raise ConfigError(
+                f"--label {label}: the column holds text; derive a number, e.g. --label \"{label}_yes={label} == 'yes'\""
+            )
+        seen = values[~np.isnan(values)]
+        origin = f"derived: {derived[label]}; " if label in derived else ""
+        if seen.size and set(np.unique(seen)) <= {0.0, 1.0}:
+            columns.append(Column(label, "label", f"{origin}0/1 values: a binary task", task_type="binary",
+                                  expression=derived.get(label)))  # fmt: skip
+        else:
+            low, high = (float(seen.min()), float(seen.max())) if seen.size else (0.0, 1.0)
+            columns.append(Column(label, "label", f"{origin}numbers from {low:g} to {high:g}: regression",
+                                  task_type="regression", label_range=(low, high), expression=derived.get(label)))  # fmt: skip
+    num_rows = table.num_rows
+    for name in names:
+        if name in labels:
+            continue
+        column = table.column(name)
+        distinct = pc.count_distinct(column).as_py()
+        values = _numbers(column, missing)
+        lower = name.lower()
+        if name in exclude:
+            columns.append(Column(name, "skip", "--exclude"))
+        elif name == user:
+            columns.append(
+                Column(name, "user", f"the user id ({distinct:,} distinct in the sample)", distinct)
+            )
+        elif name == item:
+            columns.append(
+                Column(name, "item", f"the item id ({distinct:,} distinct in the sample)", distinct)
+            )
+        elif lower in SPLIT_NAMES and set(pc.unique(column).to_pylist()) <= SPLIT_VALUES:
+            columns.append(Column(name, "split", "names each row's split: rows stay in it"))
+        elif lower in TIME_NAMES or lower.endswith(("_time", "_ts", "_timestamp")):
+            columns.append(Column(name, "time", "the time of each row: kept to split on, not a feature"))
+        elif distinct <= 1:
+            columns.append(Column(name, "skip", "one value in every sampled row: nothing to learn"))
+        elif values is None:
+            delimited = pc.mean(pc.cast(pc.match_substring(column, "|"), pa.float64())).as_py() or 0.0
+            if delimited >= 0.05:
+                tags = pc.count_distinct(pc.list_flatten(pc.split_pattern(column, "|"))).as_py()
+                columns.append(Column(name, "multi_hot", f"text lists ('a|b'): a bag of {tags:,} ids", tags))
+            elif distinct >= 0.9 * num_rows:
+                columns.append(Column(name, "skip", "text unique to almost every row (an identifier)"))
+            else:
+                columns.append(
+                    Column(name, "sparse", f"text: an id with {distinct:,} distinct values", distinct)
+                )
+        else:
+            seen = values[~np.isnan(values)]
+            integral = seen.size > 0 and bool(np.all(seen == np.round(seen)))
+            if integral and (_is_id_name(name) or distinct <= CODES_MAX):
+                why = "named like an id" if _is_id_name(name) else f"{distinct} integer codes"
+                columns.append(Column(name, "sparse", f"{why}: an id", distinct))
+            else:
+                heavy = (
+                    seen.size > 0
+                    and seen.min() >= 0
+                    and np.quantile(seen, 0.99) > 20 * max(np.median(seen), 1e-9)
+                )
+                transforms = ["log1p", "standardize"] if heavy else ["standardize"]
+                missing_share = float(np.isnan(values).mean())
+                fill = float(f"{np.median(seen):.6g}") if missing_share and seen.size else None
+                why = (
+                    "a number"
+                    + (", heavy-tailed (log1p first)" if heavy else "")
+                    + (
+                        f", {missing_share:.1%} missing: filled with the sample median"
+                        if fill is not None
+                        else ""
+                    )
+                )
+                columns.append(Column(name, "dense", why, distinct, transforms=transforms, fill=fill))
+    key_of = {"user": user, "item": item}
+    for col in columns:
+        if col.kind in ("sparse", "multi_hot", "dense"):
+            for side in ("user", "item"):
+                key = key_of[side]
+                if key is not None and col.side is None and _constant_per(table, key, col.name):
+                    col.side = side
+    return columns
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _yaml_value(value) -> str:
+    """A scalar as YAML: plain when safe, else a JSON string (valid YAML)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        plain = re.fullmatch(r"[A-Za-z_/.][A-Za-z0-9_./-]*", value) and value.lower() not in (
+            "true",
+            "false",
+            "null",
+            "yes",
+            "no",
+        )
+        return value if plain else json.dumps(value)
+    return str(value)
+
+
+def _flow(entries: dict) -> str:
+    return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in entries.items()) + "}"
+
+
+def starter_config(
+    source: str, fmt: str, csv: dict, columns: list[Column], missing: set[str], num_rows: int, out_name: str
+) -> str:
+    by_kind = {kind: [c for c in columns if c.kind == kind] for kind in
+               ("label", "user", "item", "sparse", "multi_hot", "dense", "time", "split", "skip")}  # fmt: skip
+    labels = by_kind["label"]
+    users, items = by_kind["user"], by_kind["item"]
+    time_column = by_kind["time"][0].name if by_kind["time"] else None
+    split_column = by_kind["split"][0].name if by_kind["split"] else None
+    lines = [
+        f"# Starter config written by `towerrec init` from {source} ({num_rows:,} sampled rows).",
+        "# Every column is used once, as the comment beside it says; edit freely, then:",
+        f"#   towerrec fit --config {out_name}",
+        "# Keys and their meaning: `towerrec config` (or configs/REFERENCE.md).",
+        "seed: 0",
+        f"run_dir: runs/{Path(out_name).stem}",
+        "",
+        "data:",
+        f"  path: runs/data/{Path(out_name).stem}        # the prepared Parquet data set (built on first use)",
+        "  prepare:",
+        f"    format: {fmt}",
+        f"    source: {_yaml_value(source)}",
+    ]
+    if fmt == "csv":
+        options = {"delimiter": csv["delimiter"], "header": csv["header"]}
+        lines.append("    csv:")
+        for key, value in options.items():
+            lines.append(f"      {key}: {json.dumps(value) if key == 'delimiter' else _yaml_value(value)}")
+        if csv.get("column_names"):
+            lines.append(f"      column_names: [{', '.join(csv['column_names'])}]   # the file has no header")
+        tokens = sorted(missing)
+        lines.append(
+            f"      null_values: [{', '.join(json.dumps(t) for t in tokens)}]"
+            + ("   # found in number columns" if tokens else "   # only empty cells are missing")
+        )
+    derived = {c.name: c.expression for c in labels if c.expression}
+    if derived:
+        lines.append("    derive:")
+        lines += [f"      {name}: {_yaml_value(expr)}" for name, expr in derived.items()]
+    if split_column:
+        lines.append(f"    split_column: {split_column}         # the file says each row's split")
+    elif time_column:
+        lines.append(
+            f"    split: time                   # newest 10% of rows test, the 10% before validation ({time_column})"
+        )
+        lines.append(f"    time_column: {time_column}")
+    else:
+        lines.append("    split: random                 # 80/10/10 by row")
+    if users:
+        lines.append(f"    user_column: {users[0].name}")
+    extra = {c.name: "other" for c in (*by_kind["time"],)}
+    if extra:
+        lines.append(f"    columns: {_flow(extra)}   # kept in the data set, not features")
+    lines.append("    num_shards: 2")
+    for col in by_kind["skip"]:
+        lines.append(f"    # left out: {col.name} ({col.why})")
+    lines += ["  batch_size: 512", "  eval_batch_size: 4096", "  sparse:"]
+    for col in (*users, *items, *by_kind["sparse"], *by_kind["multi_hot"]):
+        entry = {"name": col.name}
+        side = "user" if col.kind == "user" else "item" if col.kind == "item" else col.side
+        if side:
+            entry["side"] = side
+        entry["embedding_dim"] = embedding_dim(col.cardinality) if col.kind not in ("user", "item") else 32
+        if col.kind == "multi_hot":
+            entry.update(multi_hot=True, pooling="mean")
+        lines.append(f"    - {_flow(entry)}   # {col.why}")
+    if not (users or items or by_kind["sparse"] or by_kind["multi_hot"]):
+        raise ConfigError("the file has no column that can be an id feature (text or integer codes)")
+    lines.append("  dense:" if by_kind["dense"] else "  dense: []")
+    for col in by_kind["dense"]:
+        entry = f"name: {col.name}" + (f", side: {col.side}" if col.side else "")
+        entry += f", transform: [{', '.join(col.transforms)}]" + (
+            f", fill_nan: {col.fill:g}" if col.fill is not None else ""
+        )
+        lines.append(f"    - {{{entry}}}   # {col.why}")
+    lines += ["", "tasks:"]
+    for col in labels:
+        task = {"name": col.name, "type": col.task_type or "binary", "label": col.name}
+        if col.label_range is not None:
+            task.update(min_value=col.label_range[0], max_value=col.label_range[1])
+        lines.append(f"  - {_flow(task)}   # {col.why}")
+    lines += [
+        "",
+        "model:",
+        "  tower: "
+        + ("mmoe                   # experts shared by the tasks" if len(labels) > 1 else "shared_bottom"),
+        "  bottom_dims: [256, 128]",
+        "  head_dims: [64]",
+    ]
+    if len(labels) > 1:
+        lines += ["  num_experts: 4", "  expert_dims: [256, 128]"]
+    if users and items:
+        binary = [c.name for c in labels if c.task_type == "binary"]
+        lines += ["", "recommend:", f"  user_feature: {users[0].name}", f"  item_feature: {items[0].name}"]
+        if binary:
+            lines.append(f"  relevance_task: {binary[0]}")
+            lines.append(f"  task_weights: {{{binary[0]}: 1.0}}")
+    lines += [
+        "",
+        "trainer:",
+        "  max_epochs: 3",
+        "  embedding_optimizer: {type: rowwise_adagrad, lr: 0.05}",
+        "  dense_optimizer: {type: adam, lr: 0.002}",
+        "",
+        "checkpoint:",
+        "  every_n_steps: 0              # a checkpoint at the end of each epoch",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_labels(given: list[str]) -> tuple[list[str], dict[str, str]]:
+    names, derived = [], {}
+    for entry in given:
+        name, sep, expression = entry.partition("=")
+        name = name.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"--label {entry!r}: a label is a column name or NAME=EXPRESSION")
+        if sep:
+            derived[name] = expression.strip()
+        names.append(name)
+    return names, derived
+
+
+def run_init(cfg, args: argparse.Namespace) -> int:
+    output = Path(args.output or f"{Path(str(args.source).rstrip('/')).stem or 'towerrec'}.yaml")
+    if output.exists():
+        raise OutputExists(f"--output: {output} exists; towerrec init never writes over a config")
+    if not args.label:
+        raise ConfigError("--label: name the label column(s), e.g. --label click --label purchase")
+    labels, derived = parse_labels(args.label)
+    names = [name.strip() for name in args.column_names.split(",")] if args.column_names else None
+    if names and not args.no_header:
+        raise ConfigError("--column-names: names are for a file without a header line (add --no-header)")
+    table, fmt, csv = read_sample(args.source, args.delimiter, not args.no_header, args.sample_rows, names)
+    missing = missing_tokens(table) if fmt == "csv" else set()
+    columns = describe_columns(table, labels, derived, args.user, args.item, missing, tuple(args.exclude))
+    text = starter_config(args.source, fmt, csv, columns, missing, table.num_rows, str(output))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    counts = {
+        kind: sum(c.kind == kind for c in columns)
+        for kind in ("sparse", "multi_hot", "dense", "label", "skip")
+    }
+    print(
+        f"[towerrec] wrote {output}: {counts['label']} tasks, {counts['sparse'] + counts['multi_hot'] + sum(c.kind in ('user', 'item') for c in columns)} "
+        f"id features, {counts['dense']} numbers, {counts['skip']} columns left out (see the comments); "
+        f"train with: towerrec fit --config {output}",
+        flush=True,
+    )
+    return 0
