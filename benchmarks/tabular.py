@@ -16,7 +16,7 @@ fitted on the very rows and features of the prepared data set (``data.path``): i
   (larger bags left out).
 
 Masked tasks are fitted and scored on their unmasked rows only, as towerrec's metrics are. Data
-sets: MovieLens 100K u1 (``configs/movielens100k.yaml``: rating RMSE, like AUC), the synthetic set
+sets: MovieLens 100K u1 (``configs/movielens100k_graph.yaml``, the quality config: rating RMSE, like AUC), the synthetic set
 (``configs/default.yaml``), and the UCI Census-Income (KDD) files, which one obtains oneself (never
 committed): their config is what ``towerrec init`` writes for them, income > 50k and never-married
 as the two tasks (``marital_stat``, the income column and the sampling weight left out).
@@ -66,7 +66,7 @@ def data_sets(names: list[str], census: Path | None) -> dict[str, tuple[str, lis
     found = {}
     if "ml100k" in names:
         if (ML100K / "u.data").exists():
-            found["ml100k"] = ("configs/movielens100k.yaml", ["--data.prepare.source", str(ML100K)])
+            found["ml100k"] = ("configs/movielens100k_graph.yaml", ["--data.prepare.source", str(ML100K)])
         else:
             print(f"[bench] ml100k: {ML100K} not found, skipped", flush=True)
     if "synthetic" in names:

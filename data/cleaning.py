@@ -245,6 +245,7 @@ class Cleaner:
             if value not in ("fill", "drop"):
                 raise ValueError(f"data.prepare.{key}: {value!r} is not one of fill, drop")
         self.seen = SeenHashes()
+        self.filled: dict[str, np.ndarray] = {}
         self.report = {
             "rows_in": 0,
             "label_missing_dropped": {},
@@ -303,7 +304,7 @@ class Cleaner:
                 self._count("multi_hot_missing_empty", name, (keep & missing).sum())
             else:
                 self._count("sparse_missing_filled", name, (keep & missing).sum())
-        dense_columns = {}
+        dense_columns, missing_dense = {}, {}
         for name in self.schema.of_kind("dense"):
             values = np.asarray(table.column(name).cast(pa.float64()).fill_null(np.nan), dtype=np.float64)
             missing = np.isnan(values)
@@ -313,12 +314,16 @@ class Cleaner:
             else:
                 self._count("dense_missing_filled", name, (keep & missing).sum())
                 values = np.where(missing, self.schema.dense_fill.get(name, self.dense_fill), values)
+                missing_dense[name] = missing
             dense_columns[name] = values
         for name, values in dense_columns.items():
             table = table.set_column(table.column_names.index(name), name, pa.array(values))
         if not keep.all():
             table = table.filter(pa.array(keep))
             row_index = row_index[keep]
+        # which filled values were missing, for this chunk's kept rows (a bucketised copy of a
+        # number gives them the missing id 0, not the fill's bucket)
+        self.filled = {name: missing[keep] for name, missing in missing_dense.items()}
         self.report["rows_out"] += table.num_rows
         return table, row_index
 

@@ -617,9 +617,10 @@ def convert(
                 else:
                     encoded[name] = column
             for name, bucket in schema.buckets.items():
-                encoded[name] = pa.array(
-                    transforms.bucketize(name, dense_values(table.column(bucket.source)))
-                )
+                values = dense_values(table.column(bucket.source))
+                if bucket.source in cleaner.filled:
+                    values = np.where(cleaner.filled[bucket.source], np.nan, values)
+                encoded[name] = pa.array(transforms.bucketize(name, values))
             encoded_table = pa.table(encoded)
             for split, rows in writer.write_splits(encoded_table, codes, SPLIT_NAMES).items():
                 rows_per_split[split] += rows

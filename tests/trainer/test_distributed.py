@@ -11,10 +11,20 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from tests.conftest import SMALL_SYNTHETIC, fit_args, run_cli
+from tests.trainer.test_logs import assert_readable_log
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("--trainer.max_epochs", "2", "--checkpoint.every_n_steps", "8", "--model.dropout", "0.1")
+COMMON = (
+    "--trainer.max_epochs",
+    "2",
+    "--checkpoint.every_n_steps",
+    "8",
+    "--model.dropout",
+    "0.1",
+    "--trainer.log_every_n_steps",
+    "5",
+)
 
 
 def metrics(run_dir, stage="test"):
@@ -43,6 +53,7 @@ def test_two_ranks_place_tables_apart_and_resume_exactly(synthetic_data, tmp_pat
     resumed = run_cli(fit_args(synthetic_data, interrupted, *COMMON), nproc=2)
     assert "resuming from" in resumed.stdout
     assert metrics(interrupted) == metrics(straight)
+    assert_readable_log(resumed.stdout + resumed.stderr, world_size=2)
 
 
 def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):

@@ -96,7 +96,9 @@ def test_a_second_fit_on_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_no
 ):
     run_dir = tmp_path / "run"
     # the first fit would run far longer than the test: it is still alive when the second starts
-    args = fit_args(synthetic_data, run_dir, "--trainer.max_epochs", "1000", "--checkpoint.every_n_steps", "20")
+    args = fit_args(
+        synthetic_data, run_dir, "--trainer.max_epochs", "1000", "--checkpoint.every_n_steps", "20"
+    )
     first = start_fit(args)
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "latest").exists())
@@ -110,5 +112,7 @@ def test_a_second_fit_on_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_no
         if first.poll() is None:
             first.kill()
     saved = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
-    resumed = run_cli([*args, "--trainer.max_steps", str(saved + 5)])  # the killed process's lock died with it
+    resumed = run_cli(
+        [*args, "--trainer.max_steps", str(saved + 5)]
+    )  # the killed process's lock died with it
     assert "resuming from" in resumed.stdout
