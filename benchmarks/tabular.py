@@ -179,6 +179,7 @@ def features_for_linear(cfg, train: dict, test: dict):
 def features_for_boosting(
     cfg, train: dict, test: dict, target: np.ndarray, keep: np.ndarray, task_type: str, seed: int
 ):
+    from sklearn.model_selection import KFold
     from sklearn.preprocessing import TargetEncoder
 
     parts_train, parts_test, categorical = (
@@ -202,7 +203,8 @@ def features_for_boosting(
             categorical.append(True)
         else:
             encoder = TargetEncoder(
-                target_type="binary" if task_type == "binary" else "continuous", random_state=seed
+                target_type="binary" if task_type == "binary" else "continuous",
+                cv=KFold(5, shuffle=True, random_state=seed),
             )
             encoded = np.zeros((len(a), 1))
             encoded[keep] = encoder.fit_transform(
