@@ -78,7 +78,7 @@ def load_unsharded_model(
 
     Returns ``(model, resolved checkpoint path)``. Runs in the calling process; needs no process group.
     """
-    path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
+    path = ckpt.resolve_model(checkpoint or Path(cfg.run_dir) / "checkpoints")
     if num_embeddings is None:
         num_embeddings = table_rows(cfg.data.sparse, dataset_meta_if_present(cfg.data.path))
     model = build_unsharded_model(cfg, num_embeddings)
@@ -299,7 +299,7 @@ def run_export(cfg: Config, args: argparse.Namespace) -> int:
     if args.output:
         out = user_output(args.output, "--output", folder=True)
     else:
-        checkpoint = ckpt.resolve(args.checkpoint or Path(cfg.run_dir) / "checkpoints")
+        checkpoint = ckpt.resolve_model(args.checkpoint or Path(cfg.run_dir) / "checkpoints")
         out = new_output(Path(cfg.run_dir) / "export", checkpoint.name)
     out = export(cfg, args.checkpoint, out)
     print(

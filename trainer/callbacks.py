@@ -44,6 +44,37 @@ class StepCheckpoint(L.Callback):
             self.preempted = True
 
 
+class BestEpoch(L.Callback):
+    """With early stopping: records in ``<checkpoints>/best.json`` the epoch-end checkpoint whose
+    validation gave the lowest ``monitor`` (every rank decides alike: metrics are global), so that
+    fit tests those weights and evaluation commands load them. A resumed run continues the record."""
+
+    def __init__(self, root: Path, monitor: str):
+        self.root, self.monitor = root, monitor
+        self.best: dict | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from trainer.distributed import checkpoint as ckpt
+
+        self.best = ckpt.read_best(self.root)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        from trainer.distributed import checkpoint as ckpt
+
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        path = ckpt.checkpoint_dir(self.root, trainer.global_step)
+        if value is None or not ckpt.is_complete(path):  # e.g. a mid-epoch validation: no checkpoint
+            return
+        value = float(value)
+        if self.best is None or value < self.best["value"]:
+            self.best = {"step": trainer.global_step, "epoch": trainer.current_epoch, "metric": self.monitor,
+                         "value": value, "val": pl_module.last_metrics.get("val")}  # fmt: skip
+            if trainer.is_global_zero:
+                ckpt.write_best(self.root, self.best)
+
+
 class ReplicaCheck(L.Callback):
     """``trainer.check_replicas_every_n_steps``: after every N-th step, every rank compares the
     checksums of its dense parameters with rank 0's (``TorchRecStrategy.dense_digests``); all ranks

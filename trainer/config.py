@@ -140,7 +140,12 @@ class TrainerConfig:
     """Stop when ``early_stopping_metric`` has not improved for N validations."""
     early_stopping_metric: str = "val/loss"
     """Metric watched by early stopping (lower is better). ``val/loss`` is Σ_t w_t · (MSE or log
-    loss) with the fixed task weights. The model tested at the end is the last one."""
+    loss) with the fixed task weights. The model tested at the end: see ``test_best``."""
+    test_best: bool = True
+    """With early stopping: after fit, test the weights of the epoch with the lowest
+    ``early_stopping_metric`` (its epoch-end checkpoint, kept from pruning and named in
+    ``checkpoints/best.json``), and let evaluation, prediction and export of the run folder load
+    them; ``false``: the last weights."""
     non_finite_loss: Literal["stop", "skip"] = "stop"
     """On a NaN/inf task loss: ``stop`` (raise, naming task and step) or ``skip`` (skip the batch)."""
     max_skipped_batches: int = 10

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from data.validate import validate_dataset
-from trainer.callbacks import LineProgress, ReplicaCheck, StepCheckpoint, Throughput
+from trainer.callbacks import BestEpoch, LineProgress, ReplicaCheck, StepCheckpoint, Throughput
 from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
 from trainer.datamodule import ParquetDataModule, read_spec
 from trainer.datasets import check_data_against_config, ensure_dataset
@@ -157,6 +157,8 @@ def build(
     if cfg.trainer.check_replicas_every_n_steps:
         callbacks.append(ReplicaCheck(cfg.trainer.check_replicas_every_n_steps))
     if cfg.trainer.early_stopping_patience:
+        if cfg.trainer.test_best:
+            callbacks.append(BestEpoch(run_dir / "checkpoints", cfg.trainer.early_stopping_metric))
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping(
                 monitor=cfg.trainer.early_stopping_metric,
@@ -254,13 +256,17 @@ def fit(cfg: Config) -> int:
                 )
             finish()
             return EXIT_PREEMPTED
+        best = _restore_best(cfg, trainer)
         result = _evaluate_loaded(cfg, trainer, module, datamodule, "test")
         result["train_seconds"] = module.train_seconds()
         result["global_step"] = trainer.global_step
         result["skipped_non_finite_batches"] = module.skipped_batches
         stream = datamodule.train_stream
         result["skipped_bad_rows"] = stream.skipped_bad_rows if stream is not None else 0
-        if "val" in module.last_metrics:
+        if best is not None and best.get("val"):
+            result["metrics"]["val"] = best["val"]
+            result["tested_checkpoint"] = {k: best[k] for k in ("step", "epoch", "metric", "value")}
+        elif "val" in module.last_metrics:
             result["metrics"]["val"] = module.last_metrics["val"]
         if "test" in module.last_baseline:
             result["baseline"] = {"test": module.last_baseline["test"]}
@@ -269,6 +275,34 @@ def fit(cfg: Config) -> int:
             _print_result(result, run_dir)
         finish()
         return 0
+
+
+def _restore_best(cfg: Config, trainer: L.Trainer) -> dict | None:
+    """With early stopping and ``trainer.test_best``: loads the weights of the best epoch (when it is
+    not the last one) so that the test measures them; returns its ``best.json`` record."""
+    if not (cfg.trainer.early_stopping_patience and cfg.trainer.test_best):
+        return None
+    root = Path(cfg.run_dir) / "checkpoints"
+    # every rank decided alike during fit; reading best.json here could race rank 0's last write
+    best = next((c.best for c in trainer.callbacks if isinstance(c, BestEpoch)), None)
+    if best is None:
+        return None
+    path = ckpt.checkpoint_dir(root, best["step"])
+    if best["step"] != trainer.global_step:
+        if not ckpt.is_complete(path):
+            if trainer.is_global_zero:
+                print(
+                    f"[towerrec] {path} (best {best['metric']}) is gone: testing the last weights", flush=True
+                )
+            return None
+        trainer.strategy.load_weights(path)
+    if trainer.is_global_zero:
+        print(
+            f"[towerrec] testing the weights of {path.name} (epoch {best['epoch'] + 1}): the lowest "
+            f"{best['metric']}, {best['value']:.4f}",
+            flush=True,
+        )
+    return best
 
 
 def _diagnosed(err: RuntimeError, trainer: L.Trainer, cfg: Config) -> BaseException:
@@ -313,7 +347,7 @@ def _shared_output(trainer: L.Trainer, make) -> Path:
 def evaluate(cfg: Config, stage: str, checkpoint: str | None) -> int:
     """``validate``/``test`` a checkpoint (default: the run's latest). Results go to a new folder
     ``<run_dir>/evaluations/<stage>-<checkpoint>``; the training record is left as it is."""
-    path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
+    path = ckpt.resolve_model(checkpoint or Path(cfg.run_dir) / "checkpoints")
     trainer, module, datamodule, _ = build(cfg)
     run = trainer.test if stage == "test" else trainer.validate
     try:
@@ -398,7 +432,7 @@ def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = ckpt.resolve(checkpoint or Path(cfg.run_dir) / "checkpoints")
+    path = ckpt.resolve_model(checkpoint or Path(cfg.run_dir) / "checkpoints")
     split = split or cfg.data.test_split
     if output is not None and launcher_rank() == 0:
         user_output(output, "--output", folder=True)

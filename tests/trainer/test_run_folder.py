@@ -116,3 +116,31 @@ def test_a_second_fit_on_a_live_run_folder_is_refused_and_a_dead_ones_lock_is_no
         [*args, "--trainer.max_steps", str(saved + 5)]
     )  # the killed process's lock died with it
     assert "resuming from" in resumed.stdout
+
+
+def test_early_stopping_tests_the_best_epoch_and_evaluations_of_the_run_load_it(synthetic_data, tmp_path):
+    run_dir = tmp_path / "run"
+    # Validation AUC rises every epoch here, so as the monitored metric (lower is better) its best
+    # epoch is the first: the weights tested must be epoch 1's, not the last ones. Fitted on 2 ranks
+    # (each loads the best shards), evaluated on 1.
+    run_cli(fit_args(synthetic_data, run_dir, "--trainer.max_epochs", "3", "--trainer.early_stopping_patience", "5",
+                     "--trainer.early_stopping_metric", "val/ctr/auc", "--checkpoint.keep_last", "1"),
+            nproc=2)  # fmt: skip
+    out = json.loads((run_dir / "metrics.json").read_text())
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert best["epoch"] == 0 and best["step"] == out["global_step"] // 3
+    assert out["tested_checkpoint"]["step"] == best["step"] and out["metrics"]["val"] == best["val"]
+    assert (run_dir / "checkpoints" / f"step-{best['step']:08d}").exists()  # kept, although keep_last is 1
+
+    def flat(metrics: dict) -> dict:
+        return {f"{task}/{name}": value for task, values in metrics.items() for name, value in values.items()}
+
+    def tested(name: str, checkpoint: Path) -> dict:
+        run_cli(command("test", synthetic_data, tmp_path / name, "--checkpoint", str(checkpoint)))
+        (path,) = (tmp_path / name / "evaluations").glob("test-*/metrics.json")
+        return flat(json.loads(path.read_text())["metrics"]["test"])
+
+    fitted = flat(out["metrics"]["test"])
+    assert tested("run-folder", run_dir) == pytest.approx(fitted, rel=1e-6)  # the best epoch's weights
+    last = tested("last", run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip())
+    assert last["ctr/auc"] > fitted["ctr/auc"]

@@ -5,6 +5,8 @@ Layout under ``<run_dir>/checkpoints``::
     step-00000400/            a complete checkpoint: DCP shards + .metadata + trainer_state.json
     step-00000500.partial/    a save in progress (or one that crashed): never loaded, removed later
     latest                    text file naming the newest complete checkpoint; replaced atomically
+    best.json                 with early stopping: the epoch-end checkpoint whose validation was
+                              best ({"step", "metric", "value", "val"}); never pruned while named
 
 A save writes into ``*.partial``; after every rank's DCP write has finished (DCP's own collective
 finish) rank 0 writes ``trainer_state.json``, renames the folder and only then moves ``latest``.
@@ -36,6 +38,7 @@ from trainer.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
+BEST_FILE = "best.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -133,11 +136,32 @@ def save(
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
     complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
+    best = read_best(root)
+    kept = {keep, checkpoint_dir(root, best["step"]).name if best else None}
     for old in complete[:-keep_last]:
-        if old.name != keep:
+        if old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)
     for partial in root.glob("step-*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def read_best(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The best epoch recorded under ``root`` (``best.json``), if any."""
+    path = Path(root) / BEST_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def write_best(root: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Replaces ``best.json`` atomically (rank 0 only)."""
+    path = Path(root) / BEST_FILE
+    partial = path.with_name(BEST_FILE + ".tmp")
+    partial.write_text(json.dumps(record, indent=1))
+    os.replace(partial, path)
 
 
 def is_complete(path: Path) -> bool:
@@ -168,6 +192,20 @@ def resolve(path: str | os.PathLike) -> Path:
         if latest is not None:
             return latest
     raise CheckpointError(f"{path}: no complete checkpoint there (a folder with .metadata and {STATE_FILE})")
+
+
+def resolve_model(path: str | os.PathLike) -> Path:
+    """The checkpoint whose weights to evaluate or serve: a checkpoint folder as given; a run folder
+    or checkpoints root → its best epoch when fit recorded one (early stopping) and it is complete,
+    else its latest complete checkpoint."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for root in (path, path / "checkpoints"):
+        best = read_best(root) if root.is_dir() else None
+        if best is not None and is_complete(checkpoint_dir(root, best["step"])):
+            return checkpoint_dir(root, best["step"])
+    return resolve(path)
 
 
 def load_state(path: Path) -> dict[str, Any]:

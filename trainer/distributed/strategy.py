@@ -213,8 +213,12 @@ class TorchRecStrategy(DDPStrategy):
 
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         assert self._checkpoint_to_load is not None
+        self.load_weights(self._checkpoint_to_load)
+
+    def load_weights(self, path: Path) -> None:
+        """The model's tensors (not the optimizers') from checkpoint ``path``; every rank takes part."""
         tensors = {"model": self.dmp.state_dict()}
-        ckpt.load_tensors(self._checkpoint_to_load, tensors, self.process_group)
+        ckpt.load_tensors(path, tensors, self.process_group)
         # DMP.state_dict() returns views of the live shards, but dense tensors may be copies:
         self.dmp.load_state_dict(tensors["model"])
 
