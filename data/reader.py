@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -109,7 +110,6 @@ class BatchStream:
         self.consumed = 0
         self.skipped_bad_rows = 0
         self._externally_tracked = False
-        self._files: dict[str, pq.ParquetFile] = {}
         self._base = (world_size, self.window_rows)  # the layout the epoch's base sequences follow
         self._sequence = self._base_sequence(*self._base)  # what this layout splits over the ranks
         self._start = 0  # position of this layout's first batch in the epoch
@@ -311,20 +311,20 @@ class BatchStream:
         rng = np.random.default_rng([self.seed, epoch])
         return [self.row_groups[i] for i in rng.permutation(len(self.row_groups))]
 
-    def _file(self, path: str) -> pq.ParquetFile:
-        if path not in self._files:
-            try:
-                self._files[path] = pq.ParquetFile(path)
-            except FileNotFoundError as err:
-                raise DataError(f"{path}: listed in metadata.json but missing") from err
-            except (pa.ArrowInvalid, OSError) as err:
-                raise DataError(f"{path}: not a readable Parquet file ({err})") from err
-        return self._files[path]
+    @staticmethod
+    def _open(path: str) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(path)
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: listed in metadata.json but missing") from err
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from err
 
     def _read_rows(self, order: list[RowGroup], start: int, end: int) -> tuple[pa.Table, RowLocator]:
         """Rows [start, end) of the epoch sequence, reading only the row groups that overlap them."""
         tables, parts, offset = [], [], 0
         columns = self.spec.columns()
+        files: dict[str, pq.ParquetFile] = {}  # per call: windows are read in several threads
         for rg in order:
             rg_start, rg_end = offset, offset + rg.num_rows
             offset = rg_end
@@ -333,7 +333,9 @@ class BatchStream:
             if rg_start >= end:
                 break
             try:
-                table = self._file(rg.file).read_row_group(rg.index, columns=columns)
+                if rg.file not in files:
+                    files[rg.file] = self._open(rg.file)
+                table = files[rg.file].read_row_group(rg.index, columns=columns)
             except KeyError as err:
                 raise DataError(f"{rg.file}: missing column {err} (needed: {columns})") from err
             except (pa.ArrowInvalid, OSError) as err:
@@ -363,7 +365,8 @@ class BatchStream:
         start, end = base_start + window_start, base_start + window_end
         table, locator = self._read_rows(order, start, end)
         window, report = decode_rows(table, self.spec, locator, first_row_id=start)
-        self.skipped_bad_rows += report.bad_rows
+        with _COUNT_LOCK:  # windows decode in several threads
+            self.skipped_bad_rows += report.bad_rows
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch, base_rank, window_start])
             window = window.take(rng.permutation(window.num_rows))
@@ -390,12 +393,19 @@ def _windows(keys: list, read, background: bool) -> Iterator[tuple[int, DecodedR
         yield index, window
 
 
+_COUNT_LOCK = threading.Lock()
+PREFETCH_WINDOWS = 2
+"""Windows read and decoded ahead, each in its own thread (Parquet decoding and numpy's gathers
+release the GIL, so two windows decode side by side on two cores)."""
+
+
 def _prefetched(keys: list, read) -> Iterator[DecodedRows]:
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="towerrec-reader") as pool:
-        pending = pool.submit(read, keys[0]) if keys else None
+    with ThreadPoolExecutor(max_workers=PREFETCH_WINDOWS, thread_name_prefix="towerrec-reader") as pool:
+        pending = [pool.submit(read, key) for key in keys[:PREFETCH_WINDOWS]]
         for i in range(len(keys)):
-            window = pending.result()
-            pending = pool.submit(read, keys[i + 1]) if i + 1 < len(keys) else None
+            window = pending.pop(0).result()
+            if i + PREFETCH_WINDOWS < len(keys):
+                pending.append(pool.submit(read, keys[i + PREFETCH_WINDOWS]))
             yield window
 
 
