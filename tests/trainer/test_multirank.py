@@ -184,7 +184,7 @@ def bitwise_equal(a: dict, b: dict) -> list[str]:
 
 @pytest.mark.parametrize(
     "balancing,pipeline",
-    [*((b, "lightning") for b in BALANCERS), ("pcgrad", "sparse_dist"), ("gradnorm", "sparse_dist")],
+    [*((b, "lightning") for b in BALANCERS), *((b, "sparse_dist") for b in ("fixed", "pcgrad", "gradnorm"))],
 )
 def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(
     rank_pools, tiny_data, tmp_path, balancing, pipeline
