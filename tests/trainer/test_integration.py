@@ -80,8 +80,9 @@ def test_movielens_topk_model_beats_popularity_and_names_movielens_ids(ml100k_di
         "--data.path", str(tmp_path / "data"),
         "--run_dir", str(run_dir),
     ]  # fmt: skip
-    # the config's own budget (6 epochs): with 2 the lists already beat popularity on P/NDCG, not on recall
-    run_cli(["fit", *common, "--trainer.progress_bar", "false"], timeout=900)
+    # 4 of the config's 6 epochs (its cosine schedule shortened with them): P@10 0.252 vs 0.214, recall
+    # 0.1207 vs 0.1177 at seed 0; with 3 epochs recall falls below popularity's
+    run_cli(["fit", *common, "--trainer.max_epochs", "4", "--trainer.progress_bar", "false"], timeout=900)
     run_cli(["rank-eval", *common, "--k", "10", "--output", str(tmp_path / "ranking.json")])
     ranking = json.loads((tmp_path / "ranking.json").read_text())
     model, popularity = ranking["model"], ranking["popularity"]
