@@ -311,15 +311,6 @@ class BatchStream:
         rng = np.random.default_rng([self.seed, epoch])
         return [self.row_groups[i] for i in rng.permutation(len(self.row_groups))]
 
-    @staticmethod
-    def _open(path: str) -> pq.ParquetFile:
-        try:
-            return pq.ParquetFile(path)
-        except FileNotFoundError as err:
-            raise DataError(f"{path}: listed in metadata.json but missing") from err
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"{path}: not a readable Parquet file ({err})") from err
-
     def _read_rows(self, order: list[RowGroup], start: int, end: int) -> tuple[pa.Table, RowLocator]:
         """Rows [start, end) of the epoch sequence, reading only the row groups that overlap them."""
         tables, parts, offset = [], [], 0
@@ -334,7 +325,7 @@ class BatchStream:
                 break
             try:
                 if rg.file not in files:
-                    files[rg.file] = self._open(rg.file)
+                    files[rg.file] = open_parquet(rg.file)
                 table = files[rg.file].read_row_group(rg.index, columns=columns)
             except KeyError as err:
                 raise DataError(f"{rg.file}: missing column {err} (needed: {columns})") from err
@@ -393,6 +384,16 @@ def _windows(keys: list, read, background: bool) -> Iterator[tuple[int, DecodedR
         yield index, window
 
 
+def open_parquet(path: str) -> pq.ParquetFile:
+    """A shard named in ``metadata.json``; a missing or unreadable file is a DataError naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: listed in metadata.json but missing") from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from err
+
+
 _COUNT_LOCK = threading.Lock()
 PREFETCH_WINDOWS = 2
 """Windows read and decoded ahead, each in its own thread (Parquet decoding and numpy's gathers
@@ -420,11 +421,10 @@ def read_split(
     files: dict[str, pq.ParquetFile] = {}
     offset = 0
     for group in meta.row_groups(split):
+        if group.file not in files:
+            files[group.file] = open_parquet(group.file)
         try:
-            file = files.setdefault(group.file, pq.ParquetFile(group.file))
-            table = file.read_row_group(group.index, columns=columns)
-        except FileNotFoundError as err:
-            raise DataError(f"{group.file}: listed in metadata.json but missing") from err
+            table = files[group.file].read_row_group(group.index, columns=columns)
         except KeyError as err:
             raise DataError(f"{group.file}: missing column {err} (needed: {columns})") from err
         except (pa.ArrowInvalid, OSError) as err:
@@ -450,9 +450,7 @@ def read_stored_columns(meta: DatasetMeta, split: str, columns: list[str]) -> pa
     tables = []
     for file, groups in itertools.groupby(meta.row_groups(split), key=lambda group: group.file):
         try:
-            tables.append(pq.ParquetFile(file).read_row_groups([g.index for g in groups], columns=columns))
-        except FileNotFoundError as err:
-            raise DataError(f"{file}: listed in metadata.json but missing") from err
+            tables.append(open_parquet(file).read_row_groups([g.index for g in groups], columns=columns))
         except (KeyError, pa.ArrowInvalid, OSError) as err:
             raise DataError(f"{file}: cannot read columns {columns} ({err})") from err
     if not tables:

@@ -292,6 +292,16 @@ def flags(column, name: str, locator: RowLocator) -> np.ndarray:
     return np.isfinite(values) & (values != 0)
 
 
+def _rows_holding(
+    selected: np.ndarray, row_of_value: np.ndarray, values: np.ndarray, num_rows: int
+) -> tuple[np.ndarray, dict[int, int]]:
+    """The rows holding a ``selected`` value, and each such row's first selected value."""
+    broken = np.zeros(num_rows, dtype=bool)
+    broken[row_of_value[selected]] = True
+    first = {int(r): int(v) for r, v in zip(row_of_value[selected][::-1], values[selected][::-1])}
+    return broken, first
+
+
 def decode_rows(
     table: pa.Table, spec: ReadSpec, locator: RowLocator, first_row_id: int = 0, collect: bool = False
 ) -> tuple[DecodedRows, DecodeReport]:
@@ -325,11 +335,7 @@ def decode_rows(
             row_of_value = np.arange(num_rows)
         negative = values < 0
         if negative.any():
-            broken = np.zeros(num_rows, dtype=bool)
-            broken[row_of_value[negative]] = True
-            first_value = {
-                int(r): int(v) for r, v in zip(row_of_value[negative][::-1], values[negative][::-1])
-            }
+            broken, first_value = _rows_holding(negative, row_of_value, values, num_rows)
             rules.check(
                 broken,
                 lambda row, ids=first_value, f=feature: (
@@ -343,11 +349,7 @@ def decode_rows(
             if outside.any():
                 rules.report.ids_out_of_range[feature.name] = int(outside.sum())
                 if feature.name in spec.vocabulary_from_metadata:
-                    broken = np.zeros(num_rows, dtype=bool)
-                    broken[row_of_value[outside]] = True
-                    first_id = {
-                        int(r): int(v) for r, v in zip(row_of_value[outside][::-1], values[outside][::-1])
-                    }
+                    broken, first_id = _rows_holding(outside, row_of_value, values, num_rows)
                     rules.check(
                         broken,
                         lambda row, ids=first_id, f=feature, n=size: (

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
+from trainer.distributed import checkpoint as ckpt
 from trainer.errors import ReplicasDiverged
 
 
@@ -54,13 +55,9 @@ class BestEpoch(L.Callback):
         self.best: dict | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from trainer.distributed import checkpoint as ckpt
-
         self.best = ckpt.read_best(self.root)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        from trainer.distributed import checkpoint as ckpt
-
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         value = trainer.callback_metrics.get(self.monitor)
@@ -138,9 +135,7 @@ class LineProgress(L.Callback):
 
     def __init__(self, every_n_steps: int):
         self.every_n_steps = every_n_steps
-        self._epoch_start: float | None = (
-            None  # None until the epoch's first batch (also mid-epoch, on resume)
-        )
+        self._epoch_start: float | None = None  # set at the epoch's first batch (also a resumed one)
         self._samples = 0
         self._steps = 0
 

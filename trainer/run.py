@@ -36,9 +36,6 @@ from trainer.run_folder import (
     write_record,
 )
 
-# Evaluation metrics are computed on predictions gathered from all ranks, so they are already global;
-# Lightning cannot know that and suggests sync_dist. The srun hint fires whenever slurm is installed.
-
 
 def versions() -> dict[str, str]:
     import fbgemm_gpu
@@ -345,7 +342,8 @@ def _shared_output(trainer: L.Trainer, make) -> Path:
 
 
 def evaluate(cfg: Config, stage: str, checkpoint: str | None) -> int:
-    """``validate``/``test`` a checkpoint (default: the run's latest). Results go to a new folder
+    """``validate``/``test`` a checkpoint (default: the run's best epoch when fit recorded one, else
+    its latest; ``checkpoint.resolve_model``). Results go to a new folder
     ``<run_dir>/evaluations/<stage>-<checkpoint>``; the training record is left as it is."""
     path = ckpt.resolve_model(checkpoint or Path(cfg.run_dir) / "checkpoints")
     trainer, module, datamodule, _ = build(cfg)
