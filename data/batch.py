@@ -9,6 +9,8 @@ Shapes (B = rows in the batch, F = dense features, T = tasks)::
     weights     (B,)   float32   per-row sample weight (0 for padding rows)
     row_id      (B,)   int64     position of the row in the epoch's row sequence (its position in the split
                                  when the stream is not shuffled, as in evaluation); -1 for padding rows
+    sequences   KeyedJaggedTensor or None: the ids of features on sequence tables (looked up unpooled:
+                behaviour histories, oldest first, and the single-valued ids sharing their tables)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Batch(Pipelineable):
     label_mask: torch.Tensor
     weights: torch.Tensor
     row_id: torch.Tensor
+    sequences: KeyedJaggedTensor | None = None
     position: int = -1
     """Index of this batch within its epoch on this rank (the reader position after it is consumed
     is ``position + 1``)."""
@@ -44,11 +47,14 @@ class Batch(Pipelineable):
             label_mask=self.label_mask.to(device=device, non_blocking=non_blocking),
             weights=self.weights.to(device=device, non_blocking=non_blocking),
             row_id=self.row_id.to(device=device, non_blocking=non_blocking),
+            sequences=None if self.sequences is None else self.sequences.to(device=device, non_blocking=non_blocking),
             position=self.position,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse.record_stream(stream)
+        if self.sequences is not None:
+            self.sequences.record_stream(stream)
         for tensor in (self.dense, self.labels, self.label_mask, self.weights, self.row_id):
             tensor.record_stream(stream)
 
@@ -60,5 +66,6 @@ class Batch(Pipelineable):
             label_mask=self.label_mask.pin_memory(),
             weights=self.weights.pin_memory(),
             row_id=self.row_id.pin_memory(),
+            sequences=None if self.sequences is None else self.sequences.pin_memory(),
             position=self.position,
         )

@@ -55,6 +55,24 @@ class SparseFeature:
     prediction read bags whole. A regulariser for history and neighbourhood bags (GC-MC's node
     dropout): training rows also see the thinner histories that users with fewer ratings have."""
 
+    sequence: bool = False
+    """An ordered list of ids per row, oldest first (a behaviour history: ``list<int64>``, implies
+    ``multi_hot``), looked up unpooled (TorchRec ``EmbeddingCollection``) and encoded by
+    ``model.sequence``. Every feature on a sequence's table is looked up the same way; all such
+    tables share one ``embedding_dim``."""
+    max_length: int = 50
+    """Sequence: most recent ids kept per row (older ones are dropped when read)."""
+    candidate: str | None = None
+    """Sequence: the single-valued feature the history is read against (DIN's query, the
+    transformer's last token), e.g. ``item_id``; share its table for one id space."""
+    align_with: str | None = None
+    """Sequence: a side list aligned position by position with that sequence (its rating levels,
+    categories, ages); its embeddings are added to the sequence's. Lengths must match row by row."""
+
+    def __post_init__(self) -> None:
+        if self.sequence:
+            self.multi_hot = True  # a list column, read like a bag
+
     @property
     def source_column(self) -> str:
         """The data set column holding the ids (a bucketised feature stores them under its name)."""
@@ -78,6 +96,15 @@ class SparseFeature:
                 "train_drop_prob: only for multi_hot features with pooling: mean (a sum over a "
                 "thinned bag would be smaller in training than in evaluation)"
             )
+        positive("max_length", self.max_length)
+        if not self.sequence and (self.candidate or self.align_with):
+            raise ValueError("candidate / align_with: only for sequence features (sequence: true)")
+        if self.sequence and self.train_drop_prob:
+            raise ValueError("train_drop_prob: not for sequence features")
+        if self.sequence and self.buckets is not None:
+            raise ValueError("buckets: a sequence holds a list of ids per row")
+        if self.sequence and not self.align_with and not self.candidate:
+            raise ValueError("candidate: a sequence needs the feature it is read against (e.g. item_id)")
         if self.id_mapping == "hash" and self.num_embeddings is None:
             raise ValueError("num_embeddings: required with id_mapping: hash")
         if isinstance(self.buckets, list):
@@ -149,6 +176,38 @@ class CsvOptions:
             raise ValueError(f"delimiter: must be one character, got {self.delimiter!r}")
         if not self.header and not self.column_names:
             raise ValueError("column_names: a file without a header needs its column names")
+
+
+@dataclass
+class HistoryConfig:
+    """One behaviour sequence built at preparation (``data.prepare.histories``): per row, the ids of
+    its user's earlier events, with aligned side lists."""
+
+    name: str
+    """Output list column of the events' ids (e.g. ``hist_items``)."""
+    column: str
+    """Id column of the events (e.g. ``item``): a ``data.sparse`` feature's column, whose
+    vocabulary maps the history too (give the history feature the same ``table``)."""
+    where: str | None = None
+    """Column whose non-zero values mark the rows that are events (e.g. ``click``); ``null``: every
+    training row is an event."""
+    side: dict[str, str] = field(default_factory=dict)
+    """Aligned lists: output column → id column of the events (e.g. ``{hist_categories: category}``)."""
+    age: str | None = None
+    """Output column of each event's age at the row: ``1 + floor(log2(1 + Δt))`` in the time
+    column's unit, at most 63."""
+    max_length: int | None = None
+    """Most recent events kept (default ``data.prepare.history_max_length``)."""
+    events: Literal["train", "all"] = "train"
+    """Which rows can be events: ``train`` (the training split only: no validation or test label
+    ever enters a feature) or ``all`` (every split: what serving knows of the past; use it with a
+    ``time`` split, where no training row is later than a test row)."""
+
+    def outputs(self) -> list[str]:
+        return [self.name, *self.side, *([self.age] if self.age else [])]
+
+    def check(self) -> None:
+        positive("max_length", self.max_length)
 
 
 @dataclass
@@ -247,6 +306,14 @@ class PrepareConfig:
     """``movielens100k``: cap of each rating-level neighbourhood bag (``user_items_r*``,
     ``item_users_r*``), most recent first. Larger bags carry more of the rating structure and cost
     more ids per row (10 bags)."""
+    history_max_length: int = 50
+    """Most recent events kept in each behaviour sequence: the ``movielens100k`` ``hist_*`` lists
+    and the default of ``histories[i].max_length``."""
+    histories: list[HistoryConfig] = field(default_factory=list)
+    """``csv``/``parquet``: behaviour sequences to build from the input rows themselves: for each
+    row, its user's training events strictly before the row's time (``user_column``,
+    ``time_column``), oldest first, as list columns that ``data.sparse`` features with
+    ``sequence: true`` read."""
     log_transform: bool | None = None
     """``criteo``: dense x → log(1 + max(x, 0)) (``null``: true). Other formats: per column,
     ``data.dense[i].transform``."""
@@ -260,6 +327,9 @@ class PrepareConfig:
         positive("negatives_per_positive", self.negatives_per_positive, allow_zero=True)
         positive("min_count", self.min_count)
         positive("num_hash_buckets", self.num_hash_buckets)
+        positive("history_max_length", self.history_max_length)
+        if self.histories and not (self.user_column and self.time_column):
+            raise ValueError("histories: need user_column and time_column (whose events, in what order)")
         if self.split_files and self.split_column:
             raise ValueError("split_column: give split_files or split_column, not both")
         for name in self.split_files:
@@ -315,6 +385,45 @@ class DataConfig:
     """What to do with a row whose label/feature value is invalid: ``error`` (stop, naming file,
     row group and row) or ``skip`` (drop it, count it and report the count)."""
 
+    @property
+    def sequence_tables(self) -> set[str]:
+        """Tables looked up unpooled: those of sequence features."""
+        return {f.table_name for f in self.sparse if f.sequence}
+
+    def _check_sequences(self) -> None:
+        by_name = {f.name: f for f in self.sparse}
+        tables = self.sequence_tables
+        dims = {f.embedding_dim for f in self.sparse if f.table_name in tables}
+        if len(dims) > 1:
+            raise ValueError(
+                f"sparse: the tables of sequence features ({', '.join(sorted(tables))}) and the features "
+                f"sharing them need one embedding_dim (TorchRec's EmbeddingCollection), got {sorted(dims)}"
+            )
+        for i, f in enumerate(self.sparse):
+            if f.table_name in tables and not f.sequence and f.multi_hot:
+                raise ValueError(
+                    f"sparse[{i}]: bag {f.name!r} shares the sequence table {f.table_name!r}; a sequence "
+                    "table serves sequences and single-valued ids only"
+                )
+            if not f.sequence:
+                continue
+            for key, other in (("candidate", f.candidate), ("align_with", f.align_with)):
+                if other is not None and other not in by_name:
+                    raise ValueError(f"sparse[{i}].{key}: no sparse feature {other!r}")
+            if f.candidate and (by_name[f.candidate].multi_hot or by_name[f.candidate].embedding_dim != f.embedding_dim):
+                raise ValueError(
+                    f"sparse[{i}].candidate: {f.candidate!r} must be single-valued with embedding_dim "
+                    f"{f.embedding_dim}"
+                )
+            if f.align_with:
+                main = by_name[f.align_with]
+                if not main.sequence or main.align_with:
+                    raise ValueError(f"sparse[{i}].align_with: {f.align_with!r} is not a main sequence")
+                if main.max_length != f.max_length:
+                    raise ValueError(
+                        f"sparse[{i}].max_length: {f.max_length} differs from {main.name!r}'s {main.max_length}"
+                    )
+
     def check(self) -> None:
         positive("batch_size", self.batch_size)
         positive("eval_batch_size", self.eval_batch_size)
@@ -333,7 +442,7 @@ class DataConfig:
                     f"sparse[{i}].embedding_dim: table {feature.table_name!r} is shared with another feature "
                     f"of dim {previous}"
                 )
-            if feature.multi_hot:  # TorchRec pools per table; one id per row pools the same either way
+            if feature.multi_hot and not feature.sequence:  # TorchRec pools per table; one id per row pools the same either way
                 owner, pooling = pooling_of_table.setdefault(
                     feature.table_name, (feature.name, feature.pooling)
                 )
@@ -343,3 +452,4 @@ class DataConfig:
                         f"feature {owner!r}; multi-hot features sharing a table must pool alike (TorchRec "
                         "pools per table)"
                     )
+        self._check_sequences()

@@ -46,9 +46,10 @@ from data.cleaning import (
     mix64,
     string_ids,
 )
-from data.config import PrepareConfig
+from data.config import HistoryConfig, PrepareConfig
 from data.dataset import DataError, DatasetMeta, DatasetWriter
 from data.expressions import Expression, compile_all
+from data.history import MAX_AGE_BUCKET, EventLog
 from data.jagged import list_parts
 from data.splits import SPLIT_NAMES, TRAIN, SplitKeys, make_splitter
 from data.vocab import Vocabulary
@@ -511,6 +512,51 @@ class IdMapper:
         return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(rows))
 
 
+# --------------------------------------------------------------------------------------------- histories
+class HistoryEvents:
+    """The training rows' events of each ``data.prepare.histories`` entry, gathered over a pass
+    (user key, time and raw ids: O(events) memory), then mapped to table rows (``logs``)."""
+
+    def __init__(self, histories: list[HistoryConfig], schema: TableSchema):
+        self.histories = histories
+        self.parts: list[list[tuple]] = [[] for _ in histories]
+        for history in histories:
+            for source in (history.column, *history.side.values()):
+                if schema.kinds.get(source) != "sparse":
+                    raise DataError(
+                        f"data.prepare.histories.{history.name}: {source!r} is not a single-valued id column "
+                        "of the data (name it in data.sparse, or in data.prepare.columns as sparse)"
+                    )
+
+    def observe(self, table: pa.Table, keys: SplitKeys, train: np.ndarray) -> None:
+        for history, parts in zip(self.histories, self.parts):
+            chosen = train.copy() if history.events == "train" else np.ones(len(train), dtype=bool)
+            if history.where:
+                values = dense_values(table.column(history.where))
+                chosen &= np.isfinite(values) & (values != 0)
+            sources = [history.column, *history.side.values()]
+            raw = [_id_values(table.column(c)) for c in sources]
+            parts.append(
+                (keys.user[chosen], keys.time[chosen], [(ids[chosen], nulls[chosen]) for ids, _, nulls, _ in raw])
+            )
+
+    def logs(self, mappers: dict[str, IdMapper]) -> list[EventLog]:
+        logs = []
+        for history, parts in zip(self.histories, self.parts):
+            names = [history.name, *history.side]
+            sources = [history.column, *history.side.values()]
+            users = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+            times = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+            columns = {}
+            for i, (name, source) in enumerate(zip(names, sources)):
+                ids = np.concatenate([p[2][i][0] for p in parts]) if parts else np.zeros(0, np.int64)
+                nulls = np.concatenate([p[2][i][1] for p in parts]) if parts else np.zeros(0, bool)
+                columns[name] = np.where(nulls, 0, mappers[source].rows(ids)) if len(ids) else ids
+            logs.append(EventLog.build(users, times, columns))
+        self.parts = [[] for _ in self.histories]
+        return logs
+
+
 # --------------------------------------------------------------------------------------------- pipeline
 def _split_keys(table: pa.Table, row_index: np.ndarray, schema: TableSchema, chunk: Chunk,
                 split_values: dict[str, str]) -> SplitKeys:  # fmt: skip
@@ -578,10 +624,13 @@ def convert(
         splitter.finish_fit()
 
     counts = {name: IdCounts() for name in id_columns} if cfg.sparse_mapping == "vocab" else {}
-    if counts or transforms.needs_fit:  # pass 2: vocabularies, quantiles and moments from training rows
+    events = HistoryEvents(cfg.histories, schema)
+    if counts or transforms.needs_fit or cfg.histories:  # pass 2: vocabularies, quantiles, moments, events
         passes += 1
         for table, row_index, keys, _ in cleaned():
-            train = splitter.assign(keys) == TRAIN
+            codes = splitter.assign(keys)
+            train = codes == TRAIN
+            events.observe(table, keys, train)
             for name in id_columns if counts else ():
                 ids, offsets, nulls, originals = _id_values(table.column(name))
                 rows_of_ids = train if offsets is None else np.repeat(train, np.diff(offsets))
@@ -595,6 +644,7 @@ def convert(
     else:
         mappers = {name: IdMapper(num_hash_buckets=cfg.num_hash_buckets) for name in id_columns}
 
+    logs = events.logs(mappers)
     writer = DatasetWriter(out, cfg.num_shards, cfg.row_group_size, shuffle_splits=("train",), seed=cfg.seed)
     rows_per_split = dict.fromkeys(SPLIT_NAMES, 0)
     try:  # the last pass: encode and write
@@ -621,6 +671,9 @@ def convert(
                 if bucket.source in cleaner.filled:
                     values = np.where(cleaner.filled[bucket.source], np.nan, values)
                 encoded[name] = pa.array(transforms.bucketize(name, values))
+            for history, log in zip(cfg.histories, logs):
+                lists = log.sequences(keys.user, keys.time, history.max_length or cfg.history_max_length, history.age)
+                encoded.update({name: jagged.to_arrow(pa.int64()) for name, jagged in lists.items()})
             encoded_table = pa.table(encoded)
             for split, rows in writer.write_splits(encoded_table, codes, SPLIT_NAMES).items():
                 rows_per_split[split] += rows
@@ -656,6 +709,14 @@ def convert(
             "source": bucket.source,
             "edges": transforms.edges.get(name, []),
         }
+    for history in cfg.histories:
+        for name, source in [(history.name, history.column), *history.side.items()]:
+            columns[name] = {
+                "kind": "multi_hot", "num_embeddings": mappers[source].num_embeddings,
+                "mapping": cfg.sparse_mapping, "history_of": source,
+            }  # fmt: skip
+        if history.age:
+            columns[history.age] = {"kind": "multi_hot", "num_embeddings": MAX_AGE_BUCKET + 1, "mapping": "age"}
     report = {
         **report,
         "split": "given" if given else cfg.split,

@@ -9,7 +9,10 @@ features (``user_log_days``: log(1 + days since the user's first training rating
 year is unknown), rating-level neighbourhoods (multi-hot): ``user_items_r1`` .. ``user_items_r5``
 (items the user rated 1..5, item-id vocabulary) and ``item_users_r1`` .. ``item_users_r5`` (users
 who rated the item 1..5, user-id vocabulary), each the ``neighbourhood_max_ids`` most recent, and
-the labels ``rating`` (1..5) and ``click`` (= rating >= 4).
+the labels ``rating`` (1..5) and ``click`` (= rating >= 4). Behaviour sequences (ordered lists,
+oldest first, the ``history_max_length`` most recent training ratings strictly before the row):
+``hist_items`` (item-id vocabulary: share the ``item_id`` table), ``hist_ratings`` (their rating
+levels 1..5) and ``hist_age`` (time from each to the row, ``data.history.age_buckets`` of seconds).
 
 History features are strictly earlier, for every row of every split alike: a row's means, counts
 and neighbourhood bags come from the training ratings whose timestamp is before the row's own
@@ -42,6 +45,7 @@ import pyarrow.csv as pacsv
 
 from data.config import PrepareConfig
 from data.dataset import DataError, DatasetMeta, DatasetWriter
+from data.history import MAX_AGE_BUCKET, EventLog, earlier_events
 from data.jagged import Jagged
 from data.vocab import Vocabulary
 
@@ -121,25 +125,12 @@ def _item_table(root: Path) -> dict[str, np.ndarray]:
     return {"genres": genre_matrix, "decade": decade, "year": year}
 
 
-def _earlier(keys: np.ndarray, times: np.ndarray, event_keys: np.ndarray, event_times: np.ndarray):
-    """For each row (key, time): the events of that key strictly before that time, as the range
-    [first, end) of the events sorted by (key, time). Returns (sort order of the events, first
-    (N,), end (N,))."""
-    order = np.lexsort((event_times, event_keys))
-    low = min(int(times.min(initial=0)), int(event_times.min(initial=0)))
-    span = max(int(times.max(initial=0)), int(event_times.max(initial=0))) - low + 2
-    sorted_codes = event_keys[order] * span + (event_times[order] - low)
-    end = np.searchsorted(sorted_codes, keys * span + (times - low), side="left")
-    first = np.searchsorted(sorted_codes, keys * span, side="left")
-    return order, first, end
-
-
 def _history_features(rows: dict[str, np.ndarray], train: dict[str, np.ndarray], global_mean: float):
     """Mean rating (smoothed towards ``global_mean``) and log count of each row's user and item
     over the training ratings strictly before the row's timestamp."""
     out = {}
     for prefix, key in (("user", "user"), ("item", "item")):
-        order, first, end = _earlier(rows[key], rows["timestamp"], train[key], train["timestamp"])
+        order, first, end = earlier_events(rows[key], rows["timestamp"], train[key], train["timestamp"])
         cumulative = np.concatenate([[0.0], np.cumsum(train["rating"][order].astype(np.float64))])
         counts = (end - first).astype(np.float64)
         sums = cumulative[end] - cumulative[first]
@@ -178,7 +169,7 @@ def _neighbourhoods(
     out = {}
     for level in RATING_LEVELS:
         events = {name: values[train["rating"] == level] for name, values in train.items()}
-        order, first, end = _earlier(rows[key], rows["timestamp"], events[key], events["timestamp"])
+        order, first, end = earlier_events(rows[key], rows["timestamp"], events[key], events["timestamp"])
         begin = np.maximum(first, end - max_ids)
         lengths = end - begin
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -298,6 +289,11 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     for name in ("user_id", "item_id"):
         writer.write_vocabulary(name, vocabs[name].keys)
     genre_values = np.arange(NUM_GENRES, dtype=np.int64) + 1  # row 0 stays unused (no genre)
+    history_log = EventLog.build(
+        train["user"],
+        train["timestamp"],
+        {"hist_items": vocabs["item_id"].lookup(train["item"]), "hist_ratings": train["rating"].astype(np.int64)},
+    )
     for name, rows in splits.items():
         raw = raw_columns(rows)
         rated = rows.get("rated", np.ones(len(rows["user"]), dtype=np.float32)) == 1
@@ -319,6 +315,10 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
                 columns[f"{prefix}_r{level}"] = Jagged(vocab.lookup(bag.values), bag.offsets).to_arrow(
                     pa.int64()
                 )
+        for key, jagged in history_log.sequences(
+            rows["user"], rows["timestamp"], cfg.history_max_length, age="hist_age"
+        ).items():
+            columns[key] = jagged.to_arrow(pa.int64())
         columns["timestamp"] = pa.array(rows["timestamp"])
         columns["rating"] = pa.array(rows["rating"].astype(np.float32), mask=~rated)
         columns["click"] = pa.array((rows["rating"] >= 4).astype(np.float32), mask=~rated)
@@ -338,6 +338,11 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
             "kind": "multi_hot",
             "num_embeddings": vocabs["user_id"].num_embeddings,
         }
+    meta_columns["hist_items"] = {
+        "kind": "multi_hot", "num_embeddings": vocabs["item_id"].num_embeddings, "history_of": "item_id",
+    }  # fmt: skip
+    meta_columns["hist_ratings"] = {"kind": "multi_hot", "num_embeddings": max(RATING_LEVELS) + 1}
+    meta_columns["hist_age"] = {"kind": "multi_hot", "num_embeddings": MAX_AGE_BUCKET + 1}
     dense_columns = ("user_mean_rating", "item_mean_rating", "user_log_count", "item_log_count")
     for key in (*dense_columns, "user_log_days", "item_age_decades"):
         meta_columns[key] = {"kind": "dense"}

@@ -105,6 +105,7 @@ class DecodedRows:
     label_mask: np.ndarray  # (N, T) float32
     weights: np.ndarray  # (N,) float32
     row_id: np.ndarray  # (N,) int64
+    unpooled: list[bool] | None = None  # per key: looked up unpooled (sequence tables); None: none
 
     @property
     def num_rows(self) -> int:
@@ -149,6 +150,7 @@ class DecodedRows:
             self.keys, self.multi_hot, np.take(self.single_ids, rows, axis=1), bags, lengths,
             np.take(self.dense, rows, axis=0), np.take(self.labels, rows, axis=0),
             np.take(self.label_mask, rows, axis=0), np.take(self.weights, rows), np.take(self.row_id, rows),
+            self.unpooled,
         )  # fmt: skip
 
     @staticmethod
@@ -162,7 +164,7 @@ class DecodedRows:
             np.concatenate([p.lengths for p in parts], axis=1),
             np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]),
             np.concatenate([p.label_mask for p in parts]), np.concatenate([p.weights for p in parts]),
-            np.concatenate([p.row_id for p in parts]),
+            np.concatenate([p.row_id for p in parts]), first.unpooled,
         )  # fmt: skip
 
     def padding(self, num_rows: int) -> DecodedRows:
@@ -174,10 +176,14 @@ class DecodedRows:
         return padded
 
     def to_batch(self, begin: int = 0, end: int | None = None) -> Batch:
-        """Rows [begin, end) as a Batch (sparse ids as one KeyedJaggedTensor)."""
+        """Rows [begin, end) as a Batch: the pooled features' ids as one KeyedJaggedTensor, those of
+        sequence tables (unpooled) as another (``Batch.sequences``)."""
         end = self.num_rows if end is None else end
-        values, single, multi = [], 0, 0
-        for is_multi in self.multi_hot:
+        unpooled = self.unpooled or [False] * len(self.keys)
+        groups: dict[bool, tuple[list, list, list]] = {False: ([], [], []), True: ([], [], [])}
+        single = multi = 0
+        for index, is_multi in enumerate(self.multi_hot):
+            keys, values, lengths = groups[unpooled[index]]
             if is_multi:
                 bag = self.bags[multi]
                 values.append(bag.values[bag.offsets[begin] : bag.offsets[end]])
@@ -185,19 +191,28 @@ class DecodedRows:
             else:
                 values.append(self.single_ids[single, begin:end])
                 single += 1
-        sparse = KeyedJaggedTensor(
-            keys=self.keys,
-            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-            lengths=torch.from_numpy(np.ascontiguousarray(self.lengths[:, begin:end]).ravel()),
-            stride=end - begin,
-        )
+            keys.append(self.keys[index])
+            lengths.append(self.lengths[index, begin:end])
+
+        def jagged(group: bool) -> KeyedJaggedTensor | None:
+            keys, values, lengths = groups[group]
+            if group and not keys:
+                return None
+            return KeyedJaggedTensor(
+                keys=keys,
+                values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+                lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
+                stride=end - begin,
+            )
+
         return Batch(
-            sparse=sparse,
+            sparse=jagged(False),
             dense=torch.from_numpy(self.dense[begin:end]),
             labels=torch.from_numpy(self.labels[begin:end]),
             label_mask=torch.from_numpy(self.label_mask[begin:end]),
             weights=torch.from_numpy(self.weights[begin:end]),
             row_id=torch.from_numpy(self.row_id[begin:end]),
+            sequences=jagged(True),
         )
 
     def drop_bag_ids(self, features: Sequence[SparseFeature], rng: np.random.Generator) -> DecodedRows:
@@ -314,6 +329,7 @@ def decode_rows(
     single_ids = np.empty((sum(not f.multi_hot for f in spec.sparse), num_rows), dtype=np.int64)
     bags: list[Jagged] = []
     lengths = np.ones((len(spec.sparse), num_rows), dtype=np.int32)
+    sequence_lengths: dict[str, np.ndarray] = {}
     for index, feature in enumerate(spec.sparse):
         column = _column(table, feature.source_column, locator)
         if feature.multi_hot:
@@ -327,6 +343,9 @@ def decode_rows(
                 raise DataError(
                     f"{locator.file}: column {feature.source_column!r} has type {column.type}, expected a list of integer ids"
                 )
+            if feature.sequence:
+                bag = most_recent(bag, feature.max_length)
+                sequence_lengths[feature.name] = bag.lengths()
             values = bag.values.astype(np.int64)
             lengths[index] = bag.lengths()
             row_of_value = np.repeat(np.arange(num_rows), lengths[index])
@@ -364,6 +383,18 @@ def decode_rows(
             bags.append(Jagged(values, bag.offsets))
         else:
             single_ids[index - len(bags)] = values
+
+    for feature in spec.sparse:
+        if feature.align_with and feature.align_with in sequence_lengths:
+            mine, theirs = sequence_lengths[feature.name], sequence_lengths[feature.align_with]
+            rules.check(
+                mine != theirs,
+                lambda row, f=feature, a=mine, b=theirs: (
+                    f"column {f.source_column!r} has {a[row]} ids but the sequence it is aligned with, "
+                    f"{f.align_with!r}, has {b[row]} (after keeping the last {f.max_length})"
+                ),
+                skippable=False,
+            )
 
     dense = np.empty((num_rows, len(spec.dense)), dtype=np.float32)
     for j, feature in enumerate(spec.dense):
@@ -437,8 +468,22 @@ def decode_rows(
         label_mask[rules.bad] = 0
         weights = np.where(rules.bad, 0, weights).astype(np.float32)
     row_id = np.arange(first_row_id, first_row_id + num_rows, dtype=np.int64)
+    sequence_tables = {f.table_name for f in spec.sparse if f.sequence}
     rows = DecodedRows(
         [f.name for f in spec.sparse], [f.multi_hot for f in spec.sparse],
         single_ids, bags, lengths, dense, labels, label_mask, weights, row_id,
+        [f.table_name in sequence_tables for f in spec.sparse] if sequence_tables else None,
     )  # fmt: skip
     return rows, rules.report
+
+
+def most_recent(rows: Jagged, max_length: int) -> Jagged:
+    """Each row's last ``max_length`` values (a sequence is stored oldest first)."""
+    lengths = rows.lengths()
+    if not len(lengths) or lengths.max() <= max_length:
+        return rows
+    kept = np.minimum(lengths, max_length)
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(kept, out=offsets[1:])
+    starts = np.repeat(rows.offsets[1:] - kept - offsets[:-1], kept)
+    return Jagged(rows.values[np.arange(offsets[-1]) + starts], offsets)

@@ -2,6 +2,7 @@
 
     python -m data.samples shop.csv                 # 60,000 impressions, about 4 MB
     python -m data.samples shop.csv --rows 200000 --seed 3
+    python -m data.samples sessions.csv --kind sessions --rows 40000 --users 1000 --items 400
 
 Columns: ``user`` ('u0042'), ``item`` ('sku-0137'), ``category`` (text), ``tags`` ('red|sale'),
 ``price``, ``region``, ``device`` (text, with a real 'NA' category), ``age`` (empty when unknown),
@@ -76,6 +77,52 @@ def shop_impressions(
     )
 
 
+def session_clicks(
+    num_users: int = 1_000, steps: int = 20, num_items: int = 400, follow: float = 0.7, seed: int = 0
+) -> pa.Table:
+    """An impression log with a planted sequential signal: each user's next click is, with
+    probability ``follow``, the fixed successor of their last click (else a random item). Each
+    step shows two items at one time: the clicked one (click 1) and another (click 0), which half
+    of the time is the successor of an older click of the user (so "the successor of something in
+    the history" does not tell them apart; only "of the last one" does) and otherwise random.
+    Columns: ``user``, ``item``, ``ts``, ``click``."""
+    rng = np.random.default_rng(seed)
+    successor = rng.permutation(num_items)
+    clicks = np.empty((num_users, steps), dtype=np.int64)
+    clicks[:, 0] = rng.integers(0, num_items, num_users)
+    for t in range(1, steps):
+        follows = rng.random(num_users) < follow
+        clicks[:, t] = np.where(follows, successor[clicks[:, t - 1]], rng.integers(0, num_items, num_users))
+    older = np.zeros((num_users, steps), dtype=np.int64)  # a click at least two steps back
+    for t in range(2, steps):
+        older[:, t] = clicks[np.arange(num_users), rng.integers(0, t - 1, num_users)]
+    hard = (rng.random((num_users, steps)) < 0.5) & (np.arange(steps) >= 2)
+    shown = np.where(hard, successor[older], rng.integers(0, num_items, (num_users, steps)))
+    users = np.repeat(np.arange(num_users), steps)
+    ts = 1_700_000_000 + np.tile(np.arange(steps), num_users) * 3_600 + users
+    rows = {
+        "user": np.concatenate([users, users]),
+        "item": np.concatenate([clicks.ravel(), shown.ravel()]),
+        "ts": np.concatenate([ts, ts]),
+        "click": np.concatenate([np.ones(users.size, np.int8), np.zeros(users.size, np.int8)]),
+    }
+    order = np.argsort(rows["ts"], kind="stable")
+    return pa.table(
+        {
+            "user": pa.array([f"u{u:04d}" for u in rows["user"][order]]),
+            "item": pa.array([f"i{i:04d}" for i in rows["item"][order]]),
+            "ts": pa.array(rows["ts"][order]),
+            "click": pa.array(rows["click"][order]),
+        }
+    )
+
+
+def write_csv(table: pa.Table, out: Path) -> None:
+    with out.open("wb") as sink:
+        sink.write((",".join(table.column_names) + "\n").encode())
+        pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", help="CSV file to write (must not exist)")
@@ -83,16 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--items", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kind", choices=("shop", "sessions"), default="shop",
+        help="shop: the impression log above; sessions: clicks with a planted sequential signal",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.output)
     if out.exists():
         print(f"error: {out} exists; choose a new file", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.kind == "sessions":
+        table = session_clicks(args.users, max(args.rows // (2 * args.users), 2), args.items, seed=args.seed)
+        write_csv(table, out)
+        print(f"wrote {out}: {table.num_rows:,} impressions of {args.users:,} users")
+        return 0
     table = shop_impressions(args.rows, args.users, args.items, args.seed)
-    with out.open("wb") as sink:
-        sink.write((",".join(table.column_names) + "\n").encode())
-        pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    write_csv(table, out)
     clicks, purchases = int(np.sum(table["click"])), int(np.sum(table["purchase"]))
     print(f"wrote {out}: {table.num_rows:,} impressions, {clicks:,} clicks, {purchases:,} purchases")
     return 0

@@ -11,11 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import (
+    BaseEmbeddingConfig,
+    DataType,
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    PoolingType,
+)
 
 from data.config import SparseFeature
 from models.config import ModelConfig, TaskConfig
-from models.multitask import MultiTaskModel
+from models.multitask import MultiTaskModel, SequenceFeature
 
 DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 
@@ -29,23 +35,29 @@ def _table_pooling(features: Sequence[SparseFeature]) -> str:
 
 def embedding_tables(
     sparse: Sequence[SparseFeature], table_rows: dict[str, int], precision: str = "fp32"
-) -> list[EmbeddingBagConfig]:
+) -> list[BaseEmbeddingConfig]:
     """One TorchRec table per ``table`` name, with the features it serves; features sharing a
-    table get its largest row count (``table_rows``: rows per feature)."""
+    table get its largest row count (``table_rows``: rows per feature). Tables of sequence features
+    are unpooled (``EmbeddingConfig``, for the ``EmbeddingCollection``); the others pool
+    (``EmbeddingBagConfig``)."""
     grouped: dict[str, list[SparseFeature]] = {}
     for feature in sparse:
         grouped.setdefault(feature.table_name, []).append(feature)
-    return [
-        EmbeddingBagConfig(
+    tables: list[BaseEmbeddingConfig] = []
+    for name, features in grouped.items():
+        common = dict(
             name=name,
             embedding_dim=features[0].embedding_dim,
             num_embeddings=max(table_rows[f.name] for f in features),
             feature_names=[f.name for f in features],
-            pooling=PoolingType.MEAN if _table_pooling(features) == "mean" else PoolingType.SUM,
             data_type=DATA_TYPES[precision],
         )
-        for name, features in grouped.items()
-    ]
+        if any(f.sequence for f in features):
+            tables.append(EmbeddingConfig(**common))
+        else:
+            pooling = PoolingType.MEAN if _table_pooling(features) == "mean" else PoolingType.SUM
+            tables.append(EmbeddingBagConfig(**common, pooling=pooling))
+    return tables
 
 
 def build_model(
@@ -62,7 +74,15 @@ def build_model(
     """The multi-task model over ``sparse`` (config order) and ``num_dense`` dense features."""
     return model_class(
         tables=embedding_tables(sparse, table_rows, precision),
-        feature_names=[f.name for f in sparse],
+        feature_names=[f.name for f in sparse if not f.align_with],
+        input_names=[f.name for f in sparse],
+        sequences={
+            f.name: SequenceFeature(
+                f.candidate, f.max_length, [g.name for g in sparse if g.align_with == f.name]
+            )
+            for f in sparse
+            if f.sequence and not f.align_with
+        },
         num_dense=num_dense,
         tasks=tasks,
         cfg=model,

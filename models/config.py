@@ -51,6 +51,38 @@ class TaskConfig:
 
 
 @dataclass
+class SequenceConfig:
+    """How each behaviour sequence (``data.sparse`` features with ``sequence: true``) becomes one
+    interest vector beside the pooled features (see ``models.sequence``)."""
+
+    encoder: Literal["din", "transformer"] = "din"
+    """``din``: target attention of the candidate over the history (DIN); ``transformer``: a causal
+    encoder over the history and the candidate (its output at the candidate)."""
+    attention: Literal["softmax", "pointwise"] = "softmax"
+    """Transformer: ``softmax`` multi-head attention (SASRec) or ``pointwise`` SiLU attention with a
+    gate (HSTU)."""
+    num_layers: int = 2
+    """Transformer: layers."""
+    num_heads: int = 2
+    """Transformer: attention heads (they divide the sequence tables' embedding_dim)."""
+    ffn_dim: int = 64
+    """Transformer (softmax): hidden width of each layer's feed-forward block."""
+    din_dims: list[int] = field(default_factory=lambda: [64, 32])
+    """DIN: widths of the attention-score MLP."""
+    dropout: float = 0.0
+    """Dropout in the encoder."""
+
+    def check(self) -> None:
+        for name in ("num_layers", "num_heads", "ffn_dim"):
+            positive(name, getattr(self, name))
+        for dim in self.din_dims:
+            positive("din_dims", dim)
+        if not self.din_dims:
+            raise ValueError("din_dims: at least one layer")
+        in_unit_interval("dropout", self.dropout)
+
+
+@dataclass
 class ModelConfig:
     """The dense part of the model; embedding tables come from ``data.sparse``."""
 
@@ -109,6 +141,8 @@ class ModelConfig:
     probability pCTR × pCVR."""
     pcgrad_seed: int = 0
     """PCGrad: seed of the generator that draws the task order of each projection step."""
+    sequence: SequenceConfig = field(default_factory=lambda: SequenceConfig())
+    """Encoder of the behaviour sequences (used when ``data.sparse`` has ``sequence: true`` features)."""
 
     def check(self) -> None:
         if self.alpha is not None:

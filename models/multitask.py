@@ -2,6 +2,9 @@
 
     sparse: KeyedJaggedTensor (keys = feature names, stride B)
         └─ EmbeddingBagCollection ─▶ pooled (B, D_f) per feature, selected BY NAME in config order
+    sequences: KeyedJaggedTensor (histories + the single ids sharing their tables), or None
+        └─ EmbeddingCollection ─▶ unpooled (N, D) per feature ─▶ SequenceEncoder(history, candidate)
+           ─▶ one interest vector (B, D) per sequence, in the sequence's slot of the feature order
     dense: (B, num_dense) ───────────┐
     interaction([pooled...], dense) ─▶ (B, I) ─▶ tower ─▶ T × (B, H) ─▶ heads ─▶ outputs (B, T)
 
@@ -12,10 +15,12 @@ collection returns them in plan order (a plan change would otherwise silently pe
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.balancing import build_balancer
@@ -23,34 +28,68 @@ from models.config import ModelConfig, TaskConfig
 from models.heads import TaskHeads, task_loss_sums, task_losses
 from models.interaction import build_interaction
 from models.layers import l2_penalty_gradient
+from models.sequence import SequenceEncoder
 from models.towers import build_tower
+
+
+@dataclass(frozen=True)
+class SequenceFeature:
+    """A behaviour sequence the model encodes: its candidate feature, length cap and side lists."""
+
+    candidate: str
+    max_length: int
+    side: list[str] = field(default_factory=list)
 
 
 class MultiTaskModel(nn.Module):
     """Args:
-    tables: embedding tables (TorchRec configs); each lists the features it serves.
-    feature_names: sparse features in the order the interaction sees them.
+    tables: embedding tables (TorchRec configs); each lists the features it serves. Pooled tables
+        (``EmbeddingBagConfig``) go to an EmbeddingBagCollection, unpooled ones (``EmbeddingConfig``:
+        sequence tables) to an EmbeddingCollection.
+    feature_names: features in the order the interaction sees them (a sequence's slot holds its
+        interest vector; aligned side lists have no slot).
     num_dense: number of dense input features.
     tasks: the tasks, in output column order.
     cfg: dense architecture.
     embedding_device: where the tables are created (``meta`` when a sharder will place them).
+    sequences: the sequence features to encode (name → candidate, max length, side lists).
+    input_names: every feature the tables serve, in the order serving takes them (config order).
     """
 
     def __init__(
         self,
-        tables: list[EmbeddingBagConfig],
+        tables: list[BaseEmbeddingConfig],
         feature_names: list[str],
         num_dense: int,
         tasks: list[TaskConfig],
         cfg: ModelConfig,
         embedding_device: torch.device | str = "meta",
+        sequences: dict[str, SequenceFeature] | None = None,
+        input_names: list[str] | None = None,
     ):
         super().__init__()
         self.feature_names = list(feature_names)
+        self.input_names = list(input_names or [name for table in tables for name in table.feature_names])
+        self.sequences = dict(sequences or {})
         self.task_names = [task.name for task in tasks]
         self.loss_names = [task.loss_name for task in tasks]
+        device = torch.device(embedding_device)
+        bag_tables = [t for t in tables if isinstance(t, EmbeddingBagConfig)]
+        unpooled_tables = [t for t in tables if not isinstance(t, EmbeddingBagConfig)]
         dim_of_feature = {name: table.embedding_dim for table in tables for name in table.feature_names}
-        self.embeddings = EmbeddingBagCollection(tables=tables, device=torch.device(embedding_device))
+        self.embeddings = EmbeddingBagCollection(tables=bag_tables, device=device)
+        self.sequence_embeddings = EmbeddingCollection(tables=unpooled_tables, device=device) if unpooled_tables else None
+        self.sequence_encoders = nn.ModuleDict(
+            {
+                name: SequenceEncoder(dim_of_feature[name], feature.max_length, cfg.sequence)
+                for name, feature in self.sequences.items()
+            }
+        )
+        self.pooled_names = [name for name in self.feature_names if name not in self.sequences]
+        self.sequence_lists = [name for seq, f in self.sequences.items() for name in (seq, *f.side)]
+        self.unpooled_singles = [
+            name for table in unpooled_tables for name in table.feature_names if name not in self.sequence_lists
+        ]
         self.interaction = build_interaction(
             cfg, [dim_of_feature[name] for name in self.feature_names], num_dense
         )
@@ -60,18 +99,32 @@ class MultiTaskModel(nn.Module):
         self.balancer = build_balancer(cfg, tasks)
         self.embedding_l2 = cfg.embedding_l2
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, sequences: KeyedJaggedTensor | None = None
+    ) -> torch.Tensor:
         """Returns (B, T) outputs; their meaning per task is ``self.output_kinds`` (see models.heads)."""
         pooled = self.embeddings(sparse).to_dict()
-        features = [pooled[name] for name in self.feature_names]
+        features = {name: pooled[name] for name in self.pooled_names if name not in self.unpooled_singles}
+        histories: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.sequence_embeddings is not None:
+            # by name, no iteration over the result: TorchRec's train pipeline traces this forward
+            unpooled = self.sequence_embeddings(sequences)
+            for name in self.sequence_lists:
+                histories[name] = (unpooled[name].values(), unpooled[name].lengths())
+            for name in self.unpooled_singles:  # a single id per row on a sequence table: (B, D)
+                features[name] = unpooled[name].values()
+        features = [features[name] for name in self.pooled_names]
         if self.training and self.embedding_l2 > 0:
             features = [l2_penalty_gradient(e, self.embedding_l2) for e in features]
-        return self.dense_forward(features, dense)
+        return self.dense_forward(features, dense, sequence_inputs(self.sequences, histories))
 
-    def dense_forward(self, pooled: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
-        """Interaction → tower → heads: (B, T) outputs from the pooled embeddings (config order)
-        and the dense features. One function, so ``compile_dense`` fuses across module borders."""
-        return self.heads(self.tower(self.interaction(pooled, dense)))
+    def dense_forward(
+        self, pooled: list[torch.Tensor], dense: torch.Tensor, sequences: list | tuple = ()
+    ) -> torch.Tensor:
+        """Sequence encoders → interaction → tower → heads: (B, T) outputs from the pooled
+        embeddings (``pooled_names`` order), the dense features and each sequence's (values,
+        lengths). One function, so ``compile_dense`` fuses across module borders."""
+        return dense_outputs(self, pooled, dense, sequences)
 
     def compile_dense(self) -> None:
         """Compiles ``dense_forward`` with ``torch.compile`` (inductor): element-wise ops (ReLU,
@@ -86,3 +139,26 @@ class MultiTaskModel(nn.Module):
     def loss_sums(self, outputs, labels, label_mask, weights) -> torch.Tensor:
         """Per-task weighted loss sums and weight sums (2, T) (see ``models.heads.task_loss_sums``)."""
         return task_loss_sums(outputs, labels, label_mask, weights, self.output_kinds, self.loss_names)
+
+
+def dense_outputs(model, pooled: list[torch.Tensor], dense: torch.Tensor, sequences: list | tuple) -> torch.Tensor:
+    """The dense part of ``model`` (a MultiTaskModel, or the serving module holding the same
+    submodules): each sequence's interest vector against its candidate, then interaction → tower
+    → heads. The one implementation, for training, evaluation and the exported program."""
+    by_name = dict(zip(model.pooled_names, pooled))
+    for (name, feature), (values, lengths) in zip(model.sequences.items(), sequences):
+        by_name[name] = model.sequence_encoders[name](values, lengths, by_name[feature.candidate])
+    features = [by_name[name] for name in model.feature_names]
+    return model.heads(model.tower(model.interaction(features, dense)))
+
+
+def sequence_inputs(sequences: dict[str, SequenceFeature], histories: dict[str, tuple]) -> list:
+    """(values (N, D), lengths (B,)) of each sequence, its side lists' embeddings added position
+    by position (``histories``: feature → its unpooled embeddings and lengths)."""
+    inputs = []
+    for name, feature in sequences.items():
+        values, lengths = histories[name]
+        for side in feature.side:
+            values = values + histories[side][0]
+        inputs.append((values, lengths))
+    return inputs

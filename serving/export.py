@@ -34,7 +34,7 @@ from torch import nn
 from data.dataset import DatasetMeta, is_complete, table_rows
 from models.builder import build_model
 from models.heads import predictions
-from models.multitask import MultiTaskModel
+from models.multitask import MultiTaskModel, dense_outputs, sequence_inputs
 from trainer.config import Config
 from trainer.distributed import checkpoint as ckpt
 from trainer.errors import OutputExists
@@ -110,12 +110,14 @@ def _check_against_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> Non
 
 # ------------------------------------------------------------------------------------------ serving
 class ServingModel(nn.Module):
-    """Plain-torch scorer: ``nn.EmbeddingBag`` per table + the trained interaction, tower and heads.
+    """Plain-torch scorer: ``nn.EmbeddingBag`` per pooled table, ``nn.Embedding`` per sequence
+    table, and the trained sequence encoders, interaction, tower and heads (``dense_outputs``).
 
-    Inputs, F sparse features in ``feature_names`` order (B rows)::
+    Inputs, F sparse features in ``input_names`` order (config order; B rows)::
 
         dense    (B, num_dense) float32
-        values   F × (N_f,) int64   ids of feature f, rows concatenated (row b has lengths[f][b] ids)
+        values   F × (N_f,) int64   ids of feature f, rows concatenated (row b has lengths[f][b] ids;
+                                    a sequence's ids oldest first)
         lengths  F × (B,)   int64   ids per row (1 for single-valued features; 0 = empty bag)
 
     Output: (B, T) predictions (probabilities for binary tasks, values for regression). Ids must
@@ -124,18 +126,28 @@ class ServingModel(nn.Module):
 
     def __init__(self, model: MultiTaskModel):
         super().__init__()
+        self.input_names = list(model.input_names)
         self.feature_names = list(model.feature_names)
+        self.pooled_names = list(model.pooled_names)
+        self.sequences = dict(model.sequences)
+        self.sequence_lists = set(model.sequence_lists)
         self.output_kinds = list(model.output_kinds)
-        weights = dict(model.embeddings.state_dict())
         self.bags = nn.ModuleDict()
+        self.lookups = nn.ModuleDict()
         table_of_feature = {}
+        weights = dict(model.embeddings.state_dict())
         for table in model.embeddings.embedding_bag_configs():
             mode = "mean" if table.pooling.value == "MEAN" else "sum"
             weight = weights[f"embedding_bags.{table.name}.weight"].detach().clone()
             self.bags[table.name] = nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode=mode)
-            for feature in table.feature_names:
-                table_of_feature[feature] = table.name
-        self.table_of_feature = [table_of_feature[name] for name in self.feature_names]
+            table_of_feature.update(dict.fromkeys(table.feature_names, table.name))
+        if model.sequence_embeddings is not None:
+            for table in model.sequence_embeddings.embedding_configs():
+                weight = model.sequence_embeddings.embeddings[table.name].weight.detach().clone()
+                self.lookups[table.name] = nn.Embedding.from_pretrained(weight, freeze=True)
+                table_of_feature.update(dict.fromkeys(table.feature_names, table.name))
+        self.table_of_input = [table_of_feature[name] for name in self.input_names]
+        self.sequence_encoders = model.sequence_encoders
         self.interaction = model.interaction
         self.tower = model.tower
         self.heads = model.heads
@@ -143,11 +155,17 @@ class ServingModel(nn.Module):
     def forward(
         self, dense: torch.Tensor, values: list[torch.Tensor], lengths: list[torch.Tensor]
     ) -> torch.Tensor:
-        pooled = []
-        for f, table in enumerate(self.table_of_feature):
-            offsets = torch.cumsum(lengths[f], 0) - lengths[f]  # (B,) start of each bag
-            pooled.append(self.bags[table](values[f], offsets))
-        outputs = self.heads(self.tower(self.interaction(pooled, dense)))
+        by_name, histories = {}, {}
+        for f, (name, table) in enumerate(zip(self.input_names, self.table_of_input)):
+            if table in self.bags:
+                offsets = torch.cumsum(lengths[f], 0) - lengths[f]  # (B,) start of each bag
+                by_name[name] = self.bags[table](values[f], offsets)
+            elif name in self.sequence_lists:
+                histories[name] = (self.lookups[table](values[f]), lengths[f])
+            else:  # a single id per row on a sequence table
+                by_name[name] = self.lookups[table](values[f])
+        pooled = [by_name[name] for name in self.pooled_names]
+        outputs = dense_outputs(self, pooled, dense, sequence_inputs(self.sequences, histories))
         return predictions(outputs, self.output_kinds)
 
 
@@ -156,19 +174,38 @@ def export_serving(
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of ``ServingModel(model)`` with a dynamic batch size and dynamic bag sizes."""
     serving = ServingModel(model).eval().requires_grad_(False)
-    num_features = len(serving.feature_names)
+    num_features = len(serving.input_names)
     batch = torch.export.Dim("batch", min=1)
-    # Example bags of 2 ids per row, so that no size is 0/1 or equal to the batch (no specialisation).
+    # Example bags of 2 ids per row, so that no size is 0/1 or equal to the batch (no specialisation);
+    # a single id per row on a sequence table is looked up unpooled: its ids are the batch.
+    one_per_row = [
+        table in serving.lookups and name not in serving.sequence_lists
+        for name, table in zip(serving.input_names, serving.table_of_input)
+    ]
     dense = torch.zeros(example_batch_size, num_dense)
-    values = [torch.zeros(2 * example_batch_size, dtype=torch.int64) for _ in range(num_features)]
-    lengths = [torch.full((example_batch_size,), 2, dtype=torch.int64) for _ in range(num_features)]
+    values = [torch.zeros((1 if one else 2) * example_batch_size, dtype=torch.int64) for one in one_per_row]
+    lengths = [torch.full((example_batch_size,), 1 if one else 2, dtype=torch.int64) for one in one_per_row]
+    ids_dims = {}
+    sides = {side for feature in serving.sequences.values() for side in feature.side}
+    inputs = sorted(enumerate(zip(serving.input_names, one_per_row)), key=lambda item: item[1][0] in sides)
+    for f, (name, one) in inputs:  # sequences before their side lists
+        main = next((seq for seq, feature in serving.sequences.items() if name in feature.side), name)
+        ids_dims[name] = batch if one else ids_dims.get(main) or torch.export.Dim(f"ids_{f}", min=0)
     dynamic = (
         {0: batch},
-        [{0: torch.export.Dim(f"ids_{f}", min=0)} for f in range(num_features)],
+        [{0: ids_dims[name]} for name in serving.input_names],  # a side list has its sequence's length
         [{0: batch} for _ in range(num_features)],
     )
     with torch.no_grad():
         return torch.export.export(serving, (dense, values, lengths), dynamic_shapes=dynamic, strict=False)
+
+
+def _column_info(columns: dict, column: str) -> dict:
+    """The metadata of ``column``; a history list maps its ids with its source column's vocabulary."""
+    info = columns.get(column, {})
+    if "history_of" in info:
+        return {**columns.get(info["history_of"], {}), "vocabulary_of": info["history_of"]}
+    return info
 
 
 def _raw_sparse(feature, info: dict, list_delimiter: str) -> dict[str, Any]:
@@ -176,6 +213,7 @@ def _raw_sparse(feature, info: dict, list_delimiter: str) -> dict[str, Any]:
     raw: dict[str, Any] = {"input": feature.input_column, "delimiter": feature.delimiter or list_delimiter}
     if info.get("vocabulary"):
         raw.update(mapping="vocabulary", vocabulary=f"{VOCABULARY_FOLDER}/{feature.name}.json")
+        raw["vocabulary_of"] = info.get("vocabulary_of", feature.source_column)
     elif info.get("mapping") == "buckets":
         raw.update(
             mapping="buckets", edges=info.get("edges", []), input=info.get("source", feature.input_column)
@@ -213,7 +251,8 @@ def serving_spec(
             "lengths_dtype": "int64",
             "id_range": [0, num_embeddings[f.name] - 1],
             "out_of_vocabulary_id": 0,
-            "raw": _raw_sparse(f, columns.get(f.source_column, {}), list_delimiter),
+            "raw": _raw_sparse(f, _column_info(columns, f.source_column), list_delimiter),
+            **({"sequence": True, "max_length": f.max_length, "order": "oldest first"} if f.sequence else {}),
         }
         for f in cfg.data.sparse
     ]
@@ -276,7 +315,7 @@ def export(cfg: Config, checkpoint: str | Path | None, output: str | Path) -> Pa
     spec = serving_spec(cfg, model, num_embeddings, path, columns)
     for feature in spec["inputs"]["sparse"]:
         if feature["raw"]["mapping"] == "vocabulary":
-            originals = meta.vocabulary(feature["column"])
+            originals = meta.vocabulary(feature["raw"]["vocabulary_of"])
             file = out / feature["raw"]["vocabulary"]
             file.parent.mkdir(exist_ok=True)
             file.write_text(json.dumps(np.asarray(originals).tolist()))

@@ -155,7 +155,7 @@ def predict_rows(model: MultiTaskModel, rows: Rows, batch_size: int = 8192) -> t
     with torch.inference_mode():
         for start in range(0, rows.num_rows, batch_size):
             batch = rows.decoded.to_batch(start, min(start + batch_size, rows.num_rows))
-            outputs.append(predictions(model(batch.sparse, batch.dense), model.output_kinds))
+            outputs.append(predictions(model(batch.sparse, batch.dense, batch.sequences), model.output_kinds))
     return torch.cat(outputs) if outputs else torch.zeros(0, len(model.output_kinds))
 
 

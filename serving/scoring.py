@@ -24,26 +24,48 @@ import torch.nn.functional as F
 
 from data.jagged import Jagged
 from models.heads import predictions
-from models.multitask import MultiTaskModel
+from models.multitask import MultiTaskModel, sequence_inputs
+from models.sequence import pad_left
 from serving.catalogue import Catalogue, Entities, excluded_pairs, item_counts
 from trainer.config import Config
 from trainer.errors import RecommendError
 
 
 def _pool(model: MultiTaskModel, name: str, jagged: Jagged) -> torch.Tensor:
-    """Pooled embedding (E, D) of feature ``name`` for each row of ``jagged``."""
-    table = model.embeddings.embedding_bags[_table_of(model)[name]]
-    return F.embedding_bag(
-        torch.from_numpy(jagged.values),
-        table.weight,
-        torch.from_numpy(jagged.offsets),
-        mode=table.mode,
-        include_last_offset=True,
-    )
+    """Pooled embedding (E, D) of feature ``name`` for each row of ``jagged`` (a single id per row
+    on a sequence table: its embedding)."""
+    values, offsets = torch.from_numpy(jagged.values), torch.from_numpy(jagged.offsets)
+    tables = _tables(model)
+    if name in tables["unpooled"]:
+        return model.sequence_embeddings.embeddings[tables["unpooled"][name]](values)
+    table = model.embeddings.embedding_bags[tables["pooled"][name]]
+    return F.embedding_bag(values, table.weight, offsets, mode=table.mode, include_last_offset=True)
 
 
-def _table_of(model: MultiTaskModel) -> dict[str, str]:
-    return {f: t.name for t in model.embeddings.embedding_bag_configs() for f in t.feature_names}
+def _unpooled(model: MultiTaskModel, name: str, jagged: Jagged) -> torch.Tensor:
+    """Embeddings (N, D) of every id of a sequence feature, rows concatenated."""
+    table = model.sequence_embeddings.embeddings[_tables(model)["unpooled"][name]]
+    return table(torch.from_numpy(jagged.values))
+
+
+def _tables(model: MultiTaskModel) -> dict[str, dict[str, str]]:
+    pooled = {f: t.name for t in model.embeddings.embedding_bag_configs() for f in t.feature_names}
+    unpooled = {}
+    if model.sequence_embeddings is not None:
+        unpooled = {f: t.name for t in model.sequence_embeddings.embedding_configs() for f in t.feature_names}
+    return {"pooled": pooled, "unpooled": unpooled}
+
+
+def _padded_histories(model: MultiTaskModel, users: Entities) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each sequence of each user, its side lists added, left-padded: (U, L, D) and (U, L) masks."""
+    histories = {
+        name: (_unpooled(model, name, users.sparse[name]), torch.from_numpy(users.sparse[name].lengths()))
+        for name in model.sequence_lists
+    }
+    return {
+        name: pad_left(values, lengths, model.sequences[name].max_length)
+        for name, (values, lengths) in zip(model.sequences, sequence_inputs(model.sequences, histories))
+    }
 
 
 class ModelScorer:
@@ -75,7 +97,12 @@ class ModelScorer:
         self.dense_sides = [f.side for f in cfg.data.dense]
         users = _subset(users, np.asarray(user_rows))
         with torch.inference_mode():
-            self.user_pooled = {name: _pool(model, name, jagged) for name, jagged in users.sparse.items()}
+            self.user_pooled = {
+                name: _pool(model, name, jagged)
+                for name, jagged in users.sparse.items()
+                if name not in model.sequence_lists
+            }
+            self.user_histories = _padded_histories(model, users) if model.sequences else {}
             context = [
                 f.name for f in cfg.data.sparse if f.name not in users.sparse and f.name not in items.sparse
             ]
@@ -85,22 +112,33 @@ class ModelScorer:
 
     def item_block(self, start: int, end: int) -> dict:
         block = _subset(self.items, self.item_rows[start:end])
-        pooled = {name: _pool(self.model, name, jagged) for name, jagged in block.sparse.items()}
+        pooled = {
+            name: _pool(self.model, name, jagged)
+            for name, jagged in block.sparse.items()
+            if name not in self.model.sequence_lists
+        }
         prior = None if self.item_prior is None else self.item_prior[self.item_rows[start:end]]
         return {"pooled": pooled, "dense": torch.from_numpy(block.dense), "size": end - start, "prior": prior}
 
     def __call__(self, user_start: int, user_end: int, block: dict) -> torch.Tensor:
         num_users, num_items = user_end - user_start, block["size"]
         pairs = num_users * num_items
-        embeddings = []
-        for name in self.model.feature_names:
+        by_name = {}
+        for name in self.model.pooled_names:
             if name in self.user_pooled:
                 e = self.user_pooled[name][user_start:user_end, None, :].expand(num_users, num_items, -1)
             elif name in block["pooled"]:
                 e = block["pooled"][name][None, :, :].expand(num_users, num_items, -1)
             else:
                 e = self.context_pooled[name].expand(pairs, -1)
-            embeddings.append(e.reshape(pairs, -1))
+            by_name[name] = e.reshape(pairs, -1)
+        for name, feature in self.model.sequences.items():  # against each candidate: once per pair
+            history, valid = self.user_histories[name]
+            history = history[user_start:user_end, None].expand(-1, num_items, -1, -1).flatten(0, 1)
+            valid = valid[user_start:user_end, None].expand(-1, num_items, -1).flatten(0, 1)
+            encoder = self.model.sequence_encoders[name]
+            by_name[name] = encoder.encode_padded(history, valid, by_name[feature.candidate])
+        embeddings = [by_name[name] for name in self.model.feature_names]
         dense = torch.zeros(num_users, num_items, len(self.dense_sides))
         user_cols = [j for j, side in enumerate(self.dense_sides) if side == "user"]
         item_cols = [j for j, side in enumerate(self.dense_sides) if side == "item"]
@@ -286,6 +324,7 @@ def recommend(
         k or cfg.recommend.k,
         excluded_pairs(cfg, catalogue, user_rows, item_rows),
         cfg.recommend.item_block_size,
-        cfg.recommend.max_pairs_per_step,
+        # a sequence is encoded once per pair: its L positions count towards the step's memory
+        max(1, cfg.recommend.max_pairs_per_step // (1 + sum(f.max_length for f in model.sequences.values()))),
     )
     return users.ids[user_rows], items.ids[item_rows], result

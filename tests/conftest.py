@@ -86,6 +86,34 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sessions(tmp_path_factory) -> Path:
+    """A 6,000-row click log with behaviour histories (``configs/sessions_sequence.yaml`` on
+    ``data.samples.session_clicks``), small row groups, prepared in process; its recipe is
+    ``tiny_sessions_overrides``."""
+    from data.prepare import prepare
+    from data.samples import session_clicks, write_csv
+    from trainer.config import load_config
+    from trainer.datasets import input_schema
+
+    root = tmp_path_factory.mktemp("sessions")
+    write_csv(session_clicks(num_users=300, steps=10, num_items=120, seed=1), root / "sessions.csv")
+    cfg = load_config(SESSIONS_CONFIG, tiny_sessions_overrides(root / "data"))
+    prepare(cfg.data.prepare, str(root / "data"), input_schema(cfg))
+    return root / "data"
+
+
+SESSIONS_CONFIG = "configs/sessions_sequence.yaml"
+
+
+def tiny_sessions_overrides(data: Path) -> list[str]:
+    """The recipe of ``tiny_sessions`` (dotted overrides of ``SESSIONS_CONFIG``)."""
+    return [
+        f"data.path={data}", f"data.prepare.source={data.parent / 'sessions.csv'}",
+        "data.prepare.row_group_size=256", "data.prepare.num_shards=2",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def rank_pools():
     """``rank_pools(W)``: a persistent pool of W in-process gloo ranks (tests.multirank), started on
     first use and restarted when a failure closed it."""

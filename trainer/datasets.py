@@ -23,7 +23,11 @@ def input_schema(cfg: Config) -> TableSchema:
     prepare = cfg.data.prepare
     kinds: dict[str, str] = {}
     buckets, delimiters, specs, fills = {}, {}, {}, {}
+    histories = prepare.histories if prepare is not None else []
+    built = {name for history in histories for name in history.outputs()}  # made at preparation
     for feature in cfg.data.sparse:
+        if feature.source_column in built:
+            continue
         if feature.buckets is not None:
             edges = feature.buckets if isinstance(feature.buckets, list) else None
             count = feature.buckets if isinstance(feature.buckets, int) else None
@@ -61,6 +65,12 @@ def input_schema(cfg: Config) -> TableSchema:
     if prepare is not None:
         for name, kind in prepare.columns.items():
             kinds[name] = kind
+    for history in histories:
+        for source in history.side.values():
+            kinds.setdefault(source, "sparse")
+        if history.where:
+            kinds.setdefault(history.where, "label")
+            ranges.setdefault(history.where, (-float("inf"), float("inf")))
     return TableSchema(
         kinds,
         label_ranges=ranges,

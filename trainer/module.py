@@ -29,7 +29,7 @@ class TrainingModel(MultiTaskModel):
     MultiTaskModel's, so checkpoints and exports see the same keys."""
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = super().forward(batch.sparse, batch.dense)
+        outputs = super().forward(batch.sparse, batch.dense, batch.sequences)
         return self.loss_sums(outputs, batch.labels, batch.label_mask, batch.weights), outputs
 
 

@@ -56,6 +56,7 @@ class Feature:
         self.edges = spec["raw"].get("edges", [])
         self.buckets = spec["raw"].get("hash_buckets")
         self.delimiter = spec["raw"].get("delimiter")
+        self.max_length = spec.get("max_length") if spec.get("sequence") else None
         self.lookup = {}
         if self.mapping == "vocabulary":
             originals = json.loads((folder / spec["raw"]["vocabulary"]).read_text())
@@ -87,6 +88,8 @@ class Feature:
             return []
         if isinstance(value, str):
             value = [v for v in value.split(self.delimiter or "|") if v.strip()]
+        if self.max_length is not None:
+            value = list(value)[-self.max_length :]  # a history, oldest first: keep the most recent
         return [self._row(v) for v in value]
 
 

@@ -19,10 +19,18 @@ from data.batch import Batch
 BASE_CONFIG = "configs/default.yaml"
 
 
-def load(overrides: list[str]):
+def load(overrides: list[str], config: str = BASE_CONFIG):
     from trainer.config import load_config
 
-    return load_config(BASE_CONFIG, ["trainer.progress_bar=false", "trainer.num_threads=1", *overrides])
+    return load_config(config, ["trainer.progress_bar=false", "trainer.num_threads=1", *overrides])
+
+
+def _concat_jagged(parts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+    keys = parts[0].keys()
+    per_part = [part.to_dict() for part in parts]
+    values = [per[key].values() for key in keys for per in per_part]
+    lengths = [per[key].lengths() for key in keys for per in per_part]
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
 class ListStream:
@@ -60,15 +68,9 @@ class ListStream:
 
 def concat_batches(parts: list[Batch]) -> Batch:
     """Row-wise concatenation of batches with the same keys (the global batch of W rank batches)."""
-    keys = parts[0].sparse.keys()
-    per_part = [part.sparse.to_dict() for part in parts]
-    values = [per[key].values() for key in keys for per in per_part]
-    lengths = [per[key].lengths() for key in keys for per in per_part]
-    sparse = KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
-    )
     return Batch(
-        sparse=sparse,
+        sparse=_concat_jagged([p.sparse for p in parts]),
+        sequences=None if parts[0].sequences is None else _concat_jagged([p.sequences for p in parts]),
         dense=torch.cat([p.dense for p in parts]),
         labels=torch.cat([p.labels for p in parts]),
         label_mask=torch.cat([p.label_mask for p in parts]),
@@ -141,15 +143,17 @@ class RowRecorder:
 
 def model_state(module) -> dict[str, Any]:
     """Dense parameters (full) and this rank's embedding shards, as numpy."""
+    from trainer.distributed.sharding import is_table_parameter
+
     dmp = module.model
     dense = {
         name: p.detach().float().numpy().copy()
         for name, p in dmp.module.named_parameters()
-        if "embedding_bags" not in name
+        if not is_table_parameter(name)
     }
     tables: dict[str, list] = {}
     for key, value in dmp.state_dict().items():
-        if "embedding_bags" not in key:
+        if not is_table_parameter(key):
             continue
         table = key.split(".")[-2]
         if hasattr(value, "local_shards"):
@@ -162,7 +166,11 @@ def model_state(module) -> dict[str, Any]:
 
 
 def train(
-    overrides: list[str], num_steps: int, reference_world_size: int | None = None, reverse: bool = False
+    overrides: list[str],
+    num_steps: int,
+    reference_world_size: int | None = None,
+    reverse: bool = False,
+    config: str = BASE_CONFIG,
 ) -> dict[str, Any]:
     """Trains ``num_steps`` steps of the config (no checkpoints, no evaluation). With
     ``reference_world_size`` W (run it on one rank) the batches are the global batches a W-rank run
@@ -175,7 +183,8 @@ def train(
             f"trainer.max_steps={num_steps}",
             "checkpoint.resume=never",
             "checkpoint.every_n_steps=0",
-        ]
+        ],
+        config,
     )
     recorder = RowRecorder()
     trainer, module, datamodule, checkpointing = build(cfg, extra_callbacks=[recorder.callback])
@@ -191,11 +200,11 @@ def train(
     }
 
 
-def fit(overrides: list[str]) -> dict[str, Any]:
+def fit(overrides: list[str], config: str = BASE_CONFIG) -> dict[str, Any]:
     """The ``fit`` command's training (checkpoints and resume as configured), without evaluation."""
     from trainer.run import build, resume_path
 
-    cfg = load(overrides)
+    cfg = load(overrides, config)
     recorder = RowRecorder()
     trainer, module, datamodule, _ = build(cfg, extra_callbacks=[recorder.callback])
     resume = resume_path(cfg)

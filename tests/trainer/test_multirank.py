@@ -35,7 +35,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_SYNTHETIC
+from tests.conftest import SESSIONS_CONFIG, TINY_SYNTHETIC, tiny_sessions_overrides
 from tests.trainer import rank_jobs
 
 pytestmark = pytest.mark.slow
@@ -128,17 +128,57 @@ def assert_close_within_rounding(
 def test_two_ranks_train_the_model_one_rank_would(
     rank_pools, tiny_data, tmp_path, tower, balancing, pipeline
 ):
+    check_two_ranks_train_the_model_one_rank_would(
+        rank_pools,
+        lambda precision, pipe: matrix_overrides(tiny_data, tmp_path, tower, balancing, precision, pipe),
+        pipeline,
+    )
+
+
+SEQUENCE_CELLS = {  # encoder settings × tower: each sequence encoder on the sharded unpooled tables
+    "din": ("shared_bottom", ["model.sequence.encoder=din"]),
+    "transformer": ("mmoe", ["model.sequence.encoder=transformer", "model.sequence.num_layers=2"]),
+    "hstu": ("ple", ["model.sequence.encoder=transformer", "model.sequence.attention=pointwise"]),
+}
+
+
+def sequence_overrides(data, run_dir, encoder: str, precision: str, pipeline: str) -> list[str]:
+    tower, settings = SEQUENCE_CELLS[encoder]
+    return [
+        *tiny_sessions_overrides(data), f"run_dir={run_dir}", "data.val_split=null", "data.test_split=null",
+        "data.validate_on_start=false", f"data.batch_size={BATCH_PER_RANK}", f"model.tower={tower}",
+        *settings, "model.num_levels=2", f"trainer.precision={precision}", f"trainer.train_pipeline={pipeline}",
+        "trainer.dense_optimizer.type=sgd", "trainer.dense_optimizer.lr=0.05",
+        "trainer.embedding_optimizer.type=sgd", "trainer.embedding_optimizer.lr=0.5",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("encoder,pipeline", list(itertools.product(SEQUENCE_CELLS, PIPELINES)), ids=str)
+def test_two_ranks_train_the_sequence_model_one_rank_would(
+    rank_pools, tiny_sessions, tmp_path, encoder, pipeline
+):
+    """Histories through the sharded EmbeddingCollection (sharing the item table) and each encoder."""
+    check_two_ranks_train_the_model_one_rank_would(
+        rank_pools,
+        lambda precision, pipe: sequence_overrides(tiny_sessions, tmp_path, encoder, precision, pipe),
+        pipeline,
+        config=SESSIONS_CONFIG,
+    )
+
+
+def check_two_ranks_train_the_model_one_rank_would(rank_pools, overrides_for, pipeline, config=rank_jobs.BASE_CONFIG):
+    """``overrides_for(precision, pipeline)``: the config of the cell (see the module docstring)."""
     pool1, pool2 = rank_pools(1), rank_pools(2)
     models = {}
     for precision in ("32-true", "bf16-mixed"):
-        overrides = matrix_overrides(tiny_data, tmp_path, tower, balancing, precision, pipeline)
-        two = pool2.run(rank_jobs.train, overrides, NUM_STEPS)
+        overrides = overrides_for(precision, pipeline)
+        two = pool2.run(rank_jobs.train, overrides, NUM_STEPS, config=config)
         for name in two[0]["dense"]:
             assert np.array_equal(two[0]["dense"][name], two[1]["dense"][name]), (
                 f"{precision}: dense replica {name} differs between the ranks"
             )
         assert two[0]["global_step"] == NUM_STEPS
-        (one,) = pool1.run(rank_jobs.train, overrides, NUM_STEPS, reference_world_size=2)
+        (one,) = pool1.run(rank_jobs.train, overrides, NUM_STEPS, reference_world_size=2, config=config)
         assert [rows.tolist() for _, rows in one["steps"]] == [
             np.concatenate([a, b]).tolist() for (_, a), (_, b) in zip(two[0]["steps"], two[1]["steps"])
         ]
@@ -147,10 +187,11 @@ def test_two_ranks_train_the_model_one_rank_would(
     fp32_two, fp32_one = models["32-true"]
     (reordered,) = pool1.run(
         rank_jobs.train,
-        matrix_overrides(tiny_data, tmp_path, tower, balancing, "32-true", pipeline),
+        overrides_for("32-true", pipeline),
         NUM_STEPS,
         reference_world_size=2,
         reverse=True,
+        config=config,
     )
     global_batch = 2 * BATCH_PER_RANK
     assert_close_within_rounding(
@@ -159,11 +200,7 @@ def test_two_ranks_train_the_model_one_rank_would(
     bf16_two, bf16_one = models["bf16-mixed"]
     assert_close_within_rounding(bf16_two, bf16_one, fp32_one, initial, 3, 4 * 2.0**-8, "bf16-mixed")
     if pipeline == "sparse_dist":  # the same model as Lightning's own step, bit for bit
-        plain = pool2.run(
-            rank_jobs.train,
-            matrix_overrides(tiny_data, tmp_path, tower, balancing, "32-true", "lightning"),
-            NUM_STEPS,
-        )
+        plain = pool2.run(rank_jobs.train, overrides_for("32-true", "lightning"), NUM_STEPS, config=config)
         for name, value in tensors(plain).items():
             assert np.array_equal(value, fp32_two[name]), f"sparse_dist vs lightning: {name} differs"
 
@@ -206,6 +243,31 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(
         assert not bitwise_equal(resumed[0]["dense"], resumed[1]["dense"]), "replicas differ"
     assert bitwise_equal(tensors(resumed), tensors(straight)) == []
     np.testing.assert_array_equal(resumed[0]["balance"], straight[0]["balance"])
+
+
+@pytest.mark.parametrize("encoder,pipeline", [("din", "lightning"), ("transformer", "sparse_dist")])
+def test_interrupted_and_resumed_sequence_model_equals_uninterrupted_bit_for_bit(
+    rank_pools, tiny_sessions, tmp_path, encoder, pipeline
+):
+    def overrides(run_dir) -> list[str]:
+        return [
+            *tiny_sessions_overrides(tiny_sessions), f"run_dir={run_dir}", "data.val_split=null",
+            "data.test_split=null", "data.validate_on_start=false", "data.batch_size=64",
+            "data.shuffle_window_rows=512", f"model.sequence.encoder={encoder}", "model.sequence.dropout=0.1",
+            "model.dropout=0.1", f"trainer.train_pipeline={pipeline}", "trainer.max_epochs=2",
+            "checkpoint.every_n_steps=0",
+        ]  # fmt: skip
+
+    pool = rank_pools(2)
+    straight = pool.run(rank_jobs.fit, overrides(tmp_path / "straight"), config=SESSIONS_CONFIG)
+    interrupted = tmp_path / "interrupted"
+    first = pool.run(rank_jobs.fit, [*overrides(interrupted), "trainer.max_steps=13"], config=SESSIONS_CONFIG)
+    assert first[0]["global_step"] == 13
+    resumed = pool.run(rank_jobs.fit, overrides(interrupted), config=SESSIONS_CONFIG)
+    assert resumed[0]["global_step"] == straight[0]["global_step"] > 13
+    assert bitwise_equal(tensors(resumed), tensors(straight)) == []
+    assert any(name.startswith("sequence_encoders.") for name in resumed[0]["dense"])
+    assert "table t_item" in tensors(resumed)
 
 
 def rows_per_epoch(*runs: list[dict]) -> dict[int, np.ndarray]:

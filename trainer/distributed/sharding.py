@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
@@ -25,7 +26,7 @@ from torchrec.distributed.planner.types import (
     TrainerConfig,
 )
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -46,15 +47,25 @@ def _fused_optimizer(opt: OptimizerConfig) -> tuple[type[torch.optim.Optimizer],
     return torch.optim.SGD, {"lr": opt.lr}
 
 
+TABLE_MODULES = ("embedding_bags", "sequence_embeddings")
+"""Attribute names that hold embedding tables: the EmbeddingBagCollection's tables and the
+unpooled EmbeddingCollection of the sequence tables (``models.multitask``)."""
+
+
+def is_table_parameter(name: str) -> bool:
+    """A parameter (or state-dict key) of an embedding table, wherever the model is wrapped."""
+    return any(part in TABLE_MODULES for part in name.split("."))
+
+
 def apply_embedding_optimizer(model: nn.Module, opt: OptimizerConfig) -> None:
     """Marks every embedding table parameter for an optimizer fused into the backward pass."""
     optimizer_class, kwargs = _fused_optimizer(opt)
-    table_params = [p for name, p in model.named_parameters() if "embedding_bags" in name]
+    table_params = [p for name, p in model.named_parameters() if is_table_parameter(name)]
     apply_optimizer_in_backward(optimizer_class, table_params, kwargs)
 
 
 def planner_constraints(
-    sharding: ShardingConfig, tables: list[EmbeddingBagConfig], device_type: str
+    sharding: ShardingConfig, tables: list[BaseEmbeddingConfig], device_type: str
 ) -> dict[str, ParameterConstraints]:
     default_types = sharding.sharding_types
     if default_types is None:  # data_parallel only on request: its tables leave the fused optimizer
@@ -100,7 +111,7 @@ class ClusterSpec:
 def make_planner(
     sharding: ShardingConfig,
     batch_size: int,
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     cluster: ClusterSpec,
     dense_bytes: int | None = None,
 ) -> EmbeddingShardingPlanner:
@@ -136,7 +147,7 @@ def make_planner(
 
 def dense_memory_bytes(model: nn.Module) -> int:
     """Parameters, gradients and two Adam moments of the model's dense (non-embedding) part, fp32."""
-    dense = sum(p.numel() for name, p in model.named_parameters() if "embedding_bags" not in name)
+    dense = sum(p.numel() for name, p in model.named_parameters() if not is_table_parameter(name))
     return 4 * 4 * dense
 
 
@@ -144,13 +155,16 @@ def sharders(sharding: ShardingConfig) -> list:
     fused_params = {}
     if sharding.compute_kernel == "fused_uvm_caching":
         fused_params["cache_load_factor"] = sharding.cache_load_factor
-    return [EmbeddingBagCollectionSharder(fused_params=fused_params or None)]
+    return [
+        EmbeddingBagCollectionSharder(fused_params=fused_params or None),
+        EmbeddingCollectionSharder(fused_params=fused_params or None),
+    ]
 
 
 def plan_for_cluster(
     model: nn.Module,
     *,
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     sharding: ShardingConfig,
     batch_size: int,
     cluster: ClusterSpec,
@@ -204,7 +218,7 @@ class DenseReplicas(DataParallelWrapper):
 def shard_model(
     model: nn.Module,
     *,
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     sharding: ShardingConfig,
     embedding_optimizer: OptimizerConfig,
     batch_size: int,
@@ -237,7 +251,7 @@ def shard_model(
 INIT_CHUNK_ROWS = 65536
 
 
-def initialize_tables(dmp: DistributedModelParallel, tables: list[EmbeddingBagConfig], seed: int) -> None:
+def initialize_tables(dmp: DistributedModelParallel, tables: list[BaseEmbeddingConfig], seed: int) -> None:
     """Writes every table's initial values as a function of (seed, table name, row) alone, uniform
     in TorchRec's default range ±sqrt(1 / rows): a table starts the same whatever the plan, the
     world size and the rank holding it (TorchRec draws them on each shard's rank, so 1 and 2 ranks
@@ -246,7 +260,7 @@ def initialize_tables(dmp: DistributedModelParallel, tables: list[EmbeddingBagCo
     by_name = {t.name: t for t in tables}
     for key, value in dmp.state_dict().items():  # views of the live shards
         parts = key.split(".")
-        if "embedding_bags" not in parts or parts[-1] != "weight" or parts[-2] not in by_name:
+        if not is_table_parameter(key) or parts[-1] != "weight" or parts[-2] not in by_name:
             continue
         table = by_name[parts[-2]]
         low, high = table.get_weight_init_min(), table.get_weight_init_max()
@@ -277,7 +291,7 @@ def initialize_tables(dmp: DistributedModelParallel, tables: list[EmbeddingBagCo
 
 def describe_plan(
     plan: ShardingPlan,
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     world_size: int,
     sharding: ShardingConfig,
     embedding_optimizer: str,

@@ -1,0 +1,106 @@
+"""Behaviour histories are built from strictly earlier events only: on a constructed log, through
+the generic CSV path, and on the real ML-100K when present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data.config import HistoryConfig, PrepareConfig
+from data.history import EventLog, age_buckets
+from data.prepare import prepare
+from trainer.config import load_config
+from trainer.datasets import input_schema
+
+
+def test_a_row_sees_only_its_users_events_strictly_before_its_time():
+    # user 7: events at t=1, 2, 2, 5, 9; user 8: one event at t=3
+    log = EventLog.build(
+        users=[7, 7, 8, 7, 7, 7], times=[5, 1, 3, 2, 9, 2], columns={"item": [50, 10, 80, 20, 90, 21]}
+    )
+    rows_users = np.array([7, 7, 7, 7, 8, 9])
+    rows_times = np.array([2, 5, 6, 100, 3, 4])
+    lists = log.sequences(rows_users, rows_times, max_length=3, age="age")["item"]
+    got = [lists.values[a:b].tolist() for a, b in zip(lists.offsets[:-1], lists.offsets[1:])]
+    assert got == [
+        [10],  # t=2: the two events at t=2 (its own time) are not earlier
+        [10, 20, 21],  # t=5: its own event at 5 is not in it
+        [20, 21, 50],  # the 3 most recent, oldest first
+        [21, 50, 90],
+        [],  # user 8 at t=3: its only event is at t=3
+        [],  # a user with no events
+    ]
+
+
+def test_age_buckets_grow_with_log2_of_the_gap_and_stay_below_64():
+    assert age_buckets(np.array([10, 10, 10, 10**30]), np.array([10, 9, 7, 0])).tolist() == [1, 2, 3, 63]
+
+
+def test_csv_histories_come_from_earlier_clicks_of_training_rows(tmp_path):
+    # rows at t >= 6.5 are test; only clicked training rows are events
+    rows = [
+        ("u1", "a", 1, 1), ("u2", "a", 1, 1), ("u1", "b", 2, 1), ("u1", "c", 3, 0),
+        ("u2", "b", 4, 0), ("u1", "a", 5, 1), ("u1", "d", 6, 1), ("u2", "c", 7, 1),
+    ]  # fmt: skip
+    source = tmp_path / "log.csv"
+    source.write_text("user,item,ts,click\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    overrides = [
+        "data.prepare.format=csv", f"data.prepare.source={source}", "data.prepare.user_column=user",
+        "data.prepare.time_column=ts", "data.prepare.split=time", "data.prepare.cut_time=6.5",
+        "data.prepare.val_fraction=0.0", "data.prepare.num_shards=1", "data.prepare.columns={ts: other}",
+        "data.prepare.histories=[{name: hist, column: item, where: click, age: hist_age, max_length: 2}]",
+        "data.sparse=[{name: user}, {name: item, table: t_item},"
+        " {name: hist, sequence: true, table: t_item, candidate: item, max_length: 2},"
+        " {name: hist_age, sequence: true, align_with: hist, max_length: 2}]",
+        "data.dense=[]", "tasks=[{name: ctr, type: binary, label: click}]", "model.alpha=null",
+    ]  # fmt: skip
+    cfg = load_config("configs/default.yaml", overrides)
+    meta = prepare(cfg.data.prepare, str(tmp_path / "out"), input_schema(cfg))
+    items = meta.vocabulary("item").tolist()  # row r + 1 is items[r]
+    decoded = {}
+    for split in ("train", "test"):
+        table = pq.read_table(meta.root / split).to_pydict()
+        for user, item, ts, hist, age in zip(
+            table["user"], table["item"], table["ts"], table["hist"], table["hist_age"]
+        ):
+            decoded[(int(ts), items[item - 1])] = ([items[h - 1] for h in hist], age)
+    # events: the clicked rows of the training split (t < 6.5), strictly earlier than the row
+    assert decoded[(1, "a")][0] == []  # both users' first rows
+    assert decoded[(2, "b")][0] == ["a"]
+    assert decoded[(3, "c")][0] == ["a", "b"]
+    assert decoded[(5, "a")][0] == ["a", "b"]  # c was not clicked
+    assert decoded[(6, "d")][0] == ["b", "a"]  # the 2 most recent
+    assert decoded[(7, "c")][0] == ["a"]  # u2 (test row): its click at 1 only; row t=4 was no click
+    assert decoded[(6, "d")][1] == age_buckets(np.array([6, 6]), np.array([2, 5])).tolist()
+    assert meta.columns["hist"]["num_embeddings"] == meta.columns["item"]["num_embeddings"]
+
+
+def test_histories_need_a_user_and_a_time_column():
+    with pytest.raises(ValueError, match="histories: need user_column and time_column"):
+        PrepareConfig(format="csv", histories=[HistoryConfig(name="h", column="item")]).check()
+
+
+@pytest.fixture(scope="module")
+def u1(tmp_path_factory, ml100k_dir):
+    from data.movielens import prepare_movielens100k
+
+    cfg = PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="u1", num_shards=1)
+    return prepare_movielens100k(cfg, str(tmp_path_factory.mktemp("ml") / "u1"))
+
+
+def test_movielens_histories_are_earlier_training_ratings_oldest_first(u1):
+    train = pq.read_table(u1.root / "train").to_pydict()
+    test = pq.read_table(u1.root / "test").to_pydict()
+    by_user: dict[int, list[tuple[int, int, int]]] = {}
+    for user, item, ts, rating in zip(train["user_id"], train["item_id"], train["timestamp"], train["rating"]):
+        by_user.setdefault(user, []).append((ts, item, int(rating)))
+    for events in by_user.values():
+        events.sort()
+    rng = np.random.default_rng(0)
+    for rows in (train, test):
+        for i in rng.choice(len(rows["user_id"]), 300, replace=False):
+            earlier = [e for e in by_user.get(rows["user_id"][i], []) if e[0] < rows["timestamp"][i]][-50:]
+            assert rows["hist_ratings"][i] == [r for _, _, r in earlier]
+            assert sorted(rows["hist_items"][i]) == sorted(item for _, item, _ in earlier)  # ties in time
+            assert len(rows["hist_age"][i]) == len(earlier)
