@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hbm-gb", type=float, help="sharding.hbm_gb: per-rank memory budget for the planner"
     )
+    parser.add_argument("--threads", type=int, help="torch threads per rank (default: CPUs / ranks)")
     args = parser.parse_args(argv)
     from benchmarks.loop import rate
     from benchmarks.ours import load, step_timer
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=args.steps,
             accelerator="cpu",
             progress_bar="off",
-            num_threads=max(1, NUM_THREADS // world_size),
+            num_threads=args.threads or max(1, NUM_THREADS // world_size),
         )
         tree["checkpoint"] = {"every_n_steps": 0, "keep_last": 1, "resume": "never"}
         if args.hbm_gb:
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             result["samples_per_s"] = rate(timer.starts[0], timer.rows[0]) * world_size
             result["steps"] = len(timer.starts[0])
             result["plan"] = trainer.strategy.plan_text
+            result["plan_summary"] = trainer.strategy.plan_summary
+            result["dense_parameters"] = sum(p.numel() for _, p in trainer.strategy._replicas.parameters)
         except PlanDoesNotFit as err:
             result["refused"] = str(err)
         result["peak_rss_mib"] = peak_rss_mib()

@@ -62,7 +62,8 @@ def sparse_features(length: int, bag: bool) -> str:
     )
     return (
         "[{name: user, side: user, embedding_dim: 16}, {name: item, side: item, embedding_dim: 16, table: t_item}, "
-        + history + "]"
+        + history
+        + "]"
     )
 
 
@@ -107,7 +108,10 @@ def cost(args) -> str:
             f" max_length: {length}}}]",
         ]  # fmt: skip
         variants = [("bag of the history (mean)", [f"data.sparse={sparse_features(length, bag=True)}"])]
-        variants += [(name, [*settings, f"data.sparse={sparse_features(length, bag=False)}"]) for name, settings in ENCODERS.items()]
+        variants += [
+            (name, [*settings, f"data.sparse={sparse_features(length, bag=False)}"])
+            for name, settings in ENCODERS.items()
+        ]
         for name, overrides in variants:
             command = [sys.executable, "-m", "benchmarks.sequence", "--measure", json.dumps([*common, *overrides]),
                        "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
@@ -182,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(sections)
     print(text)
     BENCH.mkdir(parents=True, exist_ok=True)
-    (BENCH / ("cost.md" if args.cost and not args.quality else "quality.md" if args.quality else "none.md")).write_text(text)
+    (
+        BENCH / ("cost.md" if args.cost and not args.quality else "quality.md" if args.quality else "none.md")
+    ).write_text(text)
     return 0
 
 

@@ -47,7 +47,9 @@ class Batch(Pipelineable):
             label_mask=self.label_mask.to(device=device, non_blocking=non_blocking),
             weights=self.weights.to(device=device, non_blocking=non_blocking),
             row_id=self.row_id.to(device=device, non_blocking=non_blocking),
-            sequences=None if self.sequences is None else self.sequences.to(device=device, non_blocking=non_blocking),
+            sequences=None
+            if self.sequences is None
+            else self.sequences.to(device=device, non_blocking=non_blocking),
             position=self.position,
         )
 

@@ -410,7 +410,9 @@ class DataConfig:
             for key, other in (("candidate", f.candidate), ("align_with", f.align_with)):
                 if other is not None and other not in by_name:
                     raise ValueError(f"sparse[{i}].{key}: no sparse feature {other!r}")
-            if f.candidate and (by_name[f.candidate].multi_hot or by_name[f.candidate].embedding_dim != f.embedding_dim):
+            if f.candidate and (
+                by_name[f.candidate].multi_hot or by_name[f.candidate].embedding_dim != f.embedding_dim
+            ):
                 raise ValueError(
                     f"sparse[{i}].candidate: {f.candidate!r} must be single-valued with embedding_dim "
                     f"{f.embedding_dim}"
@@ -442,7 +444,9 @@ class DataConfig:
                     f"sparse[{i}].embedding_dim: table {feature.table_name!r} is shared with another feature "
                     f"of dim {previous}"
                 )
-            if feature.multi_hot and not feature.sequence:  # TorchRec pools per table; one id per row pools the same either way
+            if (
+                feature.multi_hot and not feature.sequence
+            ):  # TorchRec pools per table; one id per row pools the same either way
                 owner, pooling = pooling_of_table.setdefault(
                     feature.table_name, (feature.name, feature.pooling)
                 )

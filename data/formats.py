@@ -537,7 +537,11 @@ class HistoryEvents:
             sources = [history.column, *history.side.values()]
             raw = [_id_values(table.column(c)) for c in sources]
             parts.append(
-                (keys.user[chosen], keys.time[chosen], [(ids[chosen], nulls[chosen]) for ids, _, nulls, _ in raw])
+                (
+                    keys.user[chosen],
+                    keys.time[chosen],
+                    [(ids[chosen], nulls[chosen]) for ids, _, nulls, _ in raw],
+                )
             )
 
     def logs(self, mappers: dict[str, IdMapper]) -> list[EventLog]:
@@ -672,7 +676,9 @@ def convert(
                     values = np.where(cleaner.filled[bucket.source], np.nan, values)
                 encoded[name] = pa.array(transforms.bucketize(name, values))
             for history, log in zip(cfg.histories, logs):
-                lists = log.sequences(keys.user, keys.time, history.max_length or cfg.history_max_length, history.age)
+                lists = log.sequences(
+                    keys.user, keys.time, history.max_length or cfg.history_max_length, history.age
+                )
                 encoded.update({name: jagged.to_arrow(pa.int64()) for name, jagged in lists.items()})
             encoded_table = pa.table(encoded)
             for split, rows in writer.write_splits(encoded_table, codes, SPLIT_NAMES).items():
@@ -716,7 +722,11 @@ def convert(
                 "mapping": cfg.sparse_mapping, "history_of": source,
             }  # fmt: skip
         if history.age:
-            columns[history.age] = {"kind": "multi_hot", "num_embeddings": MAX_AGE_BUCKET + 1, "mapping": "age"}
+            columns[history.age] = {
+                "kind": "multi_hot",
+                "num_embeddings": MAX_AGE_BUCKET + 1,
+                "mapping": "age",
+            }
     report = {
         **report,
         "split": "given" if given else cfg.split,

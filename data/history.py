@@ -63,7 +63,9 @@ class EventLog:
     def build(cls, users: np.ndarray, times: np.ndarray, columns: dict[str, np.ndarray]) -> EventLog:
         users, times = np.asarray(users, np.int64), np.asarray(times)
         order = np.lexsort((times, users))
-        return cls(users[order], times[order], {k: np.asarray(v, np.int64)[order] for k, v in columns.items()})
+        return cls(
+            users[order], times[order], {k: np.asarray(v, np.int64)[order] for k, v in columns.items()}
+        )
 
     def sequences(
         self, users: np.ndarray, times: np.ndarray, max_length: int, age: str | None = None

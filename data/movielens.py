@@ -221,7 +221,8 @@ def with_negatives(
 
 
 def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
-    """Converts the ml-100k folder ``cfg.source``; ``cfg.split`` is ``u1``..``u5``/``ua``/``ub`` or ``random``."""
+    """Converts the ml-100k folder ``cfg.source``; ``cfg.split`` is ``u1``..``u5``/``ua``/``ub``, ``random``
+    or ``leave_last_out`` (each user's latest rating is test: the next-item setting)."""
     if not cfg.source:
         raise DataError("data.prepare.source: set it to the ml-100k folder (with u.data, u.user, u.item)")
     root = Path(cfg.source)
@@ -237,8 +238,17 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
         is_test = rng.random(len(everything["user"])) < cfg.test_fraction
         base = {k: v[~is_test] for k, v in everything.items()}
         test = {k: v[is_test] for k, v in everything.items()}
+    elif cfg.split == "leave_last_out":  # next-item: each user's latest rating (then latest row) is test
+        everything = read_ratings(root / "u.data")
+        order = np.lexsort((np.arange(len(everything["user"])), everything["timestamp"], everything["user"]))
+        last = np.zeros(len(order), dtype=bool)
+        last[order[np.r_[everything["user"][order][1:] != everything["user"][order][:-1], True]]] = True
+        base = {k: v[~last] for k, v in everything.items()}
+        test = {k: v[last] for k, v in everything.items()}
     else:
-        raise DataError(f"data.prepare.split: {cfg.split!r} is not one of {CANONICAL_SPLITS + ('random',)}")
+        raise DataError(
+            f"data.prepare.split: {cfg.split!r} is not one of {CANONICAL_SPLITS + ('random', 'leave_last_out')}"
+        )
     rng = np.random.default_rng(cfg.seed + 1)
     is_val = rng.random(len(base["user"])) < cfg.val_fraction
     splits = {
@@ -292,7 +302,10 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     history_log = EventLog.build(
         train["user"],
         train["timestamp"],
-        {"hist_items": vocabs["item_id"].lookup(train["item"]), "hist_ratings": train["rating"].astype(np.int64)},
+        {
+            "hist_items": vocabs["item_id"].lookup(train["item"]),
+            "hist_ratings": train["rating"].astype(np.int64),
+        },
     )
     for name, rows in splits.items():
         raw = raw_columns(rows)

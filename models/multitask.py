@@ -78,7 +78,9 @@ class MultiTaskModel(nn.Module):
         unpooled_tables = [t for t in tables if not isinstance(t, EmbeddingBagConfig)]
         dim_of_feature = {name: table.embedding_dim for table in tables for name in table.feature_names}
         self.embeddings = EmbeddingBagCollection(tables=bag_tables, device=device)
-        self.sequence_embeddings = EmbeddingCollection(tables=unpooled_tables, device=device) if unpooled_tables else None
+        self.sequence_embeddings = (
+            EmbeddingCollection(tables=unpooled_tables, device=device) if unpooled_tables else None
+        )
         self.sequence_encoders = nn.ModuleDict(
             {
                 name: SequenceEncoder(dim_of_feature[name], feature.max_length, cfg.sequence)
@@ -88,7 +90,10 @@ class MultiTaskModel(nn.Module):
         self.pooled_names = [name for name in self.feature_names if name not in self.sequences]
         self.sequence_lists = [name for seq, f in self.sequences.items() for name in (seq, *f.side)]
         self.unpooled_singles = [
-            name for table in unpooled_tables for name in table.feature_names if name not in self.sequence_lists
+            name
+            for table in unpooled_tables
+            for name in table.feature_names
+            if name not in self.sequence_lists
         ]
         self.interaction = build_interaction(
             cfg, [dim_of_feature[name] for name in self.feature_names], num_dense
@@ -141,7 +146,9 @@ class MultiTaskModel(nn.Module):
         return task_loss_sums(outputs, labels, label_mask, weights, self.output_kinds, self.loss_names)
 
 
-def dense_outputs(model, pooled: list[torch.Tensor], dense: torch.Tensor, sequences: list | tuple) -> torch.Tensor:
+def dense_outputs(
+    model, pooled: list[torch.Tensor], dense: torch.Tensor, sequences: list | tuple
+) -> torch.Tensor:
     """The dense part of ``model`` (a MultiTaskModel, or the serving module holding the same
     submodules): each sequence's interest vector against its candidate, then interaction → tower
     → heads. The one implementation, for training, evaluation and the exported program."""

@@ -25,16 +25,22 @@ from models.config import SequenceConfig
 from models.layers import MLP
 
 
-def pad_left(values: torch.Tensor, lengths: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(
+    values: torch.Tensor, lengths: torch.Tensor, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Jagged rows (values (N, D), lengths (B,)) → (B, L, D) with each row's values at the end, and
     the (B, L) mask of real positions. Rows longer than L keep their last L values. Vectorized:
     one scatter of all values, no per-row Python."""
     num_rows, dim = lengths.numel(), values.shape[-1]
     lengths = lengths.to(torch.int64)
     ends = torch.cumsum(lengths, 0)
-    row = torch.repeat_interleave(torch.arange(num_rows, device=values.device), lengths, output_size=values.shape[0])
+    row = torch.repeat_interleave(
+        torch.arange(num_rows, device=values.device), lengths, output_size=values.shape[0]
+    )
     from_end = ends[row] - 1 - torch.arange(values.shape[0], device=values.device)  # 0 = newest
-    slot = torch.where(from_end < max_length, row * max_length + (max_length - 1 - from_end), num_rows * max_length)
+    slot = torch.where(
+        from_end < max_length, row * max_length + (max_length - 1 - from_end), num_rows * max_length
+    )
     padded = values.new_zeros(num_rows * max_length + 1, dim).index_put((slot,), values)
     positions = torch.arange(max_length, device=values.device)
     valid = positions.unsqueeze(0) >= (max_length - lengths.clamp(max=max_length)).unsqueeze(1)
@@ -43,21 +49,34 @@ def pad_left(values: torch.Tensor, lengths: torch.Tensor, max_length: int) -> tu
 
 class TargetAttention(nn.Module):
     """DIN (Zhou et al., 2018): an MLP of [h, c, h - c, h * c] scores each history position h
-    against the candidate c; the interest is the softmax-weighted sum of the history."""
+    against the candidate c; the interest is the softmax-weighted sum of the history.
+
+    The MLP's first layer is applied in parts, which is the same function of [h, c, h - c, h * c]:
+    W [h; c; h - c; h * c] = (W_h + W_d) h + (W_c - W_d) c + W_p (h * c), so the candidate's share
+    is computed once per row instead of once per position, and the (B, L, 4D) concatenation is
+    never built."""
 
     def __init__(self, dim: int, cfg: SequenceConfig):
         super().__init__()
-        hidden = MLP(4 * dim, cfg.din_dims, dropout=cfg.dropout)
-        self.score = nn.Sequential(hidden, nn.Linear(hidden.out_dim, 1))
+        width = cfg.din_dims[0]
+        self.history_part = nn.Linear(dim, width)
+        self.candidate_part = nn.Linear(dim, width, bias=False)
+        self.product_part = nn.Linear(dim, width, bias=False)
+        hidden = MLP(width, cfg.din_dims[1:], dropout=cfg.dropout)
+        self.score = nn.Sequential(nn.ReLU(), *([nn.Dropout(cfg.dropout)] if cfg.dropout else []), hidden,
+                                   nn.Linear(hidden.out_dim, 1))  # fmt: skip
 
     def forward(self, history: torch.Tensor, valid: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        query = candidate.unsqueeze(1).expand_as(history)
-        scores = self.score(torch.cat([history, query, history - query, history * query], dim=-1)).squeeze(-1)
-        scores = scores.masked_fill(~valid, float("-inf"))
+        first = (
+            self.history_part(history)
+            + self.candidate_part(candidate).unsqueeze(1)
+            + self.product_part(history * candidate.unsqueeze(1))
+        )
+        scores = self.score(first).squeeze(-1).masked_fill(~valid, float("-inf"))
         any_valid = valid.any(dim=1, keepdim=True)
         weights = torch.softmax(torch.where(any_valid, scores, torch.zeros_like(scores)), dim=1)
         weights = weights * valid * any_valid
-        return torch.bmm(weights.unsqueeze(1).to(history.dtype), history).squeeze(1)
+        return (weights.unsqueeze(-1).to(history.dtype) * history).sum(1)  # no bmm: CPU bmm loops over rows
 
 
 class SoftmaxBlock(nn.Module):
@@ -71,12 +90,16 @@ class SoftmaxBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, dim))
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, T, D) → (B, T, D); ``last_only``: only the last token's output (B, 1, D), whose
+        query alone is computed (the last layer: nothing reads the other positions)."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            x, q, allowed = x[:, -1:], q[:, :, -1:], allowed[:, -1:]
         drop = self.dropout if self.training else 0.0
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), dropout_p=drop)
-        x = x + self.out(attended.transpose(1, 2).reshape(b, t, d))
+        x = x + self.out(attended.transpose(1, 2).reshape(b, x.shape[1], d))
         return x + F.dropout(self.ffn(self.norm2(x)), drop, self.training)
 
 
@@ -93,14 +116,17 @@ class PointwiseBlock(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """As ``SoftmaxBlock.forward``."""
         b, t, d = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).split(d, dim=-1)
-        heads = lambda z: z.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        if last_only:
+            x, u, q, allowed = x[:, -1:], u[:, -1:], q[:, -1:], allowed[:, -1:]
+        heads = lambda z: z.view(b, z.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         scores = F.silu(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d // self.heads))
         counts = allowed.sum(-1, keepdim=True).clamp_min(1).unsqueeze(1)
         weights = scores * allowed.unsqueeze(1) / counts
-        attended = (weights @ heads(v)).transpose(1, 2).reshape(b, t, d)
+        attended = (weights @ heads(v)).transpose(1, 2).reshape(b, x.shape[1], d)
         gated = self.norm_attended(attended) * u
         return x + F.dropout(self.out(gated), self.dropout, self.training)
 
@@ -120,12 +146,14 @@ class CausalTransformer(nn.Module):
 
     def forward(self, history: torch.Tensor, valid: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         # embeddings start at TorchRec's ±sqrt(1/rows): normalised, they are not drowned by the layers
-        tokens = self.input_norm(torch.cat([history, (candidate + self.candidate_position).unsqueeze(1)], dim=1))
+        tokens = self.input_norm(
+            torch.cat([history, (candidate + self.candidate_position).unsqueeze(1)], dim=1)
+        )
         keys = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)  # (B, L + 1)
         eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
         allowed = self.causal & (keys.unsqueeze(1) | eye)  # (B, L + 1, L + 1): earlier real keys, and itself
-        for layer in self.blocks:
-            tokens = layer(tokens, allowed)
+        for index, layer in enumerate(self.blocks):
+            tokens = layer(tokens, allowed, last_only=index == len(self.blocks) - 1)
         return self.norm(tokens[:, -1])
 
 
@@ -145,7 +173,9 @@ class SequenceEncoder(nn.Module):
         """``values`` (N, D): the history's embeddings plus its side lists' (same lengths)."""
         return self.encode_padded(*pad_left(values, lengths, self.max_length), candidate)
 
-    def encode_padded(self, history: torch.Tensor, valid: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    def encode_padded(
+        self, history: torch.Tensor, valid: torch.Tensor, candidate: torch.Tensor
+    ) -> torch.Tensor:
         """(B, L, D) left-padded history and its (B, L) mask (``pad_left``), (B, D) candidate → (B, D)."""
         history = (history + self.position) * valid.unsqueeze(-1)
         return self.encoder(history.to(candidate.dtype), valid, candidate)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from data.dataset import DatasetMeta, is_complete, table_rows
-from models.builder import build_model
+from models.builder import build_model, embedding_tables
 from trainer.config import Config
 from trainer.distributed.sharding import (
     ClusterSpec,
@@ -28,16 +28,17 @@ def plan_command(
     if hbm_gb <= 0:
         raise ConfigError("--hbm-gb must be > 0")
     meta = DatasetMeta.load(cfg.data.path) if is_complete(cfg.data.path) else None
+    rows = table_rows(cfg.data.sparse, meta)
     model = build_model(
         sparse=cfg.data.sparse,
         num_dense=len(cfg.data.dense),
         tasks=cfg.tasks,
         model=cfg.model,
-        table_rows=table_rows(cfg.data.sparse, meta),
+        table_rows=rows,
         precision=cfg.sharding.embedding_precision,
         embedding_device="meta",
     )
-    tables = model.embeddings.embedding_bag_configs()
+    tables = embedding_tables(cfg.data.sparse, rows, cfg.sharding.embedding_precision)  # pooled and sequence
     apply_embedding_optimizer(model, cfg.trainer.embedding_optimizer)
     world_size = nodes * gpus_per_node
     cluster = ClusterSpec(

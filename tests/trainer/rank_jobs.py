@@ -30,7 +30,9 @@ def _concat_jagged(parts: list[KeyedJaggedTensor]) -> KeyedJaggedTensor:
     per_part = [part.to_dict() for part in parts]
     values = [per[key].values() for key in keys for per in per_part]
     lengths = [per[key].lengths() for key in keys for per in per_part]
-    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
+    )
 
 
 class ListStream:

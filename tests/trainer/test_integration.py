@@ -57,19 +57,6 @@ def test_movielens_u1_config_beats_the_trivial_predictor(ml100k_dir, tmp_path):
     assert test["click"]["auc"] > 0.72
 
 
-def test_stop_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(synthetic_data, tmp_path):
-    common = ("--trainer.max_epochs", "2", "--checkpoint.every_n_steps", "10", "--model.dropout", "0.1")
-    run_cli(fit_args(synthetic_data, tmp_path / "straight", *common))
-    interrupted = tmp_path / "interrupted"
-    run_cli(fit_args(synthetic_data, interrupted, *common, "--trainer.max_steps", "57"))
-    resumed = run_cli(fit_args(synthetic_data, interrupted, *common))
-    assert "resuming from" in resumed.stdout and "step-00000057" in resumed.stdout
-    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    again = json.loads((interrupted / "metrics.json").read_text())
-    assert again["global_step"] == straight["global_step"]
-    assert again["metrics"] == straight["metrics"]
-
-
 def test_movielens_topk_model_beats_popularity_and_names_movielens_ids(ml100k_dir, tmp_path):
     """Trained with sampled negatives and a 'rated' task, the model's top-10 lists beat the
     popularity baseline (same code) on u1.test without any popularity prior."""

@@ -166,7 +166,9 @@ def test_two_ranks_train_the_sequence_model_one_rank_would(
     )
 
 
-def check_two_ranks_train_the_model_one_rank_would(rank_pools, overrides_for, pipeline, config=rank_jobs.BASE_CONFIG):
+def check_two_ranks_train_the_model_one_rank_would(
+    rank_pools, overrides_for, pipeline, config=rank_jobs.BASE_CONFIG
+):
     """``overrides_for(precision, pipeline)``: the config of the cell (see the module docstring)."""
     pool1, pool2 = rank_pools(1), rank_pools(2)
     models = {}

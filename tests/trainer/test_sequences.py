@@ -33,7 +33,11 @@ MODELS = {
     "bag": [f"--data.sparse={BAG}"],
     "din": [],
     "transformer": ["--model.sequence.encoder=transformer"],
-    "hstu": ["--model.sequence.encoder=transformer", "--model.sequence.attention=pointwise", "--model.sequence.num_layers=2"],
+    "hstu": [
+        "--model.sequence.encoder=transformer",
+        "--model.sequence.attention=pointwise",
+        "--model.sequence.num_layers=2",
+    ],
 }
 
 
