@@ -697,6 +697,13 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ main
+STANDALONE = {  # --sections names that run a benchmark writing its own file in benchmarks/results/
+    "sequence": ["-m", "benchmarks.sequence", "--cost", "--quality"],  # SEQUENCE.md
+    "big_tables": ["-m", "benchmarks.big_tables"],  # BIG_TABLES.md
+    "scaling": ["-m", "benchmarks.scaling"],  # SCALING.md
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Runs every benchmark and writes benchmarks/results/RESULTS.md."
@@ -706,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sections",
         default="peers,breakdown,loop,scale,data,quality",
-        help="comma-separated subset to run (quality: MovieLens 100K, benchmarks/quality_ml100k.py)",
+        help="comma-separated subset to run (quality: MovieLens 100K, benchmarks/quality_ml100k.py; "
+        "sequence, big_tables, scaling: their own results files, not in the default set)",
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -717,6 +725,12 @@ def main(argv: list[str] | None = None) -> int:
         write_report(info, args, raw, raw.get("elapsed_s", 0.0))
         return 0
     wanted = set(args.sections.split(","))
+    for name in sorted(wanted & STANDALONE.keys()):  # sections with their own results file
+        log(f"{name}: python {' '.join(STANDALONE[name])}")
+        subprocess.run([sys.executable, *STANDALONE[name]], cwd=ROOT, check=True)
+    wanted -= STANDALONE.keys()
+    if not wanted:
+        return 0
     sections: dict = {
         "load_start": load_average(),
         "quick": args.quick,

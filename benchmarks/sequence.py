@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import statistics
@@ -174,21 +175,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure), args.steps)))
         return 0
-    sections = []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    header = f"commit {commit.stdout.strip()}, {machine_info()}"
-    if args.cost:
-        sections.append(f"## Training cost against history length\n\n`python -m benchmarks.sequence --cost "
-                        f"--steps {args.steps}` ({header})\n\n{cost(args)}\n")  # fmt: skip
+    info = machine_info()
+    header = (
+        f"commit {commit.stdout.strip()} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · "
+        f"{info['cpus']} CPUs ({info['cpu_model']}) · load average at start {os.getloadavg()[0]:.1f}"
+    )
+    store = BENCH / "sections.json"  # each part keeps the other's last figures
+    sections = json.loads(store.read_text()) if store.exists() else {}
     if args.quality:
-        sections.append(f"## MovieLens 100K u1, seeds {' '.join(map(str, args.seeds))}\n\n"
-                        f"`python -m benchmarks.sequence --quality` ({header})\n\n{quality(args)}\n")  # fmt: skip
-    text = "\n".join(sections)
-    print(text)
+        sections["quality"] = (
+            f"## MovieLens 100K u1: quality, seeds {' '.join(map(str, args.seeds))}\n\n"
+            f"`python -m benchmarks.sequence --quality` · {header}\n\n{quality(args)}\n"
+        )
+    if args.cost:
+        sections["cost"] = (
+            f"## Training cost against history length\n\n`python -m benchmarks.sequence --cost --steps "
+            f"{args.steps}` · {header}\n\n{cost(args)}\n"
+        )
     BENCH.mkdir(parents=True, exist_ok=True)
-    (
-        BENCH / ("cost.md" if args.cost and not args.quality else "quality.md" if args.quality else "none.md")
-    ).write_text(text)
+    store.write_text(json.dumps(sections))
+    text = "# Sequence models\n\n" + "\n".join(sections[k] for k in ("quality", "cost") if k in sections)
+    RESULTS.write_text(text)
+    print(text)
     return 0
 
 

@@ -6,9 +6,12 @@ dense and labels ``float64``, nulls allowed) and hands the stream to :func:`conv
 up to three passes over the input so that memory stays O(chunk + vocabularies):
 
 1. only for ``time``/``leave_last_out`` splits: clean, collect the time sample / per-user last rows;
-2. clean, split, count ids of the training rows (vocabularies, ``min_count``) and sample dense
-   values of the training rows (``clip_quantile``) — skipped when there is nothing to fit;
-3. clean, split, map ids to rows, transform dense values, write train/val/test shards.
+2. clean, split, count ids of the training rows (vocabularies, ``min_count``), sample dense
+   values of the training rows (``clip_quantile``) and gather the events of
+   ``data.prepare.histories`` (user, time and ids: O(events) memory) — skipped when there is
+   nothing to fit;
+3. clean, split, map ids to rows, transform dense values, build each row's histories from the
+   events strictly before it (``data.history``), write train/val/test shards.
 
 Cleaning (``data.cleaning``) is deterministic, so every pass sees the same rows.
 
