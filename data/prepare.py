@@ -34,10 +34,20 @@ FORMATS: dict[str, Callable[..., DatasetMeta]] = {
 GENERIC = ("csv", "parquet")
 
 
+ADDED_LATER = {"histories": [], "history_max_length": 50}
+"""``data.prepare`` fields added after data sets were first fingerprinted, with their defaults."""
+
+
 def prepared_with(cfg: PrepareConfig, schema: TableSchema | None) -> dict[str, Any]:
     """What decides a data set's contents: the ``prepare`` section and, for the generic formats,
     the columns and their kinds, ranges and transforms that the config declares."""
     recipe: dict[str, Any] = {"prepare": dataclasses.asdict(cfg)}
+    for (
+        name,
+        default,
+    ) in ADDED_LATER.items():  # absent at their defaults: older data sets keep their fingerprint
+        if recipe["prepare"].get(name) == default:
+            del recipe["prepare"][name]
     if cfg.format in GENERIC and schema is not None:
         recipe["columns"] = json.loads(json.dumps(dataclasses.asdict(schema), default=list))
     return recipe

@@ -104,3 +104,37 @@ def test_movielens_histories_are_earlier_training_ratings_oldest_first(u1):
             assert rows["hist_ratings"][i] == [r for _, _, r in earlier]
             assert sorted(rows["hist_items"][i]) == sorted(item for _, item, _ in earlier)  # ties in time
             assert len(rows["hist_age"][i]) == len(earlier)
+
+
+def test_data_sets_prepared_before_histories_keep_their_fingerprint_and_histories_change_it():
+    from data.prepare import fingerprint, prepared_with
+
+    plain = prepared_with(PrepareConfig(), None)
+    assert "histories" not in plain["prepare"] and "history_max_length" not in plain["prepare"]
+    with_history = PrepareConfig(
+        user_column="u", time_column="t", histories=[HistoryConfig(name="h", column="i")]
+    )
+    assert fingerprint(prepared_with(with_history, None)) != fingerprint(
+        prepared_with(PrepareConfig(user_column="u", time_column="t"), None)
+    )
+
+
+def test_a_data_set_prepared_without_the_histories_the_config_asks_for_is_refused(tmp_path):
+    from trainer.datasets import ensure_dataset
+    from trainer.errors import ConfigError
+
+    rows = [("u1", "a", 1, 1), ("u1", "b", 2, 1), ("u2", "a", 3, 0), ("u2", "b", 4, 1)]
+    source = tmp_path / "log.csv"
+    source.write_text("user,item,ts,click\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    base = [
+        "data.prepare.format=csv", f"data.prepare.source={source}", "data.prepare.user_column=user",
+        "data.prepare.time_column=ts", "data.prepare.num_shards=1", f"data.path={tmp_path / 'data'}",
+        "data.sparse=[{name: user}, {name: item}]", "data.dense=[]", "model.alpha=null",
+        "tasks=[{name: ctr, type: binary, label: click}]",
+    ]  # fmt: skip
+    ensure_dataset(load_config("configs/default.yaml", base))
+    with_history = load_config(
+        "configs/default.yaml", [*base, "data.prepare.histories=[{name: hist, column: item, where: click}]"]
+    )
+    with pytest.raises(ConfigError, match=r"prepared differently .*histories.*data.rebuild"):
+        ensure_dataset(with_history)
