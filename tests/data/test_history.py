@@ -138,3 +138,33 @@ def test_a_data_set_prepared_without_the_histories_the_config_asks_for_is_refuse
     )
     with pytest.raises(ConfigError, match=r"prepared differently .*histories.*data.rebuild"):
         ensure_dataset(with_history)
+
+
+def test_reading_keeps_the_most_recent_ids_and_refuses_side_lists_of_another_length():
+    import pyarrow as pa
+
+    from data.config import SparseFeature
+    from data.dataset import RowGroup
+    from data.errors import DataError
+    from data.rows import ReadSpec, RowLocator, decode_rows
+
+    spec = ReadSpec(
+        sparse=(
+            SparseFeature("item", table="t_item"),
+            SparseFeature("hist", sequence=True, table="t_item", candidate="item", max_length=2),
+            SparseFeature("hist_age", sequence=True, align_with="hist", max_length=2),
+        ),
+        dense=(),
+        labels=(),
+        num_embeddings={"item": 10, "hist": 10, "hist_age": 64},
+    )
+    table = pa.table({"item": [1, 2], "hist": [[3, 4, 5], [6]], "hist_age": [[9, 8, 7], [1]]})
+    locator = RowLocator([(RowGroup("part-0.parquet", 0, 2), 0)])
+    rows, _ = decode_rows(table, spec, locator)
+    batch = rows.to_batch()
+    assert batch.sequences.keys() == ["item", "hist", "hist_age"] and batch.sparse.keys() == []
+    assert batch.sequences["hist"].values().tolist() == [4, 5, 6]  # the last 2, oldest first
+    assert batch.sequences["hist_age"].values().tolist() == [8, 7, 1]
+    broken = pa.table({"item": [1, 2], "hist": [[3, 4], [6]], "hist_age": [[9, 8], [1, 2]]})
+    with pytest.raises(DataError, match=r"part-0.parquet: row group 0, row 1: column 'hist_age' has 2 ids"):
+        decode_rows(broken, spec, locator)
