@@ -28,18 +28,13 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.scale import peak_rss_mib
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "runs" / "bench" / "big-tables"
 RESULTS = ROOT / "benchmarks" / "results" / "BIG_TABLES.md"
 DIM = 64
 BYTES_PER_ROW = DIM * 4 + 4  # fp32 weights + row-wise Adagrad's one float
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def overrides(rows: int, steps: int, threads: int) -> list[str]:

@@ -283,13 +283,17 @@ def scale_point(
     rows: int | None = None,
     dim: int = 16,
     hbm_gb: float | None = None,
+    threads: int | None = None,
 ) -> dict:
+    """One ``benchmarks.scale`` run on ``processes`` ranks (``threads`` torch threads each; default:
+    the CPUs shared out); ``ranks`` holds every rank's JSON line."""
+    threads = threads or max(1, NUM_THREADS // processes)
     args = ["--data", str(data), "--batch-size", str(batch_size), "--steps", str(steps), "--dim", str(dim)]
+    args += ["--threads", str(threads)]
     if rows:
         args += ["--rows", str(rows)]
     if hbm_gb:
         args += ["--hbm-gb", str(hbm_gb)]
-    threads = str(max(1, NUM_THREADS // processes))
     if processes == 1:
         command = [sys.executable, "-m", "benchmarks.scale", *args]
     else:
@@ -305,7 +309,7 @@ def scale_point(
             "benchmarks.scale",
             *args,
         ]
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
@@ -326,6 +330,8 @@ def scale_point(
         "refused": first.get("refused"),
         "peak_rss_mib": [r["peak_rss_mib"] for r in ranks],
         "plan": first.get("plan"),
+        "threads": threads,
+        "ranks": ranks,
     }
 
 

@@ -21,7 +21,6 @@ Results: ``benchmarks/results/SCALING.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine_info
+from benchmarks.run_all import scale_point
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "runs" / "bench" / "scaling"
@@ -37,27 +37,16 @@ LINK_BYTES_PER_S = 12.5e9
 
 
 def point(data: Path, processes: int, batch: int, threads: int, steps: int) -> dict:
-    args = ["--data", str(data), "--batch-size", str(batch), "--steps", str(steps), "--threads", str(threads)]
-    if processes == 1:
-        command = [sys.executable, "-m", "benchmarks.scale", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "benchmarks.scale", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo"}
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=1800)
-    ranks = sorted(
-        (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
-        key=lambda r: r["rank"],
-    )
-    if done.returncode != 0 or len(ranks) != processes:
-        raise SystemExit(f"{processes} x {batch} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return {"processes": processes, "batch": batch, "threads": threads, "ranks": ranks}
+    result = scale_point(data, processes, batch, steps, threads=threads)
+    if "error" in result or len(result["ranks"]) != processes or result.get("refused"):
+        raise SystemExit(f"{processes} x {batch} failed: {result.get('error') or result.get('refused')}")
+    return {"processes": processes, "batch": batch, "threads": threads, "ranks": result["ranks"]}
 
 
-def bytes_per_step(cfg, summary: dict, dense_parameters: int, batch_per_rank: int, world_size: int,
+def bytes_per_step(cfg, dense_parameters: int, batch_per_rank: int, world_size: int,
                    ids_per_row: dict[str, float]) -> float:  # fmt: skip
     """Bytes one rank sends per step (all-to-alls and the dense all-reduce), for ``world_size`` ranks
-    with the tables placed as ``summary`` says for 2 ranks (table-wise: a table's rows live on one
+    with the tables placed table-wise (a table's rows live on one
     rank; at N ranks a rank's features go to other ranks' tables with probability (N - 1) / N)."""
     remote = (world_size - 1) / world_size
     ids = sum(ids_per_row[f.name] * 8 + 4 for f in cfg.data.sparse)
@@ -115,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     base = points[0]["ranks"][0]["samples_per_s"]
     for p in points:
         n = p["processes"]
-        sent = bytes_per_step(cfg, {}, dense, p["batch"], n, ids_per_row) if n > 1 else 0
+        sent = bytes_per_step(cfg, dense, p["batch"], n, ids_per_row) if n > 1 else 0
         lines.append(
             f"| {n} × {p['batch']} | {p['threads']} | {n * p['batch']} | {p['ranks'][0]['samples_per_s']:,.0f} | "
             f"{p['ranks'][0]['samples_per_s'] / base:.2f} | "
@@ -135,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
     ]
     for n in (2, 8, 16, 64, 256):
-        sent = bytes_per_step(cfg, {}, dense, b, n, ids_per_row)
+        sent = bytes_per_step(cfg, dense, b, n, ids_per_row)
         step = per_rank_compute + sent / LINK_BYTES_PER_S
         lines.append(
             f"| {n} | {sent / 1e6:.2f} MB | {sent / LINK_BYTES_PER_S * 1e3:.2f} ms | {n * b / step:,.0f} | "
@@ -147,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Measured here, 2 ranks × {b}: a step takes {2 * b / two * 1e3:.1f} ms against {per_rank_compute * 1e3:.1f} ms of "
         f"one rank's compute, so {overhead * 1e3:.1f} ms go to the collectives (gloo over loopback, both ranks on the "
-        f"same 2 cores, {bytes_per_step(cfg, {}, dense, b, 2, ids_per_row) / 1e6:.2f} MB sent per rank) and the "
+        f"same 2 cores, {bytes_per_step(cfg, dense, b, 2, ids_per_row) / 1e6:.2f} MB sent per rank) and the "
         "work each rank repeats: far more than the bytes explain at link rate, so the 2-rank gap on this machine is "
         "latency and CPU sharing, not bandwidth. If that overhead stayed constant per step at every N (a "
         f"pessimistic bound: gloo-like collectives, no overlap), efficiency would be "
         f"{per_rank_compute / (per_rank_compute + overhead):.2f} at any N; the bytes per rank grow by at most "
-        f"{bytes_per_step(cfg, {}, dense, b, 256, ids_per_row) / bytes_per_step(cfg, {}, dense, b, 2, ids_per_row):.1f}x "
+        f"{bytes_per_step(cfg, dense, b, 256, ids_per_row) / bytes_per_step(cfg, dense, b, 2, ids_per_row):.1f}x "
         "from 2 to 256 ranks, so cost grows with the work, not faster.",
     ]
     text = "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine_info
+from benchmarks.scale import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "runs" / "bench" / "sequence"
@@ -65,13 +66,6 @@ def sparse_features(length: int, bag: bool) -> str:
         + history
         + "]"
     )
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(overrides: list[str], steps: int) -> dict:
