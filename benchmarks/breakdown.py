@@ -28,7 +28,7 @@ def build_dmp(cfg, num_embeddings: dict[str, int]):
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from trainer.distributed.sharding import ClusterSpec, shard_model
-    from trainer.module import MultiTaskModule
+    from trainer.module import MultiTaskModule, dense_optimizer
 
     init_single_process_group()
     module = MultiTaskModule(cfg, num_embeddings)
@@ -44,8 +44,7 @@ def build_dmp(cfg, num_embeddings: dict[str, int]):
         device=torch.device("cpu"),
     )
     params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
-    opt = cfg.trainer.dense_optimizer
-    optimizer = torch.optim.Adam(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
+    optimizer = dense_optimizer(params, cfg.trainer.dense_optimizer)
     return module, dmp, optimizer
 
 

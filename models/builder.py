@@ -26,20 +26,15 @@ from models.multitask import MultiTaskModel, SequenceFeature
 DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 
 
-def _table_pooling(features: Sequence[SparseFeature]) -> str:
-    """The pooling of a table: its multi-hot features' (they must agree; config validation checks
-    it), else the single-valued feature's, for which sum and mean are the same."""
-    multi_hot = [f.pooling for f in features if f.multi_hot]
-    return multi_hot[0] if multi_hot else features[0].pooling
-
-
 def embedding_tables(
     sparse: Sequence[SparseFeature], table_rows: dict[str, int], precision: str = "fp32"
 ) -> list[BaseEmbeddingConfig]:
     """One TorchRec table per ``table`` name, with the features it serves; features sharing a
     table get its largest row count (``table_rows``: rows per feature). Tables of sequence features
-    are unpooled (``EmbeddingConfig``, for the ``EmbeddingCollection``); the others pool
-    (``EmbeddingBagConfig``)."""
+    are unpooled (``EmbeddingConfig``, for the ``EmbeddingCollection``); the others sum-pool
+    (``EmbeddingBagConfig``): a ``pooling: mean`` feature is divided by its bag size in the model
+    (``MultiTaskModel.mean_pooled``), so every pooled table of a rank runs in one fbgemm kernel
+    (TorchRec groups tables by pooling: a mean table would add a lookup and its backward per step)."""
     grouped: dict[str, list[SparseFeature]] = {}
     for feature in sparse:
         grouped.setdefault(feature.table_name, []).append(feature)
@@ -55,8 +50,7 @@ def embedding_tables(
         if any(f.sequence for f in features):
             tables.append(EmbeddingConfig(**common))
         else:
-            pooling = PoolingType.MEAN if _table_pooling(features) == "mean" else PoolingType.SUM
-            tables.append(EmbeddingBagConfig(**common, pooling=pooling))
+            tables.append(EmbeddingBagConfig(**common, pooling=PoolingType.SUM))
     return tables
 
 
@@ -76,6 +70,7 @@ def build_model(
         tables=embedding_tables(sparse, table_rows, precision),
         feature_names=[f.name for f in sparse if not f.align_with],
         input_names=[f.name for f in sparse],
+        mean_pooled=[f.name for f in sparse if f.multi_hot and f.pooling == "mean" and not f.sequence],
         sequences={
             f.name: SequenceFeature(
                 f.candidate, f.max_length, [g.name for g in sparse if g.align_with == f.name]

@@ -54,6 +54,8 @@ class MultiTaskModel(nn.Module):
     embedding_device: where the tables are created (``meta`` when a sharder will place them).
     sequences: the sequence features to encode (name → candidate, max length, side lists).
     input_names: every feature the tables serve, in the order serving takes them (config order).
+    mean_pooled: multi-hot features pooled by their mean: the tables sum (see
+        ``models.builder.embedding_tables``) and ``mean_of_bags`` divides by the bag sizes.
     """
 
     def __init__(
@@ -66,11 +68,13 @@ class MultiTaskModel(nn.Module):
         embedding_device: torch.device | str = "meta",
         sequences: dict[str, SequenceFeature] | None = None,
         input_names: list[str] | None = None,
+        mean_pooled: list[str] | None = None,
     ):
         super().__init__()
         self.feature_names = list(feature_names)
         self.input_names = list(input_names or [name for table in tables for name in table.feature_names])
         self.sequences = dict(sequences or {})
+        self.mean_pooled = list(mean_pooled or [])
         self.task_names = [task.name for task in tasks]
         self.loss_names = [task.loss_name for task in tasks]
         device = torch.device(embedding_device)
@@ -109,6 +113,8 @@ class MultiTaskModel(nn.Module):
     ) -> torch.Tensor:
         """Returns (B, T) outputs; their meaning per task is ``self.output_kinds`` (see models.heads)."""
         pooled = self.embeddings(sparse).to_dict()
+        for name in self.mean_pooled:
+            pooled[name] = mean_of_bags(pooled[name], sparse[name].lengths())
         features = {name: pooled[name] for name in self.pooled_names if name not in self.unpooled_singles}
         histories: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.sequence_embeddings is not None:
@@ -157,6 +163,11 @@ def dense_outputs(
         by_name[name] = model.sequence_encoders[name](values, lengths, by_name[feature.candidate])
     features = [by_name[name] for name in model.feature_names]
     return model.heads(model.tower(model.interaction(features, dense)))
+
+
+def mean_of_bags(sums: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sum-pooled bags (B, D) → their means (an empty bag stays 0, as fbgemm's mean pooling)."""
+    return sums / lengths.clamp_min(1).unsqueeze(1).to(sums.dtype)
 
 
 def sequence_inputs(sequences: dict[str, SequenceFeature], histories: dict[str, tuple]) -> list:

@@ -34,7 +34,7 @@ from torch import nn
 from data.dataset import DatasetMeta, is_complete, table_rows
 from models.builder import build_model
 from models.heads import predictions
-from models.multitask import MultiTaskModel, dense_outputs, sequence_inputs
+from models.multitask import MultiTaskModel, dense_outputs, mean_of_bags, sequence_inputs
 from trainer.config import Config
 from trainer.distributed import checkpoint as ckpt
 from trainer.errors import OutputExists
@@ -129,6 +129,7 @@ class ServingModel(nn.Module):
         self.input_names = list(model.input_names)
         self.feature_names = list(model.feature_names)
         self.pooled_names = list(model.pooled_names)
+        self.mean_pooled = set(model.mean_pooled)
         self.sequences = dict(model.sequences)
         self.sequence_lists = set(model.sequence_lists)
         self.output_kinds = list(model.output_kinds)
@@ -137,9 +138,8 @@ class ServingModel(nn.Module):
         table_of_feature = {}
         weights = dict(model.embeddings.state_dict())
         for table in model.embeddings.embedding_bag_configs():
-            mode = "mean" if table.pooling.value == "MEAN" else "sum"
             weight = weights[f"embedding_bags.{table.name}.weight"].detach().clone()
-            self.bags[table.name] = nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode=mode)
+            self.bags[table.name] = nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode="sum")
             table_of_feature.update(dict.fromkeys(table.feature_names, table.name))
         if model.sequence_embeddings is not None:
             for table in model.sequence_embeddings.embedding_configs():
@@ -160,6 +160,8 @@ class ServingModel(nn.Module):
             if table in self.bags:
                 offsets = torch.cumsum(lengths[f], 0) - lengths[f]  # (B,) start of each bag
                 by_name[name] = self.bags[table](values[f], offsets)
+                if name in self.mean_pooled:
+                    by_name[name] = mean_of_bags(by_name[name], lengths[f])
             elif name in self.sequence_lists:
                 histories[name] = (self.lookups[table](values[f]), lengths[f])
             else:  # a single id per row on a sequence table

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from data.jagged import Jagged
 from models.heads import predictions
-from models.multitask import MultiTaskModel, sequence_inputs
+from models.multitask import MultiTaskModel, mean_of_bags, sequence_inputs
 from models.sequence import pad_left
 from serving.catalogue import Catalogue, Entities, excluded_pairs, item_counts
 from trainer.config import Config
@@ -39,7 +39,8 @@ def _pool(model: MultiTaskModel, name: str, jagged: Jagged) -> torch.Tensor:
     if name in tables["unpooled"]:
         return model.sequence_embeddings.embeddings[tables["unpooled"][name]](values)
     table = model.embeddings.embedding_bags[tables["pooled"][name]]
-    return F.embedding_bag(values, table.weight, offsets, mode=table.mode, include_last_offset=True)
+    sums = F.embedding_bag(values, table.weight, offsets, mode="sum", include_last_offset=True)
+    return mean_of_bags(sums, offsets.diff()) if name in model.mean_pooled else sums
 
 
 def _unpooled(model: MultiTaskModel, name: str, jagged: Jagged) -> torch.Tensor:

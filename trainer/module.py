@@ -33,6 +33,19 @@ class TrainingModel(MultiTaskModel):
         return self.loss_sums(outputs, batch.labels, batch.label_mask, batch.weights), outputs
 
 
+def dense_optimizer(params: list[torch.nn.Parameter], opt) -> torch.optim.Optimizer:
+    """The dense parameters' optimizer (``trainer.dense_optimizer``), with PyTorch's fused kernel:
+    one call updates every parameter (the per-tensor loop costs ~50 us a parameter a step)."""
+    common = {"lr": opt.lr, "weight_decay": opt.weight_decay, "fused": True}
+    if opt.type == "adam":
+        return torch.optim.Adam(params, eps=opt.eps, **common)
+    if opt.type == "adamw":
+        return torch.optim.AdamW(params, eps=opt.eps, **common)
+    if opt.type == "adagrad":
+        return torch.optim.Adagrad(params, eps=opt.eps, **common)
+    return torch.optim.SGD(params, momentum=opt.momentum, **common)
+
+
 class MultiTaskModule(L.LightningModule):
     """Args:
     cfg: the run configuration (the module is the training recipe: it reads most sections).
@@ -217,16 +230,7 @@ class MultiTaskModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
         opt = self.cfg.trainer.dense_optimizer
-        if opt.type == "adam":
-            optimizer = torch.optim.Adam(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
-        elif opt.type == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
-        elif opt.type == "adagrad":
-            optimizer = torch.optim.Adagrad(params, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(
-                params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
-            )
+        optimizer = dense_optimizer(params, opt)
         schedule = self.cfg.trainer.lr_schedule
         warmup = self.cfg.trainer.warmup_steps
         if schedule == "constant" and warmup == 0:

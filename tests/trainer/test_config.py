@@ -131,16 +131,48 @@ def test_background_decode_only_with_a_spare_cpu(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_a_single_valued_feature_shares_a_mean_pooled_table_without_changing_its_pooling():
+def test_mean_pooling_is_a_sum_divided_by_the_bag_size_on_one_kernel_group():
+    """Every pooled table sums (one fbgemm kernel per rank, whatever the poolings); a mean-pooled
+    bag is divided by its size in the model, so it equals nn.EmbeddingBag's mean (an empty bag: 0),
+    and a single id on the same table is its row."""
+    import torch
     from torchrec.modules.embedding_configs import PoolingType
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from models.builder import embedding_tables
+    from models.builder import build_model, embedding_tables
 
     cfg = load_config(
         "configs/default.yaml",
         [
-            "data.sparse=[{name: item_id, table: t_items}, {name: history, multi_hot: true, pooling: mean, table: t_items}]"
+            "data.sparse=[{name: item_id, table: t_items}, {name: history, multi_hot: true, pooling: mean, table: t_items},"
+            " {name: tags, multi_hot: true}]",
+            "data.dense=[]",
         ],
     )
-    (table,) = embedding_tables(cfg.data.sparse, {"item_id": 10, "history": 10})
-    assert table.pooling == PoolingType.MEAN  # the bag's pooling wins; one id pools alike either way
+    rows = {"item_id": 10, "history": 10, "tags": 7}
+    assert {t.pooling for t in embedding_tables(cfg.data.sparse, rows)} == {PoolingType.SUM}
+    model = build_model(sparse=cfg.data.sparse, num_dense=0, tasks=cfg.tasks, model=cfg.model, table_rows=rows,
+                        embedding_device="cpu")  # fmt: skip
+    assert model.mean_pooled == ["history"]
+    sparse = KeyedJaggedTensor(
+        keys=["item_id", "history", "tags"],
+        values=torch.tensor([3, 5, 1, 2, 4, 9, 6, 0, 1, 0]),
+        lengths=torch.tensor([1, 1, 1, 3, 0, 2, 1, 1, 0]),
+    )
+    seen = {}
+    model.interaction.register_forward_hook(lambda module, args, out: seen.update(features=args[0]))
+    model.eval()(sparse, torch.zeros(3, 0))
+    item, history, tags = seen["features"]
+    weights = {
+        t.name: model.embeddings.embedding_bags[t.name].weight
+        for t in embedding_tables(cfg.data.sparse, rows)
+    }
+    t_items = weights["t_items"].detach()
+    torch.testing.assert_close(item, t_items[[3, 5, 1]])
+    expected = torch.nn.functional.embedding_bag(
+        torch.tensor([2, 4, 9, 6, 0]), t_items, torch.tensor([0, 3, 3]), mode="mean"
+    )
+    torch.testing.assert_close(history, expected)
+    assert not history[1].any()  # the empty bag
+    t_tags = weights[next(n for n in weights if n != "t_items")].detach()
+    torch.testing.assert_close(tags, torch.stack([t_tags[1], t_tags[0], torch.zeros(t_tags.shape[1])]))
