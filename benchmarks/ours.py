@@ -25,7 +25,7 @@ def config_tree(
     epochs: int,
     run_dir: str,
     threads: int = NUM_THREADS,
-    precision: str = "32-true",
+    precision: str = "auto",
     compile_dense: bool = False,
     background_decode: bool | None = None,
 ) -> dict:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=NUM_THREADS, help="torch threads (trainer.num_threads)"
     )
     parser.add_argument(
-        "--precision", choices=("32-true", "bf16-mixed"), default="32-true", help="trainer.precision"
+        "--precision", choices=("auto", "32-true", "bf16-mixed"), default="auto", help="trainer.precision"
     )
     parser.add_argument(
         "--compile", action="store_true", help="trainer.compile (torch.compile the dense part)"

@@ -112,10 +112,10 @@ class MultiTaskModel(nn.Module):
         self, sparse: KeyedJaggedTensor, dense: torch.Tensor, sequences: KeyedJaggedTensor | None = None
     ) -> torch.Tensor:
         """Returns (B, T) outputs; their meaning per task is ``self.output_kinds`` (see models.heads)."""
-        pooled = self.embeddings(sparse).to_dict()
-        for name in self.mean_pooled:
-            pooled[name] = mean_of_bags(pooled[name], sparse[name].lengths())
+        pooled = self.embeddings(sparse).to_dict()  # no item assignment: the pipeline traces this
         features = {name: pooled[name] for name in self.pooled_names if name not in self.unpooled_singles}
+        for name in self.mean_pooled:
+            features[name] = mean_of_bags(features[name], sparse[name].lengths())
         histories: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.sequence_embeddings is not None:
             # by name, no iteration over the result: TorchRec's train pipeline traces this forward

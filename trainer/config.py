@@ -114,8 +114,11 @@ class TrainerConfig:
     """Training epochs."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: no limit)."""
-    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = "32-true"
-    """Dense-tower precision: ``32-true``, ``bf16-mixed`` (autocast; CUDA or CPU with bf16)."""
+    precision: Literal["auto", "32-true", "32", "bf16-mixed", "16-mixed"] = "auto"
+    """Dense-part precision: ``32-true``, ``bf16-mixed`` (autocast; CUDA or CPU with bf16), or
+    ``auto``: ``bf16-mixed`` where the device has native bf16 matmuls and a step's dense
+    multiply-adds (per-rank batch × dense weights) reach 5e7, where it measured faster; else
+    ``32-true`` (see ``trainer.precision``). The choice is printed with the sharding plan."""
     compile: bool = False
     """``torch.compile`` the dense part (interaction, tower, heads) at the start of training. On CPU
     it fuses the element-wise work around the matmuls (MMoE ~1.3-1.4x more samples/s with bf16-mixed; see

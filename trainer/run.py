@@ -27,6 +27,7 @@ from trainer.distributed.strategy import TorchRecStrategy
 from trainer.errors import EXIT_PREEMPTED
 from trainer.logs import configure_logging, progress_style
 from trainer.module import MultiTaskModule, PipelinedMultiTaskModule
+from trainer.precision import dense_macs_per_sample, resolve_precision
 from trainer.run_folder import (
     AppendingCSVLogger,
     check_writable,
@@ -78,15 +79,17 @@ class RunInfo(L.Callback):
     training record (resolved config, versions, plan) into the run folder (see
     ``trainer.run_folder.write_record``)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, precision: str = ""):
         self.cfg = cfg
+        self.precision = precision  # the dense precision and why (``trainer.precision.resolve_precision``)
         self._printed = False
 
     def _print_plan(self, trainer) -> None:
         if not self._printed and trainer.is_global_zero and trainer.strategy.plan_text:
             self._printed = True
             print(
-                f"[towerrec] sharding plan ({trainer.world_size} ranks):\n{trainer.strategy.plan_text}",
+                f"[towerrec] sharding plan ({trainer.world_size} ranks):\n{trainer.strategy.plan_text}\n"
+                f"[towerrec] dense precision: {self.precision}",
                 flush=True,
             )
 
@@ -145,10 +148,16 @@ def build(
         cfg.data, cfg.seed, meta, spec, predict_split=predict_split, pipelined=pipelined
     )
     module = (PipelinedMultiTaskModule if pipelined else MultiTaskModule)(cfg, table_rows)
+    precision, why = resolve_precision(
+        cfg.trainer.precision,
+        env.accelerator,
+        cfg.data.batch_size,
+        dense_macs_per_sample(module.build_model()),
+    )
     run_dir = Path(cfg.run_dir)
     checkpointing = StepCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps)
     progress = progress_style(cfg.trainer.progress_bar)
-    callbacks = [checkpointing, Throughput(), RunInfo(cfg), *(extra_callbacks or [])]
+    callbacks = [checkpointing, Throughput(), RunInfo(cfg, f"{precision} ({why})"), *(extra_callbacks or [])]
     if progress == "lines":
         callbacks.append(LineProgress(cfg.trainer.log_every_n_steps))
     if cfg.trainer.check_replicas_every_n_steps:
@@ -178,7 +187,7 @@ def build(
         ),
         max_epochs=cfg.trainer.max_epochs,
         max_steps=cfg.trainer.max_steps,
-        precision=cfg.trainer.precision,
+        precision=precision,
         gradient_clip_val=None
         if pipelined
         else cfg.trainer.gradient_clip_val,  # pipelined: clipped in the step

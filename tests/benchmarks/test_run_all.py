@@ -41,7 +41,7 @@ def test_report_renders(tmp_path, monkeypatch):
         "reps": 1,
         "threads": 2,
         "towerrec": dict(system),
-        "towerrec bf16": dict(system, samples_per_s=150.0),
+        "towerrec fp32": dict(system, samples_per_s=150.0),
         "torch-rechub": dict(system, samples_per_s=20.0),
         "DeepCTR-Torch": dict(system, samples_per_s=float("nan"), error="not installed"),
     }
@@ -84,9 +84,9 @@ def test_report_renders(tmp_path, monkeypatch):
 
     path = run_all.write_report({"cpus": "2"}, Args(), sections, 1.0)
     text = path.read_text()
-    # fp32, bf16, bf16+compile (not run), rechub, deepctr (failed); ratios to the faster peer
-    assert "| MMoE | 4096 | 2 | 1 | 2 | 100 | 150 | n/a | 20 | n/a | 5.00x, 7.50x, n/a |" in text
-    assert "fp32 met, bf16 met |" in text
+    # default, fp32, bf16+compile (not run), rechub, deepctr (failed); ratios to the faster peer;
+    # the target is judged on the default
+    assert "| MMoE | 4096 | 2 | 1 | 2 | 100 | 150 | n/a | 20 | n/a | 5.00x, 7.50x, n/a | 5x met |" in text
     # Lightning overhead judged on the median step times (4.5%: met), per-pair ratios beside them
     assert (
         "| 4096 | 400 | 20.00 ms (19.00-22.00) | 20.90 ms (20.00-23.00) | +4.5% | +6.0% (+2.0% to +10.0%) "

@@ -86,7 +86,9 @@ def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):
     one = tmp_path / "one"
     run_cli(fit_args(synthetic_data, one, "--trainer.max_epochs", "1"))
     run_cli([*evaluate, "--run_dir", str(tmp_path / "eval2"), "--checkpoint", str(one)], nproc=2)
-    assert flat(evaluation(tmp_path / "eval2")) == pytest.approx(flat(metrics(one)), rel=1e-6)
+    # each rank scores half the rows per batch: the dense matmuls run other blockings, so scores may
+    # differ in their last bits, and AUC counts each near-tie that flips (~4e-7 a pair here)
+    assert flat(evaluation(tmp_path / "eval2")) == pytest.approx(flat(metrics(one)), rel=1e-5)
 
     # Training continues across a change of world size (2-rank checkpoint, 1 process).
     run_cli(fit_args(synthetic_data, two, "--trainer.max_epochs", "2"))

@@ -1,0 +1,256 @@
+"""Where a small training step goes, and why the default precision is what it is.
+
+    python -m benchmarks.small_steps            # writes benchmarks/results/SMALL_STEPS.md (~6 min)
+
+All on the benchmark task (``benchmarks.common``: ML-100K u1, 2 threads), in one process per
+table so that the variants compared alternate on the same batches and the same model
+(``benchmarks.breakdown.bare_step``: DMP forward, losses, backward with the fused table update,
+dense optimizer step; median of 5 alternations):
+
+1. precision by batch size: the bare step in fp32 and under bf16 autocast, both towers, batches
+   256-4096, and what ``trainer.precision: auto`` chooses there (``trainer.precision``);
+2. the changes to the small step: the dense optimizer's per-tensor loop vs its fused kernel, and
+   mean-pooled tables (two fbgemm kernel groups per rank) vs sum tables divided in the model (one);
+3. where a batch-256 step goes, part by part (``benchmarks.breakdown.profile``), and the Lightning
+   step on the same batches (``benchmarks.loop`` interleaved), against the faster peer's whole step
+   measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT, export_arrays, machine_info, prepare_ml100k, python, run_json
+
+RESULTS = ROOT / "benchmarks" / "results" / "SMALL_STEPS.md"
+REPS = 5
+
+
+def _alternate(variants: dict, batches: list, reps: int = REPS) -> dict[str, float]:
+    """Median ms per bare step of each variant (name → (dmp, optimizer, autocast)), alternating."""
+    import torch
+
+    from benchmarks.breakdown import bare_step
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, (dmp, optimizer, bf16) in variants.items():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for batch in batches[:3]:
+                    bare_step(dmp, optimizer, batch)
+                started = time.perf_counter()
+                for batch in batches[3:]:
+                    bare_step(dmp, optimizer, batch)
+            times[name].append((time.perf_counter() - started) / (len(batches) - 3) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _setup(data: str, tower: str, batch_size: int, run_dir: str, pooling: str = "mean"):
+    from benchmarks.ours import config_tree, load
+    from data.dataset import DatasetMeta
+
+    tree = config_tree(data, tower, batch_size, 1, run_dir)
+    tree["data"]["sparse"][-1]["pooling"] = pooling
+    cfg = load(tree)
+    return cfg, DatasetMeta.load(cfg.data.path).table_rows(cfg.data.sparse)
+
+
+def child_precision(data: str) -> dict:
+    """Table 1, in one process: fp32 vs bf16 bare steps per (tower, batch)."""
+    import torch
+
+    from benchmarks.breakdown import build_dmp, materialize
+    from trainer.precision import dense_macs_per_sample, native_bf16, resolve_precision
+
+    torch.set_num_threads(2)
+    rows = []
+    for tower in ("shared_bottom", "mmoe"):
+        for batch_size in (256, 512, 1024, 2048, 4096):
+            with tempfile.TemporaryDirectory() as run_dir:
+                cfg, table_rows = _setup(data, tower, batch_size, run_dir)
+                batches = materialize(cfg, table_rows, 3 + max(12, 40_000 // batch_size))
+                module, dmp, optimizer = build_dmp(cfg, table_rows)
+                ms = _alternate({"fp32": (dmp, optimizer, False), "bf16": (dmp, optimizer, True)}, batches)
+                macs = dense_macs_per_sample(module.build_model())
+                rows.append(
+                    {"tower": tower, "batch_size": batch_size, **ms, "macs_per_step": macs * batch_size,
+                     "auto": resolve_precision("auto", "cpu", batch_size, macs)[0]}
+                )  # fmt: skip
+    return {"rows": rows, "native_bf16": native_bf16("cpu")}
+
+
+def child_changes(data: str) -> dict:
+    """Table 2, in one process per comparison: the fused dense optimizer and one kernel group."""
+    import torch
+
+    from benchmarks.breakdown import build_dmp, materialize
+
+    torch.set_num_threads(2)
+    out = {}
+    for tower in ("shared_bottom", "mmoe"):
+        with tempfile.TemporaryDirectory() as run_dir:
+            cfg, table_rows = _setup(data, tower, 256, run_dir)
+            batches = materialize(cfg, table_rows, 123)
+            _, dmp, fused = build_dmp(cfg, table_rows)
+            params = [p for group in fused.param_groups for p in group["params"]]
+            loop = torch.optim.Adam(params, lr=fused.defaults["lr"], foreach=False)
+            optimizers = _alternate({"per_tensor": (dmp, loop, False), "fused": (dmp, fused, False)}, batches)
+            _, mean_dmp, mean_opt = _mean_table_model(cfg, table_rows)
+            groups = _alternate(
+                {"two_groups": (mean_dmp, mean_opt, False), "one_group": (dmp, fused, False)}, batches
+            )
+        out[tower] = {**optimizers, **groups}
+    return out
+
+
+def _mean_table_model(cfg, table_rows):
+    """The trainer's DMP, but with the multi-hot feature's table mean-pooled by fbgemm (a second
+    kernel group) instead of summed and divided in the model."""
+    from torchrec.modules.embedding_configs import PoolingType
+
+    import models.builder as builder
+    import trainer.module as trainer_module
+    from benchmarks.breakdown import build_dmp
+
+    original = builder.embedding_tables
+
+    def mean_tables(sparse, rows, precision="fp32"):
+        tables = original(sparse, rows, precision)
+        for table in tables:
+            if any(f.name in table.feature_names and f.multi_hot and f.pooling == "mean" for f in sparse):
+                table.pooling = PoolingType.MEAN
+        return tables
+
+    builder.embedding_tables = trainer_module.embedding_tables = mean_tables
+    try:
+        module, dmp, optimizer = build_dmp(cfg, table_rows)
+    finally:
+        builder.embedding_tables = trainer_module.embedding_tables = original
+    dmp.module.mean_pooled = []  # fbgemm divides already
+    return module, dmp, optimizer
+
+
+def run_child(kind: str, data: Path) -> dict:
+    return run_json([python(), "-m", "benchmarks.small_steps", "--child", kind, str(data)], timeout=1800)
+
+
+def peer_step_ms(npz: Path, tower: str) -> dict:
+    from benchmarks.run_all import PEERS, install_peer, run_peer
+
+    out = {}
+    for name in PEERS:
+        error = install_peer(name)
+        result = {"error": error} if error else run_peer(name, npz, tower, 256, 2, 2)
+        out[name] = 256 / result["samples_per_s"] * 1e3 if "samples_per_s" in result else None
+    return out
+
+
+def step_parts(data: Path, tower: str) -> dict:
+    from benchmarks.run_all import ours_command
+
+    parts = run_json(ours_command(data, tower, 256, "--profile"), timeout=900)
+    loop = run_json(
+        [python(), "-m", "benchmarks.loop", "--data", str(data), "--tower", tower, "--batch-size", "256",
+         "--steps", "200", "--mode", "interleaved", "--epochs", "5", "--threads", "2"],
+        timeout=900,
+    )  # fmt: skip
+    return {"parts": parts, "loop": loop}
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def report(info: dict, precision: dict, changes: dict, steps: dict, load: str) -> str:
+    lines = [
+        "# Small steps: where a batch-256 step goes, and the default precision",
+        "",
+        f'`python -m benchmarks.small_steps` (or `make bench ARGS="--sections small_steps"`) · commit '
+        f"{info['git_commit']} · {info['date']} · {info['cpus']} CPUs ({info['cpu_model']}), 2 threads · "
+        f"load average at start {load}",
+        "",
+        "Milliseconds per training step without Lightning (`benchmarks.breakdown.bare_step`: DMP forward,",
+        "losses, backward with the fused table update, dense optimizer), on the same in-memory batches,",
+        f"variants alternating in one process, median of {REPS}. The benchmark task of RESULTS.md.",
+        "",
+        "## 1. fp32 or bf16 autocast, by batch size",
+        "",
+        f"This CPU has native bf16 matmuls: {'yes' if precision.get('native_bf16') else 'no'}. "
+        "`trainer.precision: auto` (the default) chooses bf16 from 5e7 dense multiply-adds a step.",
+        "",
+        "| tower | batch | dense multiply-adds a step | fp32 ms | bf16 ms | bf16 / fp32 | auto chooses |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in precision.get("rows", []):
+        lines.append(
+            f"| {row['tower']} | {row['batch_size']} | {row['macs_per_step'] / 1e6:.0f}M | {fmt(row['fp32'])} | "
+            f"{fmt(row['bf16'])} | {row['bf16'] / row['fp32']:.2f} | {row['auto']} |"
+        )
+    lines += [
+        "",
+        "## 2. This release's changes to the small step (batch 256, fp32)",
+        "",
+        "| tower | dense Adam per-tensor loop | fused kernel | tables: mean-pooled (2 kernel groups) | all summed (1 group) |",
+        "|---|---|---|---|---|",
+    ]
+    for tower, row in changes.items():
+        if "error" in row:
+            lines.append(f"| {tower} | {row['error']} | | | |")
+            continue
+        lines.append(
+            f"| {tower} | {fmt(row['per_tensor'])} | {fmt(row['fused'])} | {fmt(row['two_groups'])} | {fmt(row['one_group'])} |"
+        )
+    lines += [
+        "",
+        "## 3. Where a batch-256 step goes (ms), against the faster peer's whole step",
+        "",
+        "| tower | data (reader → Batch) | embedding fwd+bwd+update | dense fwd+bwd | dense optimizer | bare step | Lightning step (median) | bare step (median, same run) | DeepCTR-Torch step | torch-rechub step | 2x the faster peer needs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tower, row in steps.items():
+        parts, loop, peers = row["parts"], row["loop"], row["peers"]
+        faster = min((v for v in peers.values() if v), default=None)
+        lines.append(
+            f"| {tower} | {fmt(parts.get('data_ms'))} | {fmt(parts.get('embedding_fwd_bwd_ms'))} | "
+            f"{fmt(parts.get('dense_fwd_bwd_ms'))} | {fmt(parts.get('dense_opt_ms'))} | {fmt(parts.get('bare_step_ms'))} | "
+            f"{fmt(loop.get('lightning_step_ms', {}).get('median'))} | {fmt(loop.get('bare_step_ms', {}).get('median'))} | "
+            f"{fmt(peers.get('DeepCTR-Torch'))} | {fmt(peers.get('torch-rechub'))} | "
+            f"{fmt(faster / 2 if faster else None)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, data = args.child
+        print(json.dumps((child_precision if kind == "precision" else child_changes)(data)))
+        return 0
+    from benchmarks.run_all import load_average
+
+    load = load_average()
+    info = machine_info()
+    with tempfile.TemporaryDirectory(prefix="towerrec-small-") as tmp:
+        data = prepare_ml100k(Path(tmp) / "ml100k-u1")
+        npz = export_arrays(data, Path(tmp) / "ml100k-u1.npz")
+        precision = run_child("precision", data)
+        changes = run_child("changes", data)
+        steps = {}
+        for tower in ("shared_bottom", "mmoe"):
+            steps[tower] = {**step_parts(data, tower), "peers": peer_step_ms(npz, tower)}
+    text = report(info, precision, changes, steps, load)
+    RESULTS.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""``trainer.precision: auto``: bf16 autocast only where the hardware and the step's size pay for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trainer.precision as precision_module
+from trainer.config import load_config
+from trainer.precision import AUTO_BF16_MIN_MACS, dense_macs_per_sample, resolve_precision
+
+
+def test_auto_autocasts_to_bf16_only_on_native_bf16_from_the_threshold(monkeypatch):
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device_type: True)
+    macs = 30_000
+    small = AUTO_BF16_MIN_MACS // macs - 1
+    assert resolve_precision("auto", "cpu", small, macs)[0] == "32-true"
+    assert resolve_precision("auto", "cpu", small + 2, macs)[0] == "bf16-mixed"
+    assert resolve_precision("32-true", "cpu", 10**6, macs) == ("32-true", "set in the config")
+    assert resolve_precision("bf16-mixed", "cpu", 1, macs)[0] == "bf16-mixed"
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device_type: False)
+    chosen, why = resolve_precision("auto", "cpu", 10**6, macs)
+    assert chosen == "32-true" and "no native bf16" in why
+
+
+def test_dense_multiply_adds_count_every_dense_matrix_and_no_table():
+    from models.builder import build_model
+
+    cfg = load_config(
+        "configs/default.yaml", ["model.tower=mmoe", "model.num_experts=3", "model.expert_dims=[8]"]
+    )
+    rows = {f.name: 1000 for f in cfg.data.sparse}
+    model = build_model(sparse=cfg.data.sparse, num_dense=len(cfg.data.dense), tasks=cfg.tasks, model=cfg.model,
+                        table_rows=rows, embedding_device="meta")  # fmt: skip
+    expected = model.tower.experts.weights[0].numel()  # (3, in, 8): 3 experts' first layer
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            expected += module.weight.numel()
+    assert dense_macs_per_sample(model) == expected
+    assert expected < 1000 * 16  # no table counted
+
+
+@pytest.mark.parametrize(
+    "native, batch, chosen", [(True, 512, "32-true"), (True, 2**20, "bf16-mixed"), (False, 2**20, "32-true")]
+)
+def test_the_trainer_runs_the_resolved_precision(tiny_data, tmp_path, monkeypatch, native, batch, chosen):
+    from tests.conftest import TINY_SYNTHETIC
+    from trainer.run import build, finish
+
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device_type: native)
+    cfg = load_config(
+        "configs/default.yaml",
+        [*TINY_SYNTHETIC, f"data.path={tiny_data}", f"run_dir={tmp_path}", f"data.batch_size={batch}"],
+    )
+    assert cfg.trainer.precision == "auto"  # the default
+    trainer, *_ = build(cfg)
+    try:
+        assert trainer.precision == chosen
+    finally:
+        finish()
