@@ -125,18 +125,21 @@ def profile(cfg, num_steps: int = 20) -> dict:
     result: dict = {"batch_size": cfg.data.batch_size, "precision": cfg.trainer.precision}
     bf16 = cfg.trainer.precision == "bf16-mixed"
 
-    # data: a fresh stream per pass, timed to the same number of full batches
+    # data: a fresh stream per pass, over at least two shuffle windows (a window is read and
+    # decoded at once: fewer batches than a window would charge its whole decode to them)
     from data.reader import BatchStream
     from trainer.datamodule import read_spec
 
     meta, spec = DatasetMeta.load(cfg.data.path), read_spec(cfg.data, cfg.tasks, num_embeddings)
+    stream = BatchStream(meta, cfg.data.train_split, spec, cfg.data.batch_size, seed=cfg.seed)
+    data_batches = max(num_steps, 2 * stream.window_rows // cfg.data.batch_size)
     started, count = time.perf_counter(), 0
-    while count < num_steps:
+    while count < data_batches:
         for _ in BatchStream(meta, cfg.data.train_split, spec, cfg.data.batch_size, seed=cfg.seed):
             count += 1
-            if count == num_steps:
+            if count == data_batches:
                 break
-    result["data_ms"] = (time.perf_counter() - started) / num_steps * 1e3
+    result["data_ms"] = (time.perf_counter() - started) / data_batches * 1e3
 
     def timed(fn) -> float:
         for batch in batches[:3]:
