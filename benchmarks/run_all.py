@@ -555,8 +555,9 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
         "Where the default misses: at batch 256 the step is per-operation overhead (Lightning's loop,",
         "TorchRec's input/output distribution, eager dispatch of the small dense ops); SMALL_STEPS.md",
         "times it part by part against the peers' whole step. MMoE at 4096 reaches 5x only compiled",
-        "(bf16+compile), whose compile time the default does not spend: it pays back after about a",
-        "thousand steps of this model, several times the benchmark's run (the wall column).",
+        "(bf16+compile), whose compile time the default does not spend: about 4 s of compiling against",
+        "4-8 ms saved a step pays back after roughly 500-1,000 steps, ten or more times this run's 54",
+        "(the wall column includes it).",
     ]
     lines += ["", "Individual repetitions (samples/s):", ""]
     for row in sections["peers"]:
