@@ -118,7 +118,8 @@ class TrainerConfig:
     """Dense-part precision: ``32-true``, ``bf16-mixed`` (autocast; CUDA or CPU with bf16), or
     ``auto``: ``bf16-mixed`` where the device has native bf16 matmuls and a step's dense
     multiply-adds (per-rank batch × dense weights) reach 5e7, where it measured faster; else
-    ``32-true`` (see ``trainer.precision``). The choice is printed with the sharding plan."""
+    ``32-true`` (see ``trainer.precision``). The choice is printed with the sharding plan. Autocast
+    covers training steps: evaluation and ``predict`` score in fp32, like the exported model."""
     compile: bool = False
     """``torch.compile`` the dense part (interaction, tower, heads) at the start of training. On CPU
     it fuses the element-wise work around the matmuls (MMoE ~1.3-1.4x more samples/s with bf16-mixed; see

@@ -251,8 +251,14 @@ class MultiTaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ evaluation
+    def eval_predictions(self, batch: Batch) -> torch.Tensor:
+        """(B, T) predictions of a batch in fp32, whatever ``trainer.precision`` trains in: evaluation,
+        ``predict`` and the exported model then score alike (bf16 autocast moves scores by ~1e-3)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return predictions(self(batch)[1], self.inner.output_kinds)
+
     def _collect(self, batch: Batch) -> None:
-        preds = predictions(self(batch)[1], self.inner.output_kinds)
+        preds = self.eval_predictions(batch)
         self._eval_rows.append(
             (
                 preds.detach().float().cpu(),
@@ -311,7 +317,7 @@ class MultiTaskModule(L.LightningModule):
         self._finish_eval("test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        preds = predictions(self(batch)[1], self.inner.output_kinds)
+        preds = self.eval_predictions(batch)
         return {"row_id": batch.row_id.cpu(), "predictions": preds.detach().float().cpu()}
 
 

@@ -6,7 +6,9 @@ CPUs with AVX512-BF16 or AMX), runs the matmuls several times faster, but it add
 weight and activation each step. Measured on the benchmark towers (2 threads, AVX512-BF16; see
 benchmarks/results/RESULTS.md), bf16 is 1.07-1.5x slower per step at 256-512 rows, even at 1024 and
 1.2-1.5x faster from 2048: it pays once a step's dense multiply-adds (per-rank batch × dense
-weights) reach about 5e7. The choice is made once, before training, and printed; set
+weights) reach about 5e7. Autocast covers training steps only: evaluation and ``predict`` score in fp32, as the exported
+model does (``MultiTaskModule.eval_predictions``). The choice is made once, before training, and
+printed; set
 ``trainer.precision`` explicitly to pin it (a resumed run on other hardware may otherwise choose
 differently).
 """

@@ -58,3 +58,31 @@ def test_the_trainer_runs_the_resolved_precision(tiny_data, tmp_path, monkeypatc
         assert trainer.precision == chosen
     finally:
         finish()
+
+
+def test_evaluation_and_predict_score_in_fp32_after_bf16_training(tiny_data, tmp_path):
+    """bf16 autocast trains; scoring (test, predict) runs fp32, as the exported model does."""
+    from models.heads import predictions
+    from tests.conftest import TINY_SYNTHETIC
+    from trainer.run import build, finish
+
+    cfg = load_config(
+        "configs/default.yaml",
+        [*TINY_SYNTHETIC, f"data.path={tiny_data}", f"run_dir={tmp_path}", "trainer.precision=bf16-mixed",
+         "trainer.max_steps=2", "checkpoint.every_n_steps=0"],
+    )  # fmt: skip
+    trainer, module, datamodule, _ = build(cfg)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        assert trainer.precision == "bf16-mixed"
+        batch = next(iter(datamodule.test_dataloader()))
+        module.eval()
+        with torch.no_grad():
+            fp32 = predictions(module(batch)[1], module.inner.output_kinds)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning wraps each step in
+                scored = module.eval_predictions(batch)
+                autocast = predictions(module(batch)[1], module.inner.output_kinds)
+        torch.testing.assert_close(scored, fp32, rtol=0, atol=0)
+        assert not torch.allclose(autocast.float(), fp32, atol=1e-5)  # bf16 scoring would differ
+    finally:
+        finish()
