@@ -40,49 +40,62 @@ def test_dense_multiply_adds_count_every_dense_matrix_and_no_table():
     assert expected < 1000 * 16  # no table counted
 
 
+def resolved_precision(data: str, run_dir: str, native: bool, batch: int) -> str:
+    """On a pool rank (the trainer sets environment variables, threads and a process group, which
+    must not leak into the test process): the precision ``build`` hands to Lightning."""
+    from tests.conftest import TINY_SYNTHETIC
+    from trainer.run import build
+
+    cfg = load_config(
+        "configs/default.yaml",
+        [*TINY_SYNTHETIC, f"data.path={data}", f"run_dir={run_dir}", f"data.batch_size={batch}"],
+    )
+    assert cfg.trainer.precision == "auto"  # the default
+    original, precision_module.native_bf16 = precision_module.native_bf16, lambda device_type: native
+    try:
+        trainer, *_ = build(cfg)
+    finally:
+        precision_module.native_bf16 = original  # the pool's rank runs later tests
+    return trainer.precision
+
+
 @pytest.mark.parametrize(
     "native, batch, chosen", [(True, 512, "32-true"), (True, 2**20, "bf16-mixed"), (False, 2**20, "32-true")]
 )
-def test_the_trainer_runs_the_resolved_precision(tiny_data, tmp_path, monkeypatch, native, batch, chosen):
-    from tests.conftest import TINY_SYNTHETIC
-    from trainer.run import build, finish
-
-    monkeypatch.setattr(precision_module, "native_bf16", lambda device_type: native)
-    cfg = load_config(
-        "configs/default.yaml",
-        [*TINY_SYNTHETIC, f"data.path={tiny_data}", f"run_dir={tmp_path}", f"data.batch_size={batch}"],
-    )
-    assert cfg.trainer.precision == "auto"  # the default
-    trainer, *_ = build(cfg)
-    try:
-        assert trainer.precision == chosen
-    finally:
-        finish()
+def test_the_trainer_runs_the_resolved_precision(tiny_data, tmp_path, rank_pools, native, batch, chosen):
+    assert rank_pools(1).run(resolved_precision, str(tiny_data), str(tmp_path), native, batch) == [chosen]
 
 
-def test_evaluation_and_predict_score_in_fp32_after_bf16_training(tiny_data, tmp_path):
-    """bf16 autocast trains; scoring (test, predict) runs fp32, as the exported model does."""
+def scores_after_bf16_training(data: str, run_dir: str) -> dict[str, float]:
+    """On a pool rank: trains 2 bf16 steps, then scores a test batch three ways; returns the largest
+    differences from the fp32 forward."""
     from models.heads import predictions
     from tests.conftest import TINY_SYNTHETIC
-    from trainer.run import build, finish
+    from trainer.run import build
 
     cfg = load_config(
         "configs/default.yaml",
-        [*TINY_SYNTHETIC, f"data.path={tiny_data}", f"run_dir={tmp_path}", "trainer.precision=bf16-mixed",
+        [*TINY_SYNTHETIC, f"data.path={data}", f"run_dir={run_dir}", "trainer.precision=bf16-mixed",
          "trainer.max_steps=2", "checkpoint.every_n_steps=0"],
     )  # fmt: skip
     trainer, module, datamodule, _ = build(cfg)
-    try:
-        trainer.fit(module, datamodule=datamodule)
-        assert trainer.precision == "bf16-mixed"
-        batch = next(iter(datamodule.test_dataloader()))
-        module.eval()
-        with torch.no_grad():
-            fp32 = predictions(module(batch)[1], module.inner.output_kinds)
-            with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning wraps each step in
-                scored = module.eval_predictions(batch)
-                autocast = predictions(module(batch)[1], module.inner.output_kinds)
-        torch.testing.assert_close(scored, fp32, rtol=0, atol=0)
-        assert not torch.allclose(autocast.float(), fp32, atol=1e-5)  # bf16 scoring would differ
-    finally:
-        finish()
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.precision == "bf16-mixed"
+    batch = next(iter(datamodule.test_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        fp32 = predictions(module(batch)[1], module.inner.output_kinds)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning wraps each step in
+            scored = module.eval_predictions(batch)
+            autocast = predictions(module(batch)[1], module.inner.output_kinds)
+    return {
+        "scored": float((scored - fp32).abs().max()),
+        "autocast": float((autocast.float() - fp32).abs().max()),
+    }
+
+
+def test_evaluation_and_predict_score_in_fp32_after_bf16_training(tiny_data, tmp_path, rank_pools):
+    """bf16 autocast trains; scoring (test, predict) runs fp32, as the exported model does."""
+    (differences,) = rank_pools(1).run(scores_after_bf16_training, str(tiny_data), str(tmp_path))
+    assert differences["scored"] == 0
+    assert differences["autocast"] > 1e-5  # scoring under bf16 would differ
