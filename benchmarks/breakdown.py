@@ -112,8 +112,8 @@ def profile(cfg, num_steps: int = 20) -> dict:
     dense_opt     Adam step + zero_grad over the dense parameters
     bare_step     the whole step without Lightning (``bare_step``)
 
-    With ``trainer.precision: bf16-mixed`` the dense part and the bare step run under CPU bf16
-    autocast, as the trainer runs them.
+    With ``trainer.precision: bf16-mixed`` (or ``auto`` resolving to it) the dense part and the bare
+    step run under CPU bf16 autocast, as the trainer runs them.
     """
     from data.dataset import DatasetMeta
 
@@ -122,8 +122,13 @@ def profile(cfg, num_steps: int = 20) -> dict:
     batches = materialize(cfg, num_embeddings, num_steps + 3)
     module, dmp, optimizer = build_dmp(cfg, num_embeddings)
     inner = dmp.module
-    result: dict = {"batch_size": cfg.data.batch_size, "precision": cfg.trainer.precision}
-    bf16 = cfg.trainer.precision == "bf16-mixed"
+    from trainer.precision import dense_macs_per_sample, resolve_precision
+
+    precision, _ = resolve_precision(  # what the trainer runs (``auto`` resolved as it would be)
+        cfg.trainer.precision, "cpu", cfg.data.batch_size, dense_macs_per_sample(module.build_model())
+    )
+    result: dict = {"batch_size": cfg.data.batch_size, "precision": precision}
+    bf16 = precision == "bf16-mixed"
 
     # data: a fresh stream per pass, over at least two shuffle windows (a window is read and
     # decoded at once: fewer batches than a window would charge its whole decode to them)

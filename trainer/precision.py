@@ -3,14 +3,15 @@ size.
 
 bf16 autocast halves the bytes and, on hardware with native bf16 matrix units (CUDA with bf16,
 CPUs with AVX512-BF16 or AMX), runs the matmuls several times faster, but it adds a cast of every
-weight and activation each step. Measured on the benchmark towers (2 threads, AVX512-BF16; see
-benchmarks/results/RESULTS.md), bf16 is 1.07-1.5x slower per step at 256-512 rows, even at 1024 and
-1.2-1.5x faster from 2048: it pays once a step's dense multiply-adds (per-rank batch × dense
-weights) reach about 5e7. Autocast covers training steps only: evaluation and ``predict`` score in fp32, as the exported
+weight and activation each step. Measured on the benchmark towers (2 threads, AVX512-BF16;
+``python -m benchmarks.small_steps``, benchmarks/results/SMALL_STEPS.md), bf16 is 1.03-1.21x
+slower per step at 256-512 rows, about even at 1024 and faster from 2048 (0.75-0.88x the fp32
+step): it pays once a step's dense multiply-adds (per-rank batch × dense weights) reach about 5e7.
+
+Autocast covers training steps only: evaluation and ``predict`` score in fp32, as the exported
 model does (``MultiTaskModule.eval_predictions``). The choice is made once, before training, and
-printed; set
-``trainer.precision`` explicitly to pin it (a resumed run on other hardware may otherwise choose
-differently).
+printed; set ``trainer.precision`` explicitly to pin it (a resumed run on other hardware may
+otherwise choose differently).
 """
 
 from __future__ import annotations
