@@ -4,7 +4,7 @@
     python -m benchmarks.bench_data --rows-small 200000 --rows-large 2000000
     python -m benchmarks.bench_data --parts-only                     # 3. alone, on 1M rows
 
-1. Throughput: rows/s from the Parquet shards to ready ``Batch`` objects (``data.reader.BatchStream``,
+1. Throughput: rows/s from the Parquet shards to ready ``Batch`` objects (``towerrec.data.reader.BatchStream``,
    one process, batch 4096, shuffled) against ``pyarrow.parquet.read_table`` of the same columns
    of the same files, in the same run (best of 3 each). Target: ratio >= 0.5.
 2. Memory: peak RSS of a fresh process streaming one epoch of the small and of the large
@@ -33,9 +33,9 @@ BATCH_SIZE = 4096
 
 def synthetic_spec(meta):
     """The ReadSpec of every synthetic feature and label (imports torch: call in children)."""
-    from data.config import DenseFeature, SparseFeature
-    from data.reader import LabelSpec, ReadSpec
-    from data.synthetic import SYNTHETIC_COLUMN_SIZES
+    from towerrec.data.config import DenseFeature, SparseFeature
+    from towerrec.data.reader import LabelSpec, ReadSpec
+    from towerrec.data.synthetic import SYNTHETIC_COLUMN_SIZES
 
     sparse = [SparseFeature(n) for n in ("user_id", "item_id", *SYNTHETIC_COLUMN_SIZES)]
     sparse.append(SparseFeature("genres", multi_hot=True))
@@ -53,7 +53,7 @@ def synthetic_spec(meta):
 
 
 def stream_epoch(meta, spec) -> int:
-    from data.reader import BatchStream
+    from towerrec.data.reader import BatchStream
 
     rows = 0
     for batch in BatchStream(meta, "train", spec, batch_size=BATCH_SIZE, shuffle=True):
@@ -90,8 +90,8 @@ def reader_parts(meta) -> dict[str, float]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from data.reader import BatchStream
-    from data.rows import decode_rows
+    from towerrec.data.reader import BatchStream
+    from towerrec.data.rows import decode_rows
 
     spec = synthetic_spec(meta)
     stream = BatchStream(meta, "train", spec, batch_size=BATCH_SIZE, background_decode=False)
@@ -165,7 +165,7 @@ def _vm_hwm_mib() -> float | None:
 
 def child_rss(path: str) -> None:
     """In a fresh process: stream one epoch, print peak memory (MiB) before and after as JSON."""
-    from data.dataset import DatasetMeta
+    from towerrec.data.dataset import DatasetMeta
 
     meta = DatasetMeta.load(path)
     spec = synthetic_spec(meta)
@@ -180,8 +180,8 @@ def child_rss(path: str) -> None:
 
 
 def child_prepare(path: str, rows: int) -> None:
-    from data.config import PrepareConfig
-    from data.synthetic import prepare_synthetic
+    from towerrec.data.config import PrepareConfig
+    from towerrec.data.synthetic import prepare_synthetic
 
     cfg = PrepareConfig(
         num_rows=rows, num_users=max(2000, rows // 100), num_items=max(1000, rows // 200), num_shards=4
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         child_prepare(args.child_prepare[0], int(args.child_prepare[1]))
         return 0
 
-    from data.dataset import DatasetMeta
+    from towerrec.data.dataset import DatasetMeta
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         results = {}

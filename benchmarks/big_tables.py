@@ -12,7 +12,7 @@ each rank (table-wise). Ids come from the synthetic data set's vocabularies, so 
 small part of each table: the rate is that of this model, the memory and I/O that of the tables.
 Save: the product's checkpoint (``trainer.save_checkpoint``: DCP, every rank writes its shards,
 model + fused optimizer state + dense optimizer). Load: the same checkpoint into the running 2 ranks
-(``load_weights``), then into one process (``serving.export.load_unsharded_model``: DCP reshards the
+(``load_weights``), then into one process (``towerrec.serving.export.load_unsharded_model``: DCP reshards the
 two ranks' table shards into one unsharded model; weights only). Results:
 ``benchmarks/results/BIG_TABLES.md``.
 """
@@ -60,8 +60,8 @@ def rank_job(args) -> int:
 
     from benchmarks.loop import rate
     from benchmarks.ours import step_timer
-    from trainer.config import load_config
-    from trainer.run import build, finish
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.run import build, finish
 
     cfg = load_config("configs/default.yaml", overrides(args.rows, args.steps, args.threads))
     timer = step_timer()
@@ -99,8 +99,8 @@ def rank_job(args) -> int:
 
 def reshard_job(args) -> int:
     """One process, no process group: the 2-rank checkpoint into one unsharded model."""
-    from serving.export import load_unsharded_model
-    from trainer.config import load_config
+    from towerrec.serving.export import load_unsharded_model
+    from towerrec.trainer.config import load_config
 
     cfg = load_config("configs/default.yaml", overrides(args.rows, args.steps, args.threads))
     started = time.perf_counter()
@@ -149,13 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         return reshard_job(args)
 
     from benchmarks.common import machine_info
-    from trainer.config import load_config
+    from towerrec.trainer.config import load_config
 
     rows = int(args.gib * 2**30 / 2 / BYTES_PER_ROW)
     shutil.rmtree(BENCH / "run", ignore_errors=True)
     if not (BENCH / "data" / "metadata.json").exists():  # the default synthetic data set
         cfg = load_config("configs/default.yaml", [f"data.path={BENCH / 'data'}"])
-        from data.prepare import prepare
+        from towerrec.data.prepare import prepare
 
         prepare(cfg.data.prepare, str(BENCH / "data"))
     disk_before = dd_rate(BENCH / "dd", 4.0)

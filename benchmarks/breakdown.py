@@ -1,7 +1,7 @@
 """Where a training step goes, and the bare TorchRec loop that the Lightning trainer is compared to.
 
 Both build the model exactly as the trainer does (``MultiTaskModule.build_model()`` →
-``trainer.distributed.sharding.shard_model`` in a 1-process gloo group) and run on batches pre-materialised in
+``towerrec.trainer.distributed.sharding.shard_model`` in a 1-process gloo group) and run on batches pre-materialised in
 memory, so neither pays for reading data.
 """
 
@@ -27,8 +27,8 @@ def build_dmp(cfg, num_embeddings: dict[str, int]):
     import torch.distributed as dist
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-    from trainer.distributed.sharding import ClusterSpec, shard_model
-    from trainer.module import MultiTaskModule, dense_optimizer
+    from towerrec.trainer.distributed.sharding import ClusterSpec, shard_model
+    from towerrec.trainer.module import MultiTaskModule, dense_optimizer
 
     init_single_process_group()
     module = MultiTaskModule(cfg, num_embeddings)
@@ -50,9 +50,9 @@ def build_dmp(cfg, num_embeddings: dict[str, int]):
 
 def materialize(cfg, num_embeddings: dict[str, int], num_batches: int) -> list:
     """The first ``num_batches`` training batches (cycling over epochs when the split is shorter)."""
-    from data.dataset import DatasetMeta
-    from data.reader import BatchStream
-    from trainer.datamodule import read_spec
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.data.reader import BatchStream
+    from towerrec.trainer.datamodule import read_spec
 
     meta = DatasetMeta.load(cfg.data.path)
     stream = BatchStream(
@@ -85,7 +85,7 @@ def bare_step(dmp, optimizer, batch) -> torch.Tensor:
 
 def _takes_batch(model) -> bool:
     try:
-        from trainer.module import TrainingModel
+        from towerrec.trainer.module import TrainingModel
     except ImportError:
         return False
     return isinstance(model, TrainingModel)
@@ -115,14 +115,14 @@ def profile(cfg, num_steps: int = 20) -> dict:
     With ``trainer.precision: bf16-mixed`` (or ``auto`` resolving to it) the dense part and the bare
     step run under CPU bf16 autocast, as the trainer runs them.
     """
-    from data.dataset import DatasetMeta
+    from towerrec.data.dataset import DatasetMeta
 
     torch.set_num_threads(cfg.trainer.num_threads or 2)
     num_embeddings = DatasetMeta.load(cfg.data.path).table_rows(cfg.data.sparse)
     batches = materialize(cfg, num_embeddings, num_steps + 3)
     module, dmp, optimizer = build_dmp(cfg, num_embeddings)
     inner = dmp.module
-    from trainer.precision import dense_macs_per_sample, resolve_precision
+    from towerrec.trainer.precision import dense_macs_per_sample, resolve_precision
 
     precision, _ = resolve_precision(  # what the trainer runs (``auto`` resolved as it would be)
         cfg.trainer.precision, "cpu", cfg.data.batch_size, dense_macs_per_sample(module.build_model())
@@ -132,8 +132,8 @@ def profile(cfg, num_steps: int = 20) -> dict:
 
     # data: a fresh stream per pass, over at least two shuffle windows (a window is read and
     # decoded at once: fewer batches than a window would charge its whole decode to them)
-    from data.reader import BatchStream
-    from trainer.datamodule import read_spec
+    from towerrec.data.reader import BatchStream
+    from towerrec.trainer.datamodule import read_spec
 
     meta, spec = DatasetMeta.load(cfg.data.path), read_spec(cfg.data, cfg.tasks, num_embeddings)
     stream = BatchStream(meta, cfg.data.train_split, spec, cfg.data.batch_size, seed=cfg.seed)
@@ -204,15 +204,15 @@ def prototypes(cfg, num_steps: int = 20, reps: int = 3) -> dict:
     bare-loop samples/s of the model as it is vs with a candidate change, alternating, median of
     ``reps``. Candidates:
 
-    gate_einsum   ``models.layers.Gate.forward`` mixes experts with ``einsum("be,bed->bd")`` (what it
+    gate_einsum   ``towerrec.models.layers.Gate.forward`` mixes experts with ``einsum("be,bed->bd")`` (what it
                   did before the broadcast multiply + sum it uses now)
     gate_bmm      the same mix as ``torch.bmm`` (B,1,E) @ (B,E,D)
     threads_1     the model as it is with ``torch.set_num_threads(1)``
     """
     import statistics
 
-    import models.layers as layers
-    from data.dataset import DatasetMeta
+    import towerrec.models.layers as layers
+    from towerrec.data.dataset import DatasetMeta
 
     threads = cfg.trainer.num_threads or 2
     torch.set_num_threads(threads)

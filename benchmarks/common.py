@@ -81,9 +81,9 @@ def machine_info() -> dict[str, str]:
 def prepare_ml100k(out: Path) -> Path:
     """Converts ML-100K u1 with our converter, once: train = u1.base minus the product config's 10%
     validation slice (71,994 rows), test = u1.test (20,000 rows)."""
-    from data.config import PrepareConfig
-    from data.dataset import is_complete
-    from data.prepare import prepare
+    from towerrec.data.config import PrepareConfig
+    from towerrec.data.dataset import is_complete
+    from towerrec.data.prepare import prepare
 
     if not is_complete(out):
         cfg = PrepareConfig(format="movielens100k", source=str(ML100K_SOURCE), split="u1", val_fraction=0.1)

@@ -23,13 +23,13 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import Batch
-from data.config import DenseFeature, SparseFeature
-from models.builder import build_model
-from models.config import TaskConfig
-from trainer.config import Config, load_config
-from trainer.distributed.sharding import ClusterSpec, shard_model
-from trainer.module import TrainingModel
+from towerrec.data.batch import Batch
+from towerrec.data.config import DenseFeature, SparseFeature
+from towerrec.models.builder import build_model
+from towerrec.models.config import TaskConfig
+from towerrec.trainer.config import Config, load_config
+from towerrec.trainer.distributed.sharding import ClusterSpec, shard_model
+from towerrec.trainer.module import TrainingModel
 
 TABLE_ROWS = (
     [10_000_000, 5_000_000, 2_000_000, 1_000_000] + [500_000] * 4 + [100_000] * 6 + [10_000] * 6 + [1_000] * 6

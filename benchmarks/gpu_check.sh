@@ -47,7 +47,9 @@ run)
   echo "$(cat .whl/small/FBGEMM_SHA256)  /tmp/$name" | sha256sum -c -
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "/tmp/$name" .whl/small/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  # this checkout imports as `towerrec` through a link named so (the package is the repository root)
+  mkdir -p /tmp/towerrec-src && ln -sfn "$PWD" /tmp/towerrec-src/towerrec
+  export PYTHONPATH=/tmp/site:/tmp/towerrec-src:$PWD
   python3 -c "import torch, fbgemm_gpu, torchrec; print('torch', torch.__version__, 'torchrec', torchrec.__version__, 'cuda', torch.cuda.is_available())"
   python3 -m pytest -q -m gpu tests/gpu 2>&1 | tail -30
   timeout 300 python3 -m benchmarks.gpu_bench --batch-size 16384 --steps 60 | tee "$out/gpu_bench.json"

@@ -2,7 +2,7 @@
 
     python -m benchmarks.ours --data DIR --tower mmoe --batch-size 4096 --epochs 3 [--profile]
 
-Runs the product path (``trainer.run.build`` → Lightning ``fit`` → ``test``) and prints one JSON
+Runs the product path (``towerrec.trainer.run.build`` → Lightning ``fit`` → ``test``) and prints one JSON
 line: steady-state training samples/s (step-start to step-start intervals after the first epoch),
 test RMSE (rating) and AUC (like). ``--profile`` instead times the parts of a step (see ``profile``).
 """
@@ -66,7 +66,7 @@ def config_tree(
 
 
 def load(tree: dict):
-    from trainer.config import Config, _build_dataclass, validate
+    from towerrec.trainer.config import Config, _build_dataclass, validate
 
     cfg = _build_dataclass(Config, tree, "")
     validate(cfg)
@@ -99,7 +99,7 @@ def step_timer():
 
 
 def fit_and_test(tree: dict) -> dict:
-    from trainer.run import build, finish
+    from towerrec.trainer.run import build, finish
 
     cfg = load(tree)
     timer = step_timer()

@@ -850,8 +850,8 @@ def main(argv: list[str] | None = None) -> int:
                     entry["lightning_ms"] = sections["loop"][0]["lightning_step_ms"]["median"]
             checkpoint_report()
         if "scale" in wanted:
-            from data.config import PrepareConfig
-            from data.synthetic import prepare_synthetic
+            from towerrec.data.config import PrepareConfig
+            from towerrec.data.synthetic import prepare_synthetic
 
             synthetic = work / "synthetic"
             prepare_synthetic(

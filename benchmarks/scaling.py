@@ -61,15 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
-    from data.dataset import DatasetMeta
-    from data.reader import BatchStream
-    from trainer.config import load_config
-    from trainer.datamodule import read_spec
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.data.reader import BatchStream
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.datamodule import read_spec
 
     data = BENCH / "data"
     cfg = load_config("configs/default.yaml", [f"data.path={data}"])
     if not (data / "metadata.json").exists():
-        from data.prepare import prepare
+        from towerrec.data.prepare import prepare
 
         prepare(cfg.data.prepare, str(data))
     meta = DatasetMeta.load(data)

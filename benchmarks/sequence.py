@@ -4,7 +4,7 @@
     python -m benchmarks.sequence --quality --seeds 0 1 2   # ML-100K u1: graph vs DIN vs transformers (~1 h)
     python -m benchmarks.sequence --cost --lengths 16 64 --steps 60
 
-Cost: one click log (``data.samples.session_clicks``, 300 steps per user) prepared once with
+Cost: one click log (``towerrec.data.samples.session_clicks``, 300 steps per user) prepared once with
 histories of up to 256 events; every variant trains ``--steps`` steps of ``configs/sessions_sequence.yaml``
 at batch 256 in a fresh process (its peak RSS is its own), the same run, one after the other:
 a bag of the history (mean-pooled, the same table) and each sequence encoder at each length L (the
@@ -72,8 +72,8 @@ def measure(overrides: list[str], steps: int) -> dict:
     """One variant in this process: steady training samples/s and peak RSS."""
     from benchmarks.common import steady_samples_per_s
     from benchmarks.ours import step_timer
-    from trainer.config import load_config
-    from trainer.run import build, finish
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.run import build, finish
 
     cfg = load_config(SESSIONS, [*overrides, f"trainer.max_steps={steps}", "trainer.progress_bar=off",
                                  "checkpoint.every_n_steps=0", "checkpoint.resume=never",
@@ -94,10 +94,10 @@ def measure(overrides: list[str], steps: int) -> dict:
 
 
 def prepare_once(overrides: list[str]) -> None:
-    from data.dataset import is_complete
-    from data.prepare import prepare
-    from trainer.config import load_config
-    from trainer.datasets import input_schema
+    from towerrec.data.dataset import is_complete
+    from towerrec.data.prepare import prepare
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.datasets import input_schema
 
     cfg = load_config(SESSIONS, overrides)
     if not is_complete(cfg.data.path):
@@ -105,7 +105,7 @@ def prepare_once(overrides: list[str]) -> None:
 
 
 def cost(args) -> str:
-    from data.samples import session_clicks, write_csv
+    from towerrec.data.samples import session_clicks, write_csv
 
     BENCH.mkdir(parents=True, exist_ok=True)
     source = BENCH / "sessions-300.csv"
@@ -157,7 +157,7 @@ def quality(args) -> str:
             run_dir = runs / f"{slug}-seed{seed}"
             metrics = run_dir / "metrics.json"
             if not metrics.exists():
-                command = [sys.executable, "-m", "trainer.cli", "fit", "--config", config, "--seed", str(seed),
+                command = [sys.executable, "-m", "towerrec.trainer.cli", "fit", "--config", config, "--seed", str(seed),
                            "--run_dir", str(run_dir), "--trainer.progress_bar", "false", *extra]  # fmt: skip
                 started = time.perf_counter()
                 subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)

@@ -53,7 +53,7 @@ def _alternate(variants: dict, batches: list, reps: int = REPS) -> dict[str, flo
 
 def _setup(data: str, tower: str, batch_size: int, run_dir: str, pooling: str = "mean"):
     from benchmarks.ours import config_tree, load
-    from data.dataset import DatasetMeta
+    from towerrec.data.dataset import DatasetMeta
 
     tree = config_tree(data, tower, batch_size, 1, run_dir)
     tree["data"]["sparse"][-1]["pooling"] = pooling
@@ -66,7 +66,7 @@ def child_precision(data: str) -> dict:
     import torch
 
     from benchmarks.breakdown import build_dmp, materialize
-    from trainer.precision import dense_macs_per_sample, native_bf16, resolve_precision
+    from towerrec.trainer.precision import dense_macs_per_sample, native_bf16, resolve_precision
 
     torch.set_num_threads(2)
     rows = []
@@ -114,8 +114,8 @@ def _mean_table_model(cfg, table_rows):
     kernel group) instead of summed and divided in the model."""
     from torchrec.modules.embedding_configs import PoolingType
 
-    import models.builder as builder
-    import trainer.module as trainer_module
+    import towerrec.models.builder as builder
+    import towerrec.trainer.module as trainer_module
     from benchmarks.breakdown import build_dmp
 
     original = builder.embedding_tables

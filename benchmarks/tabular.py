@@ -50,7 +50,7 @@ CENSUS_NAMES = (
 
 
 def towerrec(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trainer.cli", *args]
+    return [sys.executable, "-m", "towerrec.trainer.cli", *args]
 
 
 def run(command: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import machine_info
-    from trainer.config import load_config
+    from towerrec.trainer.config import load_config
 
     results: dict = {}
     for name, (config, overrides) in data_sets(args.sets, args.census).items():

@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data.dataset import DataError
-from data.jagged import list_parts
+from towerrec.data.dataset import DataError
+from towerrec.data.jagged import list_parts
 
 NULL_HASH = np.uint64(0x5BD1E9955BD1E995)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -195,7 +195,7 @@ class BottomKSample:
 # --------------------------------------------------------------------------------------------- cleaner
 @dataclass
 class TableSchema:
-    """Column kinds of a normalized input table (see ``data.formats``) plus label constraints."""
+    """Column kinds of a normalized input table (see ``towerrec.data.formats``) plus label constraints."""
 
     kinds: dict[str, str]
     """Column → ``sparse``, ``multi_hot``, ``dense``, ``label`` or ``other`` (output order)."""

@@ -1,6 +1,6 @@
 """Typed configuration of the data: where the Parquet data set lives, its feature schema, batching.
 
-Every field is documented; `trainer.config.load_config` builds these from YAML and rejects unknown
+Every field is documented; `towerrec.trainer.config.load_config` builds these from YAML and rejects unknown
 keys and wrong types with the dotted key in the message (for example ``data.batch_size``).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data.checks import in_unit_interval, positive
+from towerrec.data.checks import in_unit_interval, positive
 
 
 @dataclass
@@ -288,7 +288,7 @@ class PrepareConfig:
     num_hash_buckets: int = 1_000_000
     """Rows of every hashed id table (``sparse_mapping: hash``), plus row 0."""
     dedup: bool = False
-    """Drop exact duplicate rows (memory: 8 bytes per distinct row; see ``data.cleaning``). Off by
+    """Drop exact duplicate rows (memory: 8 bytes per distinct row; see ``towerrec.data.cleaning``). Off by
     default: repeated rows are often real (the same impression twice, identical survey answers)."""
     missing_sparse: Literal["fill", "drop"] = "fill"
     """Missing sparse/multi-hot id: ``fill`` (out-of-vocabulary row 0 / empty list) or ``drop`` the row."""

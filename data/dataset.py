@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.errors import DataError
+from towerrec.data.errors import DataError
 
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 2

@@ -13,7 +13,7 @@ up to three passes over the input so that memory stays O(chunk + vocabularies):
 3. clean, split, map ids to rows, transform dense values, build each row's histories from the
    events strictly before it (``data.history``), write train/val/test shards.
 
-Cleaning (``data.cleaning``) is deterministic, so every pass sees the same rows.
+Cleaning (``towerrec.data.cleaning``) is deterministic, so every pass sees the same rows.
 
 Formats (``data.prepare.format``):
 
@@ -40,7 +40,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from data.cleaning import (
+from towerrec.data.cleaning import (
     Cleaner,
     DenseSpec,
     DenseTransforms,
@@ -49,13 +49,13 @@ from data.cleaning import (
     mix64,
     string_ids,
 )
-from data.config import HistoryConfig, PrepareConfig
-from data.dataset import DataError, DatasetMeta, DatasetWriter
-from data.expressions import Expression, compile_all
-from data.history import MAX_AGE_BUCKET, EventLog
-from data.jagged import list_parts
-from data.splits import SPLIT_NAMES, TRAIN, SplitKeys, make_splitter
-from data.vocab import Vocabulary
+from towerrec.data.config import HistoryConfig, PrepareConfig
+from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter
+from towerrec.data.expressions import Expression, compile_all
+from towerrec.data.history import MAX_AGE_BUCKET, EventLog
+from towerrec.data.jagged import list_parts
+from towerrec.data.splits import SPLIT_NAMES, TRAIN, SplitKeys, make_splitter
+from towerrec.data.vocab import Vocabulary
 
 CSV_BLOCK_BYTES = 16 << 20
 """Bytes of CSV text parsed per chunk (pyarrow's streaming reader)."""
@@ -803,7 +803,7 @@ def prepare_movielens(cfg: PrepareConfig, out: str) -> DatasetMeta:
         )
     root = Path(cfg.source)
     if root.is_dir() and (root / "u.data").exists():
-        from data.movielens import prepare_movielens100k
+        from towerrec.data.movielens import prepare_movielens100k
 
         return prepare_movielens100k(cfg, out)
     if root.is_file():

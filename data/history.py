@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.jagged import Jagged
+from towerrec.data.jagged import Jagged
 
 MAX_AGE_BUCKET = 63
 

@@ -43,11 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from data.config import PrepareConfig
-from data.dataset import DataError, DatasetMeta, DatasetWriter
-from data.history import MAX_AGE_BUCKET, EventLog, earlier_events
-from data.jagged import Jagged
-from data.vocab import Vocabulary
+from towerrec.data.config import PrepareConfig
+from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter
+from towerrec.data.history import MAX_AGE_BUCKET, EventLog, earlier_events
+from towerrec.data.jagged import Jagged
+from towerrec.data.vocab import Vocabulary
 
 CANONICAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data.cleaning import TableSchema
-from data.config import PrepareConfig
-from data.dataset import METADATA_FILE, DataError, DatasetMeta
-from data.formats import prepare_criteo, prepare_csv, prepare_movielens, prepare_parquet
-from data.movielens import prepare_movielens100k
-from data.synthetic import prepare_synthetic
+from towerrec.data.cleaning import TableSchema
+from towerrec.data.config import PrepareConfig
+from towerrec.data.dataset import METADATA_FILE, DataError, DatasetMeta
+from towerrec.data.formats import prepare_criteo, prepare_csv, prepare_movielens, prepare_parquet
+from towerrec.data.movielens import prepare_movielens100k
+from towerrec.data.synthetic import prepare_synthetic
 
 FORMATS: dict[str, Callable[..., DatasetMeta]] = {
     "synthetic": prepare_synthetic,

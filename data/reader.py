@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.batch import Batch
-from data.dataset import DatasetMeta, RowGroup
-from data.errors import DataError
-from data.rows import DecodedRows, LabelSpec, ReadSpec, RowLocator, decode_rows, map_ids
+from towerrec.data.batch import Batch
+from towerrec.data.dataset import DatasetMeta, RowGroup
+from towerrec.data.errors import DataError
+from towerrec.data.rows import DecodedRows, LabelSpec, ReadSpec, RowLocator, decode_rows, map_ids
 
 __all__ = ["BatchStream", "LabelSpec", "ReadSpec", "map_ids", "read_split"]
 

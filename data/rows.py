@@ -1,7 +1,7 @@
 """Decoded rows: Arrow tables of a data set → validated numpy columns → batches.
 
-The one place that turns stored rows into what the model reads, for training (``data.reader``),
-up-front validation (``data.validate``) and serving (``serving.catalogue``):
+The one place that turns stored rows into what the model reads, for training (``towerrec.data.reader``),
+up-front validation (``towerrec.data.validate``) and serving (``towerrec.serving.catalogue``):
 
     Arrow table (one row group, a window of them, or a whole split)
         ── decode_rows(table, spec, locator) ──▶ DecodedRows + DecodeReport
@@ -25,11 +25,11 @@ import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import Batch
-from data.config import DenseFeature, SparseFeature
-from data.dataset import RowGroup
-from data.errors import DataError
-from data.jagged import Jagged
+from towerrec.data.batch import Batch
+from towerrec.data.config import DenseFeature, SparseFeature
+from towerrec.data.dataset import RowGroup
+from towerrec.data.errors import DataError
+from towerrec.data.jagged import Jagged
 
 HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 

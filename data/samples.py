@@ -1,8 +1,8 @@
 """An example of data as users have it: a shop's impression log as one CSV file with string ids.
 
-    python -m data.samples shop.csv                 # 60,000 impressions, about 4 MB
-    python -m data.samples shop.csv --rows 200000 --seed 3
-    python -m data.samples sessions.csv --kind sessions --rows 40000 --users 1000 --items 400
+    python -m towerrec.data.samples shop.csv                 # 60,000 impressions, about 4 MB
+    python -m towerrec.data.samples shop.csv --rows 200000 --seed 3
+    python -m towerrec.data.samples sessions.csv --kind sessions --rows 40000 --users 1000 --items 400
 
 Columns: ``user`` ('u0042'), ``item`` ('sku-0137'), ``category`` (text), ``tags`` ('red|sale'),
 ``price``, ``region``, ``device`` (text, with a real 'NA' category), ``age`` (empty when unknown),

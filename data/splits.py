@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.cleaning import BottomKSample, mix64
+from towerrec.data.cleaning import BottomKSample, mix64
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")

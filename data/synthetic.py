@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from data.config import PrepareConfig
-from data.dataset import DatasetMeta, DatasetWriter
+from towerrec.data.config import PrepareConfig
+from towerrec.data.dataset import DatasetMeta, DatasetWriter
 
 NUM_GENRES = 18
 NUM_CATEGORIES = 20

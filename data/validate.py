@@ -1,6 +1,6 @@
 """Up-front check of a prepared data set against the training schema, before any training starts.
 
-The reader (``data.reader.BatchStream``) validates what it reads, so a bad row stops training when
+The reader (``towerrec.data.reader.BatchStream``) validates what it reads, so a bad row stops training when
 it is reached, perhaps hours in. :func:`validate_dataset` reads every row group of the splits once
 (only the columns training needs, one row group at a time: bounded memory, vectorized
 ``pyarrow.compute``) and reports every problem it finds at once:
@@ -10,7 +10,7 @@ it is reached, perhaps hours in. :func:`validate_dataset` reads every row group 
 - columns of ``metadata.json`` absent from a file; columns the training needs that are missing
   or of the wrong type (sparse: integers; multi-hot: list of integers; dense, labels, masks and
   weights: numbers);
-- values the reader would reject, by the reader's own rules (``data.rows.decode_rows``): negative
+- values the reader would reject, by the reader's own rules (``towerrec.data.rows.decode_rows``): negative
   ids, NaN/inf/null dense values without ``fill_nan``, labels that are missing, outside
   ``[min_value, max_value]``, or not 0/1 for binary tasks, negative or non-finite sample weights.
   With ``skip_bad_rows`` such rows are only counted.
@@ -31,8 +31,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.dataset import METADATA_FILE, DataError, DatasetMeta, RowGroup
-from data.rows import ReadSpec, RowLocator, decode_rows
+from towerrec.data.dataset import METADATA_FILE, DataError, DatasetMeta, RowGroup
+from towerrec.data.rows import ReadSpec, RowLocator, decode_rows
 
 MAX_REPORTED = 20
 """Problems listed in the error message (the rest are counted)."""
@@ -75,7 +75,7 @@ _EXPECTED_TEXT = {"sparse": "integer ids", "multi_hot": "a list of integer ids",
 
 
 class _Checker:
-    """Collects problems across files; the value rules are the reader's (``data.rows.decode_rows``)."""
+    """Collects problems across files; the value rules are the reader's (``towerrec.data.rows.decode_rows``)."""
 
     def __init__(self, spec: ReadSpec):
         self.spec = spec
@@ -150,7 +150,7 @@ def validate_dataset(
 
     Args:
         meta: the loaded data set (``DatasetMeta.load(path)``).
-        spec: what training reads (``trainer.datamodule.read_spec``).
+        spec: what training reads (``towerrec.trainer.datamodule.read_spec``).
         splits: split names to check (default: every split in ``metadata.json``).
 
     Returns:

@@ -23,7 +23,7 @@
 #   --rdzv-id ID       rendezvous/job id, identical on all nodes (default ${TOWERREC_RDZV_ID:-towerrec})
 #   --max-restarts K   restart the whole worker group up to K times on a failure (default 0);
 #                      the trainer resumes from <run_dir>/checkpoints/latest on each restart
-#   --script PATH      run a Python script instead of `-m trainer.cli` (tests, debugging)
+#   --script PATH      run a Python script instead of `-m towerrec.trainer.cli` (tests, debugging)
 #   --module MOD       run another module instead of trainer.cli
 #   --python PY        interpreter (default: $TOWERREC_PYTHON, else <repo>/.venv/bin/python,
 #                      else python3); torchrun starts the workers with the same interpreter
@@ -36,7 +36,8 @@
 #
 # Each worker gets from torchrun: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK,
 # MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RESTART_COUNT (Lightning detects torchelastic itself).
-# The repository root is prepended to PYTHONPATH so `-m trainer.cli` works from any directory.
+# `towerrec` comes from the installed package (`make setup`: `pip install -e .`); the repository root is
+# also prepended to PYTHONPATH so a --script can import `benchmarks` or `tests` from any directory.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,7 +52,7 @@ ENDPOINT=""
 RDZV_ID="${TOWERREC_RDZV_ID:-towerrec}"
 MAX_RESTARTS=0
 SCRIPT=""
-MODULE="trainer.cli"
+MODULE="towerrec.trainer.cli"
 PY="${TOWERREC_PYTHON:-}"
 DRY_RUN=0
 

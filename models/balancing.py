@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelConfig, TaskConfig
+from towerrec.models.config import ModelConfig, TaskConfig
 
 
 def fixed_task_weights(tasks: list[TaskConfig], cfg: ModelConfig) -> torch.Tensor:

@@ -19,9 +19,9 @@ from torchrec.modules.embedding_configs import (
     PoolingType,
 )
 
-from data.config import SparseFeature
-from models.config import ModelConfig, TaskConfig
-from models.multitask import MultiTaskModel, SequenceFeature
+from towerrec.data.config import SparseFeature
+from towerrec.models.config import ModelConfig, TaskConfig
+from towerrec.models.multitask import MultiTaskModel, SequenceFeature
 
 DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data.checks import in_unit_interval, positive
+from towerrec.data.checks import in_unit_interval, positive
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TaskConfig:
 @dataclass
 class SequenceConfig:
     """How each behaviour sequence (``data.sparse`` features with ``sequence: true``) becomes one
-    interest vector beside the pooled features (see ``models.sequence``)."""
+    interest vector beside the pooled features (see ``towerrec.models.sequence``)."""
 
     encoder: Literal["din", "transformer"] = "din"
     """``din``: target attention of the candidate over the history (DIN); ``transformer``: a causal

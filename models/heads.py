@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import TaskConfig
+from towerrec.models.config import TaskConfig
 
 
 def output_kind(task: TaskConfig) -> str:
@@ -106,7 +106,7 @@ def task_loss_sums(
 
     Row 0 is Σ_b w_bt · ℓ_bt and row 1 is Σ_b w_bt, with w_bt = label_mask[b, t] · weights[b]. The mean
     loss is their ratio; keeping the two apart lets data-parallel training divide by the weight sum
-    of the *global* batch (see ``trainer.module``). outputs, labels, label_mask: (B, T); weights: (B,).
+    of the *global* batch (see ``towerrec.trainer.module``). outputs, labels, label_mask: (B, T); weights: (B,).
     """
     sums, totals = [], []
     for t, (kind, name) in enumerate(zip(kinds, loss_names)):

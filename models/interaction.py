@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelConfig
-from models.layers import MLP
+from towerrec.models.config import ModelConfig
+from towerrec.models.layers import MLP
 
 
 class ConcatInteraction(nn.Module):

@@ -23,13 +23,13 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBag
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.balancing import build_balancer
-from models.config import ModelConfig, TaskConfig
-from models.heads import TaskHeads, task_loss_sums, task_losses
-from models.interaction import build_interaction
-from models.layers import l2_penalty_gradient
-from models.sequence import SequenceEncoder
-from models.towers import build_tower
+from towerrec.models.balancing import build_balancer
+from towerrec.models.config import ModelConfig, TaskConfig
+from towerrec.models.heads import TaskHeads, task_loss_sums, task_losses
+from towerrec.models.interaction import build_interaction
+from towerrec.models.layers import l2_penalty_gradient
+from towerrec.models.sequence import SequenceEncoder
+from towerrec.models.towers import build_tower
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class MultiTaskModel(nn.Module):
     sequences: the sequence features to encode (name → candidate, max length, side lists).
     input_names: every feature the tables serve, in the order serving takes them (config order).
     mean_pooled: multi-hot features pooled by their mean: the tables sum (see
-        ``models.builder.embedding_tables``) and ``mean_of_bags`` divides by the bag sizes.
+        ``towerrec.models.builder.embedding_tables``) and ``mean_of_bags`` divides by the bag sizes.
     """
 
     def __init__(
@@ -148,7 +148,7 @@ class MultiTaskModel(nn.Module):
         return task_losses(outputs, labels, label_mask, weights, self.output_kinds, self.loss_names)
 
     def loss_sums(self, outputs, labels, label_mask, weights) -> torch.Tensor:
-        """Per-task weighted loss sums and weight sums (2, T) (see ``models.heads.task_loss_sums``)."""
+        """Per-task weighted loss sums and weight sums (2, T) (see ``towerrec.models.heads.task_loss_sums``)."""
         return task_loss_sums(outputs, labels, label_mask, weights, self.output_kinds, self.loss_names)
 
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import SequenceConfig
-from models.layers import MLP
+from towerrec.models.config import SequenceConfig
+from towerrec.models.layers import MLP
 
 
 def pad_left(

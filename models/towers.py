@@ -7,7 +7,7 @@ Every tower is built as ``Tower(input_dim, num_tasks, cfg)`` (ESMM also needs ``
 - ``shared_parameters()``: the parameters shared by all tasks (what PCGrad operates on);
 - ``last_shared_parameters()``: the weight(s) of the last shared layer (what GradNorm measures);
 - ``probability_products``: ``{t: (a, b)}`` when task t's output is P(a) × P(b) (ESMM's CTCVR),
-  composed by ``models.heads.TaskHeads``; empty for every tower but ESMM.
+  composed by ``towerrec.models.heads.TaskHeads``; empty for every tower but ESMM.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.config import ModelConfig
-from models.layers import MLP, Experts, Gate
+from towerrec.models.config import ModelConfig
+from towerrec.models.layers import MLP, Experts, Gate
 
 
 def _last_weight(mlp: MLP, config_key: str) -> list[nn.Parameter]:

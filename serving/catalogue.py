@@ -15,19 +15,19 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from data.config import SparseFeature
-from data.dataset import DatasetMeta
-from data.jagged import Jagged
-from data.reader import map_ids, read_split
-from data.rows import DecodedRows, RowLocator, flags
-from trainer.config import Config
-from trainer.datamodule import read_spec
-from trainer.errors import RecommendError
+from towerrec.data.config import SparseFeature
+from towerrec.data.dataset import DatasetMeta
+from towerrec.data.jagged import Jagged
+from towerrec.data.reader import map_ids, read_split
+from towerrec.data.rows import DecodedRows, RowLocator, flags
+from towerrec.trainer.config import Config
+from towerrec.trainer.datamodule import read_spec
+from towerrec.trainer.errors import RecommendError
 
 
 @dataclass
 class Rows:
-    """Data set rows for serving: ``decoded`` (``data.rows.DecodedRows``: ids as table rows,
+    """Data set rows for serving: ``decoded`` (``towerrec.data.rows.DecodedRows``: ids as table rows,
     dense values, labels and label masks, as training reads them) plus the stored ``users`` and
     ``items`` ids (N,) int64 and ``interaction`` (N,) bool, false for sampled negatives
     (``recommend.interaction_column``)."""
@@ -76,7 +76,7 @@ def id_feature(cfg: Config, name: str, key: str) -> SparseFeature:
 
 
 def read_rows(cfg: Config, meta: DatasetMeta, split: str, table_rows: dict[str, int]) -> Rows:
-    """All rows of ``split`` (stored order), read and validated like ``data.reader`` reads them."""
+    """All rows of ``split`` (stored order), read and validated like ``towerrec.data.reader`` reads them."""
     user = id_feature(cfg, cfg.recommend.user_feature, "recommend.user_feature")
     item = id_feature(cfg, cfg.recommend.item_feature, "recommend.item_feature")
     interaction = cfg.recommend.interaction_column

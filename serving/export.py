@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.dataset import DatasetMeta, is_complete, table_rows
-from models.builder import build_model
-from models.heads import predictions
-from models.multitask import MultiTaskModel, dense_outputs, mean_of_bags, sequence_inputs
-from trainer.config import Config
-from trainer.distributed import checkpoint as ckpt
-from trainer.errors import OutputExists
+from towerrec.data.dataset import DatasetMeta, is_complete, table_rows
+from towerrec.models.builder import build_model
+from towerrec.models.heads import predictions
+from towerrec.models.multitask import MultiTaskModel, dense_outputs, mean_of_bags, sequence_inputs
+from towerrec.trainer.config import Config
+from towerrec.trainer.distributed import checkpoint as ckpt
+from towerrec.trainer.errors import OutputExists
 
 MODEL_FILE = "model.pt"
 SERVING_FILE = "serving.pt2"
@@ -335,7 +335,7 @@ def load_serving(folder: str | Path):
 
 
 def run_export(cfg: Config, args: argparse.Namespace) -> int:
-    from trainer.run_folder import new_output, user_output
+    from towerrec.trainer.run_folder import new_output, user_output
 
     if args.output:
         out = user_output(args.output, "--output", folder=True)

@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.dataset import DatasetMeta
-from models.heads import predictions
-from models.multitask import MultiTaskModel
-from serving.catalogue import Catalogue, Rows, excluded_pairs, item_counts
-from serving.scoring import PopularityScorer, recommend, top_k
-from trainer.config import Config
-from trainer.errors import RecommendError
+from towerrec.data.dataset import DatasetMeta
+from towerrec.models.heads import predictions
+from towerrec.models.multitask import MultiTaskModel
+from towerrec.serving.catalogue import Catalogue, Rows, excluded_pairs, item_counts
+from towerrec.serving.scoring import PopularityScorer, recommend, top_k
+from towerrec.trainer.config import Config
+from towerrec.trainer.errors import RecommendError
 
 PER_USER = ("precision", "recall", "ndcg", "map", "hit_rate")
 
@@ -242,9 +242,9 @@ def format_ranking(result: dict) -> str:
 
 
 def run_rank_eval(cfg: Config, args: argparse.Namespace) -> int:
-    from serving.catalogue import load_catalogue
-    from serving.export import load_unsharded_model
-    from trainer.run_folder import new_output, user_output
+    from towerrec.serving.catalogue import load_catalogue
+    from towerrec.serving.export import load_unsharded_model
+    from towerrec.trainer.run_folder import new_output, user_output
 
     out = user_output(args.output, "--output", folder=False) if args.output else None
     meta = DatasetMeta.load(cfg.data.path)

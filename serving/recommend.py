@@ -4,8 +4,8 @@
     towerrec recommend --config configs/movielens100k.yaml --users users.txt --candidates items.parquet
     towerrec recommend --config configs/movielens100k.yaml --evaluate      # + ranking metrics on the test split
 
-How pairs are scored and lists kept: ``serving.scoring`` (per-entity lookups, candidate blocks,
-a running top-K per user); the rows and entities: ``serving.catalogue``. This module writes the
+How pairs are scored and lists kept: ``towerrec.serving.scoring`` (per-entity lookups, candidate blocks,
+a running top-K per user); the rows and entities: ``towerrec.serving.catalogue``. This module writes the
 lists (data set ids and, with saved vocabularies, the original ids) and runs the command.
 Items a user interacted with in ``recommend.seen_splits`` are excluded when ``recommend.exclude_seen``.
 """
@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data.dataset import DatasetMeta
-from data.vocab import original_ids, rows_of_originals
-from serving.catalogue import id_feature, load_catalogue
-from serving.scoring import TopK, recommend
-from trainer.config import Config
-from trainer.errors import RecommendError
+from towerrec.data.dataset import DatasetMeta
+from towerrec.data.vocab import original_ids, rows_of_originals
+from towerrec.serving.catalogue import id_feature, load_catalogue
+from towerrec.serving.scoring import TopK, recommend
+from towerrec.trainer.config import Config
+from towerrec.trainer.errors import RecommendError
 
 
 def to_table(
@@ -60,7 +60,7 @@ def to_table(
 
 def check_output(path: str | Path) -> Path:
     """``--output``: a new .parquet or .csv file."""
-    from trainer.run_folder import user_output
+    from towerrec.trainer.run_folder import user_output
 
     path = Path(path)
     if path.suffix not in (".parquet", ".csv"):
@@ -128,8 +128,8 @@ def dataset_ids(
 
 
 def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
-    from serving.export import load_unsharded_model
-    from trainer.run_folder import new_output
+    from towerrec.serving.export import load_unsharded_model
+    from towerrec.trainer.run_folder import new_output
 
     output = check_output(args.output) if args.output else None
     meta = DatasetMeta.load(cfg.data.path)
@@ -165,7 +165,7 @@ def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.evaluate:
-        from serving.ranking import evaluate_ranking, format_ranking
+        from towerrec.serving.ranking import evaluate_ranking, format_ranking
 
         print(format_ranking(evaluate_ranking(cfg, model, catalogue, meta)), flush=True)
     return 0

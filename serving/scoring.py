@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.jagged import Jagged
-from models.heads import predictions
-from models.multitask import MultiTaskModel, mean_of_bags, sequence_inputs
-from models.sequence import pad_left
-from serving.catalogue import Catalogue, Entities, excluded_pairs, item_counts
-from trainer.config import Config
-from trainer.errors import RecommendError
+from towerrec.data.jagged import Jagged
+from towerrec.models.heads import predictions
+from towerrec.models.multitask import MultiTaskModel, mean_of_bags, sequence_inputs
+from towerrec.models.sequence import pad_left
+from towerrec.serving.catalogue import Catalogue, Entities, excluded_pairs, item_counts
+from towerrec.trainer.config import Config
+from towerrec.trainer.errors import RecommendError
 
 
 def _pool(model: MultiTaskModel, name: str, jagged: Jagged) -> torch.Tensor:
@@ -73,7 +73,7 @@ class ModelScorer:
     """Predictions (U_b, C_b, T) for blocks of users × candidate items, with per-entity lookups.
 
     Args:
-        model: the unsharded model (``serving.export.load_unsharded_model``), in eval mode.
+        model: the unsharded model (``towerrec.serving.export.load_unsharded_model``), in eval mode.
         cfg: the run configuration (feature sides, dense order).
         users, items: the entities; ``user_rows``/``item_rows`` select and order those scored.
     """

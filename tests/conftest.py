@@ -35,9 +35,9 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | Non
     """Runs ``towerrec ARGS`` (through torchrun when nproc > 1); returns the CompletedProcess."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd += ["-m", "trainer.cli", *args]
+        cmd += ["-m", "towerrec.trainer.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "trainer.cli", *args]
+        cmd = [sys.executable, "-m", "towerrec.trainer.cli", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and result.returncode != 0:
@@ -76,8 +76,8 @@ def fit_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A 3,000-row synthetic data set with small row groups (many per rank), prepared in process."""
-    from data.prepare import prepare
-    from trainer.config import load_config
+    from towerrec.data.prepare import prepare
+    from towerrec.trainer.config import load_config
 
     path = tmp_path_factory.mktemp("tiny") / "synthetic"
     cfg = load_config("configs/default.yaml", TINY_SYNTHETIC)
@@ -88,12 +88,12 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sessions(tmp_path_factory) -> Path:
     """A 6,000-row click log with behaviour histories (``configs/sessions_sequence.yaml`` on
-    ``data.samples.session_clicks``), small row groups, prepared in process; its recipe is
+    ``towerrec.data.samples.session_clicks``), small row groups, prepared in process; its recipe is
     ``tiny_sessions_overrides``."""
-    from data.prepare import prepare
-    from data.samples import session_clicks, write_csv
-    from trainer.config import load_config
-    from trainer.datasets import input_schema
+    from towerrec.data.prepare import prepare
+    from towerrec.data.samples import session_clicks, write_csv
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.datasets import input_schema
 
     root = tmp_path_factory.mktemp("sessions")
     write_csv(session_clicks(num_users=300, steps=10, num_items=120, seed=1), root / "sessions.csv")

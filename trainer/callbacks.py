@@ -7,8 +7,8 @@ from pathlib import Path
 
 import lightning as L
 
-from trainer.distributed import checkpoint as ckpt
-from trainer.errors import ReplicasDiverged
+from towerrec.trainer.distributed import checkpoint as ckpt
+from towerrec.trainer.errors import ReplicasDiverged
 
 
 def save_step_checkpoint(trainer: L.Trainer, root: Path) -> None:

@@ -5,10 +5,10 @@
     towerrec plan --config configs/large_tables.yaml --nodes 4 --gpus-per-node 8 --hbm-gb 141
     towerrec config trainer.                     # every key under trainer., with type, default, meaning
 
-Commands and their flags are declared in ``trainer.commands`` without heavy imports (the help
+Commands and their flags are declared in ``towerrec.trainer.commands`` without heavy imports (the help
 answers at once); a command's module is imported when it runs. Any config key can be overridden
 after the flags. User-facing errors print ``error: ...`` and exit with their code
-(``trainer.errors``); anything else is a bug and keeps its traceback.
+(``towerrec.trainer.errors``); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 import sys
 
-from trainer.commands import COMMANDS, parser
-from trainer.config import dump_yaml, load_config
-from trainer.errors import ConfigError, PeerLost, exit_code
-from trainer.logs import configure_logging
+from towerrec.trainer.commands import COMMANDS, parser
+from towerrec.trainer.config import dump_yaml, load_config
+from towerrec.trainer.errors import ConfigError, PeerLost, exit_code
+from towerrec.trainer.logs import configure_logging
 
 
 def _overrides(extra: list[str]) -> list[str]:

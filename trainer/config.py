@@ -19,10 +19,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from data.checks import in_unit_interval, positive
-from data.config import DataConfig, DenseFeature, PrepareConfig, SparseFeature
-from models.config import ModelConfig, TaskConfig
-from trainer.errors import ConfigError
+from towerrec.data.checks import in_unit_interval, positive
+from towerrec.data.config import DataConfig, DenseFeature, PrepareConfig, SparseFeature
+from towerrec.models.config import ModelConfig, TaskConfig
+from towerrec.trainer.errors import ConfigError
 
 ShardingType = Literal[
     "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel"

@@ -13,7 +13,7 @@ import textwrap
 import typing
 from typing import Any
 
-from trainer.config import Config
+from towerrec.trainer.config import Config
 
 
 def _field_docs(cls: type) -> dict[str, str]:

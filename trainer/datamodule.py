@@ -8,10 +8,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from data.config import DataConfig
-from data.dataset import DatasetMeta
-from data.reader import BatchStream, LabelSpec, ReadSpec
-from models.config import TaskConfig
+from towerrec.data.config import DataConfig
+from towerrec.data.dataset import DatasetMeta
+from towerrec.data.reader import BatchStream, LabelSpec, ReadSpec
+from towerrec.models.config import TaskConfig
 
 
 def read_spec(
@@ -101,7 +101,7 @@ class ParquetDataModule(L.LightningDataModule):
         # another layout (a resume on another world size) is followed by one of a different length
         self.train_stream.advance_if_finished()
         if self.pipelined and self.tickets is None:
-            from trainer.pipeline import Tickets
+            from towerrec.trainer.pipeline import Tickets
 
             self.tickets = Tickets(self.train_stream)
         return self.tickets if self.pipelined else self.train_stream

@@ -8,11 +8,11 @@ import shutil
 import time
 from pathlib import Path
 
-from data.cleaning import BucketSpec, DenseSpec, TableSchema
-from data.dataset import DatasetMeta, is_complete
-from trainer.config import Config
-from trainer.distributed.environment import launcher_rank
-from trainer.errors import ConfigError
+from towerrec.data.cleaning import BucketSpec, DenseSpec, TableSchema
+from towerrec.data.dataset import DatasetMeta, is_complete
+from towerrec.trainer.config import Config
+from towerrec.trainer.distributed.environment import launcher_rank
+from towerrec.trainer.errors import ConfigError
 
 
 def input_schema(cfg: Config) -> TableSchema:
@@ -86,7 +86,7 @@ def input_schema(cfg: Config) -> TableSchema:
 
 
 def _build(cfg: Config, path: Path) -> None:
-    from data.prepare import prepare
+    from towerrec.data.prepare import prepare
 
     print(f"[towerrec] preparing data set {path} ({cfg.data.prepare.format})", flush=True)
     meta = prepare(cfg.data.prepare, str(path), input_schema(cfg))
@@ -95,7 +95,7 @@ def _build(cfg: Config, path: Path) -> None:
 
 def report_lines(meta: DatasetMeta) -> None:
     """Prints what the preparation did to the rows (every rule that changed one, with counts)."""
-    from data.cleaning import describe_report
+    from towerrec.data.cleaning import describe_report
 
     rows = {split: meta.num_rows(split) for split in meta.splits}
     print(f"[towerrec] data set {meta.root}: rows per split {rows}", flush=True)
@@ -110,7 +110,7 @@ def ensure_dataset(cfg: Config) -> DatasetMeta:
     path = Path(cfg.data.path)
     prepare = cfg.data.prepare
     if is_complete(path) and prepare is not None:
-        from data.prepare import fingerprint, prepared_with
+        from towerrec.data.prepare import fingerprint, prepared_with
 
         meta = DatasetMeta.load(path)
         recipe = prepared_with(prepare, input_schema(cfg))

@@ -12,7 +12,7 @@ its traceback. ``DataError`` lives in ``data`` (which never imports the trainer)
 
 from __future__ import annotations
 
-from data.errors import DataError
+from towerrec.data.errors import DataError
 
 EXIT_BAD_INPUT = 2
 EXIT_PLAN_DOES_NOT_FIT = 3

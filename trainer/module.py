@@ -11,21 +11,21 @@ import lightning as L
 import torch
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from data.batch import Batch
-from models.balancing import fixed_task_weights, task_gradients
-from models.builder import build_model, embedding_tables
-from models.heads import predictions
-from models.multitask import MultiTaskModel
-from trainer.config import Config
-from trainer.distributed.faults import PreemptionFlag
-from trainer.errors import NonFiniteLossError
-from trainer.metrics import task_metrics, trivial_baseline
+from towerrec.data.batch import Batch
+from towerrec.models.balancing import fixed_task_weights, task_gradients
+from towerrec.models.builder import build_model, embedding_tables
+from towerrec.models.heads import predictions
+from towerrec.models.multitask import MultiTaskModel
+from towerrec.trainer.config import Config
+from towerrec.trainer.distributed.faults import PreemptionFlag
+from towerrec.trainer.errors import NonFiniteLossError
+from towerrec.trainer.metrics import task_metrics, trivial_baseline
 
 
 class TrainingModel(MultiTaskModel):
     """A MultiTaskModel whose forward takes a Batch and also returns the per-task loss sums, the
     form TorchRec's train pipelines call: ``model(batch) -> (loss sums (2, T), outputs (B, T))``
-    (row 0: Σ w·ℓ, row 1: Σ w; see ``models.heads.task_loss_sums``). Its state dict is the
+    (row 0: Σ w·ℓ, row 1: Σ w; see ``towerrec.models.heads.task_loss_sums``). Its state dict is the
     MultiTaskModel's, so checkpoints and exports see the same keys."""
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +339,7 @@ class PipelinedMultiTaskModule(MultiTaskModule):
 
     def training_step(self, ticket, batch_idx: int) -> None:
         if self.pipeline is None:  # created here: a run resumed mid-epoch skips on_train_epoch_start
-            from trainer.pipeline import LightningSparseDistPipeline
+            from towerrec.trainer.pipeline import LightningSparseDistPipeline
 
             self.pipeline = LightningSparseDistPipeline(self, self.device)
         self.skip_step = False

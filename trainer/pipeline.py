@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from data.reader import BatchStream
+from towerrec.data.reader import BatchStream
 
 
 @dataclass

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from data.dataset import DatasetMeta, is_complete, table_rows
-from models.builder import build_model, embedding_tables
-from trainer.config import Config
-from trainer.distributed.sharding import (
+from towerrec.data.dataset import DatasetMeta, is_complete, table_rows
+from towerrec.models.builder import build_model, embedding_tables
+from towerrec.trainer.config import Config
+from towerrec.trainer.distributed.sharding import (
     ClusterSpec,
     apply_embedding_optimizer,
     describe_plan,
     plan_for_cluster,
 )
-from trainer.errors import ConfigError
+from towerrec.trainer.errors import ConfigError
 
 
 def run_plan(cfg: Config, args) -> int:
-    """``towerrec plan`` (see ``trainer.commands``)."""
+    """``towerrec plan`` (see ``towerrec.trainer.commands``)."""
     return plan_command(cfg, args.nodes, args.gpus_per_node, args.hbm_gb, args.device, args.ddr_gb)
 
 
@@ -59,13 +59,13 @@ def plan_command(
 
 
 def prepare_command(cfg: Config, args=None) -> int:
-    from data.prepare import prepare
-    from trainer.datasets import input_schema, report_lines
+    from towerrec.data.prepare import prepare
+    from towerrec.trainer.datasets import input_schema, report_lines
 
     if cfg.data.prepare is None:
         raise ConfigError("data.prepare: not set (give --format and --source, or a config with data.prepare)")
-    from data.dataset import DatasetMeta, is_complete
-    from data.prepare import fingerprint, prepared_with
+    from towerrec.data.dataset import DatasetMeta, is_complete
+    from towerrec.data.prepare import fingerprint, prepared_with
 
     schema = input_schema(cfg)
     if is_complete(cfg.data.path):

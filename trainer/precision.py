@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.distributed.sharding import is_table_parameter
+from towerrec.trainer.distributed.sharding import is_table_parameter
 
 AUTO_BF16_MIN_MACS = 50_000_000
 """Dense multiply-adds per step (per rank) from which ``auto`` autocasts to bf16."""

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from trainer.config import Config, ConfigError
+from towerrec.trainer.config import Config, ConfigError
 
 # Metrics drawn (others, like counts and label means, describe the data rather than the model).
 LOWER_IS_BETTER = ("rmse", "mae", "logloss", "ne", "loss")

@@ -1,6 +1,6 @@
 """Building and running a job: data → module → strategy → Lightning trainer → fit/evaluate/predict.
 
-Each public function is one CLI command; ``trainer.cli`` only parses arguments and calls these.
+Each public function is one CLI command; ``towerrec.trainer.cli`` only parses arguments and calls these.
 """
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from data.validate import validate_dataset
-from trainer.callbacks import BestEpoch, LineProgress, ReplicaCheck, StepCheckpoint, Throughput
-from trainer.config import Config, ConfigError, dump_yaml, validate_for_device
-from trainer.datamodule import ParquetDataModule, read_spec
-from trainer.datasets import check_data_against_config, ensure_dataset
-from trainer.distributed import checkpoint as ckpt
-from trainer.distributed.environment import launch_environment, launcher_rank, set_threads
-from trainer.distributed.faults import diagnose_collective_failure, ignore_late_signals, take_over_signals
-from trainer.distributed.strategy import TorchRecStrategy
-from trainer.errors import EXIT_PREEMPTED
-from trainer.logs import configure_logging, progress_style
-from trainer.module import MultiTaskModule, PipelinedMultiTaskModule
-from trainer.precision import dense_macs_per_sample, resolve_precision
-from trainer.run_folder import (
+from towerrec.data.validate import validate_dataset
+from towerrec.trainer.callbacks import BestEpoch, LineProgress, ReplicaCheck, StepCheckpoint, Throughput
+from towerrec.trainer.config import Config, ConfigError, dump_yaml, validate_for_device
+from towerrec.trainer.datamodule import ParquetDataModule, read_spec
+from towerrec.trainer.datasets import check_data_against_config, ensure_dataset
+from towerrec.trainer.distributed import checkpoint as ckpt
+from towerrec.trainer.distributed.environment import launch_environment, launcher_rank, set_threads
+from towerrec.trainer.distributed.faults import (
+    diagnose_collective_failure,
+    ignore_late_signals,
+    take_over_signals,
+)
+from towerrec.trainer.distributed.strategy import TorchRecStrategy
+from towerrec.trainer.errors import EXIT_PREEMPTED
+from towerrec.trainer.logs import configure_logging, progress_style
+from towerrec.trainer.module import MultiTaskModule, PipelinedMultiTaskModule
+from towerrec.trainer.precision import dense_macs_per_sample, resolve_precision
+from towerrec.trainer.run_folder import (
     AppendingCSVLogger,
     check_writable,
     new_output,
@@ -77,11 +81,13 @@ def record_files(cfg: Config, strategy: TorchRecStrategy) -> dict[str, str]:
 class RunInfo(L.Callback):
     """Prints the sharding plan once the sharded model exists; in ``fit``, also writes the
     training record (resolved config, versions, plan) into the run folder (see
-    ``trainer.run_folder.write_record``)."""
+    ``towerrec.trainer.run_folder.write_record``)."""
 
     def __init__(self, cfg: Config, precision: str = ""):
         self.cfg = cfg
-        self.precision = precision  # the dense precision and why (``trainer.precision.resolve_precision``)
+        self.precision = (
+            precision  # the dense precision and why (``towerrec.trainer.precision.resolve_precision``)
+        )
         self._printed = False
 
     def _print_plan(self, trainer) -> None:
@@ -400,9 +406,9 @@ def row_context(cfg: Config, split: str, rows) -> dict:
     """What a prediction row is about: the user and item ids as the source data wrote them
     (through the saved vocabularies), the columns kept as ``other`` (e.g. a timestamp or a key to
     join on) and each task's label as ``<task>_label``."""
-    from data.dataset import DatasetMeta
-    from data.reader import read_stored_columns
-    from data.vocab import original_ids
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.data.reader import read_stored_columns
+    from towerrec.data.vocab import original_ids
 
     meta = DatasetMeta.load(cfg.data.path)
     by_name = {f.name: f for f in cfg.data.sparse}

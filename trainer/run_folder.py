@@ -9,7 +9,7 @@ lost or written over by another command.
       logs/metrics.csv          training curves, appended by every fit session
       tensorboard/              the same for TensorBoard
       metrics.json              fit's result (test metrics, baseline, train time summed over sessions)
-      checkpoints/              see ``trainer.distributed.checkpoint``
+      checkpoints/              see ``towerrec.trainer.distributed.checkpoint``
       evaluations/<stage>-<checkpoint>[-N]/       ``validate``/``test``: metrics.json + config + plan
       predictions/<split>-<checkpoint>[-N]/       ``predict`` (default output)
       recommendations/, rankings/, export/...     the serving commands' default outputs
@@ -33,7 +33,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from trainer.errors import ConfigError, OutputExists, RunFolderBusy
+from towerrec.trainer.errors import ConfigError, OutputExists, RunFolderBusy
 
 LOCK_FILE = ".lock"
 

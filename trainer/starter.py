@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data.errors import DataError
-from trainer.errors import ConfigError, OutputExists
+from towerrec.data.errors import DataError
+from towerrec.trainer.errors import ConfigError, OutputExists
 
 SAMPLE_ROWS = 100_000
 USER_NAMES = (
@@ -81,7 +81,7 @@ def read_sample(
 ) -> tuple[pa.Table, str, dict]:
     """The first ``rows`` rows of the source's first file (every cell as text for CSV), its format,
     and the CSV options found (delimiter, header, column names)."""
-    from data.formats import _open, input_files
+    from towerrec.data.formats import _open, input_files
 
     files = input_files(source, key="--source")
     first = files[0]
@@ -207,7 +207,7 @@ def describe_columns(
     columns: list[Column] = []
     for label in labels:
         if label in derived:
-            from data.expressions import Expression
+            from towerrec.data.expressions import Expression
 
             values = np.asarray(Expression(label, derived[label]).evaluate(table), dtype=np.float64)
         elif label not in names:

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.config import DenseFeature, PrepareConfig, SparseFeature
-from data.dataset import DataError, DatasetMeta, DatasetWriter
-from data.prepare import prepare
-from data.reader import LabelSpec, ReadSpec
-from data.validate import validate_dataset
+from towerrec.data.config import DenseFeature, PrepareConfig, SparseFeature
+from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter
+from towerrec.data.prepare import prepare
+from towerrec.data.reader import LabelSpec, ReadSpec
+from towerrec.data.validate import validate_dataset
 
 COLUMNS = {
     "user_id": {"kind": "sparse", "num_embeddings": 10},
@@ -123,7 +123,7 @@ def test_labels_out_of_range(tmp_path):
 def test_masked_out_rows_may_have_no_label(tmp_path):
     """A task's mask leaves rows out (e.g. sampled negatives have no rating): their label is not
     checked and reads as 0 with mask 0; a missing label on a counted row is still an error."""
-    from data.reader import BatchStream
+    from towerrec.data.reader import BatchStream
 
     rating = pa.array([None if k % 3 == 0 else float(k % 5 + 1) for k in range(12)], pa.float32())
     rated = pa.array([0.0 if k % 3 == 0 else 1.0 for k in range(12)], pa.float32())
@@ -237,7 +237,7 @@ def test_movielens_bad_values(tmp_path):
 
 
 def test_generic_config_and_header_errors(tmp_path):
-    from data.cleaning import TableSchema
+    from towerrec.data.cleaning import TableSchema
 
     (tmp_path / "t.csv").write_text("a,b\n1,2\n")
     base = {"format": "csv", "source": str(tmp_path / "t.csv")}
@@ -264,9 +264,9 @@ def test_metadata_that_does_not_describe_the_shards_is_an_error(tmp_path):
     present, is reported by the up-front validation (it would otherwise train silently)."""
     import json
 
-    from data.config import DataConfig
-    from models.config import TaskConfig
-    from trainer.datamodule import read_spec
+    from towerrec.data.config import DataConfig
+    from towerrec.models.config import TaskConfig
+    from towerrec.trainer.datamodule import read_spec
 
     meta = build(tmp_path / "d")
     raw = json.loads((meta.root / "metadata.json").read_text())

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data.cleaning import (
+from towerrec.data.cleaning import (
     BottomKSample,
     BucketSpec,
     Cleaner,
@@ -17,7 +17,7 @@ from data.cleaning import (
     row_hashes,
     string_hashes,
 )
-from data.dataset import DataError
+from towerrec.data.dataset import DataError
 
 SCHEMA = TableSchema(
     {"user": "sparse", "tags": "multi_hot", "price": "dense", "rating": "label", "click": "label"},
@@ -118,7 +118,7 @@ def test_bottom_k_sample_is_exact_below_capacity_and_bounded_above():
 
 
 def test_quantile_buckets_of_a_mostly_zero_column_still_split_its_non_zero_values():
-    from data.cleaning import quantile_edges
+    from towerrec.data.cleaning import quantile_edges
 
     values = np.r_[np.zeros(950), np.random.default_rng(0).lognormal(8, 1, 50)]
     plain = sorted(set(np.quantile(values, np.linspace(0, 1, 9)[1:-1]).tolist()))

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import data.formats as formats
-from data.config import DenseFeature, PrepareConfig, SparseFeature
-from data.dataset import DataError, DatasetMeta, DatasetWriter, is_complete
-from data.prepare import FORMATS, prepare
-from data.reader import BatchStream, LabelSpec, ReadSpec
+import towerrec.data.formats as formats
 from tests.conftest import ML100K
+from towerrec.data.config import DenseFeature, PrepareConfig, SparseFeature
+from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter, is_complete
+from towerrec.data.prepare import FORMATS, prepare
+from towerrec.data.reader import BatchStream, LabelSpec, ReadSpec
 
 
 def read_split(meta: DatasetMeta, split: str) -> pa.Table:
@@ -240,8 +240,8 @@ def generic(tmp_path: Path, prepare_section: dict, sparse: list, dense: list, ta
     config's features and tasks (declared once), the preparation from ``data.prepare``."""
     import yaml
 
-    from trainer.config import load_config
-    from trainer.datasets import input_schema
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.datasets import input_schema
 
     tree = {"data": {"path": str(tmp_path / out), "prepare": prepare_section, "sparse": sparse, "dense": dense},
             "tasks": tasks}  # fmt: skip

@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data.config import HistoryConfig, PrepareConfig
-from data.history import EventLog, age_buckets
-from data.prepare import prepare
-from trainer.config import load_config
-from trainer.datasets import input_schema
+from towerrec.data.config import HistoryConfig, PrepareConfig
+from towerrec.data.history import EventLog, age_buckets
+from towerrec.data.prepare import prepare
+from towerrec.trainer.config import load_config
+from towerrec.trainer.datasets import input_schema
 
 
 def test_a_row_sees_only_its_users_events_strictly_before_its_time():
@@ -81,7 +81,7 @@ def test_histories_need_a_user_and_a_time_column():
 
 @pytest.fixture(scope="module")
 def u1(tmp_path_factory, ml100k_dir):
-    from data.movielens import prepare_movielens100k
+    from towerrec.data.movielens import prepare_movielens100k
 
     cfg = PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="u1", num_shards=1)
     return prepare_movielens100k(cfg, str(tmp_path_factory.mktemp("ml") / "u1"))
@@ -107,7 +107,7 @@ def test_movielens_histories_are_earlier_training_ratings_oldest_first(u1):
 
 
 def test_data_sets_prepared_before_histories_keep_their_fingerprint_and_histories_change_it():
-    from data.prepare import fingerprint, prepared_with
+    from towerrec.data.prepare import fingerprint, prepared_with
 
     plain = prepared_with(PrepareConfig(), None)
     assert "histories" not in plain["prepare"] and "history_max_length" not in plain["prepare"]
@@ -120,8 +120,8 @@ def test_data_sets_prepared_before_histories_keep_their_fingerprint_and_historie
 
 
 def test_a_data_set_prepared_without_the_histories_the_config_asks_for_is_refused(tmp_path):
-    from trainer.datasets import ensure_dataset
-    from trainer.errors import ConfigError
+    from towerrec.trainer.datasets import ensure_dataset
+    from towerrec.trainer.errors import ConfigError
 
     rows = [("u1", "a", 1, 1), ("u1", "b", 2, 1), ("u2", "a", 3, 0), ("u2", "b", 4, 1)]
     source = tmp_path / "log.csv"
@@ -143,10 +143,10 @@ def test_a_data_set_prepared_without_the_histories_the_config_asks_for_is_refuse
 def test_reading_keeps_the_most_recent_ids_and_refuses_side_lists_of_another_length():
     import pyarrow as pa
 
-    from data.config import SparseFeature
-    from data.dataset import RowGroup
-    from data.errors import DataError
-    from data.rows import ReadSpec, RowLocator, decode_rows
+    from towerrec.data.config import SparseFeature
+    from towerrec.data.dataset import RowGroup
+    from towerrec.data.errors import DataError
+    from towerrec.data.rows import ReadSpec, RowLocator, decode_rows
 
     spec = ReadSpec(
         sparse=(

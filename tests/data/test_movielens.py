@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data.config import PrepareConfig
-from data.dataset import DataError
-from data.movielens import prepare_movielens100k
+from towerrec.data.config import PrepareConfig
+from towerrec.data.dataset import DataError
+from towerrec.data.movielens import prepare_movielens100k
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.config import DenseFeature, PrepareConfig, SparseFeature
-from data.dataset import DataError, DatasetMeta, DatasetWriter
-from data.reader import BatchStream, LabelSpec, ReadSpec
-from data.synthetic import prepare_synthetic
+from towerrec.data.config import DenseFeature, PrepareConfig, SparseFeature
+from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter
+from towerrec.data.reader import BatchStream, LabelSpec, ReadSpec
+from towerrec.data.synthetic import prepare_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import dataset as dataset_module
-from data.config import PrepareConfig, SparseFeature
-from data.dataset import DatasetWriter
-from data.reader import BatchStream, LabelSpec, ReadSpec
+from towerrec.data import dataset as dataset_module
+from towerrec.data.config import PrepareConfig, SparseFeature
+from towerrec.data.dataset import DatasetWriter
+from towerrec.data.reader import BatchStream, LabelSpec, ReadSpec
 
 
 def blocked_rows(num_rows: int, positive_fraction: float) -> list[pa.Table]:
@@ -74,7 +74,7 @@ def test_the_shuffle_is_seeded(tmp_path):
 
 
 def test_movielens_topk_batches_hold_the_nominal_share_of_rated_rows(tmp_path, ml100k_dir):
-    from data.movielens import prepare_movielens100k
+    from towerrec.data.movielens import prepare_movielens100k
 
     cfg = PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="u1", negatives_per_positive=4)
     meta = prepare_movielens100k(cfg, str(tmp_path / "topk"))

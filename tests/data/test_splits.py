@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.splits import TEST, TRAIN, VAL, SplitKeys, make_splitter
+from towerrec.data.splits import TEST, TRAIN, VAL, SplitKeys, make_splitter
 
 NUM = 20_000
 

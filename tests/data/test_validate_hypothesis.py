@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.config import DenseFeature, SparseFeature
-from data.dataset import FORMAT_VERSION, METADATA_FILE, DataError, DatasetMeta
-from data.reader import BatchStream, LabelSpec, ReadSpec
-from data.validate import validate_dataset
+from towerrec.data.config import DenseFeature, SparseFeature
+from towerrec.data.dataset import FORMAT_VERSION, METADATA_FILE, DataError, DatasetMeta
+from towerrec.data.reader import BatchStream, LabelSpec, ReadSpec
+from towerrec.data.validate import validate_dataset
 
 IDS = st.one_of(st.none(), st.integers(-3, 20))
 FLOATS = st.one_of(

@@ -103,7 +103,7 @@ def test_dry_run_defaults():
     assert cmd[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # restarts need a fresh store (see torchrun.sh)
     assert cmd[2:4] == ["-m", "torch.distributed.run"]
     assert "--standalone" in cmd
-    assert cmd[-5:] == ["-m", "trainer.cli", "fit", "--config", "c.yaml"]
+    assert cmd[-5:] == ["-m", "towerrec.trainer.cli", "fit", "--config", "c.yaml"]
     if shutil.which("nvidia-smi") is None:
         assert "--nproc-per-node=1" in cmd  # CPU default: one process
 
@@ -131,7 +131,7 @@ def test_dry_run_multinode():
     ]:
         assert a in cmd
     assert "--standalone" not in cmd
-    assert cmd[-5:] == ["-m", "trainer.cli", "fit", "--config", "c.yaml"]
+    assert cmd[-5:] == ["-m", "towerrec.trainer.cli", "fit", "--config", "c.yaml"]
     bad = _run([str(TORCHRUN_SH), "--nnodes", "2", "--", "fit"], timeout=30)
     assert bad.returncode == 2 and "--endpoint" in bad.stdout
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from models.config import TaskConfig
+from towerrec.models.config import TaskConfig
 
 
 @dataclass

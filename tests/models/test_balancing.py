@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.balancing import (
+from towerrec.models.balancing import (
     BALANCERS,
     FixedWeights,
     GradNorm,
@@ -15,9 +15,9 @@ from models.balancing import (
     gradient_norms,
     task_gradients,
 )
-from models.config import ModelConfig, TaskConfig
-from models.heads import TaskHeads, task_losses
-from models.towers import build_tower
+from towerrec.models.config import ModelConfig, TaskConfig
+from towerrec.models.heads import TaskHeads, task_losses
+from towerrec.models.towers import build_tower
 
 TWO_REGRESSIONS = [TaskConfig("clean", type="regression"), TaskConfig("noisy", type="regression")]
 SMALL = ModelConfig(bottom_dims=[16, 8], head_dims=[8])

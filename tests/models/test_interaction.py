@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.interaction import INTERACTIONS, CrossInteraction, DotInteraction, build_interaction
+from towerrec.models.config import ModelConfig
+from towerrec.models.interaction import INTERACTIONS, CrossInteraction, DotInteraction, build_interaction
 
 
 def inputs(embedding_dims: list[int], num_dense: int, batch_size: int = 5):

@@ -7,10 +7,10 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.config import ModelConfig, TaskConfig
-from models.interaction import INTERACTIONS
-from models.multitask import MultiTaskModel
-from models.towers import TOWERS
+from towerrec.models.config import ModelConfig, TaskConfig
+from towerrec.models.interaction import INTERACTIONS
+from towerrec.models.multitask import MultiTaskModel
+from towerrec.models.towers import TOWERS
 
 BATCH_SIZE = 6
 FEATURE_NAMES = ["genres", "item_id", "user_id"]  # name-sorted, as the data layer gives them

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from models.config import ModelConfig
-from models.interaction import build_interaction
-from models.towers import build_tower
+from towerrec.models.config import ModelConfig
+from towerrec.models.interaction import build_interaction
+from towerrec.models.towers import build_tower
 
 
 def test_concat_dot_keeps_the_concatenation_and_adds_every_pairwise_dot_product():
@@ -35,8 +35,8 @@ def test_wide_and_deep_widens_every_task_output_and_delegates_shared_parameters(
     assert all(torch.equal(w, x) for _, w in outputs)
     assert {id(p) for p in wide.shared_parameters()} == {id(p) for p in wide.deep.shared_parameters()}
     # the heads read a pair exactly as they would read the concatenated vector
-    from models.config import TaskConfig
-    from models.heads import TaskHeads
+    from towerrec.models.config import TaskConfig
+    from towerrec.models.heads import TaskHeads
 
     tasks = [TaskConfig("rating", type="regression", min_value=1.0, max_value=5.0), TaskConfig("ctr")]
     heads = TaskHeads(tasks, wide.out_dim)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.config import DataConfig, SparseFeature
-from models.builder import build_model
-from models.config import ModelConfig, SequenceConfig, TaskConfig
-from models.sequence import SequenceEncoder, pad_left
+from towerrec.data.config import DataConfig, SparseFeature
+from towerrec.models.builder import build_model
+from towerrec.models.config import ModelConfig, SequenceConfig, TaskConfig
+from towerrec.models.sequence import SequenceEncoder, pad_left
 
 ENCODERS = [("din", "softmax"), ("transformer", "softmax"), ("transformer", "pointwise")]
 

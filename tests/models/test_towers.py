@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.balancing import FixedWeights
-from models.config import ModelConfig, TaskConfig
-from models.heads import TaskHeads, predictions, task_losses
-from models.towers import TOWERS, build_tower
+from towerrec.models.balancing import FixedWeights
+from towerrec.models.config import ModelConfig, TaskConfig
+from towerrec.models.heads import TaskHeads, predictions, task_losses
+from towerrec.models.towers import TOWERS, build_tower
 
 ESMM_TASK_NAMES = ["ctr", "cvr", "ctcvr"]
 SMALL = dict(bottom_dims=[32, 16], expert_dims=[16], head_dims=[8], num_experts=3, dense_dims=[8])
@@ -224,7 +224,7 @@ def test_zero_weight_task_gets_no_gradient(tower, planted_problem):
 
 
 def test_stacked_experts_equal_independent_expert_mlps():
-    from models.layers import Experts, Gate
+    from towerrec.models.layers import Experts, Gate
 
     torch.manual_seed(0)
     experts = Experts(in_dim=6, num_experts=3, dims=[5, 4])
@@ -245,7 +245,7 @@ def test_stacked_experts_equal_independent_expert_mlps():
 
 
 def test_experts_initialise_like_linear_layers():
-    from models.layers import Experts
+    from towerrec.models.layers import Experts
 
     torch.manual_seed(0)
     experts = Experts(in_dim=100, num_experts=4, dims=[64])
@@ -263,8 +263,8 @@ def test_compiled_dense_part_matches_eager(tower):
 
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from models.builder import build_model
-    from trainer.config import load_config
+    from towerrec.models.builder import build_model
+    from towerrec.trainer.config import load_config
 
     cfg = load_config("configs/default.yaml", [f"model.tower={tower}", "model.dropout=0.0"])
     names = [f.name for f in cfg.data.sparse]

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.dataset import DatasetMeta
-from serving.catalogue import read_rows
-from serving.export import MODEL_FILE, SERVING_SPEC_FILE, export, load_serving, load_unsharded_model
 from tests.conftest import run_cli
-from trainer.config import load_config
-from trainer.distributed import checkpoint as ckpt
+from towerrec.data.dataset import DatasetMeta
+from towerrec.serving.catalogue import read_rows
+from towerrec.serving.export import MODEL_FILE, SERVING_SPEC_FILE, export, load_serving, load_unsharded_model
+from towerrec.trainer.config import load_config
+from towerrec.trainer.distributed import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.ranking import combine, finalize, hit_matrix, ranking_sums, threshold_metrics
+from towerrec.serving.ranking import combine, finalize, hit_matrix, ranking_sums, threshold_metrics
 
 
 def _metrics(hits, num_relevant, items=None, num_candidates=10):

@@ -9,16 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.jagged import Jagged
-from data.prepare import prepare
-from data.rows import DecodedRows
-from serving.catalogue import Entities, Rows, load_catalogue
-from serving.export import build_unsharded_model
-from serving.ranking import evaluate_ranking, predict_rows
-from serving.recommend import dataset_ids, read_ids, to_table, write_table
-from serving.scoring import ModelScorer, recommend, top_k
-from trainer.config import load_config
-from trainer.errors import RecommendError
+from towerrec.data.jagged import Jagged
+from towerrec.data.prepare import prepare
+from towerrec.data.rows import DecodedRows
+from towerrec.serving.catalogue import Entities, Rows, load_catalogue
+from towerrec.serving.export import build_unsharded_model
+from towerrec.serving.ranking import evaluate_ranking, predict_rows
+from towerrec.serving.recommend import dataset_ids, read_ids, to_table, write_table
+from towerrec.serving.scoring import ModelScorer, recommend, top_k
+from towerrec.trainer.config import load_config
+from towerrec.trainer.errors import RecommendError
 
 SMALL = [
     "data.prepare.num_rows=4000",
@@ -229,8 +229,8 @@ def test_sampled_negatives_are_not_seen_and_not_popularity(setup, tmp_path):
     as seen nor counted by the popularity baseline."""
     import shutil
 
-    from data.dataset import DatasetMeta
-    from serving.catalogue import item_counts
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.serving.catalogue import item_counts
 
     cfg, meta, catalogue, model = setup
     copy = tmp_path / "data"
@@ -266,7 +266,7 @@ def test_sampled_negatives_are_not_seen_and_not_popularity(setup, tmp_path):
 
 
 def test_original_ids_come_from_the_saved_vocabulary():
-    from data.vocab import original_ids
+    from towerrec.data.vocab import original_ids
 
     vocabulary = np.array([10, 20, 35])  # rows 1, 2, 3
     assert original_ids(np.array([2, 0, 3, 7, 1]), vocabulary).to_pylist() == [20, None, 35, None, 10]

@@ -1,5 +1,5 @@
 """Functions that every rank of a ``tests.multirank.RankPool`` runs: the product's own trainer
-(``trainer.run.build`` + Lightning ``fit``) on a small data set, returning what the tests compare.
+(``towerrec.trainer.run.build`` + Lightning ``fit``) on a small data set, returning what the tests compare.
 
 Each returns plain data: the dense parameters (name → ndarray; a replica on every rank), this
 rank's embedding shards (table → [(row offset, column offset, ndarray)]), the row ids it trained on
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import Batch
+from towerrec.data.batch import Batch
 
 BASE_CONFIG = "configs/default.yaml"
 
 
 def load(overrides: list[str], config: str = BASE_CONFIG):
-    from trainer.config import load_config
+    from towerrec.trainer.config import load_config
 
     return load_config(config, ["trainer.progress_bar=false", "trainer.num_threads=1", *overrides])
 
@@ -85,9 +85,9 @@ def global_batches(cfg, world_size: int, num_steps: int, reverse: bool = False) 
     """The global batches a ``world_size``-rank run of ``cfg`` trains on in its first steps: step s
     joins every rank's batch s, read by the product's reader exactly as those ranks read them
     (``reverse``: the last rank's rows first, the same rows summed in another order)."""
-    from data.dataset import DatasetMeta
-    from data.reader import BatchStream
-    from trainer.datamodule import read_spec
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.data.reader import BatchStream
+    from towerrec.trainer.datamodule import read_spec
 
     meta = DatasetMeta.load(cfg.data.path)
     spec = read_spec(cfg.data, cfg.tasks, meta.table_rows(cfg.data.sparse))
@@ -113,7 +113,7 @@ class RowRecorder:
     def __init__(self) -> None:
         import lightning as L
 
-        from trainer.pipeline import LightningSparseDistPipeline
+        from towerrec.trainer.pipeline import LightningSparseDistPipeline
 
         recorder = self
         self.steps: list[tuple[int, np.ndarray]] = []
@@ -145,7 +145,7 @@ class RowRecorder:
 
 def model_state(module) -> dict[str, Any]:
     """Dense parameters (full) and this rank's embedding shards, as numpy."""
-    from trainer.distributed.sharding import is_table_parameter
+    from towerrec.trainer.distributed.sharding import is_table_parameter
 
     dmp = module.model
     dense = {
@@ -177,7 +177,7 @@ def train(
     """Trains ``num_steps`` steps of the config (no checkpoints, no evaluation). With
     ``reference_world_size`` W (run it on one rank) the batches are the global batches a W-rank run
     of the same config trains on (see ``global_batches``)."""
-    from trainer.run import build
+    from towerrec.trainer.run import build
 
     cfg = load(
         [
@@ -204,7 +204,7 @@ def train(
 
 def fit(overrides: list[str], config: str = BASE_CONFIG) -> dict[str, Any]:
     """The ``fit`` command's training (checkpoints and resume as configured), without evaluation."""
-    from trainer.run import build, resume_path
+    from towerrec.trainer.run import build, resume_path
 
     cfg = load(overrides, config)
     recorder = RowRecorder()
@@ -220,8 +220,8 @@ def fit_with_desync(overrides: list[str], perturb_at_step: int, parameter: str) 
     import lightning as L
     import torch.distributed as dist
 
-    from trainer.errors import ReplicasDiverged
-    from trainer.run import build
+    from towerrec.trainer.errors import ReplicasDiverged
+    from towerrec.trainer.run import build
 
     class Nudge(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
-from trainer.config_reference import entries, markdown
+from towerrec.trainer.config_reference import entries, markdown
 
 
 def test_help_does_not_import_torch_or_any_command_module():
@@ -28,7 +28,10 @@ def test_help_does_not_import_torch_or_any_command_module():
 
 def test_every_command_help_names_its_flags_and_points_to_the_config_keys():
     out = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "recommend", "--help"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "towerrec.trainer.cli", "recommend", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     ).stdout
     for flag in ("--config", "--checkpoint", "--users", "--k", "--output", "--evaluate"):
         assert flag in out
@@ -48,7 +51,7 @@ def test_every_config_key_has_a_meaning():
 
 def test_config_command_lists_keys_with_type_and_default():
     out = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "config", "model.tower"],
+        [sys.executable, "-m", "towerrec.trainer.cli", "config", "model.tower"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, dump_yaml, load_config, validate_for_device
+from towerrec.trainer.config import ConfigError, dump_yaml, load_config, validate_for_device
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -101,7 +101,7 @@ def test_trainer_num_threads_survives_lightnings_launcher(monkeypatch):
     import torch
     from lightning.fabric.utilities.distributed import _set_num_threads_if_needed, _suggested_max_num_threads
 
-    from trainer.distributed.environment import set_threads
+    from towerrec.trainer.distributed.environment import set_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(
@@ -116,7 +116,7 @@ def test_trainer_num_threads_survives_lightnings_launcher(monkeypatch):
 def test_background_decode_only_with_a_spare_cpu(monkeypatch):
     import torch
 
-    from trainer.datamodule import decode_in_background
+    from towerrec.trainer.datamodule import decode_in_background
 
     assert decode_in_background(True) and not decode_in_background(False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
@@ -139,7 +139,7 @@ def test_mean_pooling_is_a_sum_divided_by_the_bag_size_on_one_kernel_group():
     from torchrec.modules.embedding_configs import PoolingType
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from models.builder import build_model, embedding_tables
+    from towerrec.models.builder import build_model, embedding_tables
 
     cfg = load_config(
         "configs/default.yaml",

@@ -8,8 +8,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from data.dataset import DatasetMeta
 from tests.conftest import fit_args, run_cli
+from towerrec.data.dataset import DatasetMeta
 
 pytestmark = pytest.mark.slow
 

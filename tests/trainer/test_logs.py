@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from trainer.logs import progress_style
+from towerrec.trainer.logs import progress_style
 
 
 def assert_readable_log(output: str, world_size: int) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 
-from trainer.metrics import auc, binary_metrics, regression_metrics, task_metrics
+from towerrec.trainer.metrics import auc, binary_metrics, regression_metrics, task_metrics
 
 
 @pytest.mark.parametrize("seed", range(3))

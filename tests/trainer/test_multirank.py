@@ -290,7 +290,7 @@ def test_resume_on_another_world_size_sees_every_row_once_per_epoch(
     rank_pools, tiny_data, tmp_path, first, second
 ):
     """(world size, batch per rank) before and after a mid-epoch interruption; 2 epochs."""
-    from data.dataset import DatasetMeta
+    from towerrec.data.dataset import DatasetMeta
 
     num_rows = DatasetMeta.load(tiny_data).num_rows("train")
     run_dir = tmp_path / "run"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import load_config
-from trainer.errors import PlanDoesNotFit
-from trainer.plan import plan_command
+from towerrec.trainer.config import load_config
+from towerrec.trainer.errors import PlanDoesNotFit
+from towerrec.trainer.plan import plan_command
 
 LARGE = "configs/large_tables.yaml"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import trainer.precision as precision_module
-from trainer.config import load_config
-from trainer.precision import AUTO_BF16_MIN_MACS, dense_macs_per_sample, resolve_precision
+import towerrec.trainer.precision as precision_module
+from towerrec.trainer.config import load_config
+from towerrec.trainer.precision import AUTO_BF16_MIN_MACS, dense_macs_per_sample, resolve_precision
 
 
 def test_auto_autocasts_to_bf16_only_on_native_bf16_from_the_threshold(monkeypatch):
@@ -24,7 +24,7 @@ def test_auto_autocasts_to_bf16_only_on_native_bf16_from_the_threshold(monkeypat
 
 
 def test_dense_multiply_adds_count_every_dense_matrix_and_no_table():
-    from models.builder import build_model
+    from towerrec.models.builder import build_model
 
     cfg = load_config(
         "configs/default.yaml", ["model.tower=mmoe", "model.num_experts=3", "model.expert_dims=[8]"]
@@ -44,7 +44,7 @@ def resolved_precision(data: str, run_dir: str, native: bool, batch: int) -> str
     """On a pool rank (the trainer sets environment variables, threads and a process group, which
     must not leak into the test process): the precision ``build`` hands to Lightning."""
     from tests.conftest import TINY_SYNTHETIC
-    from trainer.run import build
+    from towerrec.trainer.run import build
 
     cfg = load_config(
         "configs/default.yaml",
@@ -69,9 +69,9 @@ def test_the_trainer_runs_the_resolved_precision(tiny_data, tmp_path, rank_pools
 def scores_after_bf16_training(data: str, run_dir: str) -> dict[str, float]:
     """On a pool rank: trains 2 bf16 steps, then scores a test batch three ways; returns the largest
     differences from the fp32 forward."""
-    from models.heads import predictions
     from tests.conftest import TINY_SYNTHETIC
-    from trainer.run import build
+    from towerrec.models.heads import predictions
+    from towerrec.trainer.run import build
 
     cfg = load_config(
         "configs/default.yaml",

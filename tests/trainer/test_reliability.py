@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, SMALL_SYNTHETIC, fit_args, run_cli
-from trainer.distributed import checkpoint as ckpt
+from towerrec.trainer.distributed import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +29,11 @@ def start_fit(args: list[str], nproc: int = 1) -> subprocess.Popen:
             "--standalone",
             f"--nproc_per_node={nproc}",
             "-m",
-            "trainer.cli",
+            "towerrec.trainer.cli",
             *args,
         ]
     else:
-        cmd = [sys.executable, "-m", "trainer.cli", *args]
+        cmd = [sys.executable, "-m", "towerrec.trainer.cli", *args]
     return subprocess.Popen(
         cmd,
         cwd=REPO,

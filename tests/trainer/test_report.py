@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from trainer.cli import main
-from trainer.report import ReportError, make_report, read_metrics_csv
+from towerrec.trainer.cli import main
+from towerrec.trainer.report import ReportError, make_report, read_metrics_csv
 
 CSV = """epoch,step,train/loss,train/rating/loss,train/ctr/loss,val/rating/rmse,val/rating/count,val/ctr/auc,val/loss
 0,49,0.9,1.1,0.7,,,,

@@ -1,4 +1,4 @@
-"""Behaviour sequences end to end on a log with a planted sequential signal (``data.samples``
+"""Behaviour sequences end to end on a log with a planted sequential signal (``towerrec.data.samples``
 ``session_clicks``: the next click follows the last one): the generic CSV path builds the
 histories, DIN and the transformer encoders must clearly beat a bag of the same history, and the
 trained sequence model exports, serves raw histories and recommends."""
@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.dataset import DatasetMeta
-from data.samples import session_clicks, write_csv
-from serving.catalogue import read_rows
-from serving.export import SERVING_SPEC_FILE, export, load_serving, load_unsharded_model
 from tests.conftest import run_cli
-from trainer.config import load_config
+from towerrec.data.dataset import DatasetMeta
+from towerrec.data.samples import session_clicks, write_csv
+from towerrec.serving.catalogue import read_rows
+from towerrec.serving.export import SERVING_SPEC_FILE, export, load_serving, load_unsharded_model
+from towerrec.trainer.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_the_exported_sequence_model_scores_raw_histories_as_the_trainer_does(te
     rows = read_rows(cfg, meta, "test", meta.table_rows(cfg.data.sparse))
     batch = rows.decoded.to_batch(0, 300)
     with torch.inference_mode():
-        from models.heads import predictions
+        from towerrec.models.heads import predictions
 
         want = predictions(model(batch.sparse, batch.dense, batch.sequences), model.output_kinds)
     spec = json.loads((out / SERVING_SPEC_FILE).read_text())

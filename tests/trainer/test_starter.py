@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_cli
-from trainer.config import load_config
+from towerrec.trainer.config import load_config
 
 
 def survey_lines(num_rows: int = 2000, seed: int = 0) -> list[str]:

@@ -34,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from trainer.errors import CheckpointError
+from towerrec.trainer.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"

@@ -14,8 +14,8 @@ from lightning.pytorch.plugins.environments import (
     TorchElasticEnvironment,
 )
 
-from trainer.config import TrainerConfig
-from trainer.errors import ConfigError
+from towerrec.trainer.config import TrainerConfig
+from towerrec.trainer.errors import ConfigError
 
 
 @dataclass(frozen=True)

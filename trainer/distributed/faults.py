@@ -21,7 +21,7 @@ import signal
 import socket
 from datetime import timedelta
 
-from trainer.errors import PeerLost
+from towerrec.trainer.errors import PeerLost
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _STORE_PREFIX = "towerrec/rank/"

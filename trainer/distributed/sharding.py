@@ -1,6 +1,6 @@
 """TorchRec planning, DistributedModelParallel wrapping, dense data parallelism, table init.
 
-Only the strategy (``trainer.distributed.strategy``) and ``towerrec plan`` call these: models never
+Only the strategy (``towerrec.trainer.distributed.strategy``) and ``towerrec plan`` call these: models never
 pick a sharding. ``towerrec plan`` uses the same planner on a hypothetical cluster without any GPU.
 Each function takes the config sections it reads (``sharding``, an optimizer), not the whole config.
 """
@@ -30,8 +30,13 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from trainer.config import DEFAULT_CPU_SHARDING_TYPES, SHARDING_TYPES, OptimizerConfig, ShardingConfig
-from trainer.errors import ConfigError, PlanDoesNotFit
+from towerrec.trainer.config import (
+    DEFAULT_CPU_SHARDING_TYPES,
+    SHARDING_TYPES,
+    OptimizerConfig,
+    ShardingConfig,
+)
+from towerrec.trainer.errors import ConfigError, PlanDoesNotFit
 
 GB = 1024**3
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -49,7 +54,7 @@ def _fused_optimizer(opt: OptimizerConfig) -> tuple[type[torch.optim.Optimizer],
 
 TABLE_MODULES = ("embedding_bags", "sequence_embeddings")
 """Attribute names that hold embedding tables: the EmbeddingBagCollection's tables and the
-unpooled EmbeddingCollection of the sequence tables (``models.multitask``)."""
+unpooled EmbeddingCollection of the sequence tables (``towerrec.models.multitask``)."""
 
 
 def is_table_parameter(name: str) -> bool:

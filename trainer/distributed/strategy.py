@@ -12,7 +12,7 @@ setup and launchers (Lightning's own launcher, torchrun, SLURM) and replaces the
 - the collectives of a training step: ``all_reduce_sum`` (the step's agreement and global loss
   sums), ``mean_over_ranks``, ``average_dense_gradients``, ``dense_digests`` (replica guard);
 - ``save_checkpoint``/``load_checkpoint``: tensors through DCP (every rank writes its shards and
-  loads any resharding), metadata as JSON, atomically (see ``trainer.distributed.checkpoint``).
+  loads any resharding), metadata as JSON, atomically (see ``towerrec.trainer.distributed.checkpoint``).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from trainer.config import CheckpointConfig, OptimizerConfig, ShardingConfig
-from trainer.distributed import checkpoint as ckpt
-from trainer.distributed.faults import register_rank
-from trainer.distributed.sharding import ClusterSpec, describe_plan, initialize_tables, shard_model
+from towerrec.trainer.config import CheckpointConfig, OptimizerConfig, ShardingConfig
+from towerrec.trainer.distributed import checkpoint as ckpt
+from towerrec.trainer.distributed.faults import register_rank
+from towerrec.trainer.distributed.sharding import ClusterSpec, describe_plan, initialize_tables, shard_model
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -111,7 +111,7 @@ class TorchRecStrategy(DDPStrategy):
     def average_dense_gradients(self, extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
         """Replaces each dense parameter's gradient by its mean over ranks, and returns the means of
         ``extra`` tensors (e.g. per-task gradients) computed in the same all-reduce (see
-        ``trainer.distributed.sharding.DenseReplicas``). Every rank must call it at the same point of a step."""
+        ``towerrec.trainer.distributed.sharding.DenseReplicas``). Every rank must call it at the same point of a step."""
         extra = list(extra)
         if self.world_size == 1:
             return extra
