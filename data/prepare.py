@@ -18,10 +18,12 @@ from typing import Any
 
 from towerrec.data.cleaning import TableSchema
 from towerrec.data.config import PrepareConfig
+from towerrec.data.criteo import prepare_criteo
 from towerrec.data.dataset import METADATA_FILE, DataError, DatasetMeta
-from towerrec.data.formats import prepare_criteo, prepare_csv, prepare_movielens, prepare_parquet
-from towerrec.data.movielens import prepare_movielens100k
+from towerrec.data.movielens import prepare_movielens
+from towerrec.data.movielens100k import prepare_movielens100k
 from towerrec.data.synthetic import prepare_synthetic
+from towerrec.data.tabular import prepare_csv, prepare_parquet
 
 FORMATS: dict[str, Callable[..., DatasetMeta]] = {
     "synthetic": prepare_synthetic,

@@ -81,7 +81,7 @@ def read_sample(
 ) -> tuple[pa.Table, str, dict]:
     """The first ``rows`` rows of the source's first file (every cell as text for CSV), its format,
     and the CSV options found (delimiter, header, column names)."""
-    from towerrec.data.formats import _open, input_files
+    from towerrec.data.sources import input_files, open_input
 
     files = input_files(source, key="--source")
     first = files[0]
@@ -95,7 +95,7 @@ def read_sample(
         if not batches:
             raise DataError(f"{first}: no rows")
         return pa.Table.from_batches(batches).slice(0, rows), "parquet", {}
-    with _open(first) as stream:
+    with open_input(first) as stream:
         head = stream.read(1 << 16).decode("utf-8", errors="replace")
     lines = head.splitlines()
     if not lines:
@@ -113,13 +113,13 @@ def read_sample(
     parse = pacsv.ParseOptions(delimiter=delimiter)
     convert = pacsv.ConvertOptions(strings_can_be_null=False, null_values=[], column_types={})
     try:
-        with _open(first) as stream:
+        with open_input(first) as stream:
             reader = pacsv.open_csv(stream, read_options, parse, convert)
             schema = reader.schema
             convert = pacsv.ConvertOptions(
                 column_types=dict.fromkeys(schema.names, pa.string()), null_values=[]
             )
-        with _open(first) as stream:
+        with open_input(first) as stream:
             reader = pacsv.open_csv(stream, read_options, parse, convert)
             batches = []
             for batch in reader:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import towerrec.data.formats as formats
+import towerrec.data.criteo as criteo
 from tests.conftest import ML100K
 from towerrec.data.config import DenseFeature, PrepareConfig, SparseFeature
 from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter, is_complete
@@ -182,7 +182,7 @@ def test_criteo_missing_values_log_and_min_count(tmp_path):
         and special.column("I3")[0].as_py() == 0.0
     )
     assert set(rows.column("click").to_pylist()) <= {0.0, 1.0}
-    for name in formats.CRITEO_SPARSE:
+    for name in criteo.CRITEO_SPARSE:
         ids = rows.column(name).to_numpy()
         assert ids.min() >= 0 and ids.max() < meta.vocab_size(name)
     # min_count: an id seen fewer than 3 times in train is row 0
@@ -196,7 +196,7 @@ def test_criteo_chunked_equals_single_chunk_and_hashing(tmp_path, monkeypatch):
     (tmp_path / "day_0").write_text("\n".join(criteo_lines(300, seed=1) * 2) + "\n")  # every row twice
     cfg = PrepareConfig(format="criteo", source=str(tmp_path / "day_0"), num_shards=1, dedup=True)
     whole = all_rows(prepare(cfg, str(tmp_path / "a")))
-    monkeypatch.setattr(formats, "CSV_BLOCK_BYTES", 4096)  # many chunks: dedup and vocab across chunks
+    monkeypatch.setattr(criteo, "CSV_BLOCK_BYTES", 4096)  # many chunks: dedup and vocab across chunks
     chunked_meta = prepare(cfg, str(tmp_path / "b"))
     assert chunked_meta.report["cleaning"]["rows_in"] == 600
     assert whole.equals(all_rows(chunked_meta))
@@ -225,10 +225,10 @@ def test_criteo_reads_through_batch_stream(tmp_path):
         str(tmp_path / "o"),
     )
     spec = ReadSpec(
-        sparse=tuple(SparseFeature(n) for n in formats.CRITEO_SPARSE),
-        dense=tuple(DenseFeature(n) for n in formats.CRITEO_DENSE),
+        sparse=tuple(SparseFeature(n) for n in criteo.CRITEO_SPARSE),
+        dense=tuple(DenseFeature(n) for n in criteo.CRITEO_DENSE),
         labels=(LabelSpec("click", binary=True),),
-        num_embeddings={n: meta.vocab_size(n) for n in formats.CRITEO_SPARSE},
+        num_embeddings={n: meta.vocab_size(n) for n in criteo.CRITEO_SPARSE},
     )
     batches = list(BatchStream(meta, "train", spec, batch_size=64))
     assert sum(int(b.weights.sum()) for b in batches) == meta.num_rows("train")

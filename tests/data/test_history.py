@@ -81,7 +81,7 @@ def test_histories_need_a_user_and_a_time_column():
 
 @pytest.fixture(scope="module")
 def u1(tmp_path_factory, ml100k_dir):
-    from towerrec.data.movielens import prepare_movielens100k
+    from towerrec.data.movielens100k import prepare_movielens100k
 
     cfg = PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="u1", num_shards=1)
     return prepare_movielens100k(cfg, str(tmp_path_factory.mktemp("ml") / "u1"))

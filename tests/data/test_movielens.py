@@ -8,7 +8,7 @@ import pytest
 
 from towerrec.data.config import PrepareConfig
 from towerrec.data.dataset import DataError
-from towerrec.data.movielens import prepare_movielens100k
+from towerrec.data.movielens100k import prepare_movielens100k
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_the_shuffle_is_seeded(tmp_path):
 
 
 def test_movielens_topk_batches_hold_the_nominal_share_of_rated_rows(tmp_path, ml100k_dir):
-    from towerrec.data.movielens import prepare_movielens100k
+    from towerrec.data.movielens100k import prepare_movielens100k
 
     cfg = PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="u1", negatives_per_positive=4)
     meta = prepare_movielens100k(cfg, str(tmp_path / "topk"))

@@ -1,0 +1,224 @@
+"""The conversion every streamed format goes through (``towerrec.data.movielens``, ``criteo``,
+``tabular``): a converter reads its input as a stream of chunks (``towerrec.data.sources``),
+**normalizes** each chunk (``towerrec.data.normalize``) and hands the stream to :func:`convert`,
+which makes up to three passes over the input so that memory stays O(chunk + vocabularies):
+
+1. only for ``time``/``leave_last_out`` splits: clean, collect the time sample / per-user last rows;
+2. clean, split, count ids of the training rows (vocabularies, ``min_count``), sample dense
+   values of the training rows (``clip_quantile``) and gather the events of
+   ``data.prepare.histories`` (user, time and ids: O(events) memory) — skipped when there is
+   nothing to fit;
+3. clean, split, map ids to rows, transform dense values, build each row's histories from the
+   events strictly before it (``towerrec.data.history``), write train/val/test shards.
+
+Cleaning (``towerrec.data.cleaning``) is deterministic, so every pass sees the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from towerrec.data.cleaning import (
+    Cleaner,
+    DenseTransforms,
+    TableSchema,
+    dense_values,
+)
+from towerrec.data.config import PrepareConfig
+from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter
+from towerrec.data.history import MAX_AGE_BUCKET
+from towerrec.data.history_events import HistoryEvents
+from towerrec.data.id_mapping import IdCounts, IdMapper, id_values
+from towerrec.data.normalize import KINDS
+from towerrec.data.sources import (
+    Chunk,
+    Source,
+)
+from towerrec.data.splits import SPLIT_NAMES, TRAIN, SplitKeys, make_splitter
+
+
+def _split_keys(table: pa.Table, row_index: np.ndarray, schema: TableSchema, chunk: Chunk,
+                split_values: dict[str, str]) -> SplitKeys:  # fmt: skip
+    user = time = given = None
+    if schema.user_column:
+        user, _, _, _ = id_values(table.column(schema.user_column))
+    if schema.time_column:
+        time = dense_values(table.column(schema.time_column))
+    if chunk.split is not None:
+        given = np.full(table.num_rows, chunk.split, dtype=np.int8)
+    elif schema.split_column:
+        names = table.column(schema.split_column).to_pylist()
+        codes = {value: SPLIT_NAMES.index(split) for value, split in split_values.items()}
+        unknown = [i for i, v in enumerate(names) if v not in codes]
+        if unknown:
+            raise DataError(
+                f"{chunk.file}: row {chunk.first_row + int(row_index[unknown[0]]) - chunk.first_row}: split column "
+                f"{schema.split_column!r} has {names[unknown[0]]!r}, not one of {sorted(codes)} (data.prepare.split_values)"
+            )
+        given = np.array([codes[v] for v in names], dtype=np.int8)
+    return SplitKeys(row_index=row_index, user=user, time=time, given=given)
+
+
+def convert(
+    source: Source,
+    schema: TableSchema,
+    cfg: PrepareConfig,
+    out: str,
+    report: dict[str, Any],
+) -> DatasetMeta:
+    """Cleans, splits, encodes and writes ``source`` (see the module docstring for the passes).
+
+    Returns the committed data set; ``report`` (converter, source, ...) is extended with the
+    cleaning counts, vocabulary sizes and rows per split and stored in ``metadata.json``.
+    """
+    for name, kind in schema.kinds.items():
+        if kind not in KINDS:
+            raise ValueError(f"data.prepare.columns.{name}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    given = source.splits is not None or schema.split_column is not None
+    splitter = make_splitter(
+        "given" if given else cfg.split,
+        cfg.seed,
+        cfg.val_fraction,
+        cfg.test_fraction,
+        cfg.cut_time,
+        has_user=schema.user_column is not None,
+        # train and test files without a val file: val is carved from train (a split column
+        # states every row's split, val included, so nothing moves)
+        given_has_val=not cfg.split_files or "val" in cfg.split_files,
+    )
+    id_columns = schema.of_kind("sparse", "multi_hot")
+    transforms = DenseTransforms(schema.dense_specs, schema.buckets, seed=cfg.seed)
+
+    def cleaned() -> Iterator[tuple[pa.Table, np.ndarray, SplitKeys, Cleaner]]:
+        cleaner = Cleaner(schema, cfg.dedup, cfg.missing_sparse, cfg.missing_dense, cfg.dense_fill)
+        for chunk in source.chunks():
+            table, row_index = cleaner.clean(chunk.table, chunk.row_index, chunk.file, chunk.first_row)
+            yield table, row_index, _split_keys(table, row_index, schema, chunk, cfg.split_values), cleaner
+
+    passes = 1
+    if splitter.needs_fit:  # pass 1: what the split needs to know about all rows
+        passes += 1
+        for _, _, keys, _ in cleaned():
+            splitter.fit(keys)
+        splitter.finish_fit()
+
+    counts = {name: IdCounts() for name in id_columns} if cfg.sparse_mapping == "vocab" else {}
+    events = HistoryEvents(cfg.histories, schema)
+    if counts or transforms.needs_fit or cfg.histories:  # pass 2: vocabularies, quantiles, moments, events
+        passes += 1
+        for table, row_index, keys, _ in cleaned():
+            codes = splitter.assign(keys)
+            train = codes == TRAIN
+            events.observe(table, keys, train)
+            for name in id_columns if counts else ():
+                ids, offsets, nulls, originals = id_values(table.column(name))
+                rows_of_ids = train if offsets is None else np.repeat(train, np.diff(offsets))
+                chosen = rows_of_ids & ~nulls
+                counts[name].add(ids[chosen], originals.filter(pa.array(chosen)))
+            for name in transforms.samples:
+                transforms.observe(name, dense_values(table.column(name))[train], row_index[train])
+        transforms.finish_fit()
+    if counts:
+        mappers = {name: IdMapper(vocabulary=counts[name].vocabulary(cfg.min_count)) for name in id_columns}
+    else:
+        mappers = {name: IdMapper(num_hash_buckets=cfg.num_hash_buckets) for name in id_columns}
+
+    logs = events.logs(mappers)
+    writer = DatasetWriter(out, cfg.num_shards, cfg.row_group_size, shuffle_splits=("train",), seed=cfg.seed)
+    rows_per_split = dict.fromkeys(SPLIT_NAMES, 0)
+    try:  # the last pass: encode and write
+        for name, mapper in mappers.items():
+            if mapper.vocabulary is not None:
+                writer.write_vocabulary(name, mapper.vocabulary.originals)
+        cleaning_report: dict[str, Any] = {}
+        for table, _, keys, cleaner in cleaned():
+            cleaning_report = cleaner.report
+            codes = splitter.assign(keys)
+            encoded = {}
+            for name, kind in schema.kinds.items():
+                column = table.column(name)
+                if kind in ("sparse", "multi_hot"):
+                    encoded[name] = mappers[name].encode(column)
+                elif kind == "dense":
+                    encoded[name] = pa.array(transforms.apply(name, dense_values(column)).astype(np.float32))
+                elif kind == "label":
+                    encoded[name] = pa.array(dense_values(column).astype(np.float32))
+                else:
+                    encoded[name] = column
+            for name, bucket in schema.buckets.items():
+                values = dense_values(table.column(bucket.source))
+                if bucket.source in cleaner.filled:
+                    values = np.where(cleaner.filled[bucket.source], np.nan, values)
+                encoded[name] = pa.array(transforms.bucketize(name, values))
+            for history, log in zip(cfg.histories, logs):
+                lists = log.sequences(
+                    keys.user, keys.time, history.max_length or cfg.history_max_length, history.age
+                )
+                encoded.update({name: jagged.to_arrow(pa.int64()) for name, jagged in lists.items()})
+            encoded_table = pa.table(encoded)
+            for split, rows in writer.write_splits(encoded_table, codes, SPLIT_NAMES).items():
+                rows_per_split[split] += rows
+    except BaseException:
+        writer.abort()
+        raise
+    if rows_per_split["train"] == 0:
+        writer.abort()
+        raise DataError(f"{report.get('source')}: no training rows left after cleaning and splitting")
+
+    columns: dict[str, dict[str, Any]] = {}
+    for name, kind in schema.kinds.items():
+        if kind in ("sparse", "multi_hot"):
+            columns[name] = {
+                "kind": kind,
+                "num_embeddings": mappers[name].num_embeddings,
+                "mapping": cfg.sparse_mapping,
+            }
+        elif kind == "label":
+            low, high = schema.label_ranges.get(name, (None, None))
+            columns[name] = {"kind": "label", "min": low, "max": high, "binary": name in schema.binary_labels}
+        elif kind == "dense":
+            columns[name] = {"kind": "dense", "transforms": transforms.steps(name)}
+            if name in transforms.bounds:
+                columns[name]["clip"] = list(transforms.bounds[name])
+        else:
+            columns[name] = {"kind": "other"}
+    for name, bucket in schema.buckets.items():
+        columns[name] = {
+            "kind": "sparse",
+            "num_embeddings": transforms.num_buckets(name),
+            "mapping": "buckets",
+            "source": bucket.source,
+            "edges": transforms.edges.get(name, []),
+        }
+    for history in cfg.histories:
+        for name, source in [(history.name, history.column), *history.side.items()]:
+            columns[name] = {
+                "kind": "multi_hot", "num_embeddings": mappers[source].num_embeddings,
+                "mapping": cfg.sparse_mapping, "history_of": source,
+            }  # fmt: skip
+        if history.age:
+            columns[history.age] = {
+                "kind": "multi_hot",
+                "num_embeddings": MAX_AGE_BUCKET + 1,
+                "mapping": "age",
+            }
+    report = {
+        **report,
+        "split": "given" if given else cfg.split,
+        "seed": cfg.seed,
+        "passes": passes,
+        "rows_per_split": rows_per_split,
+        "cleaning": cleaning_report,
+        "dense": transforms.report,
+        "sparse_mapping": cfg.sparse_mapping,
+        "min_count": cfg.min_count,
+        "vocab_sizes": {name: mapper.num_embeddings for name, mapper in mappers.items()},
+        "ids_outside_vocabulary": {
+            name: m.outside for name, m in mappers.items() if m.vocabulary is not None
+        },
+    }
+    return writer.commit(columns=columns, report=report)
