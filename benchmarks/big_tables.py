@@ -60,8 +60,9 @@ def rank_job(args) -> int:
 
     from benchmarks.loop import rate
     from benchmarks.ours import step_timer
+    from towerrec.trainer.build import build
     from towerrec.trainer.config import load_config
-    from towerrec.trainer.run import build, finish
+    from towerrec.trainer.run import finish
 
     cfg = load_config("configs/default.yaml", overrides(args.rows, args.steps, args.threads))
     timer = step_timer()

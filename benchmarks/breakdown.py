@@ -51,8 +51,7 @@ def build_dmp(cfg, num_embeddings: dict[str, int]):
 def materialize(cfg, num_embeddings: dict[str, int], num_batches: int) -> list:
     """The first ``num_batches`` training batches (cycling over epochs when the split is shorter)."""
     from towerrec.data.dataset import DatasetMeta
-    from towerrec.data.reader import BatchStream
-    from towerrec.trainer.datamodule import read_spec
+    from towerrec.data.reader import BatchStream, read_spec
 
     meta = DatasetMeta.load(cfg.data.path)
     stream = BatchStream(
@@ -132,8 +131,7 @@ def profile(cfg, num_steps: int = 20) -> dict:
 
     # data: a fresh stream per pass, over at least two shuffle windows (a window is read and
     # decoded at once: fewer batches than a window would charge its whole decode to them)
-    from towerrec.data.reader import BatchStream
-    from towerrec.trainer.datamodule import read_spec
+    from towerrec.data.reader import BatchStream, read_spec
 
     meta, spec = DatasetMeta.load(cfg.data.path), read_spec(cfg.data, cfg.tasks, num_embeddings)
     stream = BatchStream(meta, cfg.data.train_split, spec, cfg.data.batch_size, seed=cfg.seed)

@@ -7,7 +7,7 @@ Both build the same DMP (``MultiTaskModule.build_model()`` + ``shard_model``, 1-
 with the same optimizers, and time step-start to step-start intervals after the first 3 steps, in
 wall-clock time and in this process's CPU time. With one thread the CPU time is the work the loop
 does, whatever else runs on the machine; wall-clock time also counts the time the OS gave others.
-``lightning`` runs ``towerrec.trainer.run.build`` with the training stream replaced by an in-memory list
+``lightning`` runs ``towerrec.trainer.build.build`` with the training stream replaced by an in-memory list
 (``ListStream``); ``bare`` runs ``benchmarks.breakdown.bare_step`` in a for loop.
 """
 
@@ -66,9 +66,10 @@ def rates(starts: list[float], cpu_starts: list[float], rows: list[int]) -> dict
 
 
 def fit_on_batches(cfg, batches: list, callbacks: list):
-    """Trains with ``towerrec.trainer.run.build`` on ``batches`` (in memory) and returns the step timer."""
+    """Trains with ``towerrec.trainer.build.build`` on ``batches`` (in memory) and returns the step timer."""
     from benchmarks.ours import step_timer
-    from towerrec.trainer.run import build, finish
+    from towerrec.trainer.build import build
+    from towerrec.trainer.run import finish
 
     timer = step_timer()
     trainer, module, datamodule, _ = build(cfg, extra_callbacks=[timer, *callbacks])

@@ -2,7 +2,7 @@
 
     python -m benchmarks.ours --data DIR --tower mmoe --batch-size 4096 --epochs 3 [--profile]
 
-Runs the product path (``towerrec.trainer.run.build`` → Lightning ``fit`` → ``test``) and prints one JSON
+Runs the product path (``towerrec.trainer.build.build`` → Lightning ``fit`` → ``test``) and prints one JSON
 line: steady-state training samples/s (step-start to step-start intervals after the first epoch),
 test RMSE (rating) and AUC (like). ``--profile`` instead times the parts of a step (see ``profile``).
 """
@@ -66,9 +66,10 @@ def config_tree(
 
 
 def load(tree: dict):
-    from towerrec.trainer.config import Config, _build_dataclass, validate
+    from towerrec.trainer.config import Config, validate
+    from towerrec.trainer.typed_config import build_dataclass
 
-    cfg = _build_dataclass(Config, tree, "")
+    cfg = build_dataclass(Config, tree, "")
     validate(cfg)
     return cfg
 
@@ -99,7 +100,8 @@ def step_timer():
 
 
 def fit_and_test(tree: dict) -> dict:
-    from towerrec.trainer.run import build, finish
+    from towerrec.trainer.build import build
+    from towerrec.trainer.run import finish
 
     cfg = load(tree)
     timer = step_timer()

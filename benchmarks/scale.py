@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from benchmarks.loop import rate
     from benchmarks.ours import load, step_timer
-    from towerrec.trainer.config import read_config_tree
+    from towerrec.trainer.build import build
     from towerrec.trainer.errors import PlanDoesNotFit
-    from towerrec.trainer.run import build, finish
+    from towerrec.trainer.run import finish
+    from towerrec.trainer.typed_config import read_config_tree
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

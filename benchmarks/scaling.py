@@ -62,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
     from towerrec.data.dataset import DatasetMeta
-    from towerrec.data.reader import BatchStream
+    from towerrec.data.reader import BatchStream, read_spec
     from towerrec.trainer.config import load_config
-    from towerrec.trainer.datamodule import read_spec
 
     data = BENCH / "data"
     cfg = load_config("configs/default.yaml", [f"data.path={data}"])

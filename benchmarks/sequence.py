@@ -72,8 +72,9 @@ def measure(overrides: list[str], steps: int) -> dict:
     """One variant in this process: steady training samples/s and peak RSS."""
     from benchmarks.common import steady_samples_per_s
     from benchmarks.ours import step_timer
+    from towerrec.trainer.build import build
     from towerrec.trainer.config import load_config
-    from towerrec.trainer.run import build, finish
+    from towerrec.trainer.run import finish
 
     cfg = load_config(SESSIONS, [*overrides, f"trainer.max_steps={steps}", "trainer.progress_bar=off",
                                  "checkpoint.every_n_steps=0", "checkpoint.resume=never",
@@ -97,7 +98,7 @@ def prepare_once(overrides: list[str]) -> None:
     from towerrec.data.dataset import is_complete
     from towerrec.data.prepare import prepare
     from towerrec.trainer.config import load_config
-    from towerrec.trainer.datasets import input_schema
+    from towerrec.trainer.dataset_setup import input_schema
 
     cfg = load_config(SESSIONS, overrides)
     if not is_complete(cfg.data.path):

@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 from towerrec.data.batch import Batch
 from towerrec.data.dataset import DatasetMeta, RowGroup
 from towerrec.data.errors import DataError
-from towerrec.data.rows import DecodedRows, LabelSpec, ReadSpec, RowLocator, decode_rows, map_ids
+from towerrec.data.rows import DecodedRows, LabelSpec, ReadSpec, RowLocator, decode_rows, map_ids, read_spec
 
-__all__ = ["BatchStream", "LabelSpec", "ReadSpec", "map_ids", "read_split"]
+__all__ = ["BatchStream", "LabelSpec", "ReadSpec", "map_ids", "read_spec", "read_split"]
 
 
 Segment = tuple[int, int, int]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from towerrec.data.batch import Batch
-from towerrec.data.config import DenseFeature, SparseFeature
+from towerrec.data.config import DataConfig, DenseFeature, SparseFeature
 from towerrec.data.dataset import RowGroup
 from towerrec.data.errors import DataError
 from towerrec.data.jagged import Jagged
@@ -67,6 +68,52 @@ class ReadSpec:
         if self.sample_weight_column:
             names.append(self.sample_weight_column)
         return list(dict.fromkeys(names))
+
+
+class TaskLabel(Protocol):
+    """What reading needs of a task (``towerrec.models.config.TaskConfig`` is one)."""
+
+    type: str
+    mask: str | None
+    min_value: float | None
+    max_value: float | None
+
+    @property
+    def label_column(self) -> str: ...
+
+
+def read_spec(
+    data: DataConfig, tasks: Sequence[TaskLabel], table_rows: dict[str, int], columns: dict | None = None
+) -> ReadSpec:
+    """What the reader needs: the ``data`` section's features and weights, each task's label.
+    ``columns`` (``DatasetMeta.columns``) adds what the data set's metadata knows: label ranges a
+    task leaves open, and which tables are sized by a recorded vocabulary (ids beyond it are errors)."""
+    columns = columns or {}
+    labels = []
+    for task in tasks:
+        info = columns.get(task.label_column, {})
+        labels.append(
+            LabelSpec(
+                column=task.label_column,
+                mask_column=task.mask,
+                min_value=task.min_value if task.min_value is not None else info.get("min"),
+                max_value=task.max_value if task.max_value is not None else info.get("max"),
+                binary=task.type == "binary",
+            )
+        )
+    from_metadata = frozenset(
+        f.name for f in data.sparse
+        if f.num_embeddings is None and f.id_mapping == "vocab" and columns.get(f.source_column, {}).get("num_embeddings")
+    )  # fmt: skip
+    return ReadSpec(
+        sparse=tuple(data.sparse),
+        dense=tuple(data.dense),
+        labels=tuple(labels),
+        num_embeddings=table_rows,
+        sample_weight_column=data.sample_weight_column,
+        skip_bad_rows=data.bad_rows == "skip",
+        vocabulary_from_metadata=from_metadata,
+    )
 
 
 class RowLocator:

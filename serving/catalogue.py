@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 from towerrec.data.config import SparseFeature
 from towerrec.data.dataset import DatasetMeta
 from towerrec.data.jagged import Jagged
-from towerrec.data.reader import map_ids, read_split
+from towerrec.data.reader import map_ids, read_spec, read_split
 from towerrec.data.rows import DecodedRows, RowLocator, flags
 from towerrec.trainer.config import Config
-from towerrec.trainer.datamodule import read_spec
 from towerrec.trainer.errors import RecommendError
 
 

@@ -93,7 +93,7 @@ def tiny_sessions(tmp_path_factory) -> Path:
     from towerrec.data.prepare import prepare
     from towerrec.data.samples import session_clicks, write_csv
     from towerrec.trainer.config import load_config
-    from towerrec.trainer.datasets import input_schema
+    from towerrec.trainer.dataset_setup import input_schema
 
     root = tmp_path_factory.mktemp("sessions")
     write_csv(session_clicks(num_users=300, steps=10, num_items=120, seed=1), root / "sessions.csv")

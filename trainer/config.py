@@ -11,11 +11,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
@@ -23,6 +21,7 @@ from towerrec.data.checks import in_unit_interval, positive
 from towerrec.data.config import DataConfig, DenseFeature, PrepareConfig, SparseFeature
 from towerrec.models.config import ModelConfig, TaskConfig
 from towerrec.trainer.errors import ConfigError
+from towerrec.trainer.typed_config import build_dataclass, parse_overrides, read_config_tree, set_dotted
 
 ShardingType = Literal[
     "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel"
@@ -272,160 +271,14 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _build(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return value
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        errors = []
-        for alternative in args:  # the first alternative the value fits
-            try:
-                return _build(alternative, value, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise (
-            errors[0]
-            if len(errors) == 1
-            else ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-        )
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build_dataclass(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_type,) = typing.get_args(tp)
-        return [_build(item_type, item, f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        _, value_type = typing.get_args(tp)
-        return {str(k): _build(value_type, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported config type {tp} at {key}")
-
-
-def _build_dataclass(cls: type, values: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for name in values:
-        if name not in known:
-            where = f"{prefix}.{name}" if prefix else name
-            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(known))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name in values:
-            kwargs[f.name] = _build(hints[f.name], values[f.name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key}: required")
-    section = cls(**kwargs)
-    check = getattr(section, "check", None)
-    if check is not None:  # the section's own rules; ValueError("field: problem") names the field
-        try:
-            check()
-        except ValueError as err:
-            raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from err
-    return section
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        if isinstance(node, list):
-            node = node[int(part)]
-            continue
-        node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"{dotted}: {part} is not a mapping")
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["trainer.max_epochs=3", ...]`` → [(key, YAML-parsed value), ...]."""
-    parsed = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. trainer.max_epochs=3)")
-        key, raw = item.split("=", 1)
-        parsed.append((key.strip().removeprefix("--"), yaml.safe_load(raw) if raw else None))
-    return parsed
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Reads a config file; a top-level ``base: other.yaml`` (relative to this file) is loaded first
-    and deep-merged under this file's values (lists are replaced, not merged)."""
-    if not path.exists():
-        raise ConfigError(f"--config: {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    base = tree.pop("base", None)
-    if base is None:
-        return tree
-    base_path = (path.parent / base).resolve()
-    if base_path in seen:
-        raise ConfigError(f"{path}: base: {base} includes itself")
-    return _deep_merge(read_config_tree(base_path, seen + (path.resolve(),)), tree)
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML file (or the defaults when ``path`` is None), applies overrides, validates."""
     tree: dict = {}
     if path is not None:
         tree = read_config_tree(Path(path))
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    cfg = _build_dataclass(Config, tree, "")
+        set_dotted(tree, key, value)
+    cfg = build_dataclass(Config, tree, "")
     validate(cfg)
     return cfg
 

@@ -10,42 +10,7 @@ import torch
 
 from towerrec.data.config import DataConfig
 from towerrec.data.dataset import DatasetMeta
-from towerrec.data.reader import BatchStream, LabelSpec, ReadSpec
-from towerrec.models.config import TaskConfig
-
-
-def read_spec(
-    data: DataConfig, tasks: list[TaskConfig], table_rows: dict[str, int], columns: dict | None = None
-) -> ReadSpec:
-    """What the reader needs: the ``data`` section's features and weights, each task's label.
-    ``columns`` (``DatasetMeta.columns``) adds what the data set's metadata knows: label ranges a
-    task leaves open, and which tables are sized by a recorded vocabulary (ids beyond it are errors)."""
-    columns = columns or {}
-    labels = []
-    for task in tasks:
-        info = columns.get(task.label_column, {})
-        labels.append(
-            LabelSpec(
-                column=task.label_column,
-                mask_column=task.mask,
-                min_value=task.min_value if task.min_value is not None else info.get("min"),
-                max_value=task.max_value if task.max_value is not None else info.get("max"),
-                binary=task.type == "binary",
-            )
-        )
-    from_metadata = frozenset(
-        f.name for f in data.sparse
-        if f.num_embeddings is None and f.id_mapping == "vocab" and columns.get(f.source_column, {}).get("num_embeddings")
-    )  # fmt: skip
-    return ReadSpec(
-        sparse=tuple(data.sparse),
-        dense=tuple(data.dense),
-        labels=tuple(labels),
-        num_embeddings=table_rows,
-        sample_weight_column=data.sample_weight_column,
-        skip_bad_rows=data.bad_rows == "skip",
-        vocabulary_from_metadata=from_metadata,
-    )
+from towerrec.data.reader import BatchStream, ReadSpec
 
 
 class ParquetDataModule(L.LightningDataModule):

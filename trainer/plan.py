@@ -56,32 +56,3 @@ def plan_command(
     print(text)
 
     return 0
-
-
-def prepare_command(cfg: Config, args=None) -> int:
-    from towerrec.data.prepare import prepare
-    from towerrec.trainer.datasets import input_schema, report_lines
-
-    if cfg.data.prepare is None:
-        raise ConfigError("data.prepare: not set (give --format and --source, or a config with data.prepare)")
-    from towerrec.data.dataset import DatasetMeta, is_complete
-    from towerrec.data.prepare import fingerprint, prepared_with
-
-    schema = input_schema(cfg)
-    if is_complete(cfg.data.path):
-        existing = DatasetMeta.load(cfg.data.path)
-        if existing.fingerprint == fingerprint(prepared_with(cfg.data.prepare, schema)):
-            print(
-                f"[towerrec] {cfg.data.path} is already prepared from this config; nothing to do", flush=True
-            )
-            return 0
-        if not cfg.data.rebuild:
-            raise ConfigError(
-                f"--out / data.path: {cfg.data.path} already holds another data set; choose another folder, "
-                "delete it, or pass --data.rebuild true to replace it"
-            )
-    meta = prepare(cfg.data.prepare, cfg.data.path, schema)
-    report_lines(meta)
-    print(f"[towerrec] the whole report is in {meta.root / 'metadata.json'}", flush=True)
-
-    return 0

@@ -265,8 +265,8 @@ def test_metadata_that_does_not_describe_the_shards_is_an_error(tmp_path):
     import json
 
     from towerrec.data.config import DataConfig
+    from towerrec.data.reader import read_spec
     from towerrec.models.config import TaskConfig
-    from towerrec.trainer.datamodule import read_spec
 
     meta = build(tmp_path / "d")
     raw = json.loads((meta.root / "metadata.json").read_text())

@@ -241,7 +241,7 @@ def generic(tmp_path: Path, prepare_section: dict, sparse: list, dense: list, ta
     import yaml
 
     from towerrec.trainer.config import load_config
-    from towerrec.trainer.datasets import input_schema
+    from towerrec.trainer.dataset_setup import input_schema
 
     tree = {"data": {"path": str(tmp_path / out), "prepare": prepare_section, "sparse": sparse, "dense": dense},
             "tasks": tasks}  # fmt: skip

@@ -11,7 +11,7 @@ from towerrec.data.config import HistoryConfig, PrepareConfig
 from towerrec.data.history import EventLog, age_buckets
 from towerrec.data.prepare import prepare
 from towerrec.trainer.config import load_config
-from towerrec.trainer.datasets import input_schema
+from towerrec.trainer.dataset_setup import input_schema
 
 
 def test_a_row_sees_only_its_users_events_strictly_before_its_time():
@@ -120,7 +120,7 @@ def test_data_sets_prepared_before_histories_keep_their_fingerprint_and_historie
 
 
 def test_a_data_set_prepared_without_the_histories_the_config_asks_for_is_refused(tmp_path):
-    from towerrec.trainer.datasets import ensure_dataset
+    from towerrec.trainer.dataset_setup import ensure_dataset
     from towerrec.trainer.errors import ConfigError
 
     rows = [("u1", "a", 1, 1), ("u1", "b", 2, 1), ("u2", "a", 3, 0), ("u2", "b", 4, 1)]

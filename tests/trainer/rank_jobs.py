@@ -1,5 +1,5 @@
 """Functions that every rank of a ``tests.multirank.RankPool`` runs: the product's own trainer
-(``towerrec.trainer.run.build`` + Lightning ``fit``) on a small data set, returning what the tests compare.
+(``towerrec.trainer.build.build`` + Lightning ``fit``) on a small data set, returning what the tests compare.
 
 Each returns plain data: the dense parameters (name → ndarray; a replica on every rank), this
 rank's embedding shards (table → [(row offset, column offset, ndarray)]), the row ids it trained on
@@ -86,8 +86,7 @@ def global_batches(cfg, world_size: int, num_steps: int, reverse: bool = False) 
     joins every rank's batch s, read by the product's reader exactly as those ranks read them
     (``reverse``: the last rank's rows first, the same rows summed in another order)."""
     from towerrec.data.dataset import DatasetMeta
-    from towerrec.data.reader import BatchStream
-    from towerrec.trainer.datamodule import read_spec
+    from towerrec.data.reader import BatchStream, read_spec
 
     meta = DatasetMeta.load(cfg.data.path)
     spec = read_spec(cfg.data, cfg.tasks, meta.table_rows(cfg.data.sparse))
@@ -177,7 +176,7 @@ def train(
     """Trains ``num_steps`` steps of the config (no checkpoints, no evaluation). With
     ``reference_world_size`` W (run it on one rank) the batches are the global batches a W-rank run
     of the same config trains on (see ``global_batches``)."""
-    from towerrec.trainer.run import build
+    from towerrec.trainer.build import build
 
     cfg = load(
         [
@@ -204,7 +203,7 @@ def train(
 
 def fit(overrides: list[str], config: str = BASE_CONFIG) -> dict[str, Any]:
     """The ``fit`` command's training (checkpoints and resume as configured), without evaluation."""
-    from towerrec.trainer.run import build, resume_path
+    from towerrec.trainer.build import build, resume_path
 
     cfg = load(overrides, config)
     recorder = RowRecorder()
@@ -220,8 +219,8 @@ def fit_with_desync(overrides: list[str], perturb_at_step: int, parameter: str) 
     import lightning as L
     import torch.distributed as dist
 
+    from towerrec.trainer.build import build
     from towerrec.trainer.errors import ReplicasDiverged
-    from towerrec.trainer.run import build
 
     class Nudge(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

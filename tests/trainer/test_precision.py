@@ -44,7 +44,7 @@ def resolved_precision(data: str, run_dir: str, native: bool, batch: int) -> str
     """On a pool rank (the trainer sets environment variables, threads and a process group, which
     must not leak into the test process): the precision ``build`` hands to Lightning."""
     from tests.conftest import TINY_SYNTHETIC
-    from towerrec.trainer.run import build
+    from towerrec.trainer.build import build
 
     cfg = load_config(
         "configs/default.yaml",
@@ -71,7 +71,7 @@ def scores_after_bf16_training(data: str, run_dir: str) -> dict[str, float]:
     differences from the fp32 forward."""
     from tests.conftest import TINY_SYNTHETIC
     from towerrec.models.heads import predictions
-    from towerrec.trainer.run import build
+    from towerrec.trainer.build import build
 
     cfg = load_config(
         "configs/default.yaml",
