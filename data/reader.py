@@ -16,6 +16,7 @@ resuming skips whole windows by row count without reading them.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import threading
@@ -223,6 +224,7 @@ class BatchStream:
         read window by window from the base ranks' shuffled sequences, cut into batches of
         ``batch_size`` (a batch may join the ends of two windows) and padded at the end."""
         order = self._epoch_order(epoch)
+        ends = list(itertools.accumulate(rg.num_rows for rg in order))
         base_world, base_window = self._base
         base_starts = [_split(self.num_rows, base_world, r)[0] for r in range(base_world)]
         base_sizes = [_split(self.num_rows, base_world, r)[1] - base_starts[r] for r in range(base_world)]
@@ -252,7 +254,7 @@ class BatchStream:
             base_rank, window_start = key
             window_end = min(window_start + base_window, base_sizes[base_rank])
             return self._read_window(
-                order, epoch, base_rank, base_starts[base_rank], window_start, window_end
+                order, ends, epoch, base_rank, base_starts[base_rank], window_start, window_end
             )
 
         pieces: list[tuple[DecodedRows, int, int]] = []
@@ -311,32 +313,23 @@ class BatchStream:
         rng = np.random.default_rng([self.seed, epoch])
         return [self.row_groups[i] for i in rng.permutation(len(self.row_groups))]
 
-    def _read_rows(self, order: list[RowGroup], start: int, end: int) -> tuple[pa.Table, RowLocator]:
-        """Rows [start, end) of the epoch sequence, reading only the row groups that overlap them."""
-        tables, parts, offset = [], [], 0
-        columns = self.spec.columns()
+    def _read_rows(
+        self, order: list[RowGroup], ends: list[int], start: int, end: int
+    ) -> tuple[pa.Table, RowLocator]:
+        """Rows [start, end) of the epoch sequence (``ends``: cumulative row counts of ``order``),
+        reading only the row groups that overlap them, found by bisection: a window costs
+        O(log row groups), however many days a data set has."""
+        first_group = bisect.bisect_right(ends, start)
+        tables, parts = [], []
         files: dict[str, pq.ParquetFile] = {}  # per call: windows are read in several threads
-        for rg in order:
-            rg_start, rg_end = offset, offset + rg.num_rows
-            offset = rg_end
-            if rg_end <= start:
-                continue
+        for index in range(first_group, len(order)):
+            rg_start = ends[index - 1] if index else 0
             if rg_start >= end:
                 break
-            try:
-                if rg.file not in files:
-                    files[rg.file] = open_parquet(rg.file)
-                table = files[rg.file].read_row_group(rg.index, columns=columns)
-            except KeyError as err:
-                raise DataError(f"{rg.file}: missing column {err} (needed: {columns})") from err
-            except (pa.ArrowInvalid, OSError) as err:
-                raise DataError(f"{rg.file}: row group {rg.index} cannot be read ({err})") from err
-            if table.num_rows != rg.num_rows:
-                raise DataError(
-                    f"{rg.file}: row group {rg.index} has {table.num_rows} rows, metadata.json says {rg.num_rows}"
-                )
+            rg = order[index]
+            table = read_row_group(files, rg, self.spec.columns())
             first = max(start - rg_start, 0)
-            tables.append(table.slice(first, min(end, rg_end) - rg_start - first))
+            tables.append(table.slice(first, min(end, ends[index]) - rg_start - first))
             parts.append((rg, first))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         return table, RowLocator(parts)
@@ -344,6 +337,7 @@ class BatchStream:
     def _read_window(
         self,
         order: list[RowGroup],
+        ends: list[int],
         epoch: int,
         base_rank: int,
         base_start: int,
@@ -354,7 +348,7 @@ class BatchStream:
         (which starts at ``base_start``): read, validated, decoded and shuffled by (seed, epoch,
         base rank, window start), so the same rows come out whichever rank reads them."""
         start, end = base_start + window_start, base_start + window_end
-        table, locator = self._read_rows(order, start, end)
+        table, locator = self._read_rows(order, ends, start, end)
         window, report = decode_rows(table, self.spec, locator, first_row_id=start)
         with _COUNT_LOCK:  # windows decode in several threads
             self.skipped_bad_rows += report.bad_rows
@@ -418,17 +412,8 @@ def read_split(
     (e.g. raw ids for serving). Holds the whole split in memory."""
     columns = list(dict.fromkeys([*spec.columns(), *extra_columns]))
     parts, extras = [], {name: [] for name in extra_columns}
-    files: dict[str, pq.ParquetFile] = {}
     offset = 0
-    for group in meta.row_groups(split):
-        if group.file not in files:
-            files[group.file] = open_parquet(group.file)
-        try:
-            table = files[group.file].read_row_group(group.index, columns=columns)
-        except KeyError as err:
-            raise DataError(f"{group.file}: missing column {err} (needed: {columns})") from err
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"{group.file}: row group {group.index} cannot be read ({err})") from err
+    for group, table in iter_row_groups(meta.row_groups(split), columns):
         rows, _ = decode_rows(table, spec, RowLocator([(group, 0)]), first_row_id=offset)
         parts.append(rows)
         for name in extra_columns:
@@ -447,12 +432,33 @@ def read_split(
 def read_stored_columns(meta: DatasetMeta, split: str, columns: list[str]) -> pa.Table:
     """``columns`` of every row of ``split`` as stored (no decoding), in stored order: row r of
     the result is the row whose ``row_id`` is r."""
-    tables = []
-    for file, groups in itertools.groupby(meta.row_groups(split), key=lambda group: group.file):
-        try:
-            tables.append(open_parquet(file).read_row_groups([g.index for g in groups], columns=columns))
-        except (KeyError, pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"{file}: cannot read columns {columns} ({err})") from err
+    tables = [table for _, table in iter_row_groups(meta.row_groups(split), columns)]
     if not tables:
         return pa.table({name: pa.array([], pa.int64()) for name in columns})
     return pa.concat_tables(tables)
+
+
+def iter_row_groups(groups: list[RowGroup], columns: list[str]) -> Iterator[tuple[RowGroup, pa.Table]]:
+    """(row group, its ``columns``) for each of ``groups`` in order, each file opened once."""
+    files: dict[str, pq.ParquetFile] = {}
+    for group in groups:
+        yield group, read_row_group(files, group, columns)
+
+
+def read_row_group(files: dict[str, pq.ParquetFile], group: RowGroup, columns: list[str]) -> pa.Table:
+    """The one reader of a stored row group: ``columns`` of ``group`` (its file opened into
+    ``files`` on first use), checked against the row count ``metadata.json`` records; a missing
+    file or column, or an unreadable group, is a DataError naming the file and group."""
+    if group.file not in files:
+        files[group.file] = open_parquet(group.file)
+    try:
+        table = files[group.file].read_row_group(group.index, columns=columns)
+    except KeyError as err:
+        raise DataError(f"{group.file}: missing column {err} (needed: {columns})") from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{group.file}: row group {group.index} cannot be read ({err})") from err
+    if table.num_rows != group.num_rows:
+        raise DataError(
+            f"{group.file}: row group {group.index} has {table.num_rows} rows, metadata.json says {group.num_rows}"
+        )
+    return table
