@@ -29,6 +29,7 @@ from towerrec.models.heads import TaskHeads, task_loss_sums, task_losses
 from towerrec.models.interaction import build_interaction
 from towerrec.models.layers import l2_penalty_gradient
 from towerrec.models.sequence import SequenceEncoder
+from towerrec.models.tables import mean_of_bags
 from towerrec.models.towers import build_tower
 
 
@@ -163,11 +164,6 @@ def dense_outputs(
         by_name[name] = model.sequence_encoders[name](values, lengths, by_name[feature.candidate])
     features = [by_name[name] for name in model.feature_names]
     return model.heads(model.tower(model.interaction(features, dense)))
-
-
-def mean_of_bags(sums: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sum-pooled bags (B, D) → their means (an empty bag stays 0, as fbgemm's mean pooling)."""
-    return sums / lengths.clamp_min(1).unsqueeze(1).to(sums.dtype)
 
 
 def sequence_inputs(sequences: dict[str, SequenceFeature], histories: dict[str, tuple]) -> list:

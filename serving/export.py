@@ -34,7 +34,8 @@ from torch import nn
 from towerrec.data.dataset import DatasetMeta, is_complete, table_rows
 from towerrec.models.builder import build_model
 from towerrec.models.heads import predictions
-from towerrec.models.multitask import MultiTaskModel, dense_outputs, mean_of_bags, sequence_inputs
+from towerrec.models.multitask import MultiTaskModel, dense_outputs, sequence_inputs
+from towerrec.models.tables import TableLookup
 from towerrec.trainer.config import Config
 from towerrec.trainer.distributed import checkpoint as ckpt
 from towerrec.trainer.errors import OutputExists
@@ -110,8 +111,9 @@ def _check_against_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> Non
 
 # ------------------------------------------------------------------------------------------ serving
 class ServingModel(nn.Module):
-    """Plain-torch scorer: ``nn.EmbeddingBag`` per pooled table, ``nn.Embedding`` per sequence
-    table, and the trained sequence encoders, interaction, tower and heads (``dense_outputs``).
+    """Plain-torch scorer: the tables' lookups (``towerrec.models.tables.TableLookup``: an
+    ``nn.EmbeddingBag`` per pooled table, an ``nn.Embedding`` per sequence table) and the trained
+    sequence encoders, interaction, tower and heads (``dense_outputs``).
 
     Inputs, F sparse features in ``input_names`` order (config order; B rows)::
 
@@ -129,24 +131,10 @@ class ServingModel(nn.Module):
         self.input_names = list(model.input_names)
         self.feature_names = list(model.feature_names)
         self.pooled_names = list(model.pooled_names)
-        self.mean_pooled = set(model.mean_pooled)
         self.sequences = dict(model.sequences)
         self.sequence_lists = set(model.sequence_lists)
         self.output_kinds = list(model.output_kinds)
-        self.bags = nn.ModuleDict()
-        self.lookups = nn.ModuleDict()
-        table_of_feature = {}
-        weights = dict(model.embeddings.state_dict())
-        for table in model.embeddings.embedding_bag_configs():
-            weight = weights[f"embedding_bags.{table.name}.weight"].detach().clone()
-            self.bags[table.name] = nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode="sum")
-            table_of_feature.update(dict.fromkeys(table.feature_names, table.name))
-        if model.sequence_embeddings is not None:
-            for table in model.sequence_embeddings.embedding_configs():
-                weight = model.sequence_embeddings.embeddings[table.name].weight.detach().clone()
-                self.lookups[table.name] = nn.Embedding.from_pretrained(weight, freeze=True)
-                table_of_feature.update(dict.fromkeys(table.feature_names, table.name))
-        self.table_of_input = [table_of_feature[name] for name in self.input_names]
+        self.lookup = TableLookup.of(model)
         self.sequence_encoders = model.sequence_encoders
         self.interaction = model.interaction
         self.tower = model.tower
@@ -156,16 +144,11 @@ class ServingModel(nn.Module):
         self, dense: torch.Tensor, values: list[torch.Tensor], lengths: list[torch.Tensor]
     ) -> torch.Tensor:
         by_name, histories = {}, {}
-        for f, (name, table) in enumerate(zip(self.input_names, self.table_of_input)):
-            if table in self.bags:
-                offsets = torch.cumsum(lengths[f], 0) - lengths[f]  # (B,) start of each bag
-                by_name[name] = self.bags[table](values[f], offsets)
-                if name in self.mean_pooled:
-                    by_name[name] = mean_of_bags(by_name[name], lengths[f])
-            elif name in self.sequence_lists:
-                histories[name] = (self.lookups[table](values[f]), lengths[f])
-            else:  # a single id per row on a sequence table
-                by_name[name] = self.lookups[table](values[f])
+        for f, name in enumerate(self.input_names):
+            if name in self.sequence_lists:
+                histories[name] = (self.lookup.unpooled(name, values[f]), lengths[f])
+            else:
+                by_name[name] = self.lookup.pooled(name, values[f], lengths[f])
         pooled = [by_name[name] for name in self.pooled_names]
         outputs = dense_outputs(self, pooled, dense, sequence_inputs(self.sequences, histories))
         return predictions(outputs, self.output_kinds)
@@ -181,8 +164,8 @@ def export_serving(
     # Example bags of 2 ids per row, so that no size is 0/1 or equal to the batch (no specialisation);
     # a single id per row on a sequence table is looked up unpooled: its ids are the batch.
     one_per_row = [
-        table in serving.lookups and name not in serving.sequence_lists
-        for name, table in zip(serving.input_names, serving.table_of_input)
+        not serving.lookup.is_pooled(name) and name not in serving.sequence_lists
+        for name in serving.input_names
     ]
     dense = torch.zeros(example_batch_size, num_dense)
     values = [torch.zeros((1 if one else 2) * example_batch_size, dtype=torch.int64) for one in one_per_row]

@@ -24,43 +24,28 @@ import torch.nn.functional as F
 
 from towerrec.data.jagged import Jagged
 from towerrec.models.heads import predictions
-from towerrec.models.multitask import MultiTaskModel, mean_of_bags, sequence_inputs
+from towerrec.models.multitask import MultiTaskModel, sequence_inputs
 from towerrec.models.sequence import pad_left
+from towerrec.models.tables import TableLookup
 from towerrec.serving.catalogue import Catalogue, Entities, excluded_pairs, item_counts
 from towerrec.trainer.config import Config
 from towerrec.trainer.errors import RecommendError
 
 
-def _pool(model: MultiTaskModel, name: str, jagged: Jagged) -> torch.Tensor:
-    """Pooled embedding (E, D) of feature ``name`` for each row of ``jagged`` (a single id per row
-    on a sequence table: its embedding)."""
-    values, offsets = torch.from_numpy(jagged.values), torch.from_numpy(jagged.offsets)
-    tables = _tables(model)
-    if name in tables["unpooled"]:
-        return model.sequence_embeddings.embeddings[tables["unpooled"][name]](values)
-    table = model.embeddings.embedding_bags[tables["pooled"][name]]
-    sums = F.embedding_bag(values, table.weight, offsets, mode="sum", include_last_offset=True)
-    return mean_of_bags(sums, offsets.diff()) if name in model.mean_pooled else sums
+def _pool(lookup: TableLookup, name: str, jagged: Jagged) -> torch.Tensor:
+    """(E, D): feature ``name`` of each row of ``jagged``, pooled (``TableLookup.pooled``)."""
+    return lookup.pooled(name, torch.from_numpy(jagged.values), torch.from_numpy(jagged.lengths()))
 
 
-def _unpooled(model: MultiTaskModel, name: str, jagged: Jagged) -> torch.Tensor:
-    """Embeddings (N, D) of every id of a sequence feature, rows concatenated."""
-    table = model.sequence_embeddings.embeddings[_tables(model)["unpooled"][name]]
-    return table(torch.from_numpy(jagged.values))
-
-
-def _tables(model: MultiTaskModel) -> dict[str, dict[str, str]]:
-    pooled = {f: t.name for t in model.embeddings.embedding_bag_configs() for f in t.feature_names}
-    unpooled = {}
-    if model.sequence_embeddings is not None:
-        unpooled = {f: t.name for t in model.sequence_embeddings.embedding_configs() for f in t.feature_names}
-    return {"pooled": pooled, "unpooled": unpooled}
-
-
-def _padded_histories(model: MultiTaskModel, users: Entities) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _padded_histories(
+    model: MultiTaskModel, lookup: TableLookup, users: Entities
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each sequence of each user, its side lists added, left-padded: (U, L, D) and (U, L) masks."""
     histories = {
-        name: (_unpooled(model, name, users.sparse[name]), torch.from_numpy(users.sparse[name].lengths()))
+        name: (
+            lookup.unpooled(name, torch.from_numpy(users.sparse[name].values)),
+            torch.from_numpy(users.sparse[name].lengths()),
+        )
         for name in model.sequence_lists
     }
     return {
@@ -89,6 +74,7 @@ class ModelScorer:
         item_prior: np.ndarray | None = None,
     ):
         self.model = model
+        self.lookup = TableLookup.of(model)
         self.item_prior = (
             None if item_prior is None else torch.from_numpy(np.asarray(item_prior, dtype=np.float32))
         )
@@ -99,22 +85,22 @@ class ModelScorer:
         users = _subset(users, np.asarray(user_rows))
         with torch.inference_mode():
             self.user_pooled = {
-                name: _pool(model, name, jagged)
+                name: _pool(self.lookup, name, jagged)
                 for name, jagged in users.sparse.items()
                 if name not in model.sequence_lists
             }
-            self.user_histories = _padded_histories(model, users) if model.sequences else {}
+            self.user_histories = _padded_histories(model, self.lookup, users) if model.sequences else {}
             context = [
                 f.name for f in cfg.data.sparse if f.name not in users.sparse and f.name not in items.sparse
             ]
             zero_id = Jagged.single(np.zeros(1, dtype=np.int64))
-            self.context_pooled = {name: _pool(model, name, zero_id) for name in context}
+            self.context_pooled = {name: _pool(self.lookup, name, zero_id) for name in context}
         self.user_dense = torch.from_numpy(users.dense)
 
     def item_block(self, start: int, end: int) -> dict:
         block = _subset(self.items, self.item_rows[start:end])
         pooled = {
-            name: _pool(self.model, name, jagged)
+            name: _pool(self.lookup, name, jagged)
             for name, jagged in block.sparse.items()
             if name not in self.model.sequence_lists
         }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from towerrec.trainer.distributed.sharding import is_table_parameter
+from towerrec.models.tables import dense_named_parameters
 
 AUTO_BF16_MIN_MACS = 50_000_000
 """Dense multiply-adds per step (per rank) from which ``auto`` autocasts to bf16."""
@@ -38,10 +38,8 @@ def dense_macs_per_sample(model: nn.Module) -> int:
     tables excluded; attention over a sequence costs more than its weights, so this is a floor)."""
     return sum(
         p.numel()
-        for name, p in model.named_parameters()
-        if p.dim() >= 2
-        and not is_table_parameter(name)
-        and not any(part.startswith("bias") for part in name.split("."))
+        for name, p in dense_named_parameters(model)
+        if p.dim() >= 2 and not any(part.startswith("bias") for part in name.split("."))
     )
 
 

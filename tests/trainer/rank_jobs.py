@@ -112,8 +112,6 @@ class RowRecorder:
     def __init__(self) -> None:
         import lightning as L
 
-        from towerrec.trainer.pipeline import LightningSparseDistPipeline
-
         recorder = self
         self.steps: list[tuple[int, np.ndarray]] = []
         self.initial: dict[str, Any] | None = None
@@ -132,31 +130,48 @@ class RowRecorder:
                 if not pl_module.skip_step and rows is not None:
                     recorder.steps.append((trainer.current_epoch, rows[rows >= 0].numpy().copy()))
 
-        original = LightningSparseDistPipeline._backward
-
-        def recording_backward(pipeline, loss_sums):  # the pipeline trains batches Lightning never sees
-            recorder._pending = pipeline.batches[0].row_id
-            return original(pipeline, loss_sums)
-
-        LightningSparseDistPipeline._backward = recording_backward
+        _record_backward()
+        _RECORDING[:] = [self]  # the pipeline trains batches Lightning never sees: see _record_backward
         self.callback = _Callback()
+
+
+_RECORDING: list[RowRecorder] = []
+"""The recorder of the run in progress on this rank (the last one made)."""
+
+
+def _record_backward() -> None:
+    """Wraps the sparse_dist pipeline's backward once per process, for whichever recorder is current."""
+    from towerrec.trainer.pipeline import LightningSparseDistPipeline
+
+    original = LightningSparseDistPipeline._backward
+    if getattr(original, "records_rows", False):
+        return
+
+    def recording_backward(pipeline, loss_sums):
+        if _RECORDING:
+            _RECORDING[-1]._pending = pipeline.batches[0].row_id
+        return original(pipeline, loss_sums)
+
+    recording_backward.records_rows = True
+    LightningSparseDistPipeline._backward = recording_backward
 
 
 def model_state(module) -> dict[str, Any]:
     """Dense parameters (full) and this rank's embedding shards, as numpy."""
-    from towerrec.trainer.distributed.sharding import is_table_parameter
+    from towerrec.models.tables import table_of_key
 
     dmp = module.model
+    table_names = [t.name for t in module.tables]
     dense = {
         name: p.detach().float().numpy().copy()
         for name, p in dmp.module.named_parameters()
-        if not is_table_parameter(name)
+        if table_of_key(name, table_names) is None
     }
     tables: dict[str, list] = {}
     for key, value in dmp.state_dict().items():
-        if not is_table_parameter(key):
+        table = table_of_key(key, table_names)
+        if table is None:
             continue
-        table = key.split(".")[-2]
         if hasattr(value, "local_shards"):
             for shard in value.local_shards():
                 offsets = shard.metadata.shard_offsets

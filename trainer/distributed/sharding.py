@@ -30,6 +30,7 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from towerrec.models.tables import dense_named_parameters, table_of_key, table_parameters
 from towerrec.trainer.config import (
     DEFAULT_CPU_SHARDING_TYPES,
     SHARDING_TYPES,
@@ -52,21 +53,10 @@ def _fused_optimizer(opt: OptimizerConfig) -> tuple[type[torch.optim.Optimizer],
     return torch.optim.SGD, {"lr": opt.lr}
 
 
-TABLE_MODULES = ("embedding_bags", "sequence_embeddings")
-"""Attribute names that hold embedding tables: the EmbeddingBagCollection's tables and the
-unpooled EmbeddingCollection of the sequence tables (``towerrec.models.multitask``)."""
-
-
-def is_table_parameter(name: str) -> bool:
-    """A parameter (or state-dict key) of an embedding table, wherever the model is wrapped."""
-    return any(part in TABLE_MODULES for part in name.split("."))
-
-
 def apply_embedding_optimizer(model: nn.Module, opt: OptimizerConfig) -> None:
     """Marks every embedding table parameter for an optimizer fused into the backward pass."""
     optimizer_class, kwargs = _fused_optimizer(opt)
-    table_params = [p for name, p in model.named_parameters() if is_table_parameter(name)]
-    apply_optimizer_in_backward(optimizer_class, table_params, kwargs)
+    apply_optimizer_in_backward(optimizer_class, table_parameters(model), kwargs)
 
 
 def planner_constraints(
@@ -152,7 +142,7 @@ def make_planner(
 
 def dense_memory_bytes(model: nn.Module) -> int:
     """Parameters, gradients and two Adam moments of the model's dense (non-embedding) part, fp32."""
-    dense = sum(p.numel() for name, p in model.named_parameters() if not is_table_parameter(name))
+    dense = sum(p.numel() for _, p in dense_named_parameters(model))
     return 4 * 4 * dense
 
 
@@ -264,10 +254,10 @@ def initialize_tables(dmp: DistributedModelParallel, tables: list[BaseEmbeddingC
     generator seeded per chunk; each shard fills its rows and columns from the chunks it overlaps."""
     by_name = {t.name: t for t in tables}
     for key, value in dmp.state_dict().items():  # views of the live shards
-        parts = key.split(".")
-        if not is_table_parameter(key) or parts[-1] != "weight" or parts[-2] not in by_name:
+        name = table_of_key(key, by_name)
+        if name is None:
             continue
-        table = by_name[parts[-2]]
+        table = by_name[name]
         low, high = table.get_weight_init_min(), table.get_weight_init_max()
         shards = (
             [(s.metadata.shard_offsets, s.tensor) for s in value.local_shards()]
