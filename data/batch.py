@@ -15,6 +15,7 @@ Shapes (B = rows in the batch, F = dense features, T = tasks)::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,3 +72,21 @@ class Batch(Pipelineable):
             sequences=None if self.sequences is None else self.sequences.pin_memory(),
             position=self.position,
         )
+
+    def with_sampled_ids(self, name: str, ids: torch.Tensor, unpooled: bool) -> Batch:
+        """This batch with feature ``name`` added: one id of ``ids`` (S,) on each of the first S
+        rows, none on the others (S <= B), in ``sequences`` when ``unpooled`` (a sequence table's
+        feature) else in ``sparse``. Retrieval's uniformly sampled negative items travel so: through
+        the same sharded lookup as the batch's own ids."""
+        lengths = torch.zeros(self.batch_size, dtype=torch.int32)
+        lengths[: len(ids)] = 1
+        target = self.sequences if unpooled else self.sparse
+        extended = KeyedJaggedTensor(
+            keys=[*target.keys(), name],
+            values=torch.cat([target.values(), ids.to(target.values().dtype)]),
+            lengths=torch.cat([target.lengths(), lengths.to(target.lengths().dtype)]),
+            stride=self.batch_size,
+        )
+        if unpooled:
+            return dataclasses.replace(self, sequences=extended)
+        return dataclasses.replace(self, sparse=extended)

@@ -27,13 +27,33 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from towerrec.data.batch import Batch
+from towerrec.data.config import SparseFeature
 from towerrec.data.dataset import DatasetMeta, RowGroup
 from towerrec.data.errors import DataError
-from towerrec.data.rows import DecodedRows, LabelSpec, ReadSpec, RowLocator, decode_rows, map_ids, read_spec
+from towerrec.data.rows import (
+    DecodedRows,
+    LabelSpec,
+    ReadSpec,
+    RowLocator,
+    SampledIds,
+    decode_rows,
+    map_ids,
+    read_spec,
+)
 
-__all__ = ["BatchStream", "LabelSpec", "ReadSpec", "map_ids", "read_spec", "read_split"]
+__all__ = [
+    "BatchStream",
+    "LabelSpec",
+    "ReadSpec",
+    "SampledIds",
+    "count_rows",
+    "map_ids",
+    "read_spec",
+    "read_split",
+]
 
 
 Segment = tuple[int, int, int]
@@ -273,7 +293,7 @@ class BatchStream:
                 batch.position = position
                 position += 1
                 padded_rows -= batch.batch_size
-                yield batch
+                yield self._with_sampled(batch, epoch)
         if padded_rows > 0:
             window, row = last
             padding = window.take(np.array([row])).padding(padded_rows - buffered)
@@ -282,9 +302,24 @@ class BatchStream:
                 batch = tail.to_batch(begin, min(begin + self.batch_size, tail.num_rows))
                 batch.position = position
                 position += 1
-                yield batch
+                yield self._with_sampled(batch, epoch)
         if not self._externally_tracked:
             self.epoch, self.consumed = epoch, len(self)
+
+    def _with_sampled(self, batch: Batch, epoch: int) -> Batch:
+        """A training batch with the spec's sampled ids (``ReadSpec.sampled``), drawn from (seed,
+        epoch, rank, position): a resumed run draws the same ones."""
+        sampled = self.spec.sampled
+        if sampled is None or not self.shuffle:
+            return batch
+        if sampled.count > batch.batch_size:
+            raise DataError(
+                f"{sampled.name}: {sampled.count} sampled ids do not fit a batch of {batch.batch_size} rows "
+                "(model.retrieval.num_sampled_negatives must not exceed data.batch_size)"
+            )
+        rng = np.random.default_rng([self.seed, epoch, self.rank, batch.position, 3])
+        ids = torch.from_numpy(rng.integers(1, sampled.num_rows, size=sampled.count, dtype=np.int64))
+        return batch.with_sampled_ids(sampled.name, ids, sampled.unpooled)
 
     def _cut(self, pieces: list[tuple[DecodedRows, int, int]], buffered: int):
         """The first ``batch_size`` rows of ``pieces`` as a Batch, and what is left."""
@@ -462,3 +497,13 @@ def read_row_group(files: dict[str, pq.ParquetFile], group: RowGroup, columns: l
             f"{group.file}: row group {group.index} has {table.num_rows} rows, metadata.json says {group.num_rows}"
         )
     return table
+
+
+def count_rows(meta: DatasetMeta, split: str, feature: SparseFeature, num_embeddings: int) -> np.ndarray:
+    """How many rows of ``split`` hold each table row of a single-valued ``feature``: (num_embeddings,)
+    int64, read one row group and one column at a time (O(table) memory, not O(split))."""
+    counts = np.zeros(num_embeddings, dtype=np.int64)
+    for _, table in iter_row_groups(meta.row_groups(split), [feature.source_column]):
+        values = np.asarray(table.column(0).combine_chunks().fill_null(0), dtype=np.int64)
+        counts += np.bincount(map_ids(values, feature, num_embeddings), minlength=num_embeddings)
+    return counts

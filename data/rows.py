@@ -47,6 +47,17 @@ class LabelSpec:
 
 
 @dataclass(frozen=True)
+class SampledIds:
+    """Ids drawn uniformly from rows [1, num_rows) of a table for every training batch (retrieval's
+    sampled negatives): ``count`` of them as feature ``name`` (see ``Batch.with_sampled_ids``)."""
+
+    name: str
+    count: int
+    num_rows: int
+    unpooled: bool
+
+
+@dataclass(frozen=True)
 class ReadSpec:
     """Columns to read and how to turn them into a Batch."""
 
@@ -60,6 +71,8 @@ class ReadSpec:
     vocabulary_from_metadata: frozenset[str] = frozenset()
     """Features whose table size is the vocabulary ``metadata.json`` records: an id at or above it
     means the metadata does not describe the shards (an error, not an out-of-vocabulary id)."""
+    sampled: SampledIds | None = None
+    """Ids to draw for every training batch (none for evaluation)."""
 
     def columns(self) -> list[str]:
         names = [f.source_column for f in self.sparse] + [f.source_column for f in self.dense]
@@ -83,7 +96,11 @@ class TaskLabel(Protocol):
 
 
 def read_spec(
-    data: DataConfig, tasks: Sequence[TaskLabel], table_rows: dict[str, int], columns: dict | None = None
+    data: DataConfig,
+    tasks: Sequence[TaskLabel],
+    table_rows: dict[str, int],
+    columns: dict | None = None,
+    sampled: SampledIds | None = None,
 ) -> ReadSpec:
     """What the reader needs: the ``data`` section's features and weights, each task's label.
     ``columns`` (``DatasetMeta.columns``) adds what the data set's metadata knows: label ranges a
@@ -113,6 +130,7 @@ def read_spec(
         sample_weight_column=data.sample_weight_column,
         skip_bad_rows=data.bad_rows == "skip",
         vocabulary_from_metadata=from_metadata,
+        sampled=sampled,
     )
 
 

@@ -55,9 +55,11 @@ class SequenceConfig:
     """How each behaviour sequence (``data.sparse`` features with ``sequence: true``) becomes one
     interest vector beside the pooled features (see ``towerrec.models.sequence``)."""
 
-    encoder: Literal["din", "transformer"] = "din"
+    encoder: Literal["din", "transformer", "mean"] = "din"
     """``din``: target attention of the candidate over the history (DIN); ``transformer``: a causal
-    encoder over the history and the candidate (its output at the candidate)."""
+    encoder over the history and the candidate (its output at the candidate; in a retrieval user
+    tower, over the history alone: its output at the newest event); ``mean``: the mean of the
+    history's embeddings (a bag: order is not seen)."""
     attention: Literal["softmax", "pointwise"] = "softmax"
     """Transformer: ``softmax`` multi-head attention (SASRec) or ``pointwise`` SiLU attention with a
     gate (HSTU)."""
@@ -83,9 +85,58 @@ class SequenceConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """Two-tower retrieval (``model.objective: retrieval``): a user tower (every ``side: user``
+    feature, its histories through ``model.sequence``) and an item tower (``recommend.item_feature``
+    and every ``side: item`` feature) map to L2-normalised vectors of width ``dim``; training is a
+    sampled softmax of each row's item against the items of the whole global batch (gathered across
+    ranks) and optional uniformly sampled items (see ``towerrec.models.retrieval``)."""
+
+    dim: int = 64
+    """Width of the user and item vectors (the index's dimension)."""
+    user_dims: list[int] = field(default_factory=lambda: [128])
+    """Hidden widths of the user tower's MLP before its ``dim``-wide output layer."""
+    item_dims: list[int] = field(default_factory=list)
+    """Hidden widths of the item tower's MLP before its ``dim``-wide output layer (empty: linear)."""
+    temperature: float = 0.05
+    """Softmax temperature: scores are cosine similarities divided by it."""
+    in_batch_negatives: bool = True
+    """Score each row's item against the other rows' items of the global batch (all ranks)."""
+    num_sampled_negatives: int = 0
+    """Extra negatives per rank and step, drawn uniformly from the item table (rows 1..N-1) and
+    shared by every row of the global batch. They carry no item-side features: the item tower must
+    read the item id alone."""
+    logq_correction: bool = True
+    """Subtract from each candidate's logit the log of its expected count in the candidate set
+    (in-batch items: batch size × training frequency; sampled items: count × 1/N): the sampled softmax
+    then estimates the full softmax instead of favouring rare items (Yi et al., 2019)."""
+    remove_accidental_hits: bool = True
+    """A candidate with the row's own item id (a popular item elsewhere in the batch) is not a negative."""
+    all_positions: bool = False
+    """Train the history encoder on every position at once (SASRec, HSTU): the output at each event
+    predicts the next event, and the newest one the row's item, against the same candidates. Needs a
+    ``transformer`` encoder and an item tower that reads the item id alone."""
+
+    def check(self) -> None:
+        positive("dim", self.dim)
+        for width in (*self.user_dims, *self.item_dims):
+            positive("user_dims / item_dims", width)
+        positive("temperature", self.temperature)
+        positive("num_sampled_negatives", self.num_sampled_negatives, allow_zero=True)
+        if not self.in_batch_negatives and self.num_sampled_negatives == 0:
+            raise ValueError("num_sampled_negatives: 0 with in_batch_negatives false leaves no negatives")
+
+
+@dataclass
 class ModelConfig:
     """The dense part of the model; embedding tables come from ``data.sparse``."""
 
+    objective: Literal["ranking", "retrieval"] = "ranking"
+    """``ranking``: the multi-task model (``tower``, one head per task) scores (user, item) pairs;
+    ``retrieval``: two towers embed users and items for a nearest-neighbour index
+    (``model.retrieval``), trained on the rows as positives (``tasks: []``)."""
+    retrieval: RetrievalConfig = field(default_factory=lambda: RetrievalConfig())
+    """Two-tower retrieval (``objective: retrieval``)."""
     tower: Literal["shared_bottom", "mmoe", "ple", "esmm"] = "shared_bottom"
     """Architecture: ``shared_bottom``, ``mmoe``, ``ple`` or ``esmm``."""
     interaction: Literal["none", "dot", "concat_dot", "dcn"] = "none"

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from towerrec.models.balancing import build_balancer
@@ -29,7 +28,7 @@ from towerrec.models.heads import TaskHeads, task_loss_sums, task_losses
 from towerrec.models.interaction import build_interaction
 from towerrec.models.layers import l2_penalty_gradient
 from towerrec.models.sequence import SequenceEncoder
-from towerrec.models.tables import mean_of_bags
+from towerrec.models.tables import ShardableTables
 from towerrec.models.towers import build_tower
 
 
@@ -42,7 +41,7 @@ class SequenceFeature:
     side: list[str] = field(default_factory=list)
 
 
-class MultiTaskModel(nn.Module):
+class MultiTaskModel(ShardableTables):
     """Args:
     tables: embedding tables (TorchRec configs); each lists the features it serves. Pooled tables
         (``EmbeddingBagConfig``) go to an EmbeddingBagCollection, unpooled ones (``EmbeddingConfig``:
@@ -78,28 +77,15 @@ class MultiTaskModel(nn.Module):
         self.mean_pooled = list(mean_pooled or [])
         self.task_names = [task.name for task in tasks]
         self.loss_names = [task.loss_name for task in tasks]
-        device = torch.device(embedding_device)
-        bag_tables = [t for t in tables if isinstance(t, EmbeddingBagConfig)]
-        unpooled_tables = [t for t in tables if not isinstance(t, EmbeddingBagConfig)]
-        dim_of_feature = {name: table.embedding_dim for table in tables for name in table.feature_names}
-        self.embeddings = EmbeddingBagCollection(tables=bag_tables, device=device)
-        self.sequence_embeddings = (
-            EmbeddingCollection(tables=unpooled_tables, device=device) if unpooled_tables else None
-        )
-        self.sequence_encoders = nn.ModuleDict(
-            {
-                name: SequenceEncoder(dim_of_feature[name], feature.max_length, cfg.sequence)
-                for name, feature in self.sequences.items()
-            }
-        )
+        sequence_lists = [name for seq, f in self.sequences.items() for name in (seq, *f.side)]
+        self.init_tables(tables, sequence_lists, self.mean_pooled, embedding_device)
+        self.sequence_encoders = nn.ModuleDict()
+        dim_of_feature = self.dim_of_feature
+        for name, feature in self.sequences.items():
+            self.sequence_encoders[name] = SequenceEncoder(
+                dim_of_feature[name], feature.max_length, cfg.sequence
+            )
         self.pooled_names = [name for name in self.feature_names if name not in self.sequences]
-        self.sequence_lists = [name for seq, f in self.sequences.items() for name in (seq, *f.side)]
-        self.unpooled_singles = [
-            name
-            for table in unpooled_tables
-            for name in table.feature_names
-            if name not in self.sequence_lists
-        ]
         self.interaction = build_interaction(
             cfg, [dim_of_feature[name] for name in self.feature_names], num_dense
         )
@@ -113,18 +99,7 @@ class MultiTaskModel(nn.Module):
         self, sparse: KeyedJaggedTensor, dense: torch.Tensor, sequences: KeyedJaggedTensor | None = None
     ) -> torch.Tensor:
         """Returns (B, T) outputs; their meaning per task is ``self.output_kinds`` (see models.heads)."""
-        pooled = self.embeddings(sparse).to_dict()  # no item assignment: the pipeline traces this
-        features = {name: pooled[name] for name in self.pooled_names if name not in self.unpooled_singles}
-        for name in self.mean_pooled:
-            features[name] = mean_of_bags(features[name], sparse[name].lengths())
-        histories: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.sequence_embeddings is not None:
-            # by name, no iteration over the result: TorchRec's train pipeline traces this forward
-            unpooled = self.sequence_embeddings(sequences)
-            for name in self.sequence_lists:
-                histories[name] = (unpooled[name].values(), unpooled[name].lengths())
-            for name in self.unpooled_singles:  # a single id per row on a sequence table: (B, D)
-                features[name] = unpooled[name].values()
+        features, histories = self.embed(sparse, sequences)
         features = [features[name] for name in self.pooled_names]
         if self.training and self.embedding_l2 > 0:
             features = [l2_penalty_gradient(e, self.embedding_l2) for e in features]

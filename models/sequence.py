@@ -179,3 +179,44 @@ class SequenceEncoder(nn.Module):
         """(B, L, D) left-padded history and its (B, L) mask (``pad_left``), (B, D) candidate → (B, D)."""
         history = (history + self.position) * valid.unsqueeze(-1)
         return self.encoder(history.to(candidate.dtype), valid, candidate)
+
+
+class HistoryEncoder(nn.Module):
+    """A history alone (a retrieval user tower reads no candidate) → the user's state.
+
+    ``mean``: the mean of the history's embeddings (B, D) (an empty history gives 0).
+    ``transformer``: causal layers (``model.sequence.attention``: SASRec's softmax or HSTU's pointwise)
+    over the left-padded history plus a learned embedding of each position; ``states`` returns every
+    position's output (B, L, D) — the state after that event, from it and the earlier ones — and the
+    (B, L) mask of real positions; ``forward`` the newest position's, the user's state (0 when empty).
+    """
+
+    def __init__(self, dim: int, max_length: int, cfg: SequenceConfig):
+        super().__init__()
+        self.max_length = max_length
+        self.mean = cfg.encoder == "mean"
+        if not self.mean:
+            block = PointwiseBlock if cfg.attention == "pointwise" else SoftmaxBlock
+            self.position = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+            self.blocks = nn.ModuleList(block(dim, cfg) for _ in range(cfg.num_layers))
+            self.input_norm, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            causal = torch.ones(max_length, max_length, dtype=torch.bool).tril()
+            self.register_buffer("causal", causal, persistent=False)
+
+    def states(self, values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values (N, D), lengths (B,)) → states (B, L, D), valid (B, L); newest event at L - 1."""
+        history, valid = pad_left(values, lengths, self.max_length)
+        tokens = self.input_norm((history + self.position) * valid.unsqueeze(-1))
+        eye = torch.eye(self.max_length, dtype=torch.bool, device=tokens.device)
+        allowed = self.causal & (valid.unsqueeze(1) | eye)  # (B, L, L): earlier real events, and itself
+        for layer in self.blocks:
+            tokens = layer(tokens, allowed)
+        return self.norm(tokens), valid
+
+    def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.mean:
+            history, valid = pad_left(values, lengths, self.max_length)
+            count = valid.sum(1, keepdim=True).clamp_min(1).to(history.dtype)
+            return history.sum(1) / count
+        states, valid = self.states(values, lengths)
+        return states[:, -1] * valid[:, -1:].to(states.dtype)

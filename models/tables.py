@@ -21,8 +21,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 COLLECTIONS = (EmbeddingBagCollection, EmbeddingCollection)
 TABLE_CONTAINERS = ("embedding_bags", "embeddings")
@@ -112,3 +113,55 @@ class TableLookup(nn.Module):
     def unpooled(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """(N, D): the row of every id of feature ``name`` (a sequence's, rows concatenated)."""
         return self.lookups[self.table_of[name]](values)
+
+
+class ShardableTables(nn.Module):
+    """The embedding front end every model shares: an ``EmbeddingBagCollection`` (``embeddings``)
+    of the pooled tables and, when there are sequence tables, an ``EmbeddingCollection``
+    (``sequence_embeddings``); built on ``meta`` by default for the sharder to place.
+
+    ``embed(sparse, sequences)`` looks every feature up by name (a sharded collection returns
+    features in plan order): pooled features and single ids on sequence tables → (B, D) each;
+    sequence lists (histories and their aligned side lists) → (values (N, D), lengths (B,)).
+    """
+
+    def init_tables(
+        self,
+        tables: list[BaseEmbeddingConfig],
+        sequence_lists: list[str],
+        mean_pooled: list[str],
+        embedding_device: torch.device | str,
+    ) -> None:
+        device = torch.device(embedding_device)
+        bag_tables = [t for t in tables if isinstance(t, EmbeddingBagConfig)]
+        unpooled_tables = [t for t in tables if not isinstance(t, EmbeddingBagConfig)]
+        self.embeddings = EmbeddingBagCollection(tables=bag_tables, device=device)
+        self.sequence_embeddings = (
+            EmbeddingCollection(tables=unpooled_tables, device=device) if unpooled_tables else None
+        )
+        self.mean_pooled = list(mean_pooled)
+        self.sequence_lists = list(sequence_lists)
+        self.bag_features = [name for table in bag_tables for name in table.feature_names]
+        self.unpooled_singles = [
+            name for table in unpooled_tables for name in table.feature_names if name not in sequence_lists
+        ]
+        self.dim_of_feature = {name: table.embedding_dim for table in tables for name in table.feature_names}
+
+    def embed(
+        self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """(features, histories) of a batch; see the class docstring. By name, no item assignment
+        into the collections' outputs and no iteration over them: TorchRec's train pipeline traces
+        this code."""
+        pooled = self.embeddings(sparse).to_dict()
+        features = {name: pooled[name] for name in self.bag_features}
+        for name in self.mean_pooled:
+            features[name] = mean_of_bags(features[name], sparse[name].lengths())
+        histories: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.sequence_embeddings is not None:
+            unpooled = self.sequence_embeddings(sequences)
+            for name in self.sequence_lists:
+                histories[name] = (unpooled[name].values(), unpooled[name].lengths())
+            for name in self.unpooled_singles:  # a single id per row on a sequence table: (B, D)
+                features[name] = unpooled[name].values()
+        return features, histories

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from towerrec.data.reader import read_spec
+from towerrec.data.reader import count_rows, read_spec
 from towerrec.data.validate import validate_dataset
 from towerrec.trainer.callbacks import BestEpoch, LineProgress, ReplicaCheck, StepCheckpoint, Throughput
 from towerrec.trainer.config import Config, ConfigError, dump_yaml, validate_for_device
@@ -28,6 +28,7 @@ from towerrec.trainer.distributed.strategy import TorchRecStrategy
 from towerrec.trainer.logs import configure_logging, progress_style
 from towerrec.trainer.module import MultiTaskModule, PipelinedMultiTaskModule
 from towerrec.trainer.precision import dense_macs_per_sample, resolve_precision
+from towerrec.trainer.retrieval import PipelinedRetrievalModule, RetrievalModule, sampled_ids_spec
 from towerrec.trainer.run_folder import (
     AppendingCSVLogger,
     write_record,
@@ -136,7 +137,7 @@ def build(
                 f"{meta.root} has only {meta.num_rows(split)} rows (every rank needs at least one)"
             )
     table_rows = meta.table_rows(cfg.data.sparse)
-    spec = read_spec(cfg.data, cfg.tasks, table_rows, meta.columns)
+    spec = read_spec(cfg.data, cfg.tasks, table_rows, meta.columns, sampled_ids_spec(cfg, table_rows))
     if cfg.data.validate_on_start:
         validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
     pipeline = cfg.trainer.train_pipeline
@@ -144,7 +145,12 @@ def build(
     datamodule = ParquetDataModule(
         cfg.data, cfg.seed, meta, spec, predict_split=predict_split, pipelined=pipelined
     )
-    module = (PipelinedMultiTaskModule if pipelined else MultiTaskModule)(cfg, table_rows)
+    if cfg.model.objective == "retrieval":
+        item = next(f for f in cfg.data.sparse if f.name == cfg.recommend.item_feature)
+        counts = count_rows(meta, cfg.data.train_split, item, table_rows[item.name])
+        module = (PipelinedRetrievalModule if pipelined else RetrievalModule)(cfg, table_rows, counts)
+    else:
+        module = (PipelinedMultiTaskModule if pipelined else MultiTaskModule)(cfg, table_rows)
     precision, why = resolve_precision(
         cfg.trainer.precision,
         env.accelerator,

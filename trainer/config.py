@@ -308,8 +308,12 @@ DENSE_OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
 
 def validate(cfg: Config) -> None:
     """The rules that span sections (each section checks its own fields when it is built)."""
-    if not cfg.tasks:
-        raise ConfigError("tasks: at least one task is needed")
+    if cfg.model.objective == "retrieval":
+        validate_retrieval(cfg)
+    elif not cfg.tasks:
+        raise ConfigError(
+            "tasks: at least one task is needed (or model.objective: retrieval, with tasks: [])"
+        )
     task_names = [t.name for t in cfg.tasks]
     if len(set(task_names)) != len(task_names):
         raise ConfigError(f"tasks: duplicate task names in {task_names}")
@@ -337,6 +341,69 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"recommend.relevance_task: {rec.relevance_task!r} is not one of {', '.join(task_names)}"
         )
+
+
+def validate_retrieval(cfg: Config) -> None:
+    """A two-tower config: no tasks, an item id, user-side and item-side features, an encoder that
+    needs no candidate, and what sampled negatives and all-positions training need."""
+    retrieval, rec = cfg.model.retrieval, cfg.recommend
+    if cfg.tasks:
+        raise ConfigError(
+            "tasks: model.objective: retrieval trains on the rows as positives; give tasks: [] (rows that are "
+            "not positives: data.sample_weight_column with 0 on them)"
+        )
+    by_name = {f.name: f for f in cfg.data.sparse}
+    item = by_name.get(rec.item_feature)
+    if item is None or item.multi_hot:
+        raise ConfigError(
+            f"recommend.item_feature: {rec.item_feature!r} must be a single-valued data.sparse feature "
+            "(the item a row is about)"
+        )
+    sides = {f.name: f.side for f in (*cfg.data.sparse, *cfg.data.dense)}
+    context = [name for name, side in sides.items() if side is None and name != rec.item_feature]
+    if context:
+        raise ConfigError(
+            f"data.sparse / data.dense: {', '.join(context)} have no side; a retrieval model reads user-side "
+            "features in the user tower and item-side ones in the item tower: give each side: user or side: item "
+            "(or leave it out)"
+        )
+    user_side = [name for name, side in sides.items() if side == "user"]
+    if not user_side:
+        raise ConfigError("data.sparse: no side: user feature, so the user tower has nothing to read")
+    encoder = cfg.model.sequence.encoder
+    histories = [f for f in cfg.data.sparse if f.sequence and not f.align_with and f.side == "user"]
+    if histories and encoder == "din":
+        raise ConfigError(
+            "model.sequence.encoder: din attends from a candidate item; a retrieval user tower has none: "
+            "use transformer or mean"
+        )
+    item_side = [
+        f.name for f in (*cfg.data.sparse, *cfg.data.dense) if f.side == "item" and f.name != item.name
+    ]
+    needs_id_only = [
+        key
+        for key, on in (
+            ("num_sampled_negatives", retrieval.num_sampled_negatives > 0),
+            ("all_positions", retrieval.all_positions),
+        )
+        if on
+    ]
+    if needs_id_only and item_side:
+        raise ConfigError(
+            f"model.retrieval.{needs_id_only[0]}: sampled and history items carry only their id, so the item "
+            f"tower must read the item id alone; these item-side features would be missing: {', '.join(item_side)}"
+        )
+    if retrieval.all_positions:
+        if len(histories) != 1 or encoder != "transformer":
+            raise ConfigError(
+                "model.retrieval.all_positions: needs one history (a side: user sequence) and "
+                "model.sequence.encoder: transformer"
+            )
+        if histories[0].table_name != item.table_name:
+            raise ConfigError(
+                f"model.retrieval.all_positions: the history {histories[0].name!r} must share the item's table "
+                f"(table: {item.table_name}) to predict its next item"
+            )
 
 
 def validate_for_device(cfg: Config, device_type: str) -> None:

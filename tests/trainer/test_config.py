@@ -15,7 +15,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_file_loads_and_round_trips(path, tmp_path):
     cfg = load_config(path)
-    assert cfg.tasks and cfg.data.sparse
+    assert (cfg.tasks or cfg.model.objective == "retrieval") and cfg.data.sparse
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(dump_yaml(cfg))
     assert load_config(dumped) == cfg
@@ -176,3 +176,36 @@ def test_mean_pooling_is_a_sum_divided_by_the_bag_size_on_one_kernel_group():
     assert not history[1].any()  # the empty bag
     t_tags = weights[next(n for n in weights if n != "t_items")].detach()
     torch.testing.assert_close(tags, torch.stack([t_tags[1], t_tags[0], torch.zeros(t_tags.shape[1])]))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["tasks=[{name: ctr, label: click}]"],
+            "tasks: model.objective: retrieval trains on the rows as positives",
+        ),
+        (["recommend.item_feature=nothing"], "recommend.item_feature: 'nothing' must be a single-valued"),
+        (["model.sequence.encoder=din"], "model.sequence.encoder: din attends from a candidate item"),
+        (["data.sparse.0.side=null"], "user have no side"),
+        (["model.retrieval.all_positions=true", "model.sequence.encoder=mean"], "needs one history"),
+        (["model.retrieval.in_batch_negatives=false"], "leaves no negatives"),
+        (["model.retrieval.temperature=0"], "model.retrieval.temperature"),
+    ],
+)
+def test_retrieval_configs_are_checked_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("configs/sessions_retrieval.yaml", overrides)
+
+
+def test_retrieval_with_item_side_features_refuses_sampled_negatives():
+    tree = ["data.sparse.1.side=item", "model.retrieval.num_sampled_negatives=8"]
+    load_config("configs/sessions_retrieval.yaml", tree[:1])  # an id-only item tower: fine
+    with pytest.raises(ConfigError, match="item tower must read the item id alone"):
+        load_config(
+            "configs/sessions_retrieval.yaml",
+            [
+                *tree,
+                "data.sparse=[{name: user, side: user}, {name: item, side: item}, {name: item_cat, column: item, side: item}]",
+            ],
+        )

@@ -96,6 +96,16 @@ class TorchRecStrategy(DDPStrategy):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
         return total
 
+    def all_gather_autograd(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank order,
+        differentiable: the gradient of each rank's part sums what every rank's loss sends it
+        (retrieval's candidates from the whole global batch)."""
+        if self.world_size == 1:
+            return tensor
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(tensor.contiguous(), group=self.process_group))
+
     def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The element-wise means over ranks of ``tensors`` (new tensors), in one all-reduce."""
         tensors = list(tensors)
