@@ -167,36 +167,39 @@ class TwoTowerModel(ShardableTables):
         item_ids = self._ids(sparse, sequences, self.item_feature)
         sampled = sampled_ids = None
         if self.sampled_feature is not None:
-            sampled = self.item_vectors_of_ids(features[self.sampled_feature][: self.num_sampled])
             sampled_ids = self._ids(sparse, sequences, self.sampled_feature)
+            embedded = features[self.sampled_feature]
+            if self.sampled_feature not in self.unpooled_singles:  # pooled: one bag of 1 id per carrying row
+                embedded = embedded[self._jagged(sparse, sequences, self.sampled_feature).lengths() > 0]
+            sampled = self.item_vectors_of_ids(embedded)
         if not self.all_positions:
             users = self.user_vectors(features, dense, histories)
             return TowerOutputs(users, weights, items, item_ids, items, item_ids, sampled, sampled_ids)
-        ((name, feature),) = self.sequences.items()  # config checks: one history, on the item's table
+        ((name, _),) = self.sequences.items()  # config checks: one history, on the item's table
         values, lengths = sequence_inputs(self.sequences, histories)[0]
-        states, valid = self.history_encoders[name].states(values, lengths)  # (B, L, D), (B, L)
+        encoder = self.history_encoders[name]
+        length = encoder.max_length
+        states, valid = encoder.states(values, lengths)  # (B, L, D), (B, L)
         last = torch.zeros_like(valid)
         last[:, -1] = True
         asks = valid | last  # every event, and the newest slot (the row's own item), history or not
         states = states * valid.unsqueeze(-1).to(states.dtype)
-        num_rows, length = valid.shape
         others = [
             features[n].unsqueeze(1).expand(-1, length, -1) if n != name else states.to(dense.dtype)
             for n in self.user_features
         ]
         users = self.user_tower(others + [dense[:, None, self.user_dense].expand(-1, length, -1)])
         # position p's target: the event after it (p + 1), and for the newest slot the row's item
-        history_ids = self._ids(sparse, sequences, name).unsqueeze(1)
-        padded_ids, _ = pad_left(history_ids, lengths, length)
+        padded_ids, _ = pad_left(self._ids(sparse, sequences, name).unsqueeze(1), lengths, length)
         history_items, _ = pad_left(histories[name][0], lengths, length)  # the raw id embeddings
-        next_items = self.item_vectors_of_ids(history_items[:, 1:])
-        targets = torch.cat([next_items, items.unsqueeze(1)], dim=1)
+        targets = torch.cat([self.item_vectors_of_ids(history_items[:, 1:]), items.unsqueeze(1)], dim=1)
         target_ids = torch.cat([padded_ids[:, 1:, 0], item_ids.unsqueeze(1)], dim=1)
         query_weights = weights.unsqueeze(1) * asks.to(weights.dtype)
+        width = users.shape[-1]
         return TowerOutputs(
-            users.reshape(num_rows * length, -1),
+            users.reshape(-1, width),
             query_weights.reshape(-1),
-            targets.reshape(num_rows * length, -1),
+            targets.reshape(-1, width),
             target_ids.reshape(-1),
             items,
             item_ids,
@@ -204,11 +207,14 @@ class TwoTowerModel(ShardableTables):
             sampled_ids,
         )
 
-    @staticmethod
-    def _ids(sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None, name: str) -> torch.Tensor:
-        """The ids of feature ``name`` in the batch (whichever KJT carries it), rows concatenated."""
-        source = sequences if sequences is not None and name in sequences.keys() else sparse
-        return source[name].values()
+    def _jagged(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None, name: str):
+        """Feature ``name``'s JaggedTensor: sequence tables' features travel in ``sequences``."""
+        unpooled = name in self.unpooled_singles or name in self.sequence_lists
+        return sequences[name] if unpooled else sparse[name]
+
+    def _ids(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None, name: str) -> torch.Tensor:
+        """The ids of feature ``name`` in the batch, rows concatenated."""
+        return self._jagged(sparse, sequences, name).values()
 
 
 def sampled_softmax_sums(

@@ -103,6 +103,35 @@ def tiny_sessions(tmp_path_factory) -> Path:
 
 
 SESSIONS_CONFIG = "configs/sessions_sequence.yaml"
+IMPLICIT_CONFIG = "configs/sessions_retrieval.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_implicit(tmp_path_factory) -> Path:
+    """A 3,000-event implicit log (the clicks of ``session_clicks``: user, item, ts; no label) split
+    leave-last-out with histories (``configs/sessions_retrieval.yaml``), small row groups, prepared in
+    process; its recipe is ``tiny_implicit_overrides``."""
+    import pyarrow.compute as pc
+
+    from towerrec.data.prepare import prepare
+    from towerrec.data.samples import session_clicks, write_csv
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.dataset_setup import input_schema
+
+    root = tmp_path_factory.mktemp("implicit")
+    clicks = session_clicks(num_users=300, steps=10, num_items=120, seed=1)
+    write_csv(clicks.filter(pc.equal(clicks["click"], 1)).drop_columns(["click"]), root / "log.csv")
+    cfg = load_config(IMPLICIT_CONFIG, tiny_implicit_overrides(root / "data"))
+    prepare(cfg.data.prepare, str(root / "data"), input_schema(cfg))
+    return root / "data"
+
+
+def tiny_implicit_overrides(data: Path) -> list[str]:
+    """The recipe of ``tiny_implicit`` (dotted overrides of ``IMPLICIT_CONFIG``)."""
+    return [
+        f"data.path={data}", f"data.prepare.source={data.parent / 'log.csv'}",
+        "data.prepare.row_group_size=256", "data.prepare.num_shards=2",
+    ]  # fmt: skip
 
 
 def tiny_sessions_overrides(data: Path) -> list[str]:

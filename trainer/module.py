@@ -130,10 +130,14 @@ class MultiTaskModule(L.LightningModule):
             torch.cuda.manual_seed(seed)
 
     def training_step(self, batch: Batch, batch_idx: int):
-        loss_sums, _ = self(batch)
-        loss = self.combined_loss(loss_sums, batch.batch_size)
+        loss = self.combined_loss(self.step_loss_sums(self(batch)[0]), batch.batch_size)
         self.skip_step = loss is None
         return loss
+
+    def step_loss_sums(self, model_output) -> torch.Tensor:
+        """The per-task loss sums (2, T) of what the model's forward returned first (the multi-task
+        model returns them; a retrieval model returns its tower outputs, scored here)."""
+        return model_output
 
     def combined_loss(self, loss_sums: torch.Tensor, batch_size: int) -> torch.Tensor | None:
         """This rank's per-task loss sums (2, T) → the loss it back-propagates, or None to skip the

@@ -76,7 +76,7 @@ class LightningSparseDistPipeline(TrainPipelineSparseDist):
     def _backward(self, loss_sums: torch.Tensor) -> None:
         batch = self.batches[0]
         self.module.current_position = batch.position
-        loss = self.module.combined_loss(loss_sums, batch.batch_size)
+        loss = self.module.combined_loss(self.module.step_loss_sums(loss_sums), batch.batch_size)
         self.module.skip_step = loss is None
         if loss is not None:
             loss.backward()

@@ -12,6 +12,7 @@ one rank × W·B rows (tests/trainer/test_multirank.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -23,7 +24,7 @@ from towerrec.data.reader import SampledIds
 from towerrec.models.balancing import FixedWeights
 from towerrec.models.builder import build_retrieval_model, embedding_tables, retrieval_features
 from towerrec.models.config import ModelConfig, TaskConfig
-from towerrec.models.retrieval import NEGATIVES_SUFFIX, TwoTowerModel, sampled_softmax_sums
+from towerrec.models.retrieval import NEGATIVES_SUFFIX, TowerOutputs, TwoTowerModel, sampled_softmax_sums
 from towerrec.trainer.config import Config
 from towerrec.trainer.module import MultiTaskModule, PipelinedMultiTaskModule
 
@@ -46,10 +47,10 @@ def sampled_ids_spec(cfg: Config, table_rows: dict[str, int]) -> SampledIds | No
 
 
 class RetrievalTrainingModel(TwoTowerModel):
-    """A TwoTowerModel whose forward takes a Batch and returns (loss sums (2, 1), sums with hits
-    (3, 1)) — the form TorchRec's train pipelines call. ``gather`` (set by the module once the
-    process group exists) concatenates a tensor over ranks, with gradient; ``item_log_frequency``
-    (N,) is each item's log share of the training rows (logQ correction)."""
+    """A TwoTowerModel whose forward takes a Batch (the form TorchRec's train pipelines call and
+    trace) and returns its local tower outputs; ``loss_sums`` turns them into the loss. ``gather``
+    (set by the module once the process group exists) concatenates a tensor over ranks, with
+    gradient; ``item_log_frequency`` (N,) is each item's log share of the training rows (logQ)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -59,13 +60,22 @@ class RetrievalTrainingModel(TwoTowerModel):
         self.register_buffer("item_log_frequency", torch.zeros(0), persistent=False)
         self.balancer = FixedWeights([TaskConfig("retrieval")], ModelConfig())
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch) -> tuple[tuple, None]:
+        """This rank's tower outputs (``TowerOutputs`` as a tuple) and the batch's row weights: the
+        part TorchRec's pipeline traces; ``loss_sums`` gathers and scores them."""
         out = self.training_outputs(batch.sparse, batch.dense, batch.sequences, batch.weights)
+        return (*(getattr(out, f.name) for f in dataclasses.fields(out)), batch.weights), None
+
+    def loss_sums(self, local: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sums (2, 1), sums with hits (3, 1)) of ``forward``'s outputs: each rank's queries
+        against the candidates of every rank (``gather``)."""
+        *fields, row_weights = local
+        out = TowerOutputs(*fields)
         parts, ids, valid = [], [], []
         if self.in_batch:
             parts.append(self.gather(out.items))
             ids.append(self.gather(out.item_ids))
-            valid.append(self.gather(batch.weights) > 0)
+            valid.append(self.gather(row_weights) > 0)
         num_in_batch = valid[0].sum() if valid else 0  # a tensor: no host sync
         num_sampled = 0
         if out.sampled is not None:
@@ -160,9 +170,12 @@ class RetrievalModule(MultiTaskModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._accumulate(batch)
 
+    def step_loss_sums(self, model_output) -> torch.Tensor:
+        return self.inner.loss_sums(model_output)[0]
+
     def _accumulate(self, batch: Batch) -> None:
         with torch.autocast(self.device.type, enabled=False):
-            sums = self(batch)[1].detach().double().reshape(-1)
+            sums = self.inner.loss_sums(self(batch)[0])[1].detach().double().reshape(-1)
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
 
     def _finish_eval(self, stage: str) -> None:

@@ -87,9 +87,11 @@ def global_batches(cfg, world_size: int, num_steps: int, reverse: bool = False) 
     (``reverse``: the last rank's rows first, the same rows summed in another order)."""
     from towerrec.data.dataset import DatasetMeta
     from towerrec.data.reader import BatchStream, read_spec
+    from towerrec.trainer.retrieval import sampled_ids_spec
 
     meta = DatasetMeta.load(cfg.data.path)
-    spec = read_spec(cfg.data, cfg.tasks, meta.table_rows(cfg.data.sparse))
+    rows = meta.table_rows(cfg.data.sparse)
+    spec = read_spec(cfg.data, cfg.tasks, rows, sampled=sampled_ids_spec(cfg, rows))
     per_rank = []
     for rank in range(world_size):
         stream = BatchStream(
