@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from towerrec.data.dataset import DatasetMeta, is_complete, table_rows
-from towerrec.models.builder import build_model
+from towerrec.models.builder import build_model, build_retrieval_model
 from towerrec.models.heads import predictions
 from towerrec.models.multitask import MultiTaskModel, dense_outputs, sequence_inputs
+from towerrec.models.retrieval import TwoTowerModel
 from towerrec.models.tables import TableLookup
 from towerrec.trainer.config import Config
 from towerrec.trainer.distributed import checkpoint as ckpt
@@ -54,8 +55,19 @@ def dataset_meta_if_present(path: str) -> DatasetMeta | None:
     return DatasetMeta.load(path) if is_complete(path) else None
 
 
-def build_unsharded_model(cfg: Config, num_embeddings: dict[str, int]) -> MultiTaskModel:
-    """The plain model with real tables on CPU (what DMP wraps during training)."""
+def build_unsharded_model(cfg: Config, num_embeddings: dict[str, int]) -> MultiTaskModel | TwoTowerModel:
+    """The plain model with real tables on CPU (what DMP wraps during training): the multi-task
+    model, or the two towers of a retrieval config."""
+    if cfg.model.objective == "retrieval":
+        return build_retrieval_model(
+            sparse=cfg.data.sparse,
+            dense=cfg.data.dense,
+            model=cfg.model,
+            item_feature=cfg.recommend.item_feature,
+            table_rows=num_embeddings,
+            precision=cfg.sharding.embedding_precision,
+            embedding_device="cpu",
+        )
     return build_model(
         sparse=cfg.data.sparse,
         num_dense=len(cfg.data.dense),
@@ -69,7 +81,7 @@ def build_unsharded_model(cfg: Config, num_embeddings: dict[str, int]) -> MultiT
 
 def load_unsharded_model(
     cfg: Config, checkpoint: str | Path | None = None, num_embeddings: dict[str, int] | None = None
-) -> tuple[MultiTaskModel, Path]:
+) -> tuple[MultiTaskModel | TwoTowerModel, Path]:
     """Loads a checkpoint written by any number of ranks into one unsharded model (eval mode).
 
     Args:

@@ -160,9 +160,15 @@ def predict_rows(model: MultiTaskModel, rows: Rows, batch_size: int = 8192) -> t
 
 
 def evaluate_ranking(
-    cfg: Config, model: MultiTaskModel, catalogue: Catalogue, meta: DatasetMeta, k: int | None = None
+    cfg: Config,
+    model: MultiTaskModel,
+    catalogue: Catalogue,
+    meta: DatasetMeta,
+    k: int | None = None,
+    users: np.ndarray | None = None,
 ) -> dict:
-    """Model and popularity ranking metrics @K on the test split, plus the binary task at 0.5."""
+    """Model and popularity ranking metrics @K on the test split (of ``users``' rows when given: raw
+    user ids), plus the binary task at 0.5."""
     k = k or cfg.recommend.k
     split = cfg.data.test_split
     if split is None or split not in catalogue.splits:
@@ -171,6 +177,8 @@ def evaluate_ranking(
         )
     task = relevance_task(cfg)
     test = catalogue.splits[split]
+    if users is not None:
+        test = test.take(np.flatnonzero(np.isin(test.users, users)))
     positive = (test.labels[:, task] == 1) & (test.label_mask[:, task] > 0)
     users = catalogue.users.positions(test.users[positive])
     items = catalogue.items.positions(test.items[positive])

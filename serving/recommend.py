@@ -13,6 +13,7 @@ Items a user interacted with in ``recommend.seen_splits`` are excluded when ``re
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -151,10 +152,16 @@ def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
     catalogue = load_catalogue(cfg, meta, extra_users=user_ids, extra_items=candidate_ids)
     model, path = load_unsharded_model(cfg, args.checkpoint, catalogue.num_embeddings)
     loaded = time.perf_counter()
-    users, candidates, result = recommend(cfg, model, catalogue, user_ids, candidate_ids)
+    if cfg.model.objective == "retrieval":
+        users, candidates, result, task_names, retriever = _retrieve(
+            cfg, model, catalogue, user_ids, candidate_ids
+        )
+    else:
+        users, candidates, result = recommend(cfg, model, catalogue, user_ids, candidate_ids)
+        task_names, retriever = model.task_names, None
     scored = time.perf_counter()
     out = write_table(
-        to_table(users, candidates, result, model.task_names, vocabularies),
+        to_table(users, candidates, result, task_names, vocabularies),
         output or new_output(Path(cfg.run_dir) / "recommendations", f"top{rec.k}-{path.name}", ".parquet"),
     )
     unknown_users = int((~catalogue.users.known[catalogue.users.positions(users)]).sum())
@@ -165,7 +172,44 @@ def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.evaluate:
-        from towerrec.serving.ranking import evaluate_ranking, format_ranking
+        evaluated_users = None if user_ids is None else users
+        if retriever is not None:
+            from towerrec.serving.retrieval import evaluate_retrieval, format_retrieval
 
-        print(format_ranking(evaluate_ranking(cfg, model, catalogue, meta)), flush=True)
+            result = evaluate_retrieval(cfg, retriever, evaluated_users)
+            text = format_retrieval(result)
+        else:
+            from towerrec.serving.ranking import evaluate_ranking, format_ranking
+
+            result = evaluate_ranking(cfg, model, catalogue, meta, users=evaluated_users)
+            text = format_ranking(result)
+        result["checkpoint"] = str(path)
+        metrics = out.with_name(out.name + ".metrics.json")
+        metrics.write_text(json.dumps(result, indent=1))
+        print(text + f"\n[towerrec] metrics written to {metrics}", flush=True)
     return 0
+
+
+def _retrieve(cfg: Config, model, catalogue, user_ids, candidate_ids):
+    """Lists of a retrieval model (its index, seen items excluded), re-ranked by ``recommend.ranker``
+    when one is named: (user ids, candidate ids, TopK, score names, the retriever)."""
+    from towerrec.serving.retrieval import Retriever
+
+    if candidate_ids is not None:
+        raise RecommendError("--candidates: a retrieval model searches its whole item index; leave it out")
+    retriever = Retriever(cfg, model, catalogue)
+    users = catalogue.users
+    user_rows = np.arange(len(users.ids)) if user_ids is None else users.positions(np.asarray(user_ids))
+    k = cfg.recommend.k
+    if k > retriever.index.num_items:
+        raise RecommendError(
+            f"recommend.k / --k: {k} is more than the {retriever.index.num_items:,} items of the catalogue"
+        )
+    if cfg.recommend.ranker is None:
+        result = retriever.top_k(user_rows, k, progress=True)
+        return users.ids[user_rows], catalogue.items.ids, result, ["score"], retriever
+    from towerrec.serving.cascade import rank_candidates
+
+    fetched = retriever.top_k(user_rows, max(cfg.recommend.num_candidates, k), progress=True)
+    result, names = rank_candidates(cfg, catalogue, user_rows, fetched, k)
+    return users.ids[user_rows], catalogue.items.ids, result, names, retriever

@@ -137,6 +137,45 @@ class ModelScorer:
         outputs = model.heads(model.tower(model.interaction(embeddings, dense.reshape(pairs, -1))))
         return predictions(outputs, model.output_kinds).reshape(num_users, num_items, -1)
 
+    def score_pairs(self, user_index: np.ndarray, item_positions: np.ndarray) -> torch.Tensor:
+        """(P, T) predictions of P given pairs: ``user_index`` into the scored users (``user_rows``
+        order), ``item_positions`` into the item entities (a cascade's per-user candidates)."""
+        num_pairs = len(user_index)
+        users = torch.from_numpy(np.asarray(user_index, dtype=np.int64))
+        items = _subset(self.items, np.asarray(item_positions, dtype=np.int64))
+        with torch.inference_mode():
+            item_pooled = {
+                name: _pool(self.lookup, name, jagged)
+                for name, jagged in items.sparse.items()
+                if name not in self.model.sequence_lists
+            }
+            by_name = {}
+            for name in self.model.pooled_names:
+                if name in self.user_pooled:
+                    by_name[name] = self.user_pooled[name][users]
+                elif name in item_pooled:
+                    by_name[name] = item_pooled[name]
+                else:
+                    by_name[name] = self.context_pooled[name].expand(num_pairs, -1)
+            for name, feature in self.model.sequences.items():
+                history, valid = self.user_histories[name]
+                encoder = self.model.sequence_encoders[name]
+                by_name[name] = encoder.encode_padded(
+                    history[users], valid[users], by_name[feature.candidate]
+                )
+            dense = torch.zeros(num_pairs, len(self.dense_sides))
+            user_cols = [j for j, side in enumerate(self.dense_sides) if side == "user"]
+            item_cols = [j for j, side in enumerate(self.dense_sides) if side == "item"]
+            if user_cols:
+                dense[:, user_cols] = self.user_dense[users]
+            if item_cols:
+                dense[:, item_cols] = torch.from_numpy(items.dense)
+            model = self.model
+            embeddings = [by_name[name] for name in model.feature_names]
+            return predictions(
+                model.heads(model.tower(model.interaction(embeddings, dense))), model.output_kinds
+            )
+
 
 class PopularityScorer:
     """The popularity baseline in the same interface: every user gets each item's training count."""

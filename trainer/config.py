@@ -239,9 +239,36 @@ class RecommendConfig:
     as seen (``exclude_seen``) and in the popularity baseline's counts. Default: every row is one."""
     max_pairs_per_step: int = 262144
     """(user, item) pairs scored per forward pass (bounds activation memory: pairs × interaction width)."""
+    index: Literal["exact", "hnsw", "ivf"] = "exact"
+    """A retrieval model's item index: ``exact`` (blocked matrix products, a running top-K; no extra
+    package) or a FAISS approximate index, ``hnsw`` (graph) or ``ivf`` (inverted lists), for
+    catalogues where exact search is too slow (needs ``pip install faiss-cpu``)."""
+    index_hnsw_m: int = 32
+    """``hnsw``: neighbours per node (memory and recall grow with it)."""
+    index_hnsw_ef_search: int = 128
+    """``hnsw``: candidates explored per query (at least K plus the user's seen items)."""
+    index_ivf_lists: int | None = None
+    """``ivf``: inverted lists (default 4·sqrt(items))."""
+    index_ivf_probe: int = 32
+    """``ivf``: lists searched per query (recall against speed)."""
+    ranker: str | None = None
+    """Retrieve-then-rank: a ranking config (a file, relative to the working directory) over the
+    same data set whose trained model (its run folder's best or latest checkpoint) ranks the
+    ``num_candidates`` items the retrieval model fetches per user; null: the lists are the index's."""
+    num_candidates: int = 300
+    """Items retrieved per user before the ranker orders them (``ranker``)."""
+    sampled_negatives: int = 100
+    """``--evaluate``'s sampled protocol (SASRec): the held-out item against this many items drawn
+    uniformly (seeded by ``seed``) from those the user never interacted with."""
 
     def check(self) -> None:
         positive("k", self.k)
+        positive("index_hnsw_m", self.index_hnsw_m)
+        positive("index_hnsw_ef_search", self.index_hnsw_ef_search)
+        positive("index_ivf_lists", self.index_ivf_lists)
+        positive("index_ivf_probe", self.index_ivf_probe)
+        positive("num_candidates", self.num_candidates)
+        positive("sampled_negatives", self.sampled_negatives)
         positive("item_block_size", self.item_block_size)
         positive("max_pairs_per_step", self.max_pairs_per_step)
 
