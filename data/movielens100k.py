@@ -299,12 +299,20 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     for name in ("user_id", "item_id"):
         writer.write_vocabulary(name, vocabs[name].keys)
     genre_values = np.arange(NUM_GENRES, dtype=np.int64) + 1  # row 0 stays unused (no genre)
+    events = train
+    if cfg.split == "leave_last_out":  # a test row's history ends with the validation rating, as in
+        val = splits["val"]  # the published next-item protocol; training rows precede both anyway
+        rated_val = val.get("rated", np.ones(len(val["user"]))) == 1
+        events = {
+            key: np.concatenate([train[key], val[key][rated_val]])
+            for key in ("user", "timestamp", "item", "rating")
+        }
     history_log = EventLog.build(
-        train["user"],
-        train["timestamp"],
+        events["user"],
+        events["timestamp"],
         {
-            "hist_items": vocabs["item_id"].lookup(train["item"]),
-            "hist_ratings": train["rating"].astype(np.int64),
+            "hist_items": vocabs["item_id"].lookup(events["item"]),
+            "hist_ratings": events["rating"].astype(np.int64),
         },
     )
     for name, rows in splits.items():
@@ -371,7 +379,8 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
         "rows_per_split": {name: int(len(rows["user"])) for name, rows in splits.items()},
         "negatives_per_positive": cfg.negatives_per_positive,
         "neighbourhood_max_ids": cfg.neighbourhood_max_ids,
-        "history": "strictly earlier training ratings",
+        "history": "strictly earlier training ratings"
+        + (" and, for test rows, the validation rating" if cfg.split == "leave_last_out" else ""),
         "train_rating_mean": float(train["rating"].mean()),
     }
     return writer.commit(columns=meta_columns, report=report)

@@ -50,6 +50,8 @@ def prepared_with(cfg: PrepareConfig, schema: TableSchema | None) -> dict[str, A
     ) in ADDED_LATER.items():  # absent at their defaults: older data sets keep their fingerprint
         if recipe["prepare"].get(name) == default:
             del recipe["prepare"][name]
+    if cfg.format == "movielens100k" and cfg.split == "leave_last_out":
+        recipe["histories_through"] = "validation"  # test histories hold the validation event (new)
     if cfg.format in GENERIC and schema is not None:
         recipe["columns"] = json.loads(json.dumps(dataclasses.asdict(schema), default=list))
     return recipe

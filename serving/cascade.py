@@ -35,12 +35,22 @@ def load_ranker(cfg: Config) -> tuple[Config, Catalogue, object]:
         raise RecommendError(
             f"recommend.ranker: {path} is not a ranking config (model.objective: {ranker.model.objective})"
         )
+    meta = DatasetMeta.load(ranker.data.path)
     if Path(ranker.data.path).resolve() != Path(cfg.data.path).resolve():
-        raise RecommendError(
-            f"recommend.ranker: {path} reads data.path {ranker.data.path}, not this config's {cfg.data.path}: "
-            "the cascade ranks the retrieved items of the same data set"
-        )
-    catalogue = load_catalogue(ranker, DatasetMeta.load(ranker.data.path))
+        ours = DatasetMeta.load(cfg.data.path)
+        for side in ("user", "item"):
+            column = {"user": ranker.recommend.user_feature, "item": ranker.recommend.item_feature}[side]
+            theirs = next(f for f in ranker.data.sparse if f.name == column).source_column
+            mine = next(
+                f for f in cfg.data.sparse if f.name == getattr(cfg.recommend, f"{side}_feature")
+            ).source_column
+            a, b = meta.vocabulary(theirs), ours.vocabulary(mine)
+            if a is None or b is None or len(a) != len(b) or not (a == b).all():
+                raise RecommendError(
+                    f"recommend.ranker: {path} reads data set {ranker.data.path}, whose {side} ids are not this "
+                    f"data set's ({cfg.data.path}): the ranker must share the retrieval model's id vocabularies"
+                )
+    catalogue = load_catalogue(ranker, meta)
     model, _ = load_unsharded_model(ranker, None, catalogue.num_embeddings)
     return ranker, catalogue, model
 

@@ -234,7 +234,9 @@ def top_k_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     sort of k entries, not of the whole row). (U, C) → values (U, k), positions (U, k)."""
     if k == 0:
         return scores[:, :0], torch.zeros(scores.shape[0], 0, dtype=torch.int64)
-    scores = torch.nan_to_num(scores, nan=-math.inf)
+    scores = torch.nan_to_num(
+        scores, nan=-math.inf, posinf=math.inf, neginf=-math.inf
+    )  # keep ±inf: -inf = excluded
     threshold = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]  # (U, 1): the k-th score
     above = scores > threshold
     tied = scores == threshold

@@ -337,7 +337,8 @@ def validate(cfg: Config) -> None:
     """The rules that span sections (each section checks its own fields when it is built)."""
     if cfg.model.objective == "retrieval":
         validate_retrieval(cfg)
-    elif not cfg.tasks:
+        return  # the rest are rules of the tasks and of a ranker's scores
+    if not cfg.tasks:
         raise ConfigError(
             "tasks: at least one task is needed (or model.objective: retrieval, with tasks: [])"
         )
