@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from towerrec.data.dataset import DatasetMeta, is_complete, table_rows
+from towerrec.data.vocab import original_ids
 from towerrec.models.builder import build_model, build_retrieval_model
 from towerrec.models.heads import predictions
 from towerrec.models.multitask import MultiTaskModel, dense_outputs, sequence_inputs
@@ -45,6 +46,9 @@ MODEL_FILE = "model.pt"
 SERVING_FILE = "serving.pt2"
 SERVING_SPEC_FILE = "serving.json"
 CLIENT_FILE = "client.py"
+USER_TOWER_FILE = "user_tower.pt2"
+ITEM_VECTORS_FILE = "item_vectors.pt"
+ITEM_IDS_FILE = "item_ids.json"
 VOCABULARY_FOLDER = "vocabularies"
 PREDICTION_KINDS = {"logit": "probability", "probability": "probability", "value": "value"}
 
@@ -197,6 +201,57 @@ def export_serving(
         return torch.export.export(serving, (dense, values, lengths), dynamic_shapes=dynamic, strict=False)
 
 
+class UserTowerProgram(nn.Module):
+    """A retrieval model's user tower in plain torch: the user-side features (``input_names``
+    order, as ``ServingModel`` takes its inputs) → L2-normalised user vectors (B, d)."""
+
+    def __init__(self, model: TwoTowerModel, input_names: list[str]):
+        super().__init__()
+        self.input_names = list(input_names)
+        self.sequence_lists = set(model.sequence_lists)
+        self.lookup = TableLookup.of(model)
+        self.model = model
+
+    def forward(
+        self, dense: torch.Tensor, values: list[torch.Tensor], lengths: list[torch.Tensor]
+    ) -> torch.Tensor:
+        features, histories = {}, {}
+        for f, name in enumerate(self.input_names):
+            if name in self.sequence_lists:
+                histories[name] = (self.lookup.unpooled(name, values[f]), lengths[f])
+            else:
+                features[name] = self.lookup.pooled(name, values[f], lengths[f])
+        return self.model.user_vectors(features, dense, histories)
+
+
+def export_user_tower(
+    model: TwoTowerModel, input_names: list[str], num_dense: int, example_batch_size: int = 4
+):
+    """``torch.export`` of ``UserTowerProgram`` with a dynamic batch size and dynamic bag sizes."""
+    program = UserTowerProgram(model, input_names).eval().requires_grad_(False)
+    batch = torch.export.Dim("batch", min=1)
+    one_per_row = [
+        not program.lookup.is_pooled(name) and name not in program.sequence_lists for name in input_names
+    ]
+    ids_dims = {}
+    sides = {side for feature in model.sequences.values() for side in feature.side}
+    for f, name in sorted(enumerate(input_names), key=lambda item: item[1] in sides):  # sequences first
+        main = next((seq for seq, feature in model.sequences.items() if name in feature.side), name)
+        ids_dims[name] = (
+            batch if one_per_row[f] else ids_dims.get(main) or torch.export.Dim(f"ids_{f}", min=0)
+        )
+    dense = torch.zeros(example_batch_size, num_dense)
+    values = [torch.zeros((1 if one else 2) * example_batch_size, dtype=torch.int64) for one in one_per_row]
+    lengths = [torch.full((example_batch_size,), 1 if one else 2, dtype=torch.int64) for one in one_per_row]
+    dynamic = (
+        {0: batch},
+        [{0: ids_dims[name]} for name in input_names],
+        [{0: batch} for _ in input_names],
+    )
+    with torch.no_grad():
+        return torch.export.export(program, (dense, values, lengths), dynamic_shapes=dynamic, strict=False)
+
+
 def _column_info(columns: dict, column: str) -> dict:
     """The metadata of ``column``; a history list maps its ids with its source column's vocabulary."""
     info = columns.get(column, {})
@@ -274,7 +329,7 @@ def serving_spec(
     }
     outputs = [
         {"task": task.name, "type": task.type, "kind": PREDICTION_KINDS[kind]}
-        for task, kind in zip(cfg.tasks, model.output_kinds)
+        for task, kind in zip(cfg.tasks, model.output_kinds if model is not None else [])
     ]
     return {
         "format": "torch.export",
@@ -306,10 +361,13 @@ def export(cfg: Config, checkpoint: str | Path | None, output: str | Path) -> Pa
     if any(out.iterdir()):
         raise OutputExists(f"--output: {out} is not empty; towerrec never writes over an earlier export")
     torch.save({key: value.detach().clone() for key, value in model.state_dict().items()}, out / MODEL_FILE)
-    torch.export.save(export_serving(model, len(cfg.data.dense)), out / SERVING_FILE)
     meta = dataset_meta_if_present(cfg.data.path)
     columns = meta.columns if meta is not None else {}
-    spec = serving_spec(cfg, model, num_embeddings, path, columns)
+    if cfg.model.objective == "retrieval":
+        spec = _export_retrieval(cfg, model, num_embeddings, path, columns, meta, out)
+    else:
+        torch.export.save(export_serving(model, len(cfg.data.dense)), out / SERVING_FILE)
+        spec = serving_spec(cfg, model, num_embeddings, path, columns)
     for feature in spec["inputs"]["sparse"]:
         if feature["raw"]["mapping"] == "vocabulary":
             originals = meta.vocabulary(feature["raw"]["vocabulary_of"])
@@ -319,6 +377,67 @@ def export(cfg: Config, checkpoint: str | Path | None, output: str | Path) -> Pa
     (out / SERVING_SPEC_FILE).write_text(json.dumps(spec, indent=1))
     shutil.copyfile(Path(__file__).parent / "templates" / "client.py", out / CLIENT_FILE)
     return out
+
+
+def _export_retrieval(cfg, model, num_embeddings, checkpoint, columns, meta, out: Path) -> dict[str, Any]:
+    """The user tower program, the catalogue's item vectors and their raw ids, and the spec: the
+    user tower's inputs documented as ``serving_spec`` documents a ranker's."""
+    from towerrec.serving.catalogue import load_catalogue
+    from towerrec.serving.retrieval import item_vectors
+
+    if meta is None:
+        raise OutputExists(
+            f"data.path: {cfg.data.path} holds no data set: the item index is built from its items"
+        )
+    user_side = [f for f in cfg.data.sparse if f.side == "user"]
+    user_dense = [f for f in cfg.data.dense if f.side == "user"]
+    names = [f.name for f in user_side]
+    dense_index = [j for j, f in enumerate(cfg.data.dense) if f.side == "user"]
+    tower = _DenseColumns(model, dense_index, len(cfg.data.dense))
+    torch.export.save(export_user_tower(tower, names, len(dense_index)), out / USER_TOWER_FILE)
+    catalogue = load_catalogue(cfg, meta)
+    vectors = item_vectors(cfg, model, TableLookup.of(model), catalogue.items)
+    torch.save(vectors.contiguous(), out / ITEM_VECTORS_FILE)
+    item = next(f for f in cfg.data.sparse if f.name == cfg.recommend.item_feature)
+    vocabulary = meta.vocabulary(item.source_column)
+    ids = catalogue.items.ids if vocabulary is None else original_ids(catalogue.items.ids, vocabulary)
+    (out / ITEM_IDS_FILE).write_text(json.dumps(np.asarray(ids).tolist()))
+    full = serving_spec(cfg, None, num_embeddings, checkpoint, columns)
+    full["inputs"]["sparse"] = [s for s in full["inputs"]["sparse"] if s["name"] in names]
+    full["inputs"]["dense"]["features"] = [
+        s for s in full["inputs"]["dense"]["features"] if s["name"] in {f.name for f in user_dense}
+    ]
+    full["inputs"]["dense"]["shape"] = ["B", len(user_dense)]
+    return {
+        **full,
+        "kind": "retrieval",
+        "file": USER_TOWER_FILE,
+        "call": "torch.export.load(file).module()(dense, values, lengths) -> user vectors (B, d) float32, L2-normalised",
+        "outputs": {"shape": ["B", cfg.model.retrieval.dim], "dtype": "float32"},
+        "items": {
+            "vectors": ITEM_VECTORS_FILE,
+            "ids": ITEM_IDS_FILE,
+            "score": "inner product of the user vector and each item vector; the highest first",
+            "index": cfg.recommend.index,
+        },
+        "client": "from client import Retriever; Retriever(folder).top_k({input column: raw value, ...}, k, exclude=[raw item ids])",
+    }
+
+
+class _DenseColumns(nn.Module):
+    """A TwoTowerModel whose user tower reads only the user-side dense columns (the program's input)."""
+
+    def __init__(self, model: TwoTowerModel, columns: list[int], width: int):
+        super().__init__()
+        self.inner = model
+        self.columns, self.width = columns, width
+        self.sequences, self.sequence_lists = model.sequences, model.sequence_lists
+        self.mean_pooled = model.mean_pooled
+
+    def user_vectors(self, features, dense, histories):
+        full = dense.new_zeros(dense.shape[0], self.width)
+        full[:, self.columns] = dense
+        return self.inner.user_vectors(features, full, histories)
 
 
 def load_serving(folder: str | Path):
@@ -338,7 +457,5 @@ def run_export(cfg: Config, args: argparse.Namespace) -> int:
         checkpoint = ckpt.resolve_model(args.checkpoint or Path(cfg.run_dir) / "checkpoints")
         out = new_output(Path(cfg.run_dir) / "export", checkpoint.name)
     out = export(cfg, args.checkpoint, out)
-    print(
-        f"[towerrec] exported {', '.join((MODEL_FILE, SERVING_FILE, SERVING_SPEC_FILE))} to {out}", flush=True
-    )
+    print(f"[towerrec] exported {', '.join(sorted(p.name for p in out.iterdir()))} to {out}", flush=True)
     return 0

@@ -1,9 +1,14 @@
-"""Scores raw rows with an exported towerrec model. Needs torch and this folder only.
+"""Scores raw rows with an exported towerrec model, or retrieves items for raw users with an
+exported retrieval model. Needs torch and this folder only.
 
     from client import Scorer
     scorer = Scorer("path/to/export")
     scorer.score([{"user": "u123", "item": "i7", "price": 12.5, "tags": ["a", "b"]}])
     # -> [{"ctr": 0.031, "cvr": 0.12}]
+
+    from client import Retriever
+    Retriever("path/to/export").top_k({"user": "u123", "hist_items": ["i3", "i7"]}, k=10, exclude=["i3", "i7"])
+    # -> ["i42", "i8", ...]
 
 Every raw value goes through what the data set's preparation and the training reader did, as
 ``serving.json`` records it: ids through the saved vocabulary (unknown ids: row 0), a hash, or
@@ -112,14 +117,16 @@ class Number:
         return x
 
 
-class Scorer:
+class _Inputs:
+    """Raw rows → the program's (dense, values, lengths), as ``serving.json`` says."""
+
     def __init__(self, folder: str | Path):
         folder = Path(folder)
+        self.folder = folder
         self.spec = json.loads((folder / "serving.json").read_text())
         self.program = torch.export.load(folder / self.spec["file"]).module()
         self.features = [Feature(s, folder) for s in self.spec["inputs"]["sparse"]]
         self.numbers = [Number(s) for s in self.spec["inputs"]["dense"]["features"]]
-        self.tasks = [c["task"] for c in self.spec["outputs"]["columns"]]
         missing = self.spec["inputs"].get("missing", {"tokens": [""], "strip": True})
         self.missing_tokens, self.strip = set(missing["tokens"]), missing["strip"]
 
@@ -131,7 +138,7 @@ class Scorer:
                 return None
         return value
 
-    def score(self, rows: list[dict]) -> list[dict[str, float]]:
+    def _run(self, rows: list[dict]) -> torch.Tensor:
         dense = torch.tensor([[n.value(self._cell(row, n.input)) for n in self.numbers] for row in rows],
                              dtype=torch.float32).reshape(len(rows), len(self.numbers))  # fmt: skip
         values, lengths = [], []
@@ -140,5 +147,46 @@ class Scorer:
             values.append(torch.tensor([i for row_ids in ids for i in row_ids], dtype=torch.int64))
             lengths.append(torch.tensor([len(row_ids) for row_ids in ids], dtype=torch.int64))
         with torch.no_grad():
-            out = self.program(dense, values, lengths)
-        return [dict(zip(self.tasks, map(float, row))) for row in out]
+            return self.program(dense, values, lengths)
+
+
+class Scorer(_Inputs):
+    """Predictions of an exported ranking model for raw (user, item) rows."""
+
+    def __init__(self, folder: str | Path):
+        super().__init__(folder)
+        self.tasks = [c["task"] for c in self.spec["outputs"]["columns"]]
+
+    def score(self, rows: list[dict]) -> list[dict[str, float]]:
+        return [dict(zip(self.tasks, map(float, row))) for row in self._run(rows)]
+
+
+class Retriever(_Inputs):
+    """Top-K items of an exported retrieval model for raw users: each user's raw features and
+    history (raw item ids, oldest first) → the user tower's vector → the items with the highest
+    inner product, ``exclude`` (raw item ids, e.g. what the user already saw) left out.
+
+        retriever = Retriever("path/to/export")
+        retriever.top_k({"user": "u1", "hist_items": ["i3", "i9"]}, k=10, exclude=["i3", "i9"])
+    """
+
+    def __init__(self, folder: str | Path):
+        super().__init__(folder)
+        items = self.spec["items"]
+        self.vectors = torch.load(self.folder / items["vectors"], weights_only=True)
+        self.ids = json.loads((self.folder / items["ids"]).read_text())
+        self.position = {str(item): i for i, item in enumerate(self.ids)}
+
+    def top_k(self, user: dict, k: int = 10, exclude=()) -> list:
+        return self.top_k_many([user], k, [exclude])[0]
+
+    def top_k_many(self, users: list[dict], k: int = 10, exclude: list | None = None) -> list[list]:
+        scores = self._run(users) @ self.vectors.T  # (U, N)
+        for row, excluded in enumerate(exclude or []):
+            positions = [self.position[str(i)] for i in excluded if str(i) in self.position]
+            scores[row, positions] = -math.inf
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        return [
+            [self.ids[i] for i, score in zip(items.tolist(), values.tolist()) if score > -math.inf]
+            for items, values in zip(top.indices, top.values)
+        ]
