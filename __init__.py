@@ -13,7 +13,11 @@ use, so ``import towerrec`` stays cheap::
     import towerrec
 
     cfg = towerrec.load_config("configs/default.yaml")
+    datamodule, table_rows = towerrec.prepared_data(cfg)
     strategy = towerrec.TorchRecStrategy(sharding=cfg.sharding, ...)
+    L.Trainer(strategy=strategy, ...).fit(towerrec.MultiTaskModule(cfg, table_rows), datamodule=datamodule)
+
+The README's "Use it from Python" section has a complete example with a tower of your own.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ import importlib
 from typing import Any
 
 _PUBLIC = {
-    "Config": "towerrec.trainer.config",
-    "load_config": "towerrec.trainer.config",
-    "TorchRecStrategy": "towerrec.trainer.distributed.strategy",
-    "MultiTaskModule": "towerrec.trainer.module",
+    "Config": "towerrec.trainer.config",  # the typed run configuration
+    "load_config": "towerrec.trainer.config",  # YAML + dotted overrides → Config, validated
+    "prepared_data": "towerrec.trainer.build",  # the data set as a LightningDataModule + table rows
+    "TorchRecStrategy": "towerrec.trainer.distributed.strategy",  # sharded tables, dense replicas, DCP
+    "MultiTaskModule": "towerrec.trainer.module",  # the LightningModule (override build_model)
+    "RetrievalModule": "towerrec.trainer.retrieval",  # the two-tower LightningModule
     "ParquetDataModule": "towerrec.trainer.datamodule",
-    "build_model": "towerrec.models.builder",
+    "build_model": "towerrec.models.builder",  # the multi-task model (tower=: your own tower)
+    "build_retrieval_model": "towerrec.models.builder",
     "MultiTaskModel": "towerrec.models.multitask",
+    "TwoTowerModel": "towerrec.models.retrieval",
     "Batch": "towerrec.data.batch",
 }
 

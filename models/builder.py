@@ -66,8 +66,10 @@ def build_model(
     precision: str = "fp32",
     embedding_device: torch.device | str = "meta",
     model_class: type[MultiTaskModel] = MultiTaskModel,
+    tower=None,
 ) -> MultiTaskModel:
-    """The multi-task model over ``sparse`` (config order) and ``num_dense`` dense features."""
+    """The multi-task model over ``sparse`` (config order) and ``num_dense`` dense features;
+    ``tower(input_dim, num_tasks)``: your own tower module (see ``MultiTaskModel``)."""
     return model_class(
         tables=embedding_tables(sparse, table_rows, precision),
         feature_names=[f.name for f in sparse if not f.align_with],
@@ -84,6 +86,7 @@ def build_model(
         tasks=tasks,
         cfg=model,
         embedding_device=embedding_device,
+        tower=tower,
     )
 
 

@@ -15,6 +15,7 @@ collection returns them in plan order (a plan change would otherwise silently pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,9 @@ class MultiTaskModel(ShardableTables):
     input_names: every feature the tables serve, in the order serving takes them (config order).
     mean_pooled: multi-hot features pooled by their mean: the tables sum (see
         ``towerrec.models.builder.embedding_tables``) and ``mean_of_bags`` divides by the bag sizes.
+    tower: your own tower instead of ``model.tower``'s: ``tower(input_dim, num_tasks)`` returns a
+        module with the interface ``towerrec.models.towers`` documents (``forward(x) -> T × (B, H)``,
+        ``out_dim``, ``probability_products``, ``shared_parameters()``, ``last_shared_parameters()``).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class MultiTaskModel(ShardableTables):
         sequences: dict[str, SequenceFeature] | None = None,
         input_names: list[str] | None = None,
         mean_pooled: list[str] | None = None,
+        tower: Callable[[int, int], nn.Module] | None = None,
     ):
         super().__init__()
         self.feature_names = list(feature_names)
@@ -89,7 +94,11 @@ class MultiTaskModel(ShardableTables):
         self.interaction = build_interaction(
             cfg, [dim_of_feature[name] for name in self.feature_names], num_dense
         )
-        self.tower = build_tower(cfg, self.interaction.out_dim, len(tasks), task_names=self.task_names)
+        self.tower = (
+            tower(self.interaction.out_dim, len(tasks))
+            if tower is not None
+            else build_tower(cfg, self.interaction.out_dim, len(tasks), task_names=self.task_names)
+        )
         self.heads = TaskHeads(tasks, self.tower.out_dim, self.tower.probability_products)
         self.output_kinds = self.heads.output_kinds
         self.balancer = build_balancer(cfg, tasks)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from towerrec.data.reader import count_rows, read_spec
 from towerrec.data.validate import validate_dataset
@@ -29,10 +28,7 @@ from towerrec.trainer.logs import configure_logging, progress_style
 from towerrec.trainer.module import MultiTaskModule, PipelinedMultiTaskModule
 from towerrec.trainer.precision import dense_macs_per_sample, resolve_precision
 from towerrec.trainer.retrieval import PipelinedRetrievalModule, RetrievalModule, sampled_ids_spec
-from towerrec.trainer.run_folder import (
-    AppendingCSVLogger,
-    write_record,
-)
+from towerrec.trainer.run_folder import make_loggers, write_record
 
 
 def versions() -> dict[str, str]:
@@ -110,6 +106,32 @@ class RunInfo(L.Callback):
         self._print_plan(trainer)
 
 
+def prepared_data(
+    cfg: Config, world_size: int = 1, predict_split: str | None = None, pipelined: bool = False
+) -> tuple[ParquetDataModule, dict[str, int]]:
+    """The data set of ``cfg`` as a Lightning data module, and the table rows of each sparse
+    feature: prepared on first use (``data.prepare``), checked against the config and, with
+    ``data.validate_on_start``, read once to report every bad value up front. What ``build`` and
+    your own ``lightning.Trainer`` scripts start from (README: "Use it from Python")."""
+    meta = ensure_dataset(cfg)
+    check_data_against_config(cfg, meta)
+    splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split, predict_split) if s]
+    for split in dict.fromkeys(splits):
+        if meta.num_rows(split) < world_size:
+            raise ConfigError(
+                f"trainer.devices x trainer.num_nodes: {world_size} ranks but split {split!r} of "
+                f"{meta.root} has only {meta.num_rows(split)} rows (every rank needs at least one)"
+            )
+    table_rows = meta.table_rows(cfg.data.sparse)
+    spec = read_spec(cfg.data, cfg.tasks, table_rows, meta.columns, sampled_ids_spec(cfg, table_rows))
+    if cfg.data.validate_on_start:
+        validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
+    datamodule = ParquetDataModule(
+        cfg.data, cfg.seed, meta, spec, predict_split=predict_split, pipelined=pipelined
+    )
+    return datamodule, table_rows
+
+
 def build(
     cfg: Config,
     extra_callbacks: list | None = None,
@@ -126,25 +148,12 @@ def build(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
-    meta = ensure_dataset(cfg)
-    check_data_against_config(cfg, meta)
-    world_size = env.world_size
-    splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split, predict_split) if s]
-    for split in dict.fromkeys(splits):
-        if meta.num_rows(split) < world_size:
-            raise ConfigError(
-                f"trainer.devices x trainer.num_nodes: {world_size} ranks but split {split!r} of "
-                f"{meta.root} has only {meta.num_rows(split)} rows (every rank needs at least one)"
-            )
-    table_rows = meta.table_rows(cfg.data.sparse)
-    spec = read_spec(cfg.data, cfg.tasks, table_rows, meta.columns, sampled_ids_spec(cfg, table_rows))
-    if cfg.data.validate_on_start:
-        validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
     pipeline = cfg.trainer.train_pipeline
     pipelined = pipeline == "sparse_dist" or (pipeline == "auto" and env.accelerator == "cuda")
-    datamodule = ParquetDataModule(
-        cfg.data, cfg.seed, meta, spec, predict_split=predict_split, pipelined=pipelined
+    datamodule, table_rows = prepared_data(
+        cfg, world_size=env.world_size, predict_split=predict_split, pipelined=pipelined
     )
+    meta = datamodule.meta
     if cfg.model.objective == "retrieval":
         item = next(f for f in cfg.data.sparse if f.name == cfg.recommend.item_feature)
         counts = count_rows(meta, cfg.data.train_split, item, table_rows[item.name])
@@ -197,12 +206,7 @@ def build(
         val_check_interval=cfg.trainer.val_check_interval,
         check_val_every_n_epoch=None if cfg.trainer.val_check_interval else 1,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
-        logger=[
-            AppendingCSVLogger(log_dir, name="logs", version=""),
-            TensorBoardLogger(log_dir, name="tensorboard", version=""),
-        ]
-        if log_dir is not None
-        else False,
+        logger=make_loggers(cfg.trainer.loggers, log_dir) or False if log_dir is not None else False,
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=progress == "bar",

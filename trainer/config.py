@@ -100,6 +100,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """One experiment logger of a ``fit`` run (``trainer.loggers``)."""
+
+    type: str
+    """``csv`` (the run folder's ``logs/metrics.csv``, appended across resumes), ``tensorboard``
+    (``<run_dir>/tensorboard``), or the class name of any logger Lightning ships
+    (``MLFlowLogger``, ``WandbLogger``, ``CometLogger``, ``NeptuneLogger``, ...; its package must be
+    installed)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of that logger's constructor (e.g. ``{experiment_name: recs, tracking_uri:
+    file:./mlruns}`` for MLFlowLogger, ``{project: recs, offline: true}`` for WandbLogger)."""
+
+    def check(self) -> None:
+        if not self.type:
+            raise ValueError("type: empty; give csv, tensorboard or a Lightning logger class name")
+
+
+@dataclass
 class TrainerConfig:
     """The Lightning trainer and optimisation settings."""
 
@@ -168,6 +186,11 @@ class TrainerConfig:
     """``lightning`` (Lightning's own step), ``sparse_dist`` (TorchRec's TrainPipelineSparseDist:
     on CUDA it overlaps the next batches' copy and embedding input all-to-all with compute), or
     ``auto`` (sparse_dist on CUDA, lightning on CPU, where there is nothing to overlap)."""
+    loggers: list[LoggerConfig] = field(
+        default_factory=lambda: [LoggerConfig("csv"), LoggerConfig("tensorboard")]
+    )
+    """Experiment loggers of ``fit`` (see ``LoggerConfig``); ``[]`` logs nothing but the run folder's
+    metrics.json. A logger whose package is missing stops the run before it starts, naming it."""
     progress_bar: bool | Literal["auto", "off"] = "auto"
     """``auto``: a progress bar (with samples/s) when the output is a terminal, else a plain line
     every ``log_every_n_steps`` steps and per epoch (loss, samples/s, ETA); ``true``: always the

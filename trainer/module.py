@@ -72,10 +72,13 @@ class MultiTaskModule(L.LightningModule):
         self._eval_rows: list[tuple[torch.Tensor, ...]] = []
 
     # ------------------------------------------------------------------------------ model
-    def build_model(self) -> TrainingModel:
-        """The unsharded model: tables on ``meta`` (the sharder materialises them), dense part seeded."""
+    def build_model(self, **options) -> TrainingModel:
+        """The unsharded model: tables on ``meta`` (the sharder materialises them), dense part seeded.
+        ``options`` go to ``towerrec.models.builder.build_model`` (e.g. ``tower=`` your own tower):
+        override this method in a subclass to change the model."""
         torch.manual_seed(self.cfg.seed)
         return build_model(
+            **options,
             sparse=self.cfg.data.sparse,
             num_dense=len(self.cfg.data.dense),
             tasks=self.cfg.tasks,

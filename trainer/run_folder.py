@@ -153,3 +153,36 @@ class AppendingCSVLogger(CSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def make_loggers(loggers, log_dir: Path) -> list:
+    """The ``trainer.loggers`` of a run writing into ``log_dir``: ``csv`` and ``tensorboard`` in the
+    run folder, any other Lightning logger class by name with its options. A missing package or an
+    unknown name is a ConfigError naming the entry (before anything starts)."""
+    import lightning.pytorch.loggers as lightning_loggers
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    made = []
+    for i, entry in enumerate(loggers):
+        key = f"trainer.loggers[{i}]"
+        if entry.type == "csv":
+            made.append(AppendingCSVLogger(log_dir, name="logs", version="", **entry.options))
+            continue
+        if entry.type == "tensorboard":
+            made.append(TensorBoardLogger(log_dir, name="tensorboard", version="", **entry.options))
+            continue
+        cls = getattr(lightning_loggers, entry.type, None)
+        if not (isinstance(cls, type) and issubclass(cls, lightning_loggers.Logger)):
+            shipped = sorted(n for n in dir(lightning_loggers) if n.endswith("Logger") and n != "Logger")
+            raise ConfigError(
+                f"{key}.type: {entry.type!r} is not csv, tensorboard or one of Lightning's {shipped}"
+            )
+        try:
+            made.append(cls(**entry.options))
+        except (ModuleNotFoundError, ImportError) as err:
+            raise ConfigError(
+                f"{key}.type: {entry.type} needs a package that is not installed ({err})"
+            ) from err
+        except TypeError as err:
+            raise ConfigError(f"{key}.options: {entry.type} does not take them ({err})") from err
+    return made

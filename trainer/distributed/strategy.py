@@ -46,7 +46,7 @@ class TorchRecStrategy(DDPStrategy):
         batch_size: int,
         checkpoint: CheckpointConfig,
         seed: int,
-        collective_timeout_s: int,
+        collective_timeout_s: int = 600,
         **kwargs: Any,
     ):
         super().__init__(timeout=timedelta(seconds=collective_timeout_s), **kwargs)
