@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import inspect
 import os
 import socket
 import time
@@ -157,8 +158,9 @@ class AppendingCSVLogger(CSVLogger):
 
 def make_loggers(loggers, log_dir: Path) -> list:
     """The ``trainer.loggers`` of a run writing into ``log_dir``: ``csv`` and ``tensorboard`` in the
-    run folder, any other Lightning logger class by name with its options. A missing package or an
-    unknown name is a ConfigError naming the entry (before anything starts)."""
+    run folder, any other Lightning logger class by name with its options (a file-based one's
+    ``save_dir`` defaults to the run folder). A missing package or an unknown name is a
+    ConfigError naming the entry (before anything starts)."""
     import lightning.pytorch.loggers as lightning_loggers
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -177,8 +179,11 @@ def make_loggers(loggers, log_dir: Path) -> list:
             raise ConfigError(
                 f"{key}.type: {entry.type!r} is not csv, tensorboard or one of Lightning's {shipped}"
             )
+        options = dict(entry.options)
+        if "save_dir" in inspect.signature(cls).parameters:  # file-based loggers write into the run folder
+            options.setdefault("save_dir", str(log_dir))
         try:
-            made.append(cls(**entry.options))
+            made.append(cls(**options))
         except (ModuleNotFoundError, ImportError) as err:
             raise ConfigError(
                 f"{key}.type: {entry.type} needs a package that is not installed ({err})"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import pytest
+
 from towerrec.trainer.logs import progress_style
 
 
@@ -42,3 +44,33 @@ def test_progress_style_follows_the_config_and_the_terminal(monkeypatch):
     assert progress_style("off") == "off" and progress_style(True) == "bar"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert progress_style("auto") == "bar"
+
+
+def test_loggers_are_chosen_in_the_config_and_a_missing_package_is_named(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from towerrec.trainer.config import ConfigError, load_config
+    from towerrec.trainer.run_folder import AppendingCSVLogger, make_loggers
+
+    default = make_loggers(load_config("configs/default.yaml").trainer.loggers, tmp_path)
+    assert [type(logger) for logger in default] == [AppendingCSVLogger, TensorBoardLogger]
+    chosen = load_config(
+        "configs/default.yaml", ["trainer.loggers=[{type: CSVLogger, options: {name: other}}]"]
+    )
+    (logger,) = make_loggers(chosen.trainer.loggers, tmp_path / "x")
+    assert isinstance(logger, CSVLogger) and logger.name == "other"
+    assert (
+        make_loggers(load_config("configs/default.yaml", ["trainer.loggers=[]"]).trainer.loggers, tmp_path)
+        == []
+    )
+    unknown = load_config("configs/default.yaml", ["trainer.loggers=[{type: NoSuchLogger}]"])
+    with pytest.raises(
+        ConfigError, match=r"trainer.loggers\[0\].type: 'NoSuchLogger' is not csv, tensorboard"
+    ):
+        make_loggers(unknown.trainer.loggers, tmp_path)
+    missing = load_config("configs/default.yaml", ["trainer.loggers=[{type: MLFlowLogger}]"])
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"trainer.loggers\[0\].type: MLFlowLogger needs a package"):
+            make_loggers(missing.trainer.loggers, tmp_path)
