@@ -34,7 +34,14 @@ from towerrec.data.dataset import DatasetMeta
 from towerrec.models.heads import predictions
 from towerrec.models.multitask import MultiTaskModel
 from towerrec.serving.catalogue import Catalogue, Rows, excluded_pairs, item_counts
-from towerrec.serving.scoring import PopularityScorer, recommend, top_k
+from towerrec.serving.protocols import (
+    diversity,
+    interaction_codes,
+    rank_metrics,
+    sampled_candidates,
+    sampled_ranks,
+)
+from towerrec.serving.scoring import ModelScorer, PopularityScorer, recommend, score_function, top_k
 from towerrec.trainer.config import Config
 from towerrec.trainer.errors import RecommendError
 
@@ -213,6 +220,15 @@ def evaluate_ranking(
     for name, top in (("model", model_top), ("popularity", popular_top)):
         hits = hit_matrix(top.items, relevant, num_candidates)
         result[name] = finalize(ranking_sums(hits, num_relevant, top.items, num_candidates))
+    result["full"] = {
+        name: {
+            f"hit_rate@{k}": result[name]["hit_rate"],
+            f"ndcg@{k}": result[name]["ndcg"],
+            **diversity(top, num_candidates),
+        }
+        for name, top in (("model", model_top), ("popularity", popular_top))
+    }
+    result.update(sampled_protocol(cfg, model, catalogue, test, positive, eval_rows, k))
     probabilities = predict_rows(model, test)[:, task]
     counted = torch.from_numpy(test.label_mask[:, task] > 0)
     result["classification"] = {
@@ -228,6 +244,57 @@ def evaluate_ranking(
     return result
 
 
+def sampled_protocol(
+    cfg: Config,
+    model: MultiTaskModel,
+    catalogue: Catalogue,
+    test: Rows,
+    positive: np.ndarray,
+    eval_rows: np.ndarray,
+    k: int,
+) -> dict:
+    """The sampled protocol (``towerrec.serving.protocols``) for the ranker and popularity: each
+    evaluated user's latest relevant test item against ``recommend.sampled_negatives`` items the
+    user never interacted with, scored by the ranking score (``recommend.score``)."""
+    num_items = len(catalogue.items.ids)
+    user_of_row = catalogue.users.positions(test.users)
+    latest = np.full(len(catalogue.users.ids), -1, dtype=np.int64)
+    rows = np.flatnonzero(positive)
+    latest[user_of_row[rows]] = catalogue.items.positions(test.items[rows])  # later rows overwrite
+    targets = latest[eval_rows]
+    count = cfg.recommend.sampled_negatives
+    negatives = sampled_candidates(
+        interaction_codes(catalogue, eval_rows), len(eval_rows), num_items, count, cfg.seed
+    )
+    candidates = np.concatenate([targets[:, None], negatives], axis=1)  # (U, 1 + n), target first
+    valid = torch.from_numpy(negatives >= 0)
+    scorer = ModelScorer(model, cfg, catalogue.users, catalogue.items, eval_rows, np.arange(num_items))
+    score = score_function(cfg, scorer.task_names)
+    users = np.repeat(np.arange(len(eval_rows)), candidates.shape[1])
+    scores = (
+        torch.cat(
+            [
+                score(
+                    scorer.score_pairs(
+                        users[start : start + 65536], np.maximum(candidates.ravel(), 0)[start : start + 65536]
+                    )
+                )
+                for start in range(0, len(users), 65536)
+            ]
+        )
+        .reshape(candidates.shape)
+        .float()
+    )
+    counts = torch.from_numpy(item_counts(cfg, catalogue).astype(np.float32))
+    popular = counts[torch.from_numpy(np.maximum(candidates, 0))]
+    return {
+        f"sampled_{count}": {
+            "model": rank_metrics(sampled_ranks(scores[:, 0], scores[:, 1:], valid), k),
+            "popularity": rank_metrics(sampled_ranks(popular[:, 0], popular[:, 1:], valid), k),
+        }
+    }
+
+
 def format_ranking(result: dict) -> str:
     k = result["k"]
     names = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
@@ -238,6 +305,13 @@ def format_ranking(result: dict) -> str:
     ]
     for who in ("model", "popularity"):
         lines.append(f"{who:<11}" + "".join(f"{result[who][n]:>13.4f}" for n in names))
+    for protocol in [p for p in result if p.startswith("sampled_")]:
+        for who, values in result[protocol].items():
+            lines.append(
+                f"{protocol:<11}"
+                + "  ".join(f"{name}={value:.4f}" for name, value in values.items())
+                + f"  ({who})"
+            )
     for task, values in result["classification"].items():
         lines.append(
             f"{task} @ {values['threshold']}: precision={values['precision']:.4f} recall={values['recall']:.4f} "

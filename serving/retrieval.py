@@ -10,22 +10,14 @@ the same path as the exported program. A user's vector for a list reads the user
 history as of now: the history of their latest row plus that row's item. Evaluation queries are
 the test split's rows themselves (the features and history strictly before the held-out event).
 
-Protocols (leave-last-out, each evaluated user's held-out item):
-
-- ``full``: rank among every item of the catalogue, the user's seen items (``recommend.seen_splits``)
-  excluded: HR@K and NDCG@K (a held-out item the user had already seen cannot be retrieved; such
-  users are counted in ``skipped_seen_targets`` and not evaluated);
-- ``sampled_<n>``: rank against ``recommend.sampled_negatives`` items drawn uniformly (seeded) from
-  those the user never interacted with, as in the SASRec paper; a tie counts half (the expected rank
-  under random tie-breaking).
-
-Popularity (training-split counts) goes through both; lists also report their diversity: distinct
-items, the share of lists holding the most frequent item, and catalogue coverage.
+Protocols: ``towerrec.serving.protocols`` (full ranking with seen items excluded, and the sampled
+protocol); a held-out item the user had already seen cannot be retrieved: such users are counted in
+``skipped_seen_targets`` and not evaluated by full ranking. Popularity (training-split counts) goes
+through both.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -35,8 +27,16 @@ import torch
 from towerrec.data.jagged import Jagged
 from towerrec.models.retrieval import TwoTowerModel
 from towerrec.models.tables import TableLookup
-from towerrec.serving.catalogue import Catalogue, Entities, Rows, excluded_pairs, item_counts, seen_codes
+from towerrec.serving.catalogue import Catalogue, Entities, Rows, excluded_pairs, item_counts
 from towerrec.serving.index import IndexSettings, ItemIndex
+from towerrec.serving.protocols import (
+    diversity,
+    full_ranks,
+    interaction_codes,
+    rank_metrics,
+    sampled_candidates,
+    sampled_ranks,
+)
 from towerrec.serving.scoring import TopK
 from towerrec.trainer.config import Config
 from towerrec.trainer.errors import RecommendError
@@ -207,82 +207,6 @@ def evaluation_queries(cfg: Config, catalogue: Catalogue, users: np.ndarray | No
     return test.take(np.sort(len(test.users) - 1 - last_in_reversed))
 
 
-def rank_metrics(ranks: np.ndarray, k: int) -> dict[str, float]:
-    """HR@k and NDCG@k of 0-based ranks (fractional for half-counted ties), one target per user."""
-    hit = ranks < k
-    return {
-        f"hit_rate@{k}": float(hit.mean()) if len(ranks) else math.nan,
-        f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean()) if len(ranks) else math.nan,
-    }
-
-
-def full_ranks(top: TopK, targets: np.ndarray) -> np.ndarray:
-    """0-based rank of each target among a list (K where it is not in the top K)."""
-    items = top.items.numpy()
-    found = items == targets[:, None]
-    return np.where(found.any(1), found.argmax(1), items.shape[1]).astype(np.float64)
-
-
-def sampled_candidates(
-    interacted: np.ndarray, num_users: int, num_items: int, count: int, seed: int
-) -> np.ndarray:
-    """(U, count) item positions drawn uniformly without replacement from those each user never
-    interacted with (``interacted``: sorted codes ``user * N + item``), -1 where a user has fewer.
-    Vectorised: iid draws, the interacted and repeated ones dropped, the first ``count`` kept (a
-    uniform sample without replacement); users left short draw again."""
-    rng = np.random.default_rng([seed, 100])
-    available = num_items - np.bincount(interacted // max(num_items, 1), minlength=num_users)[:num_users]
-    wanted = np.minimum(count, available)
-    chosen = np.full((num_users, count), -1, dtype=np.int64)
-    filled = np.zeros(num_users, dtype=np.int64)
-    need = np.flatnonzero(filled < wanted)
-    for _ in range(50):
-        if not len(need):
-            break
-        draws = np.concatenate(
-            [chosen[need], rng.integers(0, num_items, size=(len(need), 3 * count))], axis=1
-        )  # the ones kept so far first: they stay
-        ok = (draws >= 0) & ~np.isin(need[:, None] * num_items + draws, interacted)
-        order = np.argsort(np.where(ok, draws, -1), axis=1, kind="stable")
-        ranked = np.take_along_axis(draws, order, axis=1)
-        repeat = np.zeros_like(ok)
-        repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
-        first = np.empty_like(ok)
-        np.put_along_axis(first, order, ~repeat, axis=1)  # a value's first occurrence in draw order
-        ok &= first
-        position = np.cumsum(ok, axis=1) - 1
-        keep = ok & (position < wanted[need][:, None])
-        rows, columns = np.nonzero(keep)
-        chosen[need] = -1
-        chosen[need[rows], position[rows, columns]] = draws[rows, columns]
-        filled[need] = keep.sum(1)
-        need = need[filled[need] < wanted[need]]
-    return chosen
-
-
-def sampled_ranks(
-    target_scores: torch.Tensor, negative_scores: torch.Tensor, valid: torch.Tensor
-) -> np.ndarray:
-    """0-based rank of each target among its sampled items; a tie counts half."""
-    above = ((negative_scores > target_scores[:, None]) & valid).sum(1)
-    ties = ((negative_scores == target_scores[:, None]) & valid).sum(1)
-    return (above + 0.5 * ties).double().numpy()
-
-
-def diversity(top: TopK, num_items: int) -> dict[str, float]:
-    """Distinct items in the lists, the share of lists holding the most frequent one, coverage."""
-    items = top.items.numpy()
-    shown = items[items >= 0]
-    if not len(shown):
-        return {"distinct_items": 0, "top_item_share": math.nan, "coverage": 0.0}
-    counts = np.bincount(shown, minlength=num_items)
-    return {
-        "distinct_items": int((counts > 0).sum()),
-        "top_item_share": float(counts.max() / len(items)),
-        "coverage": float((counts > 0).sum() / num_items),
-    }
-
-
 def evaluate_retrieval(
     cfg: Config, retriever: Retriever, users: np.ndarray | None = None, k: int | None = None
 ) -> dict:
@@ -320,9 +244,7 @@ def evaluate_retrieval(
             for name, top in (("model", model_top), ("popularity", popular_top))
         },
     }
-    interacted = seen_codes(
-        *_all_interactions(catalogue, user_rows), num_items
-    )  # every split: the sampled items are ones the user never touched
+    interacted = interaction_codes(catalogue, user_rows)  # every split: sampled items are never touched
     count = cfg.recommend.sampled_negatives
     negatives = torch.from_numpy(sampled_candidates(interacted, len(targets), num_items, count, cfg.seed))
     valid = negatives >= 0
@@ -350,18 +272,6 @@ def _renumber(codes: np.ndarray, keep: np.ndarray, num_items: int) -> np.ndarray
     query = codes // num_items
     kept = keep[query]
     return np.sort(new_index[query[kept]] * num_items + codes[kept] % num_items)
-
-
-def _all_interactions(catalogue: Catalogue, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(query index, item position) of every interaction, in any split, of the queried users."""
-    query_of = np.full(len(catalogue.users.ids), -1, dtype=np.int64)
-    query_of[user_rows] = np.arange(len(user_rows))
-    users, items = [], []
-    for rows in catalogue.splits.values():
-        rows = rows.interactions()
-        users.append(query_of[np.maximum(catalogue.users.positions(rows.users), 0)])
-        items.append(catalogue.items.positions(rows.items))
-    return np.concatenate(users), np.concatenate(items)
 
 
 def format_retrieval(result: dict) -> str:

@@ -13,7 +13,8 @@ from tests.conftest import IMPLICIT_CONFIG, run_cli, tiny_implicit_overrides
 from towerrec.data.jagged import Jagged
 from towerrec.serving.catalogue import seen_codes
 from towerrec.serving.index import ItemIndex, faiss_available
-from towerrec.serving.retrieval import append_one, full_ranks, sampled_candidates, sampled_ranks
+from towerrec.serving.protocols import full_ranks, sampled_candidates, sampled_ranks
+from towerrec.serving.retrieval import append_one
 
 
 def brute_force(queries, items, k, excluded):
