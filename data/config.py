@@ -371,7 +371,7 @@ class DataConfig:
     (``true``), or in the training thread when it is needed (``false``). ``null``: in the background
     only when a CPU is left over (torch threads × processes on the node < CPUs of this process):
     when torch's threads already use every core, the extra runnable thread stalls its parallel
-    regions (MMoE, 2 threads on 2 cores: +8% samples/s decoding inline). The batches are the same."""
+    regions (benchmarks/results/DATA_SCALE.md). The batches are the same."""
     sparse: list[SparseFeature] = field(default_factory=list)
     """Sparse id features."""
     dense: list[DenseFeature] = field(default_factory=list)

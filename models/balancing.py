@@ -126,7 +126,7 @@ class PCGrad(FixedWeights):
         loss = balancer(losses)
         shared = model.tower.shared_parameters()
         grads = task_gradients(balancer.weights() * losses, shared)           # before backward
-        loss.backward()              # all grads (embeddings: fused update; DDP all-reduce of dense)
+        loss.backward()              # all grads (embeddings: fused update inside backward)
         # data parallel: all-reduce (average) every tensor of `grads` over ranks first: exact
         # PCGrad on the global batch (averaging `combined` instead is cheaper: PCGrad per rank).
         # Either way every rank must end with the same grads; models/ has no collectives.
@@ -137,9 +137,9 @@ class PCGrad(FixedWeights):
 
     With Lightning's automatic optimisation: compute ``grads`` in ``training_step`` (before
     returning ``loss``) and do the surgery and the ``param.grad`` replacement in
-    ``on_after_backward`` (after backward and DDP's all-reduce, before the optimizer step).
-    ``torch.autograd.grad`` does not accumulate into ``.grad``, so it does not trigger DDP's
-    reduction or the fused embedding update.
+    ``on_after_backward`` (after backward and the trainer's averaging of the dense gradients over
+    ranks, before the optimizer step). ``torch.autograd.grad`` does not accumulate into ``.grad``,
+    so it does not trigger the fused embedding update.
     """
 
     gradient_surgery = True
@@ -200,8 +200,8 @@ class GradNorm(nn.Module):
     With Lightning's automatic optimisation: return ``loss + gradnorm_loss`` from
     ``training_step`` and call ``renormalize()`` in ``on_train_batch_end`` (after the step).
     ``norms`` are of the *unweighted* L_t and are detached; only w gets the GradNorm gradient.
-    Data parallel: DDP averages w's gradient like any dense parameter; for identical w on every
-    rank also average ``losses`` and ``norms`` over ranks before ``gradnorm_loss`` (trainer side).
+    Data parallel: the trainer averages w's gradient over ranks like any dense parameter; for
+    identical w on every rank it also averages ``losses`` and ``norms`` before ``gradnorm_loss``.
     """
 
     gradient_surgery = False

@@ -139,8 +139,8 @@ class TrainerConfig:
     covers training steps: evaluation and ``predict`` score in fp32, like the exported model."""
     compile: bool = False
     """``torch.compile`` the dense part (interaction, tower, heads) at the start of training. On CPU
-    it fuses the element-wise work around the matmuls (MMoE ~1.3-1.4x more samples/s with bf16-mixed; see
-    benchmarks/results/RESULTS.md); compiling takes 10-30 s and needs a C++ compiler."""
+    it fuses the element-wise work around the matmuls (what it gains per model and batch:
+    benchmarks/results/RESULTS.md); compiling takes seconds and needs a C++ compiler."""
     gradient_clip_val: float | None = None
     """Clip the dense gradients' norm to this value."""
     embedding_optimizer: OptimizerConfig = field(

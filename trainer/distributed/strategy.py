@@ -267,7 +267,7 @@ class TorchRecStrategy(DDPStrategy):
             self.lightning_module.trainer.state.status == TrainerStatus.INTERRUPTED
         )
         if not interrupted and dist.is_available() and dist.is_initialized():
-            dist.barrier()  # without it gloo can abort at interpreter exit (NOTES-torchrec)
+            dist.barrier()  # without it gloo can abort at interpreter exit (destroyed async work)
         super().teardown()
 
 
