@@ -359,6 +359,7 @@ STANDALONE = {  # --sections names that run a benchmark writing its own file in 
     "big_tables": ["-m", "benchmarks.big_tables"],  # BIG_TABLES.md
     "scaling": ["-m", "benchmarks.scaling"],  # SCALING.md
     "small_steps": ["-m", "benchmarks.small_steps"],  # SMALL_STEPS.md
+    "retrieval": ["-m", "benchmarks.retrieval"],  # RETRIEVAL.md
 }
 
 

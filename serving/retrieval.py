@@ -244,6 +244,22 @@ def evaluate_retrieval(
             for name, top in (("model", model_top), ("popularity", popular_top))
         },
     }
+    if cfg.recommend.ranker is not None:  # retrieve num_candidates, the ranker orders them
+        from towerrec.serving.cascade import rank_candidates
+
+        kept_rows = user_rows[fresh]
+        fetched = retriever.index.search(
+            query_vectors[torch.from_numpy(fresh)],
+            max(cfg.recommend.num_candidates, k),
+            _renumber(seen, fresh, num_items),
+        )
+        cascade, _ = rank_candidates(cfg, catalogue, kept_rows, fetched, k)
+        result["full"]["cascade"] = {
+            **rank_metrics(full_ranks(cascade, targets[fresh]), k),
+            **diversity(cascade, num_items),
+            "retrieved": int(fetched.items.shape[1]),
+            "recall_of_retrieval": float((fetched.items.numpy() == targets[fresh][:, None]).any(1).mean()),
+        }
     interacted = interaction_codes(catalogue, user_rows)  # every split: sampled items are never touched
     count = cfg.recommend.sampled_negatives
     negatives = torch.from_numpy(sampled_candidates(interacted, len(targets), num_items, count, cfg.seed))
