@@ -229,21 +229,31 @@ def top_k_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """``torch.topk`` along dim 1 with ties broken by position (lower first), deterministically.
 
     ``torch.topk`` leaves the order of equal scores unspecified, so lists would depend on the
-    block layout. Here: every score above the k-th value is kept, then as many of the ones equal
-    to it as fit, the lowest positions first; the k are ordered by score, then position (a stable
-    sort of k entries, not of the whole row). (U, C) → values (U, k), positions (U, k)."""
+    block layout. Rows where ``topk`` may have chosen among scores equal to its k-th (the (k+1)-th
+    equals it) are redone exactly: every score above the k-th value is kept, then as many of the
+    ones equal to it as fit, the lowest positions first; NaN scores count as -inf. The k are ordered by score, then
+    position (a sort of k entries, not of the whole row). (U, C) → values (U, k), positions (U, k)."""
     if k == 0:
         return scores[:, :0], torch.zeros(scores.shape[0], 0, dtype=torch.int64)
-    scores = torch.nan_to_num(
-        scores, nan=-math.inf, posinf=math.inf, neginf=-math.inf
-    )  # keep ±inf: -inf = excluded
-    threshold = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]  # (U, 1): the k-th score
-    above = scores > threshold
-    tied = scores == threshold
-    room = k - above.sum(dim=1, keepdim=True)
-    chosen = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly k per row, in position order
-    positions = chosen.nonzero()[:, 1].view(scores.shape[0], k)
-    values = scores.gather(1, positions)
+    width = min(k + 1, scores.shape[1])  # one more than k: is the k-th score tied with the next?
+    values, positions = torch.topk(scores, width, dim=1, sorted=True)
+    if bool(torch.isnan(values).any()):  # NaN sorts first in topk: score it as -inf, keeping ±inf
+        scores = torch.nan_to_num(scores, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        values, positions = torch.topk(scores, width, dim=1, sorted=True)
+    chose = values[:, k] == values[:, k - 1] if width > k else torch.zeros(len(values), dtype=torch.bool)
+    values, positions = values[:, :k].contiguous(), positions[:, :k].contiguous()
+    if bool(chose.any()):  # topk may have picked among scores equal to the k-th: redo those rows
+        rows = chose.nonzero()[:, 0]
+        part = scores[rows]
+        threshold = values[rows, -1:]
+        above = part > threshold
+        tied = part == threshold
+        room = k - above.sum(dim=1, keepdim=True)
+        chosen = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly k per row, in position order
+        positions[rows] = chosen.nonzero()[:, 1].view(len(rows), k)
+        values[rows] = part.gather(1, positions[rows])
+    by_position = positions.argsort(dim=1)
+    positions, values = positions.gather(1, by_position), values.gather(1, by_position)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices
     return values.gather(1, order), positions.gather(1, order)
 
