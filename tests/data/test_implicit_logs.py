@@ -34,7 +34,9 @@ def implicit(source: Path, **prepare_keys) -> tuple[PrepareConfig, TableSchema]:
     cfg = PrepareConfig(format="csv", source=str(source), user_column="user", time_column="ts",
                         split="leave_last_out", num_shards=1, columns={"ts": "other"}, **prepare_keys)  # fmt: skip
     cfg.check()
-    schema = TableSchema({"user": "sparse", "item": "sparse", "ts": "other"}, user_column="user", time_column="ts")
+    schema = TableSchema(
+        {"user": "sparse", "item": "sparse", "ts": "other"}, user_column="user", time_column="ts"
+    )
     return cfg, schema
 
 
@@ -60,12 +62,18 @@ def test_leave_last_out_on_a_csv_log_keeps_users_below_the_minimum_in_train(tmp_
     assert named("val") == [("u3", "b", 20), ("u5", "d", 90)]
     assert {u for u, _, _ in named("train")} == {"u1", "u2", "u3", "u5"}  # u1, u2: every event in train
     assert len(named("train")) == 7
-    assert meta.report["leave_last_out"] == {"min_events_per_user": 3, "users_held_out": 2, "users_train_only": 2}
+    assert meta.report["leave_last_out"] == {
+        "min_events_per_user": 3,
+        "users_held_out": 2,
+        "users_train_only": 2,
+    }
 
 
 def test_a_log_where_no_user_has_enough_events_stops_naming_the_key_and_the_file(tmp_path):
     source = write_log(tmp_path / "log.csv", [("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 1)])
-    with pytest.raises(DataError, match=r"log\.csv: no user has data\.prepare\.min_events_per_user = 3 .*most .*: 2"):
+    with pytest.raises(
+        DataError, match=r"log\.csv: no user has data\.prepare\.min_events_per_user = 3 .*most .*: 2"
+    ):
         cfg, schema = implicit(source)
         prepare(cfg, str(tmp_path / "out"), schema)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out*"))
@@ -78,7 +86,9 @@ def test_a_row_without_its_user_or_time_is_an_error_naming_file_row_and_column(t
     cfg, schema = implicit(write_log(tmp_path / "log.csv", rows))
     if empty == "user":
         cfg.missing_sparse = "fill"
-    with pytest.raises(DataError, match=rf"log\.csv: row 2: column '{empty}' \(data\.prepare\.(user|time)_column\) is empty"):
+    with pytest.raises(
+        DataError, match=rf"log\.csv: row 2: column '{empty}' \(data\.prepare\.(user|time)_column\) is empty"
+    ):
         prepare(cfg, str(tmp_path / "out"), schema)
     assert not list(tmp_path.glob("out*"))
 
@@ -98,7 +108,9 @@ def test_histories_follow_the_row_order_without_a_time_column(tmp_path):
     cfg = PrepareConfig(format="csv", source=str(source), user_column="user", split="leave_last_out",
                         num_shards=1, histories=[HistoryConfig(name="hist", column="item", events="all")])  # fmt: skip
     cfg.check()
-    meta = prepare(cfg, str(tmp_path / "out"), TableSchema({"user": "sparse", "item": "sparse"}, user_column="user"))
+    meta = prepare(
+        cfg, str(tmp_path / "out"), TableSchema({"user": "sparse", "item": "sparse"}, user_column="user")
+    )
     items = ["<oov>", *meta.vocabulary("item").tolist()]
     (test,) = pq.read_table(meta.root / "test").to_pylist()
     # events: all, so the test row's history holds the validation event c too (nothing later)
@@ -171,7 +183,10 @@ def test_negatives_for_a_csv_log_avoid_the_users_items_and_carry_the_items_own_f
     users = ["<oov>", *meta.vocabulary("user").tolist()]
     categories = ["<oov>", *meta.vocabulary("category").tolist()]
     tables = {split: pq.read_table(meta.root / split).to_pylist() for split in ("train", "val", "test")}
-    had = {split: {(users[r["user"]], items[r["item"]]) for r in tables[split] if r["rated"] == 1} for split in tables}
+    had = {
+        split: {(users[r["user"]], items[r["item"]]) for r in tables[split] if r["rated"] == 1}
+        for split in tables
+    }
     raw = {(u, ts): (i, c, a, d) for u, i, c, a, d, ts, _ in rows}
     item_category = {i: c for _, i, c, *_ in rows}
     for split, table in tables.items():
@@ -203,7 +218,9 @@ def test_negatives_need_a_mask_on_every_other_task_and_the_item_column(tmp_path)
     from towerrec.trainer.errors import ConfigError
 
     source = write_log(tmp_path / "shop.csv", shop_log(4), header="user,item,category,age,device,ts,stars")
-    with pytest.raises(ConfigError, match=r"tasks\[1\]\.mask: .* no 'stars'; set mask: rated on task 'stars'"):
+    with pytest.raises(
+        ConfigError, match=r"tasks\[1\]\.mask: .* no 'stars'; set mask: rated on task 'stars'"
+    ):
         input_schema(ranker_config(tmp_path, source, mask=None))
     cfg = ranker_config(tmp_path, source)
     cfg.data.prepare.item_column = None
@@ -261,5 +278,8 @@ def test_fit_checks_a_prepared_data_set_whose_masked_label_is_constant(tmp_path)
         "data.dense=[]", "model.alpha=null",
         "tasks=[{name: ctr, label: click}, {name: cvr, label: buy, mask: click}]"])  # fmt: skip
     # buy is 0 on every clicked row: the CVR task (counted on clicks) has nothing to learn
-    with pytest.raises(ConfigError, match=r"tasks\[1\] \('cvr'\): label column 'buy' is 0 on every training row it counts \(mask: click\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tasks\[1\] \('cvr'\): label column 'buy' is 0 on every training row it counts \(mask: click\)",
+    ):
         check_data_against_config(cfg, meta)
