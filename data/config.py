@@ -318,8 +318,9 @@ class PrepareConfig:
     (``csv``/``parquet``: the features with ``side: item``, as the item's first training row has
     them; the catalogue is the training split's items). Rows get a ``rated`` label (1 real, 0
     sampled); a sampled row has no value in the other labels, so tasks on them set ``mask: rated``.
-    Memory (``csv``/``parquet``): 8 bytes per distinct (user, item) pair, twice for test
-    exclusions, plus the catalogue's item-side values. 0: no negatives and no ``rated`` column."""
+    Memory (``csv``/``parquet``): 17 bytes per row while the fitting pass gathers the (user, item)
+    pairs, then 8 bytes per distinct pair, twice (with and without the test rows), plus the
+    catalogue's item-side values. 0: no negatives and no ``rated`` column."""
     neighbourhood_max_ids: int = 24
     """``movielens100k``: cap of each rating-level neighbourhood bag (``user_items_r*``,
     ``item_users_r*``), most recent first. Larger bags carry more of the rating structure and cost

@@ -193,3 +193,18 @@ def test_init_without_a_label_needs_a_user_and_an_item(tmp_path):
     config, result = init(tmp_path, source, check=False)
     assert result.returncode == 2 and "needs a user and an item column (--user, --item)" in result.stderr
     assert not config.exists()
+
+
+def test_init_without_a_label_on_a_log_with_sampled_negatives_trains_on_the_interactions(tmp_path):
+    source = position_log(tmp_path / "sampled.csv", label=True, negatives=2)
+    config, _ = init(tmp_path, source)
+    tree = yaml.safe_load(config.read_text())
+    prepare_section = tree["data"]["prepare"]
+    assert prepare_section["interaction_column"] == "rated" and prepare_section["time_column"] == "pos"
+    assert prepare_section["histories"][0]["where"] == "rated"
+    assert tree["data"]["sample_weight_column"] == "rated"  # weight 0: the sampled rows are no positives
+    assert tree["recommend"]["interaction_column"] == "rated"
+    assert "rated" not in {f["name"] for f in tree["data"]["sparse"]}
+    meta = prepare_data_section(config, tmp_path)
+    test = pq.read_table(meta.root / "test", columns=["user", "rated"]).to_pylist()
+    assert sum(r["rated"] for r in test) == len({r["user"] for r in test})  # one interaction per user
