@@ -191,9 +191,8 @@ def convert(
 
     counts = {name: IdCounts() for name in id_columns} if cfg.sparse_mapping == "vocab" else {}
     events = HistoryEvents(cfg.histories, schema)
-    if (
-        counts or transforms.needs_fit or cfg.histories or negatives
-    ):  # pass 2: vocabularies, quantiles, moments, events
+    to_fit = counts or transforms.needs_fit or cfg.histories or negatives is not None
+    if to_fit:  # pass 2: vocabularies, quantiles, moments, events, pairs of negatives
         passes += 1
         for table, row_index, keys, cleaner, _ in cleaned():
             codes = splitter.assign(keys)
