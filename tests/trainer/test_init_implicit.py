@@ -3,21 +3,18 @@ in each user's sequence, on logs with sampled negatives, and on a label with one
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from tests.conftest import run_cli
 from towerrec.data.config import DataConfig
 from towerrec.data.prepare import prepare
 from towerrec.data.samples import implicit_log, write_csv
-from towerrec.models.config import ModelConfig
 from towerrec.trainer.config import Config, load_config
 from towerrec.trainer.dataset_setup import input_schema
 from towerrec.trainer.typed_config import build_dataclass
@@ -90,16 +87,14 @@ def test_init_without_a_label_writes_the_retrieval_config_and_its_data_prepares(
         assert [items[i] for i in r["hist_items"]] == expected
 
 
-@pytest.mark.skipif(
-    "objective" not in {f.name for f in dataclasses.fields(ModelConfig)},
-    reason="model.objective (the retrieval model) is not on this branch yet",
-)
-def test_the_retrieval_config_init_writes_loads(tmp_path):
+def test_the_retrieval_config_init_writes_loads_with_its_towers(tmp_path):
     source = tmp_path / "plays.csv"
     write_csv(implicit_log(num_rows=600, num_users=40, num_items=30), source)
     config, _ = init(tmp_path, source)
     cfg = load_config(config)
     assert cfg.model.objective == "retrieval" and cfg.tasks == []
+    sides = {f.name: f.side for f in cfg.data.sparse}
+    assert sides == {"user": "user", "item": "item", "hist_items": "user"}
 
 
 def position_log(path: Path, label: bool, negatives: int = 0, num_users: int = 40, seed: int = 0) -> Path:
