@@ -682,7 +682,14 @@ def retrieval_config(
         lines.append(
             f"  interaction_column: {shape.interactions}   # its 0 rows are neither seen items nor popularity"
         )
-    lines += ["", "trainer:", "  max_epochs: 10", *TRAINER_LINES[1:]]
+    lines += [
+        "",
+        "trainer:",
+        "  max_epochs: 10",
+        "  early_stopping_patience: 2     # stop when val/loss has not improved for 2 epochs; test the best epoch",
+        "  early_stopping_metric: val/loss",
+        *TRAINER_LINES[1:],
+    ]
     return "\n".join(lines) + "\n"
 
 
