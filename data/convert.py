@@ -89,6 +89,23 @@ def _missing_key(chunk: Chunk, row_index: np.ndarray, rows: np.ndarray, column: 
     )
 
 
+SAMPLED_SLICE_ROWS = 262_144
+"""Rows (real and sampled) encoded at once when negatives are sampled: a chunk grows k + 1 times."""
+
+
+def _slices(table: pa.Table, keys: SplitKeys, codes: np.ndarray, filled: dict[str, np.ndarray], size: int):
+    """(table, keys, codes, filled) of consecutive slices of at most ``size`` rows."""
+    for start in range(0, max(table.num_rows, 1), size):
+        part = slice(start, start + size)
+        yield (
+            table.slice(start, size),
+            SplitKeys(keys.row_index[part], None if keys.user is None else keys.user[part],
+                      None if keys.time is None else keys.time[part]),
+            codes[part],
+            {name: missing[part] for name, missing in filled.items()},
+        )  # fmt: skip
+
+
 def _event_keys(keys: SplitKeys) -> SplitKeys:
     """The keys histories order events by: the time, else the row order."""
     if keys.time is not None:
@@ -219,6 +236,34 @@ def convert(
     label_values = {name: set() for name in schema.binary_labels}
     # tasks' labels and masks (they have a range) are missing on sampled rows; weights are copied
     missing_on_sampled = [name for name in schema.of_kind("label") if name in schema.label_ranges]
+
+    def encode(table: pa.Table, keys: SplitKeys, filled: dict[str, np.ndarray]) -> pa.Table:
+        """Ids → rows, dense transforms, buckets and histories of cleaned (and augmented) rows."""
+        encoded = {}
+        for name, kind in schema.kinds.items():
+            column = table.column(name)
+            if kind in ("sparse", "multi_hot"):
+                encoded[name] = mappers[name].encode(column)
+            elif kind == "dense":
+                encoded[name] = pa.array(transforms.apply(name, dense_values(column)).astype(np.float32))
+            elif kind == "label":
+                encoded[name] = pa.array(dense_values(column).astype(np.float32))
+            else:
+                encoded[name] = column
+        for name, bucket in schema.buckets.items():
+            values = dense_values(table.column(bucket.source))
+            if bucket.source in filled:
+                values = np.where(filled[bucket.source], np.nan, values)
+            encoded[name] = pa.array(transforms.bucketize(name, values))
+        if negatives is not None:
+            encoded[RATED] = table.column(RATED)
+        event_keys = _event_keys(keys)
+        for history, log in zip(cfg.histories, logs):
+            length = history.max_length or cfg.history_max_length
+            lists = log.sequences(event_keys.user, event_keys.time, length, history.age)
+            encoded.update({name: jagged.to_arrow(pa.int64()) for name, jagged in lists.items()})
+        return pa.table(encoded)
+
     writer = DatasetWriter(out, cfg.num_shards, cfg.row_group_size, shuffle_splits=("train",), seed=cfg.seed)
     rows_per_split = dict.fromkeys(SPLIT_NAMES, 0)
     try:  # the last pass: encode and write
@@ -232,41 +277,17 @@ def convert(
             for name, seen in label_values.items():  # the training rows' values of each binary label
                 values = dense_values(table.column(name))[codes == TRAIN]
                 seen.update(np.unique(values[np.isfinite(values)]).tolist())
-            filled = cleaner.filled
-            if negatives is not None:
-                table, keys, codes, filled = negatives.augment(
-                    table, keys, codes, filled, missing_on_sampled, chunk.file, chunk.first_row
+            parts = iter([(table, keys, codes, cleaner.filled)])
+            if negatives is not None:  # slice by slice: k + 1 rows out per row in, histories copied
+                size = max(1, SAMPLED_SLICE_ROWS // (1 + negatives.per_row))
+                parts = (
+                    negatives.augment(*part, missing_on_sampled, chunk.file, chunk.first_row)
+                    for part in _slices(table, keys, codes, cleaner.filled, size)
                 )
-            encoded = {}
-            for name, kind in schema.kinds.items():
-                column = table.column(name)
-                if kind in ("sparse", "multi_hot"):
-                    encoded[name] = mappers[name].encode(column)
-                elif kind == "dense":
-                    encoded[name] = pa.array(transforms.apply(name, dense_values(column)).astype(np.float32))
-                elif kind == "label":
-                    encoded[name] = pa.array(dense_values(column).astype(np.float32))
-                else:
-                    encoded[name] = column
-            for name, bucket in schema.buckets.items():
-                values = dense_values(table.column(bucket.source))
-                if bucket.source in filled:
-                    values = np.where(filled[bucket.source], np.nan, values)
-                encoded[name] = pa.array(transforms.bucketize(name, values))
-            if negatives is not None:
-                encoded[RATED] = table.column(RATED)
-            event_keys = _event_keys(keys)
-            for history, log in zip(cfg.histories, logs):
-                lists = log.sequences(
-                    event_keys.user,
-                    event_keys.time,
-                    history.max_length or cfg.history_max_length,
-                    history.age,
-                )
-                encoded.update({name: jagged.to_arrow(pa.int64()) for name, jagged in lists.items()})
-            encoded_table = pa.table(encoded)
-            for split, rows in writer.write_splits(encoded_table, codes, SPLIT_NAMES).items():
-                rows_per_split[split] += rows
+            for part_table, part_keys, part_codes, filled in parts:
+                encoded_table = encode(part_table, part_keys, filled)
+                for split, rows in writer.write_splits(encoded_table, part_codes, SPLIT_NAMES).items():
+                    rows_per_split[split] += rows
     except BaseException:
         writer.abort()
         raise

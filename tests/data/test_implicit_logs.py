@@ -172,8 +172,14 @@ def ranker_config(tmp_path: Path, source: Path, per_row: int = 3, mask: str | No
     return load_config(config)
 
 
-def test_negatives_for_a_csv_log_avoid_the_users_items_and_carry_the_items_own_features(tmp_path):
+@pytest.mark.parametrize("slice_rows", [262_144, 8])
+def test_negatives_for_a_csv_log_avoid_the_users_items_and_carry_the_items_own_features(
+    tmp_path, monkeypatch, slice_rows
+):
+    import towerrec.data.convert as convert
     from towerrec.trainer.dataset_setup import input_schema
+
+    monkeypatch.setattr(convert, "SAMPLED_SLICE_ROWS", slice_rows)  # chunks are augmented slice by slice
 
     rows = shop_log()
     source = write_log(tmp_path / "shop.csv", rows, header="user,item,category,age,device,ts,stars")
