@@ -9,7 +9,8 @@ Without ``--label`` the file is an implicit log (user, item and, best, a time or
 user): the config trains a two-tower retrieval model on a leave-last-out split, the user tower
 reading the user's earlier items as a sequence. A 0/1 column whose 0 rows share user and time
 with a 1 row (sampled negatives, items shown but not chosen) marks the interactions: with or
-without ``--label``, only its 1 rows are seen items, history events and held-out events.
+without ``--label``, only its 1 rows are seen items and history events (and, leave-last-out,
+held-out events).
 
 Each column becomes one thing, decided from a sample of rows and said in a comment beside it:
 a label (``--label``: 0/1 values → a binary task, other numbers → regression), the user and item
@@ -18,7 +19,7 @@ of ids (text with ``|`` inside), a number (standardised; ``log1p`` first when he
 its quantile bucket as an id feature ``<name>_q`` beside it), the
 time (kept to split on; an integer column that counts each user's events from 0 or 1 is the
 order of events instead) or a split column; constant and one-per-row text columns are left out,
-and so is a label with one value.
+and a label with one value is refused.
 Features that never change for a user (item) get ``side: user`` (``item``), which
 ``towerrec recommend`` needs. Nothing is dropped or rewritten without a line in the config.
 """
