@@ -217,6 +217,9 @@ class TableSchema:
     """Multi-hot column → separator inside a string cell."""
     split_column: str | None = None
     """Column naming each row's split (``given`` split)."""
+    item_side: tuple[str, ...] = ()
+    """Columns that describe the item (``side: item`` features): a sampled negative takes them
+    from its sampled item (``negatives_per_positive``; empty without)."""
 
     def of_kind(self, *kinds: str) -> list[str]:
         return [name for name, kind in self.kinds.items() if kind in kinds]

@@ -277,7 +277,20 @@ class PrepareConfig:
     user_column: str | None = None
     """``csv``/``parquet``: column identifying the user (needed by ``user``/``leave_last_out`` splits)."""
     time_column: str | None = None
-    """``csv``/``parquet``: column ordering rows in time (``time``/``leave_last_out``; default: row order)."""
+    """``csv``/``parquet``: column ordering rows in time (``time``/``leave_last_out`` splits and
+    ``histories``; a position in each user's sequence works too; default: row order)."""
+    item_column: str | None = None
+    """``csv``/``parquet``: column identifying the item (needed by ``negatives_per_positive``)."""
+    interaction_column: str | None = None
+    """``csv``/``parquet``: column whose non-zero rows are the user's interactions, in a log that
+    also holds rows that are not (sampled negatives, items shown but not chosen: 0). A
+    ``leave_last_out`` split then holds out each user's last interactions, and every other row at
+    the time of a held-out interaction goes with it (null: every row is an interaction)."""
+    min_events_per_user: int = 3
+    """``csv``/``parquet`` ``leave_last_out``: users with fewer interactions keep them all in the
+    training split (no validation or test row); the others give their last to test and the one
+    before to validation. 3 is the published next-item protocol (SASRec, BERT4Rec, HSTU: every
+    evaluated user has at least one training event). At least 3 with validation, 2 without."""
     cut_time: float | None = None
     """``time`` split: rows with time >= this are test (default: the ``1 - test_fraction`` quantile)."""
     min_count: int = 1
@@ -297,11 +310,17 @@ class PrepareConfig:
     dense_fill: float = 0.0
     """Value of a missing dense feature with ``missing_dense: fill``."""
     negatives_per_positive: int = 0
-    """``movielens100k``: add this many sampled negatives per rated row to every split: items drawn
-    uniformly from the catalogue that the user did not rate (in the training and validation splits;
-    for test negatives, in any split), with the rated row's user-side and time features. Rows get a
-    ``rated`` label (1 rated, 0 sampled); a sampled row has no ``rating``/``click`` (null), so tasks
-    on those labels set ``mask: rated``. 0: no negatives and no ``rated`` column."""
+    """Add this many sampled negatives per row (``movielens100k``: per rating; ``csv``/``parquet``:
+    per row of the input, which needs ``user_column`` and ``item_column``) to every split: items
+    drawn uniformly from the catalogue that the user did not interact with (in the training and
+    validation splits; for test negatives, in any split). A sampled row copies its row's user,
+    time, context and user-side values and takes the sampled item's own item-side values
+    (``csv``/``parquet``: the features with ``side: item``, as the item's first training row has
+    them; the catalogue is the training split's items). Rows get a ``rated`` label (1 real, 0
+    sampled); a sampled row has no value in the other labels, so tasks on them set ``mask: rated``.
+    Memory (``csv``/``parquet``): 17 bytes per row while the fitting pass gathers the (user, item)
+    pairs, then 8 bytes per distinct pair, twice (with and without the test rows), plus the
+    catalogue's item-side values. 0: no negatives and no ``rated`` column."""
     neighbourhood_max_ids: int = 24
     """``movielens100k``: cap of each rating-level neighbourhood bag (``user_items_r*``,
     ``item_users_r*``), most recent first. Larger bags carry more of the rating structure and cost
@@ -328,8 +347,20 @@ class PrepareConfig:
         positive("min_count", self.min_count)
         positive("num_hash_buckets", self.num_hash_buckets)
         positive("history_max_length", self.history_max_length)
-        if self.histories and not (self.user_column and self.time_column):
-            raise ValueError("histories: need user_column and time_column (whose events, in what order)")
+        if self.split == "leave_last_out" and self.min_events_per_user < (3 if self.val_fraction > 0 else 2):
+            raise ValueError(
+                f"min_events_per_user: must be at least {3 if self.val_fraction > 0 else 2} (the held-out "
+                f"event{'s' if self.val_fraction > 0 else ''} plus one to train on), got {self.min_events_per_user}"
+            )
+        if self.histories and not self.user_column:
+            raise ValueError(
+                "histories: need user_column (whose events; time_column orders them, else row order)"
+            )
+        if self.negatives_per_positive and self.interaction_column:
+            raise ValueError(
+                "negatives_per_positive: the log already holds rows that are not interactions "
+                f"(interaction_column: {self.interaction_column}); sample negatives or keep the log's, not both"
+            )
         if self.split_files and self.split_column:
             raise ValueError("split_column: give split_files or split_column, not both")
         for name in self.split_files:

@@ -47,6 +47,7 @@ from towerrec.data.config import PrepareConfig
 from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter
 from towerrec.data.history import MAX_AGE_BUCKET, EventLog, earlier_events
 from towerrec.data.jagged import Jagged
+from towerrec.data.negatives import ExcludedItems, NothingToSample
 from towerrec.data.vocab import Vocabulary
 
 CANONICAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
@@ -193,22 +194,21 @@ def with_negatives(
     """``rows`` plus ``per_row`` sampled negatives per row and a ``rated`` column (1 / 0).
 
     A negative copies its rated row's user and timestamp and takes an item drawn uniformly from
-    ``catalogue`` (sorted raw item ids) that the user rated in none of ``rated`` (splits); its
-    rating is NaN. Collisions are redrawn, all rows at once, until none is left (a user who rated
-    every item would never finish: rejected up front).
+    ``catalogue`` (sorted raw item ids) among those the user rated in none of ``rated`` (splits;
+    ``towerrec.data.negatives.ExcludedItems``: exact, no redraws); its rating is NaN.
     """
-    stride = int(catalogue[-1]) + 1  # pair code: user * stride + item
-    excluded = np.unique(np.concatenate([split["user"] * stride + split["item"] for split in rated]))
     users = np.repeat(rows["user"], per_row)
-    rated_per_user = np.bincount(excluded // stride, minlength=int(users.max(initial=0)) + 1)
-    if len(users) and (rated_per_user[users] >= len(catalogue)).any():
-        raise DataError("data.prepare.negatives_per_positive: a user rated every item; nothing to sample")
-    items = catalogue[rng.integers(0, len(catalogue), len(users))]
-    while True:
-        clash = np.flatnonzero(np.isin(users * stride + items, excluded, assume_unique=False))
-        if not len(clash):
-            break
-        items[clash] = catalogue[rng.integers(0, len(catalogue), len(clash))]
+    excluded = ExcludedItems(
+        np.concatenate([split["user"] for split in rated]),
+        np.concatenate([split["item"] for split in rated]),
+        catalogue,
+    )
+    try:
+        items = excluded.sample(users, rng)
+    except NothingToSample:
+        raise DataError(
+            "data.prepare.negatives_per_positive: a user rated every item; nothing to sample"
+        ) from None
     negatives = {
         "user": users,
         "item": items,

@@ -36,8 +36,10 @@ FORMATS: dict[str, Callable[..., DatasetMeta]] = {
 GENERIC = ("csv", "parquet")
 
 
-ADDED_LATER = {"histories": [], "history_max_length": 50}
+ADDED_LATER = {"histories": [], "history_max_length": 50, "item_column": None, "interaction_column": None}
 """``data.prepare`` fields added after data sets were first fingerprinted, with their defaults."""
+SCHEMA_ADDED_LATER = {"item_side": []}
+"""``TableSchema`` fields added after data sets were first fingerprinted, with their defaults."""
 
 
 def prepared_with(cfg: PrepareConfig, schema: TableSchema | None) -> dict[str, Any]:
@@ -52,8 +54,16 @@ def prepared_with(cfg: PrepareConfig, schema: TableSchema | None) -> dict[str, A
             del recipe["prepare"][name]
     if cfg.format == "movielens100k" and cfg.split == "leave_last_out":
         recipe["histories_through"] = "validation"  # test histories hold the validation event (new)
+    if not (cfg.format in GENERIC and cfg.split == "leave_last_out"):
+        del recipe["prepare"]["min_events_per_user"]  # used by nothing else
+    if cfg.format in GENERIC and cfg.negatives_per_positive:
+        # ignored before: a data set prepared then has no negatives, whatever its recipe says
+        recipe["negatives"] = "sampled per row from the training items the user never interacted with"
     if cfg.format in GENERIC and schema is not None:
         recipe["columns"] = json.loads(json.dumps(dataclasses.asdict(schema), default=list))
+        for name, default in SCHEMA_ADDED_LATER.items():
+            if recipe["columns"].get(name) == default:
+                del recipe["columns"][name]
     return recipe
 
 

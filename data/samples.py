@@ -1,8 +1,10 @@
-"""An example of data as users have it: a shop's impression log as one CSV file with string ids.
+"""Examples of data as users have it: a shop's impression log as one CSV file with string ids (and
+a session log and an implicit log, each with a planted sequential signal).
 
     python -m towerrec.data.samples shop.csv                 # 60,000 impressions, about 4 MB
     python -m towerrec.data.samples shop.csv --rows 200000 --seed 3
     python -m towerrec.data.samples sessions.csv --kind sessions --rows 40000 --users 1000 --items 400
+    python -m towerrec.data.samples plays.csv --kind implicit   # user,item,ts only: an implicit log
 
 Columns: ``user`` ('u0042'), ``item`` ('sku-0137'), ``category`` (text), ``tags`` ('red|sale'),
 ``price``, ``region``, ``device`` (text, with a real 'NA' category), ``age`` (empty when unknown),
@@ -117,6 +119,45 @@ def session_clicks(
     )
 
 
+def implicit_log(
+    num_rows: int = 60_000, num_users: int = 2_000, num_items: int = 600, follow: float = 0.5, seed: int = 0
+) -> pa.Table:
+    """An implicit log (who played what, when; no label) with a planted sequential signal: each
+    event is, with probability ``follow``, the fixed successor of the user's previous item, else an
+    item drawn by a Zipf-like popularity (so popularity is a real baseline and the sequence beats
+    it). Users have from 1 event to about 10 times the mean (``num_rows / num_users``), a few
+    fewer than 3. Columns: ``user`` ('u0042'), ``item`` ('i0137'), ``ts`` (seconds, increasing
+    per user; users interleave). The same seed gives the same table."""
+    rng = np.random.default_rng(seed)
+    mean = max(num_rows / num_users, 1.0)
+    lengths = np.maximum(1, np.round(rng.lognormal(np.log(mean) - 0.5, 1.0, num_users)).astype(np.int64))
+    lengths = np.minimum(lengths, int(10 * mean) + 1)
+    popularity = 1.0 / np.arange(1, num_items + 1) ** 0.8
+    popular = rng.permutation(num_items)  # rank r → item popular[r]
+    successor = rng.permutation(num_items)
+    steps = int(lengths.max())
+    items = np.zeros((num_users, steps), dtype=np.int64)
+    items[:, 0] = popular[rng.choice(num_items, num_users, p=popularity / popularity.sum())]
+    for t in range(1, steps):
+        follows = rng.random(num_users) < follow
+        drawn = popular[rng.choice(num_items, num_users, p=popularity / popularity.sum())]
+        items[:, t] = np.where(follows, successor[items[:, t - 1]], drawn)
+    gaps = rng.integers(60, 3 * 86_400, (num_users, steps))
+    start = rng.integers(0, 30 * 86_400, num_users)
+    ts = 1_700_000_000 + start[:, None] + np.cumsum(gaps, axis=1)
+    kept = np.arange(steps)[None, :] < lengths[:, None]
+    users = np.broadcast_to(np.arange(num_users)[:, None], (num_users, steps))[kept]
+    items, ts = items[kept], ts[kept]
+    order = np.argsort(ts, kind="stable")
+    return pa.table(
+        {
+            "user": pa.array([f"u{u:04d}" for u in users[order]]),
+            "item": pa.array([f"i{i:04d}" for i in items[order]]),
+            "ts": pa.array(ts[order]),
+        }
+    )
+
+
 def write_csv(table: pa.Table, out: Path) -> None:
     with out.open("wb") as sink:
         sink.write((",".join(table.column_names) + "\n").encode())
@@ -131,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--kind", choices=("shop", "sessions"), default="shop",
-        help="shop: the impression log above; sessions: clicks with a planted sequential signal",
+        "--kind", choices=("shop", "sessions", "implicit"), default="shop",
+        help="shop: the impression log above; sessions: clicks with a planted sequential signal; "
+        "implicit: user,item,ts events (no label) with a planted sequential signal",
     )  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.output)
@@ -140,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out} exists; choose a new file", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.kind == "implicit":
+        table = implicit_log(args.rows, args.users, args.items, seed=args.seed)
+        write_csv(table, out)
+        print(
+            f"wrote {out}: {table.num_rows:,} events of {args.users:,} users on {args.items:,} items (no label)"
+        )
+        return 0
     if args.kind == "sessions":
         table = session_clicks(args.users, max(args.rows // (2 * args.users), 2), args.items, seed=args.seed)
         write_csv(table, out)

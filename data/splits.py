@@ -11,8 +11,12 @@ Rules (``data.prepare.split``):
   the row order is the time (Criteo's files are ordered by time).
 - ``given``: the input's own split (``split_files`` or ``split_column``): every row stays in it.
 - ``leave_last_out``: each user's last interaction (latest time, then latest row) is test and the
-  one before it is val (when ``val_fraction > 0``); users need 2 (3) interactions to give up one
-  to test (val). Memory: O(number of users).
+  one before it is val (when ``val_fraction > 0``), the rest train; users with fewer than
+  ``min_events_per_user`` interactions (default 3, the SASRec/BERT4Rec/HSTU protocol) keep them
+  all in train. With an interaction flag (``data.prepare.interaction_column``) only flagged rows
+  are interactions, and an unflagged row (a sampled or shown-but-not-chosen item) goes to the
+  split of its user's held-out interaction at the same time, else to train. Memory: O(number
+  of users).
 
 Example::
 
@@ -42,6 +46,9 @@ class SplitKeys:
     time: np.ndarray | None = None
     given: np.ndarray | None = None
     """Split codes the input states itself (pre-split files or a split column)."""
+    interaction: np.ndarray | None = None
+    """True where the row is an interaction (``data.prepare.interaction_column`` non-zero); None:
+    every row is one."""
 
 
 def unit_hash(keys: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
@@ -141,38 +148,43 @@ class TimeSplit:
 
 
 class LeaveLastOut:
-    """Per user: last interaction → test, the one before → val (if ``val_fraction > 0``).
+    """Per user with at least ``min_events`` interactions: the last one → test, the one before →
+    val (if ``val_fraction > 0``), the rest → train; other users → train. Order: time, then row.
 
     ``fit`` keeps, per user, the count and the two latest (time, row index) pairs in sorted numpy
-    arrays, merged chunk by chunk (vectorized, O(users) memory).
+    arrays, merged chunk by chunk (vectorized, O(users) memory). Rows that are not interactions
+    (``SplitKeys.interaction`` false) are not counted; ``assign`` sends them to the split of the
+    held-out interaction at their time (test before val), else to train.
     """
 
     needs_fit = True
 
-    def __init__(self, val_fraction: float):
+    def __init__(self, val_fraction: float, min_events: int = 3):
         self.with_val = val_fraction > 0
+        self.min_events = min_events
         empty = np.zeros(0, dtype=np.int64)
         self.users = empty
         self.counts = empty
-        self.last = (empty, empty)  # (time, row)
-        self.previous = (empty, empty)
+        self.last = (np.zeros(0), empty)  # (time, row)
+        self.previous = (np.zeros(0), empty)
+
+    @staticmethod
+    def _time(keys: SplitKeys) -> np.ndarray:
+        return (keys.time if keys.time is not None else keys.row_index).astype(np.float64)
 
     def fit(self, keys: SplitKeys) -> None:
         assert keys.user is not None, "leave_last_out needs the user column"
-        if len(keys.user) == 0:
+        chosen = np.ones(len(keys.row_index), bool) if keys.interaction is None else keys.interaction
+        new_users, new_times, new_rows = keys.user[chosen], self._time(keys)[chosen], keys.row_index[chosen]
+        if len(new_users) == 0:
             return
-        time = keys.time if keys.time is not None else keys.row_index
-        none = np.full(len(self.users), np.iinfo(np.int64).min)
-        users = np.concatenate([keys.user, self.users, self.users])
-        times = np.concatenate(
-            [time.astype(np.int64), self.last[0], np.where(self.counts > 1, self.previous[0], none)]
-        )
-        rows = np.concatenate([keys.row_index, self.last[1], np.where(self.counts > 1, self.previous[1], -1)])
+        has_previous = self.counts > 1
+        users = np.concatenate([new_users, self.users, self.users[has_previous]])
+        times = np.concatenate([new_times, self.last[0], self.previous[0][has_previous]])
+        rows = np.concatenate([new_rows, self.last[1], self.previous[1][has_previous]])
         weights = np.concatenate(
-            [np.ones(len(keys.user), np.int64), self.counts, np.zeros(len(self.users), np.int64)]
+            [np.ones(len(new_users), np.int64), self.counts, np.zeros(int(has_previous.sum()), np.int64)]
         )
-        valid = rows >= 0
-        users, times, rows, weights = users[valid], times[valid], rows[valid], weights[valid]
         order = np.lexsort((rows, times, users))
         users, times, rows = users[order], times[order], rows[order]
         ends = np.flatnonzero(np.append(users[1:] != users[:-1], True))
@@ -180,23 +192,34 @@ class LeaveLastOut:
         self.users = users[ends]
         self.counts = np.add.reduceat(weights[order], starts)
         self.last = (times[ends], rows[ends])
-        has_previous = ends > starts
-        prev = np.where(has_previous, ends - 1, ends)
-        self.previous = (np.where(has_previous, times[prev], 0), np.where(has_previous, rows[prev], -1))
+        previous = np.where(ends > starts, ends - 1, ends)
+        self.previous = (times[previous], np.where(ends > starts, rows[previous], -1))
 
     def finish_fit(self) -> None:
         pass
+
+    @property
+    def num_held_out_users(self) -> int:
+        """Users with enough interactions to give their last ones to test (and val)."""
+        return int((self.counts >= self.min_events).sum())
 
     def assign(self, keys: SplitKeys) -> np.ndarray:
         codes = np.full(len(keys.row_index), TRAIN, dtype=np.int8)
         if len(self.users) == 0:
             return codes
         pos = np.minimum(np.searchsorted(self.users, keys.user), len(self.users) - 1)
-        known = self.users[pos] == keys.user
-        counts = np.where(known, self.counts[pos], 0)
+        held_out = (self.users[pos] == keys.user) & (self.counts[pos] >= self.min_events)
+        if keys.interaction is None:
+            is_val = self.previous[1][pos] == keys.row_index
+            is_test = self.last[1][pos] == keys.row_index
+        else:  # a row that is no interaction follows the held-out interaction at its time
+            time = self._time(keys)
+            flagged = keys.interaction
+            is_val = np.where(flagged, self.previous[1][pos] == keys.row_index, self.previous[0][pos] == time)
+            is_test = np.where(flagged, self.last[1][pos] == keys.row_index, self.last[0][pos] == time)
         if self.with_val:
-            codes[known & (counts >= 3) & (self.previous[1][pos] == keys.row_index)] = VAL
-        codes[known & (counts >= 2) & (self.last[1][pos] == keys.row_index)] = TEST
+            codes[held_out & is_val] = VAL
+        codes[held_out & is_test] = TEST
         return codes
 
 
@@ -208,6 +231,7 @@ def make_splitter(
     cut_time: float | None = None,
     has_user: bool = True,
     given_has_val: bool = True,
+    min_events_per_user: int = 3,
 ) -> GivenSplit | RandomSplit | UserSplit | TimeSplit | LeaveLastOut:
     """The splitter for ``data.prepare.split``; errors name the key and the allowed values."""
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -229,4 +253,4 @@ def make_splitter(
         return UserSplit(seed, val_fraction, test_fraction)
     if rule == "time":
         return TimeSplit(seed, val_fraction, test_fraction, cut_time)
-    return LeaveLastOut(val_fraction)
+    return LeaveLastOut(val_fraction, min_events_per_user)

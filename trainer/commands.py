@@ -86,7 +86,8 @@ def _init_flags(parser: argparse.ArgumentParser) -> None:
         "--label",
         action="append",
         default=[],
-        help='label column (repeat for several tasks), or NAME=EXPRESSION, e.g. "like=rating >= 4"',
+        help='label column (repeat for several tasks), or NAME=EXPRESSION, e.g. "like=rating >= 4"; '
+        "none: an implicit log (user, item, time), for which init writes a retrieval config",
     )
     parser.add_argument("--output", help="config file to write, new (default: <source name>.yaml)")
     parser.add_argument("--user", help="user id column (default: a column named user, user_id, uid, ...)")

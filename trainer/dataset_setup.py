@@ -11,6 +11,7 @@ from pathlib import Path
 
 from towerrec.data.cleaning import BucketSpec, DenseSpec, TableSchema
 from towerrec.data.dataset import DatasetMeta, is_complete
+from towerrec.data.negatives import RATED
 from towerrec.trainer.config import Config
 from towerrec.trainer.distributed.environment import launcher_rank
 from towerrec.trainer.errors import ConfigError
@@ -26,6 +27,10 @@ def input_schema(cfg: Config) -> TableSchema:
     buckets, delimiters, specs, fills = {}, {}, {}, {}
     histories = prepare.histories if prepare is not None else []
     built = {name for history in histories for name in history.outputs()}  # made at preparation
+    sampled = prepare is not None and prepare.negatives_per_positive > 0
+    if sampled:
+        built.add(RATED)
+        _check_masks_for_negatives(cfg)
     for feature in cfg.data.sparse:
         if feature.source_column in built:
             continue
@@ -49,6 +54,8 @@ def input_schema(cfg: Config) -> TableSchema:
             fills[feature.source_column] = float(feature.fill_nan)
     ranges, binary = {}, []
     for task in cfg.tasks:
+        if task.label_column in built:
+            continue
         kinds[task.label_column] = "label"
         if task.type == "binary":
             binary.append(task.label_column)
@@ -58,7 +65,7 @@ def input_schema(cfg: Config) -> TableSchema:
                 -float("inf") if task.min_value is None else task.min_value,
                 float("inf") if task.max_value is None else task.max_value,
             )
-        if task.mask:
+        if task.mask and task.mask not in built:
             kinds.setdefault(task.mask, "label")
             ranges.setdefault(task.mask, (-float("inf"), float("inf")))
     if cfg.data.sample_weight_column:
@@ -72,6 +79,17 @@ def input_schema(cfg: Config) -> TableSchema:
         if history.where:
             kinds.setdefault(history.where, "label")
             ranges.setdefault(history.where, (-float("inf"), float("inf")))
+    if prepare is not None and prepare.interaction_column:
+        kinds.setdefault(prepare.interaction_column, "label")
+        ranges.setdefault(prepare.interaction_column, (-float("inf"), float("inf")))
+    item_side: list[str] = []
+    if sampled:  # what a sampled item brings with it
+        for feature in cfg.data.sparse:
+            if feature.side == "item" and feature.source_column not in built:
+                item_side.append(
+                    feature.input_column if feature.buckets is not None else feature.source_column
+                )
+        item_side += [feature.source_column for feature in cfg.data.dense if feature.side == "item"]
     return TableSchema(
         kinds,
         label_ranges=ranges,
@@ -83,14 +101,35 @@ def input_schema(cfg: Config) -> TableSchema:
         buckets=buckets,
         delimiters=delimiters,
         split_column=prepare.split_column if prepare else None,
+        item_side=tuple(dict.fromkeys(item_side)),
     )
 
 
-def _build(cfg: Config, path: Path) -> None:
+def _check_masks_for_negatives(cfg: Config) -> None:
+    """Sampled negatives have no value in any label but ``rated``: every other task needs ``mask: rated``."""
+    for i, task in enumerate(cfg.tasks):
+        if task.label_column != RATED and task.mask != RATED:
+            raise ConfigError(
+                f"tasks[{i}].mask: the rows data.prepare.negatives_per_positive samples have no {task.label_column!r}; "
+                f"set mask: {RATED} on task {task.name!r} (its loss and metrics then count the real rows only)"
+            )
+
+
+def _prepare(cfg: Config, path: Path) -> DatasetMeta:
+    """Prepares the data set; a binary label with one value stops naming its task."""
+    from towerrec.data.convert import ConstantLabel
     from towerrec.data.prepare import prepare
 
+    try:
+        return prepare(cfg.data.prepare, str(path), input_schema(cfg))
+    except ConstantLabel as err:
+        task = next(t.name for t in cfg.tasks if t.label_column == err.column)
+        raise ConstantLabel(err.where, err.column, err.value, task) from None
+
+
+def _build(cfg: Config, path: Path) -> None:
     print(f"[towerrec] preparing data set {path} ({cfg.data.prepare.format})", flush=True)
-    meta = prepare(cfg.data.prepare, str(path), input_schema(cfg))
+    meta = _prepare(cfg, path)
     report_lines(meta)
 
 
@@ -102,6 +141,20 @@ def report_lines(meta: DatasetMeta) -> None:
     print(f"[towerrec] data set {meta.root}: rows per split {rows}", flush=True)
     for line in describe_report(meta.report):
         print(f"[towerrec]   {line}", flush=True)
+    held_out = meta.report.get("leave_last_out")
+    if held_out:
+        print(
+            f"[towerrec]   leave_last_out: {held_out['users_held_out']:,} users give their last events to val/test; "
+            f"{held_out['users_train_only']:,} with fewer than {held_out['min_events_per_user']} events keep them all "
+            "in train (data.prepare.min_events_per_user)",
+            flush=True,
+        )
+    if meta.report.get("negatives_per_positive"):
+        print(
+            f"[towerrec]   {meta.report['negatives_per_positive']} sampled negatives per row: items the user never "
+            "interacted with, label 'rated' = 0 (data.prepare.negatives_per_positive)",
+            flush=True,
+        )
 
 
 def ensure_dataset(cfg: Config) -> DatasetMeta:
@@ -180,11 +233,43 @@ def check_data_against_config(cfg: Config, meta: DatasetMeta) -> None:
             raise ConfigError(
                 f"data: split {split!r} is not in {where} (have: {', '.join(sorted(meta.splits))})"
             )
+    _check_binary_labels(cfg, meta)
+
+
+def _check_binary_labels(cfg: Config, meta: DatasetMeta) -> None:
+    """A binary task whose label has one value on every training row it counts (its mask's) learns
+    nothing (loss 0, AUC undefined): stop naming the task, the column and the value. Reads the
+    label (and mask) columns of the training split until both values have been seen: usually one
+    row group, the whole column only when the label is constant."""
+    import numpy as np
+
+    from towerrec.data.cleaning import dense_values
+    from towerrec.data.reader import iter_row_groups
+
+    tasks = [(i, task) for i, task in enumerate(cfg.tasks) if task.type == "binary"]
+    seen: dict[int, set[float]] = {i: set() for i, _ in tasks}
+    columns = list(dict.fromkeys(c for _, task in tasks for c in (task.label_column, task.mask) if c))
+    if not tasks:
+        return
+    for _, table in iter_row_groups(meta.row_groups(cfg.data.train_split), columns):
+        for i, task in tasks:
+            values = dense_values(table.column(task.label_column))
+            if task.mask:
+                flags = dense_values(table.column(task.mask))
+                values = values[np.isfinite(flags) & (flags != 0)]
+            seen[i].update(np.unique(values[np.isfinite(values)])[:2].tolist())
+        if all(len(values) > 1 for values in seen.values()):
+            return
+    for i, task in tasks:
+        if len(seen[i]) == 1:
+            counted = f" it counts (mask: {task.mask})" if task.mask else ""
+            raise ConfigError(
+                f"tasks[{i}] ({task.name!r}): label column {task.label_column!r} is {next(iter(seen[i])):g} on every "
+                f"training row{counted} of {meta.root}: a binary task needs both 0 and 1 to learn anything"
+            )
 
 
 def prepare_command(cfg: Config, args=None) -> int:
-    from towerrec.data.prepare import prepare
-
     if cfg.data.prepare is None:
         raise ConfigError("data.prepare: not set (give --format and --source, or a config with data.prepare)")
     from towerrec.data.dataset import DatasetMeta, is_complete
@@ -203,7 +288,7 @@ def prepare_command(cfg: Config, args=None) -> int:
                 f"--out / data.path: {cfg.data.path} already holds another data set; choose another folder, "
                 "delete it, or pass --data.rebuild true to replace it"
             )
-    meta = prepare(cfg.data.prepare, cfg.data.path, schema)
+    meta = _prepare(cfg, Path(cfg.data.path))
     report_lines(meta)
     print(f"[towerrec] the whole report is in {meta.root / 'metadata.json'}", flush=True)
 

@@ -3,13 +3,23 @@ trains as is.
 
     towerrec init --source shop.csv --label click --label purchase --output shop.yaml
     towerrec init --source logs/ --label "like=rating >= 4" --label rating --user uid --item movie
+    towerrec init --source plays.csv --output plays.yaml      # no label: an implicit log, retrieval
+
+Without ``--label`` the file is an implicit log (user, item and, best, a time or a position per
+user): the config trains a two-tower retrieval model on a leave-last-out split, the user tower
+reading the user's earlier items as a sequence. A 0/1 column whose 0 rows share user and time
+with a 1 row (sampled negatives, items shown but not chosen) marks the interactions: with or
+without ``--label``, only its 1 rows are seen items and history events (and, leave-last-out,
+held-out events).
 
 Each column becomes one thing, decided from a sample of rows and said in a comment beside it:
 a label (``--label``: 0/1 values → a binary task, other numbers → regression), the user and item
 ids (by name, or ``--user``/``--item``), an id feature (text, integer codes, ``*_id`` names), a bag
 of ids (text with ``|`` inside), a number (standardised; ``log1p`` first when heavy-tailed; and
 its quantile bucket as an id feature ``<name>_q`` beside it), the
-time (kept to split on) or a split column; constant and one-per-row text columns are left out.
+time (kept to split on; an integer column that counts each user's events from 0 or 1 is the
+order of events instead) or a split column; constant and one-per-row text columns are left out,
+and a label with one value is refused.
 Features that never change for a user (item) get ``side: user`` (``item``), which
 ``towerrec recommend`` needs. Nothing is dropped or rewritten without a line in the config.
 """
@@ -68,6 +78,20 @@ class Column:
     label_range: tuple[float, float] | None = None
     expression: str | None = None
     fill: float | None = None
+    values: np.ndarray | None = None  # a label's sampled values
+    position: bool = False  # a time column that counts each user's events
+
+
+@dataclass
+class LogShape:
+    """What orders a log's events and which rows are interactions."""
+
+    order: str | None = None
+    """The column ordering each user's events (a time, or a position in the user's sequence)."""
+    position: bool = False
+    """``order`` is a position in each user's sequence (a global time cut means nothing on it)."""
+    interactions: str | None = None
+    """A 0/1 column whose 1 rows are the interactions (its 0 rows share user and time with one)."""
 
 
 def embedding_dim(cardinality: int) -> int:
@@ -185,6 +209,65 @@ def _constant_per(table: pa.Table, key: str, name: str) -> bool:
     return bool(repeated.sum() >= 10 and (distinct[repeated] <= 1).mean() >= 0.99)
 
 
+def _is_position(table: pa.Table, user: str | None, values: np.ndarray) -> bool:
+    """Integers that count each user's events: per user, consecutive values from 0 or 1, each
+    value on the same number of rows (1, or 1 + the sampled negatives sharing its position), for
+    at least 95% of the users with two values or more (and at least 10 of them)."""
+    if user is None or np.isnan(values).any() or not np.all(values == np.round(values)):
+        return False
+    grouped = (
+        pa.table({"user": table.column(user), "value": pa.array(values)})
+        .group_by("user")
+        .aggregate([("value", "min"), ("value", "max"), ("value", "count_distinct"), ("value", "count")])
+    )
+    low, high = grouped.column("value_min").to_numpy(), grouped.column("value_max").to_numpy()
+    distinct = grouped.column("value_count_distinct").to_numpy()
+    rows = grouped.column("value_count").to_numpy()
+    several = distinct >= 2
+    if several.sum() < 10:
+        return False
+    ratio = rows[several] / distinct[several]
+    typical = np.median(ratio)
+    counting = np.isin(low[several], (0, 1)) & (high[several] - low[several] + 1 == distinct[several])
+    return bool(typical == np.round(typical) and (counting & (ratio == typical)).mean() >= 0.95)
+
+
+def _marks_interactions(table: pa.Table, user: str, order: str, values: np.ndarray) -> bool:
+    """A 0/1 column whose 0 rows (90% of them or more) share user and time with a 1 row: sampled
+    negatives or items shown beside the chosen one, not interactions of their own."""
+    from towerrec.data.cleaning import column_hashes, mix64
+
+    zeros, ones = values == 0, values == 1
+    if not zeros.any() or not ones.any() or (zeros | ones).mean() < 0.99:
+        return False
+    keys = mix64(column_hashes(table.column(user)) ^ mix64(column_hashes(table.column(order))))
+    return bool(np.isin(keys[zeros], keys[ones]).mean() >= 0.9)
+
+
+def log_shape(table: pa.Table, columns: list[Column], missing: set[str]) -> LogShape:
+    """The order of events (a position column before a time column) and, among the 0/1 labels (or,
+    with no label, the 0/1 columns), the one that marks interactions."""
+    user = next((c.name for c in columns if c.kind == "user"), None)
+    times = [c for c in columns if c.kind == "time"]
+    order = next((c for c in times if c.position), times[0] if times else None)
+    shape = LogShape(order.name if order else None, bool(order and order.position))
+    if user is None or order is None:
+        return shape
+    labels = [c for c in columns if c.kind == "label"]
+    candidates = (
+        [(c, c.values) for c in labels if c.task_type == "binary"]
+        if labels
+        else [(c, _numbers(table.column(c.name), missing)) for c in columns if c.kind == "sparse"]
+    )
+    for column, values in candidates:
+        if values is not None and _marks_interactions(table, user, shape.order, values):
+            shape.interactions = column.name
+            if not labels:
+                column.kind, column.why = "interactions", "0/1: its 0 rows share user and time with a 1 row"
+            break
+    return shape
+
+
 def describe_columns(
     table: pa.Table,
     labels: list[str],
@@ -222,13 +305,21 @@ def describe_columns(
             )
         seen = values[~np.isnan(values)]
         origin = f"derived: {derived[label]}; " if label in derived else ""
-        if seen.size and set(np.unique(seen)) <= {0.0, 1.0}:
+        distinct = np.unique(seen)
+        if len(distinct) == 1:
+            raise ConfigError(
+                f"--label {label}: {origin}the value {distinct[0]:g} on every one of the {seen.size:,} sampled rows "
+                "(a label with one value teaches nothing: the loss is 0 and AUC undefined); choose another "
+                "label, or no --label for an implicit log (a retrieval config)"
+            )
+        if seen.size and set(distinct) <= {0.0, 1.0}:
             columns.append(Column(label, "label", f"{origin}0/1 values: a binary task", task_type="binary",
-                                  expression=derived.get(label)))  # fmt: skip
+                                  expression=derived.get(label), values=values))  # fmt: skip
         else:
             low, high = (float(seen.min()), float(seen.max())) if seen.size else (0.0, 1.0)
             columns.append(Column(label, "label", f"{origin}numbers from {low:g} to {high:g}: regression",
-                                  task_type="regression", label_range=(low, high), expression=derived.get(label)))  # fmt: skip
+                                  task_type="regression", label_range=(low, high), expression=derived.get(label),
+                                  values=values))  # fmt: skip
     num_rows = table.num_rows
     for name in names:
         if name in labels:
@@ -249,6 +340,9 @@ def describe_columns(
             )
         elif lower in SPLIT_NAMES and set(pc.unique(column).to_pylist()) <= SPLIT_VALUES:
             columns.append(Column(name, "split", "names each row's split: rows stay in it"))
+        elif values is not None and _is_position(table, user, values):
+            columns.append(Column(name, "time", "a position in each user's sequence (it restarts per user): "
+                                  "the order of the user's events", position=True))  # fmt: skip
         elif lower in TIME_NAMES or lower.endswith(("_time", "_ts", "_timestamp")):
             columns.append(Column(name, "time", "the time of each row: kept to split on, not a feature"))
         elif distinct <= 1:
@@ -320,23 +414,31 @@ def _flow(entries: dict) -> str:
     return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in entries.items()) + "}"
 
 
-def starter_config(
-    source: str, fmt: str, csv: dict, columns: list[Column], missing: set[str], num_rows: int, out_name: str
-) -> str:
-    by_kind = {kind: [c for c in columns if c.kind == kind] for kind in
-               ("label", "user", "item", "sparse", "multi_hot", "dense", "time", "split", "skip")}  # fmt: skip
-    labels = by_kind["label"]
+KINDS = ("label", "user", "item", "sparse", "multi_hot", "dense", "time", "split", "interactions", "skip")
+HISTORY_LENGTH = 50
+
+
+def _history_name(columns: list[Column], item: str) -> str:
+    names = {c.name for c in columns}
+    return "hist_items" if "hist_items" not in names else f"hist_{item}"
+
+
+def _data_section(
+    source: str, fmt: str, csv: dict, columns: list[Column], missing: set[str], out_name: str, shape: LogShape,
+    retrieval: bool,
+) -> list[str]:  # fmt: skip
+    """The ``data:`` lines: how to read and split the file, its histories, its features. A
+    retrieval config keeps only features with a side (a tower reads them); the others are left
+    out with a comment."""
+    by_kind = {kind: [c for c in columns if c.kind == kind] for kind in KINDS}
     users, items = by_kind["user"], by_kind["item"]
-    time_column = by_kind["time"][0].name if by_kind["time"] else None
     split_column = by_kind["split"][0].name if by_kind["split"] else None
+    item = items[0].name if items else None
+    per_user = bool(users) and (
+        retrieval or shape.position
+    )  # the next-item protocol: each user's last events
+    history = _history_name(columns, item) if item and users and (retrieval or shape.interactions) else None
     lines = [
-        f"# Starter config written by `towerrec init` from {source} ({num_rows:,} sampled rows).",
-        "# Every column is used once, as the comment beside it says; edit freely, then:",
-        f"#   towerrec fit --config {out_name}",
-        "# Keys and their meaning: `towerrec config` (or configs/REFERENCE.md).",
-        "seed: 0",
-        f"run_dir: runs/{Path(out_name).stem}",
-        "",
         "data:",
         f"  path: runs/data/{Path(out_name).stem}        # the prepared Parquet data set (built on first use)",
         "  prepare:",
@@ -355,38 +457,96 @@ def starter_config(
             f"      null_values: [{', '.join(json.dumps(t) for t in tokens)}]"
             + ("   # found in number columns" if tokens else "   # only empty cells are missing")
         )
-    derived = {c.name: c.expression for c in labels if c.expression}
+    derived = {c.name: c.expression for c in by_kind["label"] if c.expression}
     if derived:
         lines.append("    derive:")
         lines += [f"      {name}: {_yaml_value(expr)}" for name, expr in derived.items()]
     if split_column:
         lines.append(f"    split_column: {split_column}         # the file says each row's split")
-    elif time_column:
+    elif per_user:
         lines.append(
-            f"    split: time                   # newest 10% of rows test, the 10% before validation ({time_column})"
+            "    split: leave_last_out         # each user's last event is test, the one before validation"
         )
-        lines.append(f"    time_column: {time_column}")
+        lines.append(
+            "    min_events_per_user: 3        # users with fewer events keep them all in train (the published protocol)"
+        )
+        if shape.order:
+            why = (
+                "a position in each user's sequence: the order of events"
+                if shape.position
+                else "orders events"
+            )
+            lines.append(f"    time_column: {shape.order}   # {why}")
+        else:
+            lines.append("    # no time column: the file's row order is the order of each user's events")
+    elif shape.order:
+        lines.append(
+            f"    split: time                   # newest 10% of rows test, the 10% before validation ({shape.order})"
+        )
+        lines.append(f"    time_column: {shape.order}")
     else:
         lines.append("    split: random                 # 80/10/10 by row")
     if users:
         lines.append(f"    user_column: {users[0].name}")
-    extra = {c.name: "other" for c in (*by_kind["time"],)}
+    if item and (retrieval or shape.interactions):
+        lines.append(
+            f"    item_column: {item}              # (data.prepare.negatives_per_positive samples its items)"
+        )
+    if shape.interactions and per_user:
+        lines.append(
+            f"    interaction_column: {shape.interactions}   # its 0 rows go with the held-out interaction at their time"
+        )
+    if retrieval:
+        lines.append(
+            "    missing_sparse: drop          # a row without its user or item is no event: dropped, counted"
+        )
+    if history:
+        entry = {"name": history, "column": item}
+        if shape.interactions:
+            entry["where"] = shape.interactions
+        entry.update(max_length=HISTORY_LENGTH, events="all")
+        lines += [
+            "    histories:                    # per row, its user's events strictly before it, from every split: never",
+            "      # the row's own or a later one (both splits above hold out only later events: nothing leaks)",
+            f"      - {_flow(entry)}",
+        ]
+    extra = {c.name: "other" for c in by_kind["time"]}
     if extra:
         lines.append(f"    columns: {_flow(extra)}   # kept in the data set, not features")
     lines.append("    num_shards: 2")
-    for col in by_kind["skip"]:
-        lines.append(f"    # left out: {col.name} ({col.why})")
-    lines += ["  batch_size: 512", "  eval_batch_size: 4096", "  sparse:"]
-    for col in (*users, *items, *by_kind["sparse"], *by_kind["multi_hot"]):
+    left_out = list(by_kind["skip"])
+    if retrieval:
+        left_out += [
+            c for c in (*by_kind["sparse"], *by_kind["multi_hot"], *by_kind["dense"]) if c.side is None
+        ]
+    for col in left_out:
+        why = col.why if col.kind == "skip" else "changes from row to row (context): no tower can read it"
+        lines.append(f"    # left out: {col.name} ({why})")
+    if shape.interactions and retrieval:
+        lines.append(
+            f"  sample_weight_column: {shape.interactions}   # weight 0: rows that are no interaction are no positives"
+        )
+    lines += [f"  batch_size: {256 if retrieval else 512}", "  eval_batch_size: 4096", "  sparse:"]
+    kept = [c for c in (*by_kind["sparse"], *by_kind["multi_hot"]) if c.side or not retrieval]
+    dense = [c for c in by_kind["dense"] if c.side or not retrieval]
+    for col in (*users, *items, *kept):
         entry = {"name": col.name}
         side = "user" if col.kind == "user" else "item" if col.kind == "item" else col.side
         if side:
             entry["side"] = side
         entry["embedding_dim"] = embedding_dim(col.cardinality) if col.kind not in ("user", "item") else 32
+        if col.kind == "item" and history:
+            entry["table"] = f"t_{item}"
         if col.kind == "multi_hot":
             entry.update(multi_hot=True, pooling="mean")
         lines.append(f"    - {_flow(entry)}   # {col.why}")
-    for col in by_kind["dense"]:
+    if history:
+        entry = {"name": history, "side": "user", "embedding_dim": 32, "sequence": True, "table": f"t_{item}",
+                 "candidate": item, "max_length": HISTORY_LENGTH}  # fmt: skip
+        lines.append(
+            f"    - {_flow(entry)}   # the user's earlier {item}s, oldest first (one table with {item})"
+        )
+    for col in dense:
         entry = {"name": f"{col.name}_q", "column": col.name}
         if col.side:
             entry["side"] = col.side
@@ -394,16 +554,48 @@ def starter_config(
         lines.append(
             f"    - {_flow(entry)}   # {col.name} in {NUMBER_BUCKETS} quantile buckets, an id beside the number"
         )
-    if not (users or items or by_kind["sparse"] or by_kind["multi_hot"] or by_kind["dense"]):
+    if not (users or items or kept or dense):
         raise ConfigError("the file has no column that can be a feature (text, integer codes or numbers)")
-    lines.append("  dense:" if by_kind["dense"] else "  dense: []")
-    for col in by_kind["dense"]:
+    lines.append("  dense:" if dense else "  dense: []")
+    for col in dense:
         entry = f"name: {col.name}" + (f", side: {col.side}" if col.side else "")
         entry += f", transform: [{', '.join(col.transforms)}]" + (
             f", fill_nan: {col.fill:g}" if col.fill is not None else ""
         )
         lines.append(f"    - {{{entry}}}   # {col.why}")
-    lines += ["", "tasks:"]
+    return lines
+
+
+TRAINER_LINES = [
+    "trainer:",
+    "  embedding_optimizer: {type: rowwise_adagrad, lr: 0.05}",
+    "  dense_optimizer: {type: adam, lr: 0.002}",
+    "",
+    "checkpoint:",
+    "  every_n_steps: 0              # a checkpoint at the end of each epoch",
+]
+
+
+def starter_config(
+    source: str, fmt: str, csv: dict, columns: list[Column], missing: set[str], num_rows: int, out_name: str,
+    shape: LogShape | None = None,
+) -> str:  # fmt: skip
+    """A multi-task ranking config for a log with labels (``towerrec init --label ...``)."""
+    shape = shape or LogShape(next((c.name for c in columns if c.kind == "time"), None))
+    labels = [c for c in columns if c.kind == "label"]
+    users, items = [c for c in columns if c.kind == "user"], [c for c in columns if c.kind == "item"]
+    lines = [
+        f"# Starter config written by `towerrec init` from {source} ({num_rows:,} sampled rows).",
+        "# Every column is used once, as the comment beside it says; edit freely, then:",
+        f"#   towerrec fit --config {out_name}",
+        "# Keys and their meaning: `towerrec config` (or configs/REFERENCE.md).",
+        "seed: 0",
+        f"run_dir: runs/{Path(out_name).stem}",
+        "",
+        *_data_section(source, fmt, csv, columns, missing, out_name, shape, retrieval=False),
+        "",
+        "tasks:",
+    ]
     for col in labels:
         task = {"name": col.name, "type": col.task_type or "binary", "label": col.name}
         if col.label_range is not None:
@@ -423,21 +615,81 @@ def starter_config(
         lines += ["  num_experts: 4", "  expert_dims: [256, 128]"]
     if users and items:
         binary = [c.name for c in labels if c.task_type == "binary"]
+        relevant = shape.interactions or (binary[0] if binary else None)
         lines += ["", "recommend:", f"  user_feature: {users[0].name}", f"  item_feature: {items[0].name}"]
-        if binary:
-            lines.append(f"  relevance_task: {binary[0]}")
-            lines.append(f"  task_weights: {{{binary[0]}: 1.0}}")
+        if relevant:
+            lines.append(f"  relevance_task: {relevant}")
+            lines.append(f"  task_weights: {{{relevant}: 1.0}}")
+        if shape.interactions:
+            lines.append(
+                f"  interaction_column: {shape.interactions}   # its 0 rows are neither seen items nor popularity"
+            )
     lines += [
         "",
         "trainer:",
         "  max_epochs: 8",
         "  early_stopping_patience: 2     # stop when val/loss has not improved for 2 epochs",
         "  early_stopping_metric: val/loss",
-        "  embedding_optimizer: {type: rowwise_adagrad, lr: 0.05}",
-        "  dense_optimizer: {type: adam, lr: 0.002}",
+        *TRAINER_LINES[1:],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def retrieval_config(
+    source: str, fmt: str, csv: dict, columns: list[Column], missing: set[str], num_rows: int, out_name: str,
+    shape: LogShape,
+) -> str:  # fmt: skip
+    """A two-tower retrieval config for an implicit log (``towerrec init`` without ``--label``)."""
+    users, items = [c for c in columns if c.kind == "user"], [c for c in columns if c.kind == "item"]
+    if not (users and items):
+        raise ConfigError(
+            "--label: none given, so the file is read as an implicit log (a retrieval config), which needs a user "
+            "and an item column (--user, --item); or name the label column(s)"
+        )
+    stem = Path(out_name).stem
+    order = (
+        f"{shape.order} orders each user's events" if shape.order else "the row order is each user's order"
+    )
+    lines = [
+        f"# Retrieval config written by `towerrec init` from {source} ({num_rows:,} sampled rows): an implicit",
+        f"# log (no label: every row is an event; {order}). Two towers, trained by a softmax",
+        "# over the batch's items; evaluated on each user's held-out last event (HR@10, NDCG@10):",
+        f"#   towerrec fit --config {out_name} ; towerrec recommend --config {out_name} --k 10 --evaluate",
+        f"#   towerrec fit --config {out_name} --model.sequence.encoder mean --run_dir runs/{stem}-mean",
+        "# Keys and their meaning: `towerrec config` (or configs/REFERENCE.md).",
+        "seed: 0",
+        f"run_dir: runs/{stem}",
         "",
-        "checkpoint:",
-        "  every_n_steps: 0              # a checkpoint at the end of each epoch",
+        *_data_section(source, fmt, csv, columns, missing, out_name, shape, retrieval=True),
+        "",
+        "tasks: []                         # a retrieval model has no pointwise tasks (every row is a positive)",
+        "",
+        "model:",
+        "  objective: retrieval            # two towers: side: user features (and the history), side: item ones",
+        "  sequence: {encoder: transformer, attention: softmax, num_layers: 2, num_heads: 2}   # the history encoder",
+        "  retrieval:",
+        "    dim: 64",
+        "    temperature: 0.05",
+        "    num_sampled_negatives: 0",
+        "    logq_correction: true",
+        "    all_positions: false",
+        "",
+        "recommend:",
+        f"  user_feature: {users[0].name}",
+        f"  item_feature: {items[0].name}",
+        "  k: 10",
+    ]
+    if shape.interactions:
+        lines.append(
+            f"  interaction_column: {shape.interactions}   # its 0 rows are neither seen items nor popularity"
+        )
+    lines += [
+        "",
+        "trainer:",
+        "  max_epochs: 10",
+        "  early_stopping_patience: 2     # stop when val/loss has not improved for 2 epochs; test the best epoch",
+        "  early_stopping_metric: val/loss",
+        *TRAINER_LINES[1:],
     ]
     return "\n".join(lines) + "\n"
 
@@ -459,8 +711,6 @@ def run_init(cfg, args: argparse.Namespace) -> int:
     output = Path(args.output or f"{Path(str(args.source).rstrip('/')).stem or 'towerrec'}.yaml")
     if output.exists():
         raise OutputExists(f"--output: {output} exists; towerrec init never writes over a config")
-    if not args.label:
-        raise ConfigError("--label: name the label column(s), e.g. --label click --label purchase")
     labels, derived = parse_labels(args.label)
     names = [name.strip() for name in args.column_names.split(",")] if args.column_names else None
     if names and not args.no_header:
@@ -468,17 +718,21 @@ def run_init(cfg, args: argparse.Namespace) -> int:
     table, fmt, csv = read_sample(args.source, args.delimiter, not args.no_header, args.sample_rows, names)
     missing = missing_tokens(table) if fmt == "csv" else set()
     columns = describe_columns(table, labels, derived, args.user, args.item, missing, tuple(args.exclude))
-    text = starter_config(args.source, fmt, csv, columns, missing, table.num_rows, str(output))
+    shape = log_shape(table, columns, missing)
+    write = starter_config if labels else retrieval_config
+    text = write(args.source, fmt, csv, columns, missing, table.num_rows, str(output), shape)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     counts = {
         kind: sum(c.kind == kind for c in columns)
         for kind in ("sparse", "multi_hot", "dense", "label", "skip")
     }
+    ids = counts["sparse"] + counts["multi_hot"] + sum(c.kind in ("user", "item") for c in columns)
+    what = f"{counts['label']} tasks" if labels else "a retrieval config for an implicit log (no label)"
+    then = "" if labels else f", then: towerrec recommend --config {output} --k 10 --evaluate"
     print(
-        f"[towerrec] wrote {output}: {counts['label']} tasks, {counts['sparse'] + counts['multi_hot'] + sum(c.kind in ('user', 'item') for c in columns)} "
-        f"id features, {counts['dense']} numbers, {counts['skip']} columns left out (see the comments); "
-        f"train with: towerrec fit --config {output}",
+        f"[towerrec] wrote {output}: {what}, {ids} id features, {counts['dense']} numbers, {counts['skip']} columns "
+        f"left out (see the comments); train with: towerrec fit --config {output}{then}",
         flush=True,
     )
     return 0

@@ -76,11 +76,67 @@ def test_leave_last_out_per_user():
         assert (codes[order[:-2]] == TRAIN).all()
 
 
-def test_leave_last_out_needs_enough_rows():
-    splitter = make_splitter("leave_last_out", 0, 0.1, 0.1)
-    part = SplitKeys(np.arange(4), user=np.array([1, 2, 2, 3]), time=np.array([5.0, 1.0, 2.0, 0.0]))
-    splitter.fit(part)
-    assert splitter.assign(part).tolist() == [TRAIN, TRAIN, TEST, TRAIN]
+def fitted_codes(splitter, part: SplitKeys, chunk: int) -> np.ndarray:
+    """Fits and assigns ``part`` in chunks of ``chunk`` rows (as the converter streams it)."""
+    pieces = [
+        SplitKeys(
+            part.row_index[s : s + chunk],
+            part.user[s : s + chunk],
+            None if part.time is None else part.time[s : s + chunk],
+            interaction=None if part.interaction is None else part.interaction[s : s + chunk],
+        )
+        for s in range(0, len(part.row_index), chunk)
+    ]
+    for piece in pieces:
+        splitter.fit(piece)
+    return np.concatenate([splitter.assign(piece) for piece in pieces])
+
+
+# users 1, 2, 3, 5 with 1, 2, 3, 5 events; user 5's last two events share a time (row order decides)
+# and its first events come in a later row than a later time (time decides, not the row)
+LOG_USERS = np.array([5, 3, 2, 5, 1, 3, 5, 2, 3, 5, 5])
+LOG_TIMES = np.array([4.0, 1.0, 1.0, 9.0, 1.0, 2.0, 1.5, 2.0, 3.0, 9.0, 0.5])
+EXPECTED = {  # row → split
+    0: TRAIN, 1: TRAIN, 2: TRAIN, 3: VAL, 4: TRAIN, 5: VAL, 6: TRAIN, 7: TRAIN, 8: TEST, 9: TEST, 10: TRAIN,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 11])
+def test_leave_last_out_holds_out_only_users_with_the_minimum_and_breaks_ties_by_row(chunk):
+    part = SplitKeys(np.arange(len(LOG_USERS)), user=LOG_USERS, time=LOG_TIMES)
+    codes = fitted_codes(make_splitter("leave_last_out", 0, 0.1, 0.1), part, chunk)
+    assert codes.tolist() == [EXPECTED[row] for row in range(len(LOG_USERS))]
+    # users with 1 and 2 events keep everything in train; 3 = the published minimum
+    assert (codes[np.isin(LOG_USERS, [1, 2])] == TRAIN).all()
+    two = make_splitter("leave_last_out", 0, 0.1, 0.1, min_events_per_user=6)
+    assert (fitted_codes(two, part, chunk) == TRAIN).all() and two.num_held_out_users == 0
+
+
+def test_leave_last_out_minimum_is_explicit_without_validation_and_row_order_without_time():
+    part = SplitKeys(np.arange(len(LOG_USERS)), user=LOG_USERS, time=None)
+    splitter = make_splitter("leave_last_out", 0, 0.0, 0.1, min_events_per_user=2)
+    codes = fitted_codes(splitter, part, 3)
+    # no time: the last row of each user with >= 2 rows is test, nothing is val
+    assert np.flatnonzero(codes == TEST).tolist() == [7, 8, 10] and not (codes == VAL).any()
+    assert splitter.num_held_out_users == 3
+
+
+def test_leave_last_out_with_an_interaction_flag_holds_out_the_rows_at_the_last_interactions():
+    # user 7: interactions at t=1, 2, 3 with sampled rows at the same times; a later non-interaction at t=4
+    users = np.array([7, 7, 7, 7, 7, 7, 7, 7])
+    times = np.array([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 4.0])
+    flags = np.array([1, 0, 0, 1, 1, 0, 0, 0], dtype=bool)  # the interaction is not always the first row
+    part = SplitKeys(np.arange(8), user=users, time=times, interaction=flags)
+    codes = fitted_codes(make_splitter("leave_last_out", 0, 0.1, 0.1), part, 3)
+    assert codes.tolist() == [TRAIN, TRAIN, VAL, VAL, TEST, TEST, TEST, TRAIN]
+
+
+def test_min_events_per_user_below_the_held_out_events_is_refused_naming_the_key():
+    from towerrec.data.config import PrepareConfig
+
+    PrepareConfig(split="leave_last_out", val_fraction=0.0, min_events_per_user=2).check()
+    with pytest.raises(ValueError, match="min_events_per_user: must be at least 3"):
+        PrepareConfig(split="leave_last_out", min_events_per_user=2).check()
 
 
 def test_bad_options_name_the_key():
