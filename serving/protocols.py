@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from towerrec.data.negatives import ExcludedItems
 from towerrec.serving.catalogue import Catalogue, seen_codes
 from towerrec.serving.scoring import TopK
 
@@ -42,10 +43,13 @@ def sampled_candidates(
 ) -> np.ndarray:
     """(U, count) item positions drawn uniformly without replacement from those each user never
     interacted with (``interacted``: sorted codes ``user * N + item``), -1 where a user has fewer.
-    Vectorised: iid draws, the interacted and repeated ones dropped, the first ``count`` kept (a
-    uniform sample without replacement); users left short draw again."""
+    Draws come from ``towerrec.data.negatives.ExcludedItems`` (exactly uniform over the user's
+    never-touched items, no rejection); repeats are dropped, the first ``count`` distinct kept (a
+    uniform sample without replacement), and users left short draw again."""
+    users_of, items_of = interacted // max(num_items, 1), interacted % max(num_items, 1)
+    excluded = ExcludedItems(users_of, items_of, np.arange(num_items, dtype=np.int64))
     rng = np.random.default_rng([seed, 100])
-    available = num_items - np.bincount(interacted // max(num_items, 1), minlength=num_users)[:num_users]
+    available = num_items - np.bincount(users_of, minlength=num_users)[:num_users]
     wanted = np.minimum(count, available)
     chosen = np.full((num_users, count), -1, dtype=np.int64)
     filled = np.zeros(num_users, dtype=np.int64)
@@ -53,10 +57,9 @@ def sampled_candidates(
     for _ in range(50):
         if not len(need):
             break
-        draws = np.concatenate(
-            [chosen[need], rng.integers(0, num_items, size=(len(need), 3 * count))], axis=1
-        )  # the ones kept so far first: they stay
-        ok = (draws >= 0) & ~np.isin(need[:, None] * num_items + draws, interacted)
+        fresh = excluded.sample(np.repeat(need, 2 * count), rng).reshape(len(need), 2 * count)
+        draws = np.concatenate([chosen[need], fresh], axis=1)  # the ones kept so far first: they stay
+        ok = draws >= 0
         order = np.argsort(np.where(ok, draws, -1), axis=1, kind="stable")
         ranked = np.take_along_axis(draws, order, axis=1)
         repeat = np.zeros_like(ok)
