@@ -112,6 +112,9 @@ class RetrievalConfig:
     then estimates the full softmax instead of favouring rare items (Yi et al., 2019)."""
     remove_accidental_hits: bool = True
     """A candidate with the row's own item id (a popular item elsewhere in the batch) is not a negative."""
+    history_encoder: Literal["transformer", "mean"] | None = None
+    """The user tower's history encoder when it differs from ``model.sequence.encoder`` (e.g. a
+    ranker's DIN beside the towers in one run); null: ``model.sequence.encoder``."""
     all_positions: bool = False
     """Train the history encoder on every position at once (SASRec, HSTU): the output at each event
     predicts the next event, and the newest one the row's item, against the same candidates. Needs a

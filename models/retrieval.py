@@ -19,13 +19,15 @@ for the sharder; the history and the item id share one table (``table: t_item``)
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from towerrec.models.config import ModelConfig, RetrievalConfig
 from towerrec.models.layers import MLP
@@ -70,9 +72,12 @@ class TowerOutputs:
     sampled_ids: torch.Tensor | None = None
 
 
-class TwoTowerModel(ShardableTables):
-    """Args:
-    tables: embedding tables (TorchRec configs); each lists the features it serves.
+class RetrievalTowers(nn.Module):
+    """The user and item towers over looked-up features (no tables of their own: a two-tower model's,
+    or a multi-task model's when both train in one run on the same tables).
+
+    Args:
+    dims: embedding width of each feature.
     user_features / item_features: the sparse features each tower reads (config order); a user
         history's slot holds its encoding.
     user_dense / item_dense: the dense columns (indices into the batch's dense matrix) of each side.
@@ -80,14 +85,11 @@ class TwoTowerModel(ShardableTables):
     item_feature: the item id feature (the row's positive item).
     num_sampled: uniformly sampled negatives per rank and step (0: none; see ``NEGATIVES_SUFFIX``).
     cfg: ``model`` (its ``retrieval`` and ``sequence`` sections).
-    embedding_device: where the tables are created (``meta`` when a sharder will place them).
-    input_names: every feature the tables serve, in the order serving takes them (config order).
-    mean_pooled: multi-hot features pooled by their mean.
     """
 
     def __init__(
         self,
-        tables: list[BaseEmbeddingConfig],
+        dims: dict[str, int],
         user_features: list[str],
         item_features: list[str],
         user_dense: list[int],
@@ -96,9 +98,6 @@ class TwoTowerModel(ShardableTables):
         item_feature: str,
         cfg: ModelConfig,
         num_sampled: int = 0,
-        embedding_device: torch.device | str = "meta",
-        input_names: list[str] | None = None,
-        mean_pooled: list[str] | None = None,
     ):
         super().__init__()
         retrieval: RetrievalConfig = cfg.retrieval
@@ -110,28 +109,17 @@ class TwoTowerModel(ShardableTables):
         self.num_sampled = num_sampled
         self.all_positions = retrieval.all_positions
         self.temperature = retrieval.temperature
-        self.input_names = list(input_names or [name for table in tables for name in table.feature_names])
-        sequence_lists = [name for seq, f in self.sequences.items() for name in (seq, *f.side)]
-        self.init_tables(tables, sequence_lists, list(mean_pooled or []), embedding_device)
-        dims = self.dim_of_feature
+        self.dim = retrieval.dim
+        encoder = cfg.sequence
+        if retrieval.history_encoder is not None:
+            encoder = dataclasses.replace(encoder, encoder=retrieval.history_encoder)
         self.history_encoders = nn.ModuleDict(
-            {
-                name: HistoryEncoder(dims[name], f.max_length, cfg.sequence)
-                for name, f in self.sequences.items()
-            }
+            {name: HistoryEncoder(dims[name], f.max_length, encoder) for name, f in self.sequences.items()}
         )
         user_in = sum(dims[name] for name in self.user_features) + len(self.user_dense)
         item_in = sum(dims[name] for name in self.item_features) + len(self.item_dense)
         self.user_tower = Tower(user_in, retrieval.user_dims, retrieval.dim)
         self.item_tower = Tower(item_in, retrieval.item_dims, retrieval.dim)
-
-    # ------------------------------------------------------------------------------------ inference
-    def forward(
-        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, sequences: KeyedJaggedTensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(user vectors (B, d), item vectors (B, d)) of a batch's rows."""
-        features, histories = self.embed(sparse, sequences)
-        return self.user_vectors(features, dense, histories), self.item_vectors(features, dense)
 
     def user_vectors(
         self, features: dict[str, torch.Tensor], dense: torch.Tensor, histories: dict[str, tuple]
@@ -153,24 +141,27 @@ class TwoTowerModel(ShardableTables):
         an item tower that reads the id alone."""
         return self.item_tower([embeddings])
 
-    # ------------------------------------------------------------------------------------ training
-    def training_outputs(
+    def outputs(
         self,
-        sparse: KeyedJaggedTensor,
+        features: dict[str, torch.Tensor],
+        histories: dict[str, tuple],
         dense: torch.Tensor,
-        sequences: KeyedJaggedTensor | None,
         weights: torch.Tensor,
+        jagged: Callable[[str], JaggedTensor],
+        pooled: Callable[[str], bool],
     ) -> TowerOutputs:
-        """This rank's queries, targets and candidates (see ``TowerOutputs``)."""
-        features, histories = self.embed(sparse, sequences)
+        """This rank's queries, targets and candidates (see ``TowerOutputs``) from its looked-up
+        features; ``jagged(name)`` gives a feature's ids in the batch, ``pooled(name)`` whether its
+        table sums bags (then the sampled ids come one per carrying row)."""
         items = self.item_vectors(features, dense)
-        item_ids = self._ids(sparse, sequences, self.item_feature)
+        item_ids = jagged(self.item_feature).values()
         sampled = sampled_ids = None
         if self.sampled_feature is not None:
-            sampled_ids = self._ids(sparse, sequences, self.sampled_feature)
+            carrier = jagged(self.sampled_feature)
+            sampled_ids = carrier.values()
             embedded = features[self.sampled_feature]
-            if self.sampled_feature not in self.unpooled_singles:  # pooled: one bag of 1 id per carrying row
-                embedded = embedded[self._jagged(sparse, sequences, self.sampled_feature).lengths() > 0]
+            if pooled(self.sampled_feature):  # one bag of one id on each carrying row
+                embedded = embedded[carrier.lengths() > 0]
             sampled = self.item_vectors_of_ids(embedded)
         if not self.all_positions:
             users = self.user_vectors(features, dense, histories)
@@ -190,7 +181,7 @@ class TwoTowerModel(ShardableTables):
         ]
         users = self.user_tower(others + [dense[:, None, self.user_dense].expand(-1, length, -1)])
         # position p's target: the event after it (p + 1), and for the newest slot the row's item
-        padded_ids, _ = pad_left(self._ids(sparse, sequences, name).unsqueeze(1), lengths, length)
+        padded_ids, _ = pad_left(jagged(name).values().unsqueeze(1), lengths, length)
         history_items, _ = pad_left(histories[name][0], lengths, length)  # the raw id embeddings
         targets = torch.cat([self.item_vectors_of_ids(history_items[:, 1:]), items.unsqueeze(1)], dim=1)
         target_ids = torch.cat([padded_ids[:, 1:, 0], item_ids.unsqueeze(1)], dim=1)
@@ -207,14 +198,71 @@ class TwoTowerModel(ShardableTables):
             sampled_ids,
         )
 
-    def _jagged(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None, name: str):
-        """Feature ``name``'s JaggedTensor: sequence tables' features travel in ``sequences``."""
-        unpooled = name in self.unpooled_singles or name in self.sequence_lists
-        return sequences[name] if unpooled else sparse[name]
 
-    def _ids(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None, name: str) -> torch.Tensor:
-        """The ids of feature ``name`` in the batch, rows concatenated."""
-        return self._jagged(sparse, sequences, name).values()
+class TwoTowerModel(ShardableTables):
+    """The tables (``ShardableTables``) and the two towers (``towers``: ``RetrievalTowers``).
+
+    Args:
+    tables: embedding tables (TorchRec configs); each lists the features it serves.
+    embedding_device: where the tables are created (``meta`` when a sharder will place them).
+    input_names: every feature the tables serve, in the order serving takes them (config order).
+    mean_pooled: multi-hot features pooled by their mean.
+    the others: ``RetrievalTowers``'s.
+    """
+
+    def __init__(
+        self,
+        tables: list[BaseEmbeddingConfig],
+        user_features: list[str],
+        item_features: list[str],
+        user_dense: list[int],
+        item_dense: list[int],
+        histories: dict[str, SequenceFeature],
+        item_feature: str,
+        cfg: ModelConfig,
+        num_sampled: int = 0,
+        embedding_device: torch.device | str = "meta",
+        input_names: list[str] | None = None,
+        mean_pooled: list[str] | None = None,
+    ):
+        super().__init__()
+        self.input_names = list(input_names or [name for table in tables for name in table.feature_names])
+        sequence_lists = [name for seq, f in histories.items() for name in (seq, *f.side)]
+        self.init_tables(tables, sequence_lists, list(mean_pooled or []), embedding_device)
+        self.towers = RetrievalTowers(
+            self.dim_of_feature, user_features, item_features, user_dense, item_dense, histories, item_feature, cfg,
+            num_sampled,
+        )  # fmt: skip
+        self.sequences = self.towers.sequences
+        self.user_features, self.item_features = self.towers.user_features, self.towers.item_features
+        self.temperature = self.towers.temperature
+
+    def forward(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, sequences: KeyedJaggedTensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user vectors (B, d), item vectors (B, d)) of a batch's rows."""
+        features, histories = self.embed(sparse, sequences)
+        return self.towers.user_vectors(features, dense, histories), self.towers.item_vectors(features, dense)
+
+    def user_vectors(self, features, dense, histories) -> torch.Tensor:
+        return self.towers.user_vectors(features, dense, histories)
+
+    def item_vectors(self, features, dense) -> torch.Tensor:
+        return self.towers.item_vectors(features, dense)
+
+    def training_outputs(
+        self, sparse: KeyedJaggedTensor, dense: torch.Tensor, sequences: KeyedJaggedTensor | None, weights
+    ) -> TowerOutputs:
+        """This rank's queries, targets and candidates (see ``TowerOutputs``)."""
+        features, histories = self.embed(sparse, sequences)
+        return self.towers.outputs(
+            features,
+            histories,
+            dense,
+            weights,
+            lambda name: self.jagged(sparse, sequences, name),
+            self.is_pooled,
+        )
 
 
 def sampled_softmax_sums(

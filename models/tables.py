@@ -147,6 +147,15 @@ class ShardableTables(nn.Module):
         ]
         self.dim_of_feature = {name: table.embedding_dim for table in tables for name in table.feature_names}
 
+    def is_pooled(self, name: str) -> bool:
+        """Whether feature ``name``'s table sums bags (else it is looked up unpooled)."""
+        return name not in self.unpooled_singles and name not in self.sequence_lists
+
+    def jagged(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None, name: str):
+        """Feature ``name``'s ids in the batch (a JaggedTensor): sequence tables' features travel in
+        ``sequences``, the others in ``sparse``."""
+        return sparse[name] if self.is_pooled(name) else sequences[name]
+
     def embed(
         self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:

@@ -77,7 +77,7 @@ def _vectors(
                 parts.append(model.user_vectors(features, block_dense, histories))
             else:
                 parts.append(model.item_vectors(features, block_dense))
-    return torch.cat(parts) if parts else torch.zeros(0, model.user_tower.out.out_features)
+    return torch.cat(parts) if parts else torch.zeros(0, model.towers.dim)
 
 
 def _full_dense(cfg: Config, entities: Entities, side: str) -> np.ndarray:

@@ -421,12 +421,12 @@ def validate_retrieval(cfg: Config) -> None:
     user_side = [name for name, side in sides.items() if side == "user"]
     if not user_side:
         raise ConfigError("data.sparse: no side: user feature, so the user tower has nothing to read")
-    encoder = cfg.model.sequence.encoder
+    encoder = retrieval.history_encoder or cfg.model.sequence.encoder
     histories = [f for f in cfg.data.sparse if f.sequence and not f.align_with and f.side == "user"]
     if histories and encoder == "din":
         raise ConfigError(
             "model.sequence.encoder: din attends from a candidate item; a retrieval user tower has none: "
-            "use transformer or mean"
+            "use transformer or mean (or model.retrieval.history_encoder)"
         )
     item_side = [
         f.name for f in (*cfg.data.sparse, *cfg.data.dense) if f.side == "item" and f.name != item.name

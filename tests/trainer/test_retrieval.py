@@ -116,5 +116,5 @@ def test_interrupted_and_resumed_retrieval_equals_uninterrupted_bit_for_bit(
     assert resumed[0]["global_step"] == straight[0]["global_step"] > 9
     assert bitwise_equal(resumed[0]["dense"], resumed[1]["dense"]) == []
     assert bitwise_equal(tensors(resumed), tensors(straight)) == []
-    assert any(name.startswith("history_encoders.") for name in resumed[0]["dense"])
+    assert any(name.startswith("towers.history_encoders.") for name in resumed[0]["dense"])
     assert np.isfinite(next(iter(resumed[0]["dense"].values()))).all()
