@@ -9,7 +9,7 @@ DEVICE ?= cpu
 CONFIG ?= configs/default.yaml
 ARGS ?=
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.towerrec-$(DEVICE)-setup-v1
+STAMP := $(VENV)/.towerrec-$(DEVICE)-setup-v2
 
 ifeq ($(DEVICE),cuda)
 FBGEMM := fbgemm-gpu==1.8.0
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# torchmetrics must be pinned in the same install as lightning (torchrec.metrics breaks on >=1.1).
 	$(PY) -m pip install -q $(FBGEMM) torchmetrics==1.0.3 lightning==2.6.6 "pyarrow>=15" "numpy>=1.26" \
-		"pyyaml>=6" tensordict pyre-extensions iopath tqdm \
+		"pyyaml>=6" tensordict pyre-extensions iopath tqdm "faiss-cpu>=1.8" \
 		"pytest>=8" "hypothesis>=6" "ruff>=0.5" "scikit-learn>=1.4" "matplotlib>=3.8" "tensorboard>=2.15"
 	# torchrec's metadata requires the CUDA fbgemm-gpu; on CPU we provide fbgemm-gpu-cpu instead.
 	$(PY) -m pip install -q --no-deps torchrec==1.8.0
