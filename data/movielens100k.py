@@ -299,22 +299,27 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
     for name in ("user_id", "item_id"):
         writer.write_vocabulary(name, vocabs[name].keys)
     genre_values = np.arange(NUM_GENRES, dtype=np.int64) + 1  # row 0 stays unused (no genre)
-    events = train
-    if cfg.split == "leave_last_out":  # a test row's history ends with the validation rating, as in
-        val = splits["val"]  # the published next-item protocol; training rows precede both anyway
+
+    def history_log(events: dict[str, np.ndarray]) -> EventLog:
+        return EventLog.build(
+            events["user"],
+            events["timestamp"],
+            {
+                "hist_items": vocabs["item_id"].lookup(events["item"]),
+                "hist_ratings": events["rating"].astype(np.int64),
+            },
+        )
+
+    logs = {name: history_log(train) for name in splits}
+    if cfg.split == "leave_last_out":  # the test row's history holds the validation ratings too (the
+        val = splits["val"]  # published next-item protocol: the test input is everything before it)
         rated_val = val.get("rated", np.ones(len(val["user"]))) == 1
-        events = {
-            key: np.concatenate([train[key], val[key][rated_val]])
-            for key in ("user", "timestamp", "item", "rating")
-        }
-    history_log = EventLog.build(
-        events["user"],
-        events["timestamp"],
-        {
-            "hist_items": vocabs["item_id"].lookup(events["item"]),
-            "hist_ratings": events["rating"].astype(np.int64),
-        },
-    )
+        logs["test"] = history_log(
+            {
+                key: np.concatenate([train[key], val[key][rated_val]])
+                for key in ("user", "timestamp", "item", "rating")
+            }
+        )
     for name, rows in splits.items():
         raw = raw_columns(rows)
         rated = rows.get("rated", np.ones(len(rows["user"]), dtype=np.float32)) == 1
@@ -336,9 +341,11 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
                 columns[f"{prefix}_r{level}"] = Jagged(vocab.lookup(bag.values), bag.offsets).to_arrow(
                     pa.int64()
                 )
-        for key, jagged in history_log.sequences(
-            rows["user"], rows["timestamp"], cfg.history_max_length, age="hist_age"
-        ).items():
+        for key, jagged in (
+            logs[name]
+            .sequences(rows["user"], rows["timestamp"], cfg.history_max_length, age="hist_age")
+            .items()
+        ):
             columns[key] = jagged.to_arrow(pa.int64())
         columns["timestamp"] = pa.array(rows["timestamp"])
         columns["rating"] = pa.array(rows["rating"].astype(np.float32), mask=~rated)
@@ -380,7 +387,7 @@ def prepare_movielens100k(cfg: PrepareConfig, out: str) -> DatasetMeta:
         "negatives_per_positive": cfg.negatives_per_positive,
         "neighbourhood_max_ids": cfg.neighbourhood_max_ids,
         "history": "strictly earlier training ratings"
-        + (" and, for test rows, the validation rating" if cfg.split == "leave_last_out" else ""),
+        + (" and, for test rows, the validation ratings" if cfg.split == "leave_last_out" else ""),
         "train_rating_mean": float(train["rating"].mean()),
     }
     return writer.commit(columns=meta_columns, report=report)
