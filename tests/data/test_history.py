@@ -107,6 +107,32 @@ def test_movielens_histories_are_earlier_training_ratings_oldest_first(u1):
             assert len(rows["hist_age"][i]) == len(earlier)
 
 
+def test_leave_last_out_test_histories_hold_the_validation_ratings_and_no_other_history_does(
+    tmp_path, ml100k_dir
+):
+    """The published next-item protocol: the held-out item is predicted from everything before it,
+    validation ratings included; training and validation rows see training ratings only."""
+    from towerrec.data.movielens100k import prepare_movielens100k
+
+    cfg = PrepareConfig(format="movielens100k", source=str(ml100k_dir), split="leave_last_out", num_shards=1)
+    meta = prepare_movielens100k(cfg, str(tmp_path / "llo"))
+    splits = {name: pq.read_table(meta.root / name).to_pydict() for name in ("train", "val", "test")}
+    val_items = {}
+    for user, item, ts in zip(splits["val"]["user_id"], splits["val"]["item_id"], splits["val"]["timestamp"]):
+        val_items.setdefault(user, set()).add((item, ts))
+    in_test = in_train = 0
+    for name in ("train", "test"):
+        rows = splits[name]
+        for user, ts, history in zip(rows["user_id"], rows["timestamp"], rows["hist_items"]):
+            earlier_val = {item for item, when in val_items.get(user, ()) if when < ts}
+            held = len(earlier_val & set(history))
+            if name == "test":
+                in_test += held
+            else:
+                in_train += held
+    assert in_test > 100 and in_train == 0
+
+
 def test_data_sets_prepared_before_histories_keep_their_fingerprint_and_histories_change_it():
     from towerrec.data.prepare import fingerprint, prepared_with
 
