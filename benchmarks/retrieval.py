@@ -366,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         if args.quality or both:
             results = quality(args.seeds, work)
-            (work / "quality.json").write_text(json.dumps(results, indent=1))
-            lines += ["## Quality", "", *quality_table(results, args.seeds)]
+            (work / "quality.json").write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=1))
+        if (work / "quality.json").exists():  # this run's, or an earlier one's in the same --work
+            saved = json.loads((work / "quality.json").read_text())
+            lines += ["## Quality", "", *quality_table(saved["results"], saved["seeds"])]
         if args.scale or both:
             torch.set_num_threads(2)
             rows = index_scale(args.items, args.queries)
