@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             (work / "quality.json").write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=1))
         if (work / "quality.json").exists():  # this run's, or an earlier one's in the same --work
             saved = json.loads((work / "quality.json").read_text())
+            if "results" not in saved:  # written before the seeds were recorded: the default ones
+                saved = {"seeds": [0, 1, 2], "results": saved}
             lines += ["## Quality", "", *quality_table(saved["results"], saved["seeds"])]
         if args.scale or both:
             torch.set_num_threads(2)
