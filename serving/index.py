@@ -7,8 +7,11 @@ each user's excluded items (already seen) never returned.
 ``exact``: blocks of users × blocks of items through one matrix product each, a running top-K per
 user (``towerrec.serving.scoring.top_k``); memory is bounded by the blocks and the (U, K) lists.
 ``hnsw`` / ``ivf``: FAISS approximate indexes (inner product), when the ``faiss`` package is
-installed; they fetch K plus the user's excluded count and drop the excluded ones, so K real
-items come back whenever the catalogue has them.
+installed; they fetch K plus the user's excluded count (users grouped by that count) and drop the
+excluded ones. IVF is the one to try first on large catalogues (fast to build, recall tunable by
+``recommend.index_ivf_probe``); HNSW builds slowly at a million items; measure recall against
+``exact`` on your own vectors (``python -m benchmarks.retrieval --scale``): it depends on how
+clustered they are.
 
 ``excluded``: sorted codes ``user * N + item`` (``towerrec.serving.catalogue.seen_codes``).
 """
@@ -88,30 +91,38 @@ class ItemIndex:
         return self._approximate(queries, k, excluded)
 
     def _approximate(self, queries: torch.Tensor, k: int, excluded: np.ndarray | None) -> TopK:
-        num_items = self.num_items
+        """FAISS search fetching K plus each user's excluded count: users are grouped by that count
+        (rounded up to a power of two), so one user with a long history does not slow the others."""
+        num_users, num_items = queries.shape[0], self.num_items
         excluded = np.zeros(0, dtype=np.int64) if excluded is None else excluded
-        per_user = np.bincount(excluded // max(num_items, 1), minlength=queries.shape[0])
-        fetch = int(min(num_items, k + (per_user.max() if len(per_user) else 0)))
-        if self.kind == "hnsw":
-            self.faiss_index.hnsw.efSearch = max(self.settings.hnsw_ef_search, fetch)
-        else:
-            self.faiss_index.nprobe = self.settings.ivf_probe
-        scores, found = self.faiss_index.search(queries.numpy(), fetch)
-        codes = np.arange(queries.shape[0], dtype=np.int64)[:, None] * num_items + found
-        dropped = (found < 0) | np.isin(codes, excluded)
-        scores = np.where(dropped, -np.inf, scores)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        top_scores = np.take_along_axis(scores, order, axis=1)
-        top = np.where(np.isinf(top_scores), -1, np.take_along_axis(found, order, axis=1))
-        pad = k - top.shape[1]
-        if pad > 0:
-            top = np.pad(top, ((0, 0), (0, pad)), constant_values=-1)
-            top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        return TopK(
-            torch.from_numpy(top.astype(np.int64)),
-            torch.from_numpy(top_scores.astype(np.float32)),
-            torch.from_numpy(top_scores.astype(np.float32)).unsqueeze(-1),
-        )
+        per_user = np.bincount(excluded // max(num_items, 1), minlength=num_users)[:num_users]
+        fetch = np.minimum(num_items, k + (1 << np.ceil(np.log2(np.maximum(per_user, 1))).astype(np.int64)))
+        items = np.full((num_users, k), -1, dtype=np.int64)
+        scores = np.full((num_users, k), -np.inf, dtype=np.float32)
+        self._faiss_threads()
+        for size in np.unique(fetch):
+            users = np.flatnonzero(fetch == size)
+            if self.kind == "hnsw":
+                self.faiss_index.hnsw.efSearch = max(self.settings.hnsw_ef_search, int(size))
+            else:
+                self.faiss_index.nprobe = self.settings.ivf_probe
+            found_scores, found = self.faiss_index.search(queries[users].numpy(), int(size))
+            codes = users[:, None] * num_items + found
+            at = np.minimum(np.searchsorted(excluded, codes), max(len(excluded) - 1, 0))
+            dropped = (found < 0) | ((excluded[at] == codes) if len(excluded) else False)
+            found_scores = np.where(dropped, -np.inf, found_scores)
+            order = np.argsort(-found_scores, axis=1, kind="stable")[:, :k]
+            top_scores = np.take_along_axis(found_scores, order, axis=1)
+            top = np.where(np.isinf(top_scores), -1, np.take_along_axis(found, order, axis=1))
+            items[users, : top.shape[1]], scores[users, : top.shape[1]] = top, top_scores
+        return TopK(torch.from_numpy(items), torch.from_numpy(scores), torch.from_numpy(scores).unsqueeze(-1))
+
+    @staticmethod
+    def _faiss_threads() -> None:
+        """FAISS and torch each bring an OpenMP runtime: FAISS gets torch's thread count."""
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
 
 
 def faiss_available() -> bool:
