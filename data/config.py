@@ -384,7 +384,12 @@ class DataConfig:
     A data set built from another ``prepare`` section (or other feature columns) is not used: the
     command stops, unless ``rebuild``."""
     rebuild: bool = False
-    """Rebuild the data set at ``path`` when it was prepared differently from ``data.prepare``."""
+    """Rebuild the data set at ``path`` when it was prepared differently from ``data.prepare``. The
+    new one is built beside it and renamed into place; no rank reads the old one meanwhile."""
+    prepare_timeout_s: float = 86400.0
+    """Several processes: how long the other ranks wait for global rank 0 to prepare (or rebuild)
+    the data set before they stop with an error (default one day: a cluster job's time limit
+    usually ends it first). For a large data set run ``towerrec prepare`` before the job instead."""
     train_split: str = "train"
     """Split used for training."""
     val_split: str | None = "val"
@@ -459,6 +464,7 @@ class DataConfig:
 
     def check(self) -> None:
         positive("batch_size", self.batch_size)
+        positive("prepare_timeout_s", self.prepare_timeout_s)
         positive("eval_batch_size", self.eval_batch_size)
         positive("shuffle_window_rows", self.shuffle_window_rows)
         if not self.sparse:

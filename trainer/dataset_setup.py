@@ -5,12 +5,11 @@ before any process group starts."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from towerrec.data.cleaning import BucketSpec, DenseSpec, TableSchema
-from towerrec.data.dataset import DatasetMeta, is_complete
+from towerrec.data.dataset import METADATA_FILE, DatasetMeta, is_complete
 from towerrec.data.negatives import RATED
 from towerrec.trainer.config import Config
 from towerrec.trainer.distributed.environment import launcher_rank
@@ -160,31 +159,89 @@ def report_lines(meta: DatasetMeta) -> None:
 def ensure_dataset(cfg: Config) -> DatasetMeta:
     """Loads the data set, building it first (on global rank 0) when ``data.prepare`` says how. A
     complete data set made from another recipe stops the command (``data.rebuild: true`` builds it
-    again)."""
+    again, beside the old one, and renames it into place).
+
+    The other ranks of a multi-process command never open a data set that rank 0 is about to
+    replace: they wait until the folder holds the data set of this config (its recipe's
+    fingerprint in ``metadata.json``, written last), printing how long they have waited, for at
+    most ``data.prepare_timeout_s``."""
     path = Path(cfg.data.path)
     prepare = cfg.data.prepare
-    if is_complete(path) and prepare is not None:
-        from towerrec.data.prepare import fingerprint, prepared_with
+    if prepare is None:
+        return DatasetMeta.load(path)
+    from towerrec.data.prepare import fingerprint, prepared_with
 
+    recipe = prepared_with(prepare, input_schema(cfg))
+    wanted = fingerprint(recipe)
+    if launcher_rank() != 0:
+        return _wait_for_dataset(cfg, path, recipe, wanted)
+    if is_complete(path):
         meta = DatasetMeta.load(path)
-        recipe = prepared_with(prepare, input_schema(cfg))
-        if meta.fingerprint != fingerprint(recipe):
-            if not cfg.data.rebuild:
-                raise ConfigError(_difference(meta, recipe, path))
-            if launcher_rank() == 0:
-                shutil.rmtree(path)
-    if not is_complete(path) and prepare is not None:
-        if launcher_rank() == 0:
-            _build(cfg, path)
-        else:
-            deadline = time.time() + 1800
-            while not is_complete(path):
-                if time.time() > deadline:
-                    raise TimeoutError(
-                        f"{path}: rank 0 did not finish preparing the data set within 30 minutes"
-                    )
-                time.sleep(1)
+        if meta.fingerprint == wanted:
+            return meta
+        if not cfg.data.rebuild:
+            raise ConfigError(_difference(meta, recipe, path))
+        print(f"[towerrec] {path} was prepared differently: rebuilding it (data.rebuild)", flush=True)
+    _build(cfg, path)  # written beside the folder, then renamed into place (DatasetWriter.commit)
     return DatasetMeta.load(path)
+
+
+PREPARE_PROGRESS_EVERY_S = 60.0
+
+
+def _wait_for_dataset(cfg: Config, path: Path, recipe: dict, wanted: str) -> DatasetMeta:
+    """A rank other than 0: the data set at ``path`` once its fingerprint is ``wanted``. A data set
+    prepared from another recipe that rank 0 will not replace (no ``data.rebuild``) stops at once;
+    rank 1 prints a line at the start and every minute while it waits."""
+    rank, timeout = launcher_rank(), cfg.data.prepare_timeout_s
+    started = time.monotonic()
+    next_line = started
+    while True:
+        found = _stored_fingerprint(path)
+        if found == wanted:
+            return DatasetMeta.load(path)
+        if found is not None and not cfg.data.rebuild:
+            raise ConfigError(_difference(DatasetMeta.load(path), recipe, path))
+        waited = time.monotonic() - started
+        if waited > timeout:
+            raise ConfigError(
+                f"data.prepare_timeout_s: rank {rank} waited {_minutes(waited)} for rank 0 to prepare {path} "
+                f"and gave up ({'a data set of another recipe is still there' if found else 'none is there yet'}); "
+                "did rank 0 fail? Run `towerrec prepare` with this config before the job, or raise the timeout"
+            )
+        if rank == 1 and time.monotonic() >= next_line:
+            print(
+                f"[towerrec] ranks 1+ waiting for rank 0 to prepare {path}: {_minutes(waited)} so far"
+                f"{_written_so_far(path)}, giving up after {_minutes(timeout)} (data.prepare_timeout_s)",
+                flush=True,
+            )
+            next_line += PREPARE_PROGRESS_EVERY_S
+        time.sleep(min(1.0, max(0.05, timeout / 10)))
+
+
+def _stored_fingerprint(path: Path) -> str | None:
+    """The recipe fingerprint in ``path``'s ``metadata.json``; None while there is none (no data
+    set, one being renamed into place, or one whose fingerprint is not written yet)."""
+    import json
+
+    try:
+        return json.loads((path / METADATA_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def _written_so_far(path: Path) -> str:
+    """How much rank 0's preparation folder (``<path>.partial-<pid>``, the newest) holds."""
+    partial = [p for p in path.parent.glob(f"{path.name}.partial-*") if p.is_dir()]
+    if not partial:
+        return ""
+    newest = max(partial, key=lambda p: p.stat().st_mtime)
+    size = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    return f", {size / 2**20:,.1f} MiB written"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _difference(meta: DatasetMeta, recipe: dict, path: Path) -> str:
