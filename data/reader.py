@@ -46,6 +46,7 @@ from towerrec.data.rows import (
 
 __all__ = [
     "BatchStream",
+    "StoredRows",
     "LabelSpec",
     "ReadSpec",
     "SampledIds",
@@ -464,13 +465,46 @@ def read_split(
     return DecodedRows.concat(parts), chunked
 
 
-def read_stored_columns(meta: DatasetMeta, split: str, columns: list[str]) -> pa.Table:
-    """``columns`` of every row of ``split`` as stored (no decoding), in stored order: row r of
-    the result is the row whose ``row_id`` is r."""
-    tables = [table for _, table in iter_row_groups(meta.row_groups(split), columns)]
-    if not tables:
-        return pa.table({name: pa.array([], pa.int64()) for name in columns})
-    return pa.concat_tables(tables)
+class StoredRows:
+    """``columns`` of chosen rows of ``split`` as stored (no decoding), reading only the row groups
+    that hold them. A row is its position in the split's stored order (the ``row_id`` an unshuffled
+    ``BatchStream`` gives), found in a row group by bisecting the groups' cumulative row counts; the
+    last row group read is kept for the next call, so rows asked for in ascending order, a batch at
+    a time (a rank's predictions), read each of their row groups once.
+
+    Example::
+
+        stored = StoredRows(meta, "test", ["user_id", "click"])
+        stored.take(np.array([5, 6, 7]))     # pa.Table of 3 rows: reads the group(s) holding 5..7
+    """
+
+    def __init__(self, meta: DatasetMeta, split: str, columns: list[str]):
+        self.groups = meta.row_groups(split)
+        self.starts = np.cumsum([0, *(group.num_rows for group in self.groups)])  # (G + 1,)
+        self.columns = columns
+        self._files: dict[str, pq.ParquetFile] = {}
+        self._last: tuple[int, pa.Table] | None = None
+
+    def _group(self, index: int) -> pa.Table:
+        if self._last is None or self._last[0] != index:
+            self._last = (index, read_row_group(self._files, self.groups[index], self.columns))
+        return self._last[1]
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The stored rows ``rows`` (positions in the split; any order), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return self._group(0).slice(0, 0)
+        assert rows.min() >= 0 and rows.max() < self.starts[-1], "rows outside the split"
+        group_of = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(group_of, kind="stable")
+        groups, firsts, counts = np.unique(group_of[order], return_index=True, return_counts=True)
+        pieces = [
+            self._group(int(group)).take(rows[order[first : first + count]] - self.starts[group])
+            for group, first, count in zip(groups, firsts, counts)
+        ]
+        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        return table if np.all(order[1:] > order[:-1]) else table.take(np.argsort(order))
 
 
 def iter_row_groups(groups: list[RowGroup], columns: list[str]) -> Iterator[tuple[RowGroup, pa.Table]]:

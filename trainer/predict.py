@@ -1,11 +1,19 @@
 """``towerrec predict``: per-row predictions of a checkpoint, written by every rank as Parquet, with
-the row's context (user and item ids as the source wrote them, labels, kept columns)."""
+the row's context (user and item ids as the source wrote them, labels, kept columns).
+
+Each rank scores its own part of the split (the reader's contiguous rows) and writes its own
+shard batch by batch: it reads the context of only the row groups its rows lie in and holds one
+batch of predictions and one row group of context at a time, whatever the split's size.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
+import lightning as L
+import numpy as np
+import pyarrow as pa
 
 from towerrec.trainer.build import build
 from towerrec.trainer.config import Config
@@ -18,45 +26,110 @@ from towerrec.trainer.run_folder import (
 )
 
 
-def _stored_names(meta, split: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    groups = meta.row_groups(split)
-    return pq.ParquetFile(groups[0].file).schema_arrow.names if groups else []
-
-
-def row_context(cfg: Config, split: str, rows) -> dict:
+class RowContext:
     """What a prediction row is about: the user and item ids as the source data wrote them
     (through the saved vocabularies), the columns kept as ``other`` (e.g. a timestamp or a key to
-    join on) and each task's label as ``<task>_label``."""
-    from towerrec.data.dataset import DatasetMeta
-    from towerrec.data.reader import read_stored_columns
-    from towerrec.data.vocab import original_ids
+    join on) and each task's label as ``<task>_label``; read for chosen rows of the split only
+    (``towerrec.data.reader.StoredRows``)."""
 
-    meta = DatasetMeta.load(cfg.data.path)
-    by_name = {f.name: f for f in cfg.data.sparse}
-    ids = [
-        by_name[n].source_column
-        for n in (cfg.recommend.user_feature, cfg.recommend.item_feature)
-        if n in by_name
-    ]
-    labels = {f"{task.name}_label": task.label_column for task in cfg.tasks}
-    kept = [
-        name
-        for name, kind in (cfg.data.prepare.columns if cfg.data.prepare else {}).items()
-        if kind == "other"
-    ]
-    stored_names = _stored_names(meta, split)
-    kept = [name for name in kept if name in stored_names]
-    stored = read_stored_columns(meta, split, list(dict.fromkeys([*ids, *labels.values(), *kept]))).take(rows)
-    context = {name: stored.column(name).combine_chunks() for name in kept if name not in ids}
-    for column in ids:
-        vocabulary = meta.vocabulary(column)
-        values = stored.column(column).combine_chunks()
-        context[column] = values if vocabulary is None else original_ids(values.to_numpy(), vocabulary)
-    for name, column in labels.items():
-        context[name] = stored.column(column).combine_chunks()
-    return context
+    def __init__(self, cfg: Config, split: str):
+        import pyarrow.parquet as pq
+
+        from towerrec.data.dataset import DatasetMeta
+        from towerrec.data.reader import StoredRows
+
+        meta = DatasetMeta.load(cfg.data.path)
+        by_name = {f.name: f for f in cfg.data.sparse}
+        self.ids = [
+            by_name[n].source_column
+            for n in (cfg.recommend.user_feature, cfg.recommend.item_feature)
+            if n in by_name
+        ]
+        self.labels = {f"{task.name}_label": task.label_column for task in cfg.tasks}
+        groups = meta.row_groups(split)
+        stored_names = pq.ParquetFile(groups[0].file).schema_arrow.names if groups else []
+        self.kept = [
+            name
+            for name, kind in (cfg.data.prepare.columns if cfg.data.prepare else {}).items()
+            if kind == "other" and name in stored_names
+        ]
+        self.vocabularies = {column: meta.vocabulary(column) for column in self.ids}
+        columns = list(dict.fromkeys([*self.ids, *self.labels.values(), *self.kept]))
+        self.stored = StoredRows(meta, split, columns)
+
+    def of(self, rows: np.ndarray) -> dict[str, pa.Array]:
+        """The context columns of ``rows`` (positions in the split), in that order."""
+        from towerrec.data.vocab import original_ids
+
+        stored = self.stored.take(rows)
+        context = {name: stored.column(name).combine_chunks() for name in self.kept if name not in self.ids}
+        for column in self.ids:
+            vocabulary = self.vocabularies[column]
+            values = stored.column(column).combine_chunks()
+            context[column] = values if vocabulary is None else original_ids(values.to_numpy(), vocabulary)
+        for name, column in self.labels.items():
+            context[name] = stored.column(column).combine_chunks()
+        return context
+
+
+class PredictionWriter(L.Callback):
+    """Writes each predicted batch's real rows (``row``, context, one column per task) to this
+    rank's ``part-rankNNNNN.parquet`` in the folder ``choose_folder()`` gives on global rank 0, as
+    the batches come (one Parquet row group per batch); the file gets its name when complete."""
+
+    def __init__(self, cfg: Config, split: str, choose_folder: Callable[[], Path]):
+        self.cfg, self.split, self.choose_folder = cfg, split, choose_folder
+        self.folder: Path | None = None
+        self._context: RowContext | None = None
+        self._writer = None
+        self._task_names: list[str] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.folder = shared_output(trainer, self.choose_folder)
+        self._context = RowContext(self.cfg, self.split)
+        self._task_names = list(pl_module.task_names)
+        self._writer = None
+
+    def _rows(self, row_id: np.ndarray, predictions: np.ndarray) -> pa.Table:
+        """(N,) row ids and (N, T) predictions → the output rows."""
+        columns = {"row": pa.array(row_id), **self._context.of(row_id)}
+        for t, name in enumerate(self._task_names):
+            columns[name] = pa.array(np.ascontiguousarray(predictions[:, t]))
+        return pa.table(columns)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        import pyarrow.parquet as pq
+
+        row_id = outputs["row_id"].numpy()
+        real = row_id >= 0  # padding rows (every rank yields as many batches) are not written
+        table = self._rows(row_id[real], outputs["predictions"].numpy()[real])
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._partial(trainer), table.schema)
+        self._writer.write_table(table.cast(self._writer.schema))
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        import pyarrow.parquet as pq
+
+        if self._writer is None:  # no batch came: the shard still exists, with no rows
+            empty = self._rows(np.zeros(0, np.int64), np.zeros((0, len(self._task_names)), np.float32))
+            pq.write_table(empty, self._partial(trainer))
+        else:
+            self._writer.close()
+            self._writer = None
+        self._partial(trainer).rename(self._path(trainer))
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._writer is not None:  # a failed prediction leaves no shard that looks whole
+            self._writer.close()
+            self._writer = None
+            self._partial(trainer).unlink(missing_ok=True)
+
+    def _path(self, trainer) -> Path:
+        return self.folder / f"part-rank{trainer.global_rank:05d}.parquet"
+
+    def _partial(self, trainer) -> Path:
+        """Where the shard is written until it is complete (hidden: Parquet readers of the folder skip it)."""
+        return self.folder / f".part-rank{trainer.global_rank:05d}.parquet.partial"
 
 
 def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str | None) -> int:
@@ -64,32 +137,21 @@ def predict(cfg: Config, checkpoint: str | None, split: str | None, output: str 
     row's position in the split (``row``), its user and item ids as the source wrote them, each
     task's label (``<task>_label``) and one prediction column per task, into ``output``
     (which must not hold anything yet) or a new ``<run_dir>/predictions/<split>-<checkpoint>``."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = ckpt.resolve_model(checkpoint or Path(cfg.run_dir) / "checkpoints")
     split = split or cfg.data.test_split
     if output is not None and launcher_rank() == 0:
         user_output(output, "--output", folder=True)
-    trainer, module, datamodule, _ = build(cfg, predict_split=split)
-    outputs = trainer.predict(module, datamodule=datamodule, ckpt_path=str(path), return_predictions=True)
-    out_dir = (
-        Path(output)
-        if output
-        else shared_output(
-            trainer, lambda: new_output(Path(cfg.run_dir) / "predictions", f"{split}-{path.name}")
-        )
+    writer = PredictionWriter(
+        cfg,
+        split,
+        lambda: (
+            Path(output) if output else new_output(Path(cfg.run_dir) / "predictions", f"{split}-{path.name}")
+        ),
     )
-    row_id = torch.cat([o["row_id"] for o in outputs]).numpy()
-    preds = torch.cat([o["predictions"] for o in outputs]).numpy()
-    keep = row_id >= 0
-    columns = {"row": pa.array(row_id[keep]), **row_context(cfg, split, row_id[keep])}
-    for t, name in enumerate(module.task_names):
-        columns[name] = pa.array(np.ascontiguousarray(preds[keep, t]))
-    pq.write_table(pa.table(columns), out_dir / f"part-rank{trainer.global_rank:05d}.parquet")
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[writer], predict_split=split)
+    trainer.predict(module, datamodule=datamodule, ckpt_path=str(path), return_predictions=False)
     if trainer.is_global_zero:
-        print(f"[towerrec] predictions of {path} for split {split} in {out_dir}", flush=True)
+        print(f"[towerrec] predictions of {path} for split {split} in {writer.folder}", flush=True)
     finish()
     return 0
 
