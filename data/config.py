@@ -420,6 +420,13 @@ class DataConfig:
     bad_rows: Literal["error", "skip"] = "error"
     """What to do with a row whose label/feature value is invalid: ``error`` (stop, naming file,
     row group and row) or ``skip`` (drop it, count it and report the count)."""
+    max_out_of_range_fraction: float = 0.01
+    """Most a ``vocab`` feature's ids may hold ids at or above its configured ``num_embeddings``
+    (each read as row 0, the out-of-vocabulary row): a few are the tail of a capped table or ids
+    newer than it; more mean the table is too small for the data and the feature partly one row.
+    Above it the command stops, naming the feature (checked per split before training with
+    ``validate_on_start``, and on each training epoch's ids, summed over ranks). Counts go to the
+    log and to ``metrics.json`` (``out_of_range_ids``). ``1.0`` allows any share."""
 
     @property
     def sequence_tables(self) -> set[str]:
@@ -465,6 +472,7 @@ class DataConfig:
     def check(self) -> None:
         positive("batch_size", self.batch_size)
         positive("prepare_timeout_s", self.prepare_timeout_s)
+        in_unit_interval("max_out_of_range_fraction", self.max_out_of_range_fraction, include_one=True)
         positive("eval_batch_size", self.eval_batch_size)
         positive("shuffle_window_rows", self.shuffle_window_rows)
         if not self.sparse:

@@ -36,6 +36,7 @@ from towerrec.data.errors import DataError
 from towerrec.data.rows import (
     DecodedRows,
     LabelSpec,
+    OutOfRangeIds,
     ReadSpec,
     RowLocator,
     SampledIds,
@@ -131,6 +132,8 @@ class BatchStream:
         self.epoch = 0
         self.consumed = 0
         self.skipped_bad_rows = 0
+        self.out_of_range_ids = OutOfRangeIds()
+        """Ids of the windows read so far at or above their table's size (read as row 0), per feature."""
         self._externally_tracked = False
         self._base = (world_size, self.window_rows)  # the layout the epoch's base sequences follow
         self._sequence = self._base_sequence(*self._base)  # what this layout splits over the ranks
@@ -388,6 +391,7 @@ class BatchStream:
         window, report = decode_rows(table, self.spec, locator, first_row_id=start)
         with _COUNT_LOCK:  # windows decode in several threads
             self.skipped_bad_rows += report.bad_rows
+            self.out_of_range_ids.add(report)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch, base_rank, window_start])
             window = window.take(rng.permutation(window.num_rows))

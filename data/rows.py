@@ -299,11 +299,50 @@ class DecodedRows:
 
 @dataclass
 class DecodeReport:
-    """What the rules found: each broken rule's first row, count and message; rows to skip."""
+    """What the rules found: each broken rule's first row, count and message; rows to skip; per
+    ``vocab`` feature, its ids read and those at or above its table size (read as row 0)."""
 
     problems: list[str] = field(default_factory=list)
     bad_rows: int = 0
     ids_out_of_range: dict[str, int] = field(default_factory=dict)
+    ids_read: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class OutOfRangeIds:
+    """Per ``vocab`` feature: ids read and ids at or above its ``num_embeddings``, which are read
+    as row 0 (the out-of-vocabulary row), summed over row groups, windows (and ranks, by the caller)."""
+
+    found: dict[str, int] = field(default_factory=dict)
+    read: dict[str, int] = field(default_factory=dict)
+
+    def add(self, report: DecodeReport | OutOfRangeIds) -> None:
+        found = report.ids_out_of_range if isinstance(report, DecodeReport) else report.found
+        read = report.ids_read if isinstance(report, DecodeReport) else report.read
+        for name, count in read.items():
+            self.read[name] = self.read.get(name, 0) + count
+            self.found[name] = self.found.get(name, 0) + found.get(name, 0)
+
+    def describe(self, num_embeddings: dict[str, int]) -> list[str]:
+        """One text per feature with ids out of range: ``user_id: 12 of 3,000 ids (0.40%) >= 1,000``."""
+        return [
+            f"{name}: {count:,} of {self.read[name]:,} ids ({count / self.read[name]:.2%}) >= {num_embeddings[name]:,}"
+            for name, count in sorted(self.found.items())
+            if count
+        ]
+
+    def check(self, max_fraction: float, num_embeddings: dict[str, int], where: str) -> None:
+        """Stops (``DataError``) at the first feature whose ids out of range are more than
+        ``max_fraction`` of its ids (``data.max_out_of_range_fraction``)."""
+        for name, count in sorted(self.found.items()):
+            if count > max_fraction * self.read[name]:
+                size = num_embeddings[name]
+                raise DataError(
+                    f"{where}: {count:,} of the {self.read[name]:,} ids of feature {name!r} "
+                    f"({count / self.read[name]:.2%}) are at or above its num_embeddings ({size:,}) and would be "
+                    f"read as row 0, more than data.max_out_of_range_fraction ({max_fraction:g}) allows: raise the "
+                    "feature's num_embeddings (null: the vocabulary's size) or data.max_out_of_range_fraction"
+                )
 
 
 def map_ids(values: np.ndarray, feature: SparseFeature, num_embeddings: int) -> np.ndarray:
@@ -429,6 +468,7 @@ def decode_rows(
             values = np.where(negative, 0, values)
         size = spec.num_embeddings[feature.name]
         if feature.id_mapping == "vocab":
+            rules.report.ids_read[feature.name] = len(values)
             outside = values >= size
             if outside.any():
                 rules.report.ids_out_of_range[feature.name] = int(outside.sum())

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from towerrec.data.dataset import METADATA_FILE, DataError, DatasetMeta, RowGroup
-from towerrec.data.rows import ReadSpec, RowLocator, decode_rows
+from towerrec.data.rows import OutOfRangeIds, ReadSpec, RowLocator, decode_rows
 
 MAX_REPORTED = 20
 """Problems listed in the error message (the rest are counted)."""
@@ -82,6 +82,8 @@ class _Checker:
         self.problems: list[str] = []
         self.bad_rows = 0
         self.ids_out_of_range: dict[str, int] = {}
+        self.split = ""
+        self.out_of_range_ids: dict[str, OutOfRangeIds] = {}  # per split
 
     def check_row_group(self, table: pa.Table, group: RowGroup) -> None:
         _, report = decode_rows(table, self.spec, RowLocator([(group, 0)]), collect=True)
@@ -89,6 +91,7 @@ class _Checker:
         self.bad_rows += report.bad_rows
         for name, count in report.ids_out_of_range.items():
             self.ids_out_of_range[name] = self.ids_out_of_range.get(name, 0) + count
+        self.out_of_range_ids.setdefault(self.split, OutOfRangeIds()).add(report)
 
 
 def _check_file(file: str, groups: list[RowGroup], meta: DatasetMeta, checker: _Checker) -> int:
@@ -154,9 +157,10 @@ def validate_dataset(
         splits: split names to check (default: every split in ``metadata.json``).
 
     Returns:
-        ``{"rows": {split: rows}, "bad_rows": n, "ids_out_of_range": {feature: n}}``; ``bad_rows``
-        counts rows the reader will skip (only with ``spec.skip_bad_rows``), ``ids_out_of_range``
-        vocabulary ids >= ``num_embeddings`` that the reader maps to row 0.
+        ``{"rows": {split: rows}, "bad_rows": n, "ids_out_of_range": {feature: n}, "out_of_range_ids":
+        {split: OutOfRangeIds}}``; ``bad_rows`` counts rows the reader will skip (only with
+        ``spec.skip_bad_rows``), ``ids_out_of_range`` vocabulary ids >= ``num_embeddings`` that the
+        reader maps to row 0 (``out_of_range_ids``: per split, with the ids read).
     """
     checker = _Checker(spec)
     rows: dict[str, int] = {}
@@ -167,6 +171,7 @@ def validate_dataset(
             )
             continue
         groups = meta.splits[split]
+        checker.split = split
         if not groups:
             checker.problems.append(f"{meta.root / METADATA_FILE}: split {split!r} is empty (no row groups)")
         by_file: dict[str, list[RowGroup]] = {}
@@ -187,4 +192,9 @@ def validate_dataset(
             + "\n  ".join(problems[:MAX_REPORTED])
             + more
         )
-    return {"rows": rows, "bad_rows": checker.bad_rows, "ids_out_of_range": checker.ids_out_of_range}
+    return {
+        "rows": rows,
+        "bad_rows": checker.bad_rows,
+        "ids_out_of_range": checker.ids_out_of_range,
+        "out_of_range_ids": checker.out_of_range_ids,
+    }

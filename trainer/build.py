@@ -14,12 +14,19 @@ import torch
 
 from towerrec.data.reader import count_rows, read_spec
 from towerrec.data.validate import validate_dataset
-from towerrec.trainer.callbacks import BestEpoch, LineProgress, ReplicaCheck, StepCheckpoint, Throughput
+from towerrec.trainer.callbacks import (
+    BestEpoch,
+    LineProgress,
+    OutOfRangeReport,
+    ReplicaCheck,
+    StepCheckpoint,
+    Throughput,
+)
 from towerrec.trainer.config import Config, ConfigError, dump_yaml, validate_for_device
 from towerrec.trainer.datamodule import ParquetDataModule
 from towerrec.trainer.dataset_setup import check_data_against_config, ensure_dataset
 from towerrec.trainer.distributed import checkpoint as ckpt
-from towerrec.trainer.distributed.environment import launch_environment, set_threads
+from towerrec.trainer.distributed.environment import launch_environment, launcher_rank, set_threads
 from towerrec.trainer.distributed.faults import (
     take_over_signals,
 )
@@ -125,7 +132,15 @@ def prepared_data(
     table_rows = meta.table_rows(cfg.data.sparse)
     spec = read_spec(cfg.data, cfg.tasks, table_rows, meta.columns, sampled_ids_spec(cfg, table_rows))
     if cfg.data.validate_on_start:
-        validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
+        summary = validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
+        for split, found in summary["out_of_range_ids"].items():
+            lines = found.describe(table_rows)
+            if lines and launcher_rank() == 0:
+                print(
+                    f"[towerrec] split {split!r}: ids read as row 0 (at or above num_embeddings): {'; '.join(lines)}",
+                    flush=True,
+                )
+            found.check(cfg.data.max_out_of_range_fraction, table_rows, f"{meta.root}: split {split!r}")
     datamodule = ParquetDataModule(
         cfg.data, cfg.seed, meta, spec, predict_split=predict_split, pipelined=pipelined
     )
@@ -169,7 +184,15 @@ def build(
     run_dir = Path(cfg.run_dir)
     checkpointing = StepCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_steps)
     progress = progress_style(cfg.trainer.progress_bar)
-    callbacks = [checkpointing, Throughput(), RunInfo(cfg, f"{precision} ({why})"), *(extra_callbacks or [])]
+    out_of_range = OutOfRangeReport(
+        [f.name for f in cfg.data.sparse if f.id_mapping == "vocab"],
+        table_rows,
+        cfg.data.max_out_of_range_fraction,
+        f"{meta.root}: split {cfg.data.train_split!r}",
+    )
+    callbacks = [
+        checkpointing, Throughput(), RunInfo(cfg, f"{precision} ({why})"), out_of_range, *(extra_callbacks or [])
+    ]  # fmt: skip
     if progress == "lines":
         callbacks.append(LineProgress(cfg.trainer.log_every_n_steps))
     if cfg.trainer.check_replicas_every_n_steps:

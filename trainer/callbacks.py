@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
+from towerrec.data.rows import OutOfRangeIds
 from towerrec.trainer.distributed import checkpoint as ckpt
 from towerrec.trainer.errors import ReplicasDiverged
 
@@ -195,3 +197,47 @@ class LineProgress(L.Callback):
         ]
         if shown:
             self._print(trainer, "validation: " + "  ".join(shown))
+
+
+class OutOfRangeReport(L.Callback):
+    """After each training epoch: the ids of each ``vocab`` feature in ``features`` that the epoch
+    read at or above its table size (``num_embeddings``; read as row 0), summed over ranks, so the
+    same whatever the world size. Rank 0 prints them, ``last_epoch`` keeps them for ``metrics.json``
+    and every rank stops alike (``DataError``) when a feature's share is above ``max_fraction``
+    (``data.max_out_of_range_fraction``)."""
+
+    def __init__(self, features: list[str], num_embeddings: dict[str, int], max_fraction: float, where: str):
+        self.features, self.num_embeddings, self.max_fraction, self.where = (
+            features, num_embeddings, max_fraction, where
+        )  # fmt: skip
+        self.last_epoch: dict[str, int] | None = None
+        """Per feature with any: the ids out of range of the last epoch this process finished."""
+        self._counted_before = OutOfRangeIds()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        counted = getattr(trainer.datamodule.train_stream, "out_of_range_ids", None)
+        if counted is None or not self.features:  # stand-in streams (tests, benchmarks) count nothing
+            return
+        before = self._counted_before
+        local = [counted.found.get(n, 0) - before.found.get(n, 0) for n in self.features]
+        local += [counted.read.get(n, 0) - before.read.get(n, 0) for n in self.features]
+        self._counted_before = OutOfRangeIds(dict(counted.found), dict(counted.read))
+        totals = trainer.strategy.all_reduce_sum(
+            torch.tensor(local, dtype=torch.int64, device=pl_module.device)
+        )
+        totals = totals.tolist()
+        count = len(self.features)
+        epoch = OutOfRangeIds(
+            dict(zip(self.features, totals[:count])), dict(zip(self.features, totals[count:]))
+        )
+        self.last_epoch = {name: found for name, found in epoch.found.items() if found}
+        lines = epoch.describe(self.num_embeddings)
+        if lines and trainer.is_global_zero:
+            print(
+                f"[towerrec] epoch {trainer.current_epoch + 1}: ids read as row 0 (at or above num_embeddings): "
+                + "; ".join(lines),
+                flush=True,
+            )
+        epoch.check(
+            self.max_fraction, self.num_embeddings, f"{self.where}, epoch {trainer.current_epoch + 1}"
+        )

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 
 from towerrec.trainer.build import build, record_files, resume_path
-from towerrec.trainer.callbacks import BestEpoch
+from towerrec.trainer.callbacks import BestEpoch, OutOfRangeReport
 from towerrec.trainer.config import Config, ConfigError
 from towerrec.trainer.distributed import checkpoint as ckpt
 from towerrec.trainer.distributed.environment import launcher_rank
@@ -75,6 +75,9 @@ def fit(cfg: Config) -> int:
         result["skipped_non_finite_batches"] = module.skipped_batches
         stream = datamodule.train_stream
         result["skipped_bad_rows"] = stream.skipped_bad_rows if stream is not None else 0
+        result["out_of_range_ids"] = next(
+            (c.last_epoch for c in trainer.callbacks if isinstance(c, OutOfRangeReport)), None
+        )
         if best is not None and best.get("val"):
             result["metrics"]["val"] = best["val"]
             result["tested_checkpoint"] = {k: best[k] for k in ("step", "epoch", "metric", "value")}

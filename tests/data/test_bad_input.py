@@ -15,6 +15,7 @@ from towerrec.data.config import DenseFeature, PrepareConfig, SparseFeature
 from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter
 from towerrec.data.prepare import prepare
 from towerrec.data.reader import LabelSpec, ReadSpec
+from towerrec.data.rows import OutOfRangeIds
 from towerrec.data.validate import validate_dataset
 
 COLUMNS = {
@@ -68,7 +69,13 @@ def check(meta: DatasetMeta, *patterns: str, read_spec: ReadSpec | None = None) 
 
 def test_good_dataset_passes(tmp_path):
     summary = validate_dataset(build(tmp_path / "d"), spec())
-    assert summary == {"rows": {"train": 12}, "bad_rows": 0, "ids_out_of_range": {}}
+    read = OutOfRangeIds(found={"user_id": 0, "genres": 0}, read={"user_id": 12, "genres": 12})
+    assert summary == {
+        "rows": {"train": 12},
+        "bad_rows": 0,
+        "ids_out_of_range": {},
+        "out_of_range_ids": {"train": read},
+    }
 
 
 def test_missing_file(tmp_path):
@@ -201,9 +208,10 @@ def test_empty_shard_and_row_count_mismatch(tmp_path):
 def test_ids_beyond_vocabulary_are_counted(tmp_path):
     users = np.arange(12) % 10
     users[0] = 50
-    assert validate_dataset(build(tmp_path / "d", user_id=pa.array(users)), spec())["ids_out_of_range"] == {
-        "user_id": 1
-    }
+    summary = validate_dataset(build(tmp_path / "d", user_id=pa.array(users)), spec())
+    assert summary["ids_out_of_range"] == {"user_id": 1}
+    assert summary["out_of_range_ids"]["train"].found == {"user_id": 1, "genres": 0}
+    assert summary["out_of_range_ids"]["train"].read == {"user_id": 12, "genres": 12}
 
 
 def test_missing_split(tmp_path):
