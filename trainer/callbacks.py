@@ -211,7 +211,8 @@ class OutOfRangeReport(L.Callback):
             features, num_embeddings, max_fraction, where
         )  # fmt: skip
         self.last_epoch: dict[str, int] | None = None
-        """Per feature with any: the ids out of range of the last epoch this process finished."""
+        """Per feature with any: the ids out of range of the last epoch this process trained (a whole
+        epoch reads the training split once; one stopped early counts the windows read so far)."""
         self._counted_before = OutOfRangeIds()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
