@@ -366,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         if args.quality or both:
             results = quality(args.seeds, work)
-            (work / "quality.json").write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=1))
+            (work / "quality.json").write_text(
+                json.dumps({"seeds": args.seeds, "results": results}, indent=1)
+            )
         if (work / "quality.json").exists():  # this run's, or an earlier one's in the same --work
             saved = json.loads((work / "quality.json").read_text())
             if "results" not in saved:  # written before the seeds were recorded: the default ones
