@@ -18,7 +18,6 @@ through both.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -37,7 +36,7 @@ from towerrec.serving.protocols import (
     sampled_candidates,
     sampled_ranks,
 )
-from towerrec.serving.scoring import TopK
+from towerrec.serving.scoring import ProgressLines, TopK
 from towerrec.trainer.config import Config
 from towerrec.trainer.errors import RecommendError
 
@@ -172,22 +171,14 @@ class Retriever:
         """Lists of ``k`` items for the catalogue users ``user_rows`` (positions), seen items excluded,
         in blocks of users; with ``progress``, a line per block (users/s, ETA) when it takes long."""
         num_items = self.index.num_items
-        parts, started, last_print = [], time.perf_counter(), time.perf_counter()
+        parts = []
+        lines = ProgressLines(f"retrieved for {len(user_rows):,} users") if progress else None
         for start in range(0, len(user_rows), BLOCK_ROWS):
             rows = user_rows[start : start + BLOCK_ROWS]
             excluded = excluded_pairs(self.cfg, self.catalogue, rows, np.arange(num_items))
             parts.append(self.index.search(self.user_vectors(rows), k, excluded))
-            done = start + len(rows)
-            now = time.perf_counter()
-            if progress and now - last_print > 10 and done < len(user_rows):
-                rate = done / (now - started)
-                print(
-                    f"[towerrec] retrieved {done:,}/{len(user_rows):,} users ({rate:,.0f} users/s, "
-                    f"ETA {(len(user_rows) - done) / rate:,.0f} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                last_print = now
+            if lines is not None:
+                lines((start + len(rows)) / len(user_rows))
         return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("items", "scores", "predictions")))
 
 

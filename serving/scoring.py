@@ -14,7 +14,10 @@ Embedding lookups happen once per entity, never per pair; candidates stream in b
 
 from __future__ import annotations
 
+import datetime
 import math
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -267,6 +270,7 @@ def top_k(
     excluded: np.ndarray | None = None,
     item_block_size: int = 65536,
     max_pairs: int = 262144,
+    progress: Callable[[float], None] | None = None,
 ) -> TopK:
     """Streams candidates in blocks and keeps a running top-K per user (``torch.topk`` merges).
 
@@ -274,7 +278,8 @@ def top_k(
     returns (u1 - u0, block size, T) predictions; ``score`` maps them to (u1 - u0, block size).
     A block may carry ``"prior"`` (block size,): a factor multiplying every user's score of those items.
     ``excluded``: sorted ``user * num_candidates + candidate`` codes never recommended (see ``seen_codes``).
-    Ties keep the lower candidate position first.
+    Ties keep the lower candidate position first. ``progress(fraction done)`` is called after
+    every step of scoring.
     """
     num_tasks = len(scorer.task_names)
     best_scores = torch.full((num_users, 0), -math.inf)
@@ -310,6 +315,11 @@ def top_k(
                 merged_items.append(all_items.gather(1, top))
                 all_preds = torch.cat([best_preds[rows], preds], dim=1)
                 merged_preds.append(all_preds.gather(1, top[:, :, None].expand(-1, -1, num_tasks)))
+                if progress is not None:
+                    progress(
+                        (item_start * num_users + (item_end - item_start) * user_end)
+                        / (num_candidates * num_users)
+                    )
             best_scores = torch.cat(merged_scores)
             best_items = torch.cat(merged_items)
             best_preds = torch.cat(merged_preds)
@@ -364,5 +374,23 @@ def recommend(
         cfg.recommend.item_block_size,
         # a sequence is encoded once per pair: its L positions count towards the step's memory
         max(1, cfg.recommend.max_pairs_per_step // (1 + sum(f.max_length for f in model.sequences.values()))),
+        progress=ProgressLines(f"scored {len(user_rows):,} users x {len(item_rows):,} items"),
     )
     return users.ids[user_rows], items.ids[item_rows], result
+
+
+class ProgressLines:
+    """``[towerrec] <what>: 37% (ETA 0:04:10)`` on stderr every ``every_s`` seconds of a long job."""
+
+    def __init__(self, what: str, every_s: float = 10.0):
+        self.what, self.every_s = what, every_s
+        self.started = self.printed = time.perf_counter()
+
+    def __call__(self, done: float) -> None:
+        now = time.perf_counter()
+        if now - self.printed < self.every_s or done <= 0 or done >= 1:
+            return
+        self.printed = now
+        left = (now - self.started) * (1 - done) / done
+        print(f"[towerrec] {self.what}: {100 * done:.0f}% (ETA {datetime.timedelta(seconds=round(left))})",
+              file=sys.stderr, flush=True)  # fmt: skip

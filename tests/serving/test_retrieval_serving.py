@@ -136,3 +136,20 @@ def test_an_implicit_log_trains_and_evaluates_by_both_protocols_beating_populari
         "user,rank,item,score"
     )
     assert len(lists) == 1 + 10 * metrics["num_users"] or len(lists) > 1
+
+
+def test_progress_lines_say_how_far_a_long_job_is_and_when_it_ends(capsys, monkeypatch):
+    from towerrec.serving import scoring
+
+    clock = iter([0.0, 5.0, 12.0, 13.0, 30.0])
+    monkeypatch.setattr(scoring.time, "perf_counter", lambda: next(clock))
+    lines = scoring.ProgressLines("scored 10 users", every_s=10)  # started at 0
+    lines(0.1)  # at 5 s: too soon
+    lines(0.4)  # at 12 s: 40% done, 18 s left
+    lines(0.5)  # at 13 s: too soon after the last line
+    lines(0.9)  # at 30 s
+    printed = capsys.readouterr().err.splitlines()
+    assert printed == [
+        "[towerrec] scored 10 users: 40% (ETA 0:00:18)",
+        "[towerrec] scored 10 users: 90% (ETA 0:00:03)",
+    ]
