@@ -11,6 +11,7 @@ Shapes (B = rows in the batch, F = dense features, T = tasks)::
                                  when the stream is not shuffled, as in evaluation); -1 for padding rows
     sequences   KeyedJaggedTensor or None: the ids of features on sequence tables (looked up unpooled:
                 behaviour histories, oldest first, and the single-valued ids sharing their tables)
+    group       (B,) int64 or None: the user of each row, as stored (evaluation batches; GAUC groups by it)
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Batch(Pipelineable):
     position: int = -1
     """Index of this batch within its epoch on this rank (the reader position after it is consumed
     is ``position + 1``)."""
+    group: torch.Tensor | None = None
+    """(B,) int64: each row's user as stored (``ReadSpec.group_column``), for GAUC; None in training."""
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +55,7 @@ class Batch(Pipelineable):
             if self.sequences is None
             else self.sequences.to(device=device, non_blocking=non_blocking),
             position=self.position,
+            group=self.group,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -71,6 +75,7 @@ class Batch(Pipelineable):
             row_id=self.row_id.pin_memory(),
             sequences=None if self.sequences is None else self.sequences.pin_memory(),
             position=self.position,
+            group=self.group,
         )
 
     def with_sampled_ids(self, name: str, ids: torch.Tensor, unpooled: bool) -> Batch:

@@ -394,6 +394,21 @@ class DenseTransforms:
         self.edges: dict[str, list[float]] = {n: list(b.edges) for n, b in buckets.items() if b.edges}
         self.report: dict[str, Any] = {"clipped": {}}
 
+    @classmethod
+    def fitted(cls, specs: dict[str, DenseSpec], buckets: dict[str, BucketSpec], report: dict[str, Any]):
+        """The transforms an earlier preparation fitted, from its report (``metadata.json``'s
+        ``report.dense``): nothing is fitted again."""
+        transforms = cls(specs, buckets)
+        transforms.samples = {}
+        transforms.bounds.update(
+            {n: (float(lo), float(hi)) for n, (lo, hi) in report.get("clip_bounds", {}).items()}
+        )
+        transforms.moments = {
+            n: (float(m), float(sd)) for n, (m, sd) in report.get("standardized", {}).items()
+        }
+        transforms.edges.update({n: list(e) for n, e in report.get("bucket_edges", {}).items()})
+        return transforms
+
     @property
     def needs_fit(self) -> bool:
         return bool(self.samples)

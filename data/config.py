@@ -427,6 +427,21 @@ class DataConfig:
     Above it the command stops, naming the feature (checked per split before training with
     ``validate_on_start``, and on each training epoch's ids, summed over ranks). Counts go to the
     log and to ``metrics.json`` (``out_of_range_ids``). ``1.0`` allows any share."""
+    train_days: list[int] | None = None
+    """Days of a data set grown day by day (``towerrec prepare --append``) whose ``train_split``
+    rows train: ``[first, last]``, inclusive (day 0 is the first preparation). ``null``: every day."""
+    val_days: list[int] | None = None
+    """Days whose ``val_split`` rows are validated (``[first, last]``; ``null``: every day)."""
+    test_days: list[int] | None = None
+    """Days whose ``test_split`` rows are tested and predicted (``[first, last]``; ``null``: every
+    day). A rolling evaluation trains on days ``[0, d]`` and tests on ``[d + 1, d + 1]``; a day's
+    ``train_split`` rows may serve as its test rows as long as the run does not train on that day."""
+    group_column: str | None = None
+    """Column of the user (group) of each row for GAUC, the per-user AUC of binary tasks: integer
+    or string ids as the data set stores them. ``null``: the column of ``recommend.user_feature``
+    (with a vocabulary, every out-of-vocabulary user is id 0 there and counts as one user: point
+    this at a column of raw ids, e.g. ``data.prepare.columns: {user_raw: other}``, to keep them
+    apart)."""
 
     @property
     def sequence_tables(self) -> set[str]:
@@ -469,7 +484,16 @@ class DataConfig:
                         f"sparse[{i}].max_length: {f.max_length} differs from {main.name!r}'s {main.max_length}"
                     )
 
+    def days(self, role: str | None) -> tuple[int, int] | None:
+        """The day range of the ``train``, ``val`` or ``test`` reading, or None: every day."""
+        days = {"train": self.train_days, "val": self.val_days, "test": self.test_days}.get(role)
+        return None if days is None else (days[0], days[1])
+
     def check(self) -> None:
+        for key in ("train_days", "val_days", "test_days"):
+            days = getattr(self, key)
+            if days is not None and (len(days) != 2 or days[0] < 0 or days[0] > days[1]):
+                raise ValueError(f"{key}: give [first, last] with 0 <= first <= last, got {days}")
         positive("batch_size", self.batch_size)
         positive("prepare_timeout_s", self.prepare_timeout_s)
         in_unit_interval("max_out_of_range_fraction", self.max_out_of_range_fraction, include_one=True)

@@ -20,6 +20,7 @@ Cleaning (``towerrec.data.cleaning``) is deterministic, so every pass sees the s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -148,25 +149,63 @@ def _negatives(cfg: PrepareConfig, schema: TableSchema) -> LogNegatives | None:
                         cfg.seed)  # fmt: skip
 
 
+@dataclass
+class FrozenEncoding:
+    """How an earlier preparation encoded its columns, for a day appended to it
+    (``towerrec.data.prepare.append_day``): its id mappers (vocabularies or hashes), its fitted
+    dense transforms and bucket edges, the normalized type of each input column, and the day's
+    number (it salts the day's split and shuffle seeds)."""
+
+    mappers: dict[str, IdMapper]
+    transforms: DenseTransforms
+    input_types: dict[str, str]
+    day: int
+
+
+def _check_input_types(chunk: Chunk, schema: TableSchema, types: dict[str, str], frozen: bool) -> None:
+    """Records each column's normalized type (first chunk) or, for an appended day, refuses a
+    column whose type differs from the earlier days' (integer ids against text ids would all miss
+    the vocabulary)."""
+    for name in schema.kinds:
+        if (
+            name not in chunk.table.column_names
+            or chunk.table.column(name).null_count == chunk.table.num_rows
+        ):
+            continue
+        kind = str(chunk.table.column(name).type)
+        if name not in types:
+            if not frozen:
+                types[name] = kind
+        elif types[name] != kind:
+            raise DataError(
+                f"{chunk.file}: column {name!r} has type {kind}, but the data set's earlier days have {types[name]} "
+                "(a day appended with another schema: convert the column, or prepare a new data set)"
+            )
+
+
 def convert(
     source: Source,
     schema: TableSchema,
     cfg: PrepareConfig,
     out: str,
     report: dict[str, Any],
+    frozen: FrozenEncoding | None = None,
 ) -> DatasetMeta:
     """Cleans, splits, encodes and writes ``source`` (see the module docstring for the passes).
 
     Returns the committed data set; ``report`` (converter, source, ...) is extended with the
     cleaning counts, vocabulary sizes and rows per split and stored in ``metadata.json``.
+    ``frozen``: an appended day, encoded as the earlier days were (no vocabulary or transform is
+    fitted; ids the vocabularies do not know go to row 0 and are counted).
     """
     for name, kind in schema.kinds.items():
         if kind not in KINDS:
             raise ValueError(f"data.prepare.columns.{name}: kind {kind!r} is not one of {', '.join(KINDS)}")
     given = source.splits is not None or schema.split_column is not None
+    seed = cfg.seed if frozen is None else cfg.seed + 1_000_003 * frozen.day
     splitter = make_splitter(
         "given" if given else cfg.split,
-        cfg.seed,
+        seed,
         cfg.val_fraction,
         cfg.test_fraction,
         cfg.cut_time,
@@ -180,10 +219,14 @@ def convert(
     keyed = cfg.split == "leave_last_out" or bool(cfg.histories) or negatives is not None
     id_columns = schema.of_kind("sparse", "multi_hot")
     transforms = DenseTransforms(schema.dense_specs, schema.buckets, seed=cfg.seed)
+    if frozen is not None:
+        transforms = frozen.transforms
+    input_types = dict(frozen.input_types) if frozen is not None else {}
 
     def cleaned() -> Iterator[tuple[pa.Table, np.ndarray, SplitKeys, Cleaner, Chunk]]:
         cleaner = Cleaner(schema, cfg.dedup, cfg.missing_sparse, cfg.missing_dense, cfg.dense_fill)
         for chunk in source.chunks():
+            _check_input_types(chunk, schema, input_types, frozen is not None)
             table, row_index = cleaner.clean(chunk.table, chunk.row_index, chunk.file, chunk.first_row)
             yield table, row_index, _split_keys(table, row_index, schema, chunk, cfg, keyed), cleaner, chunk
 
@@ -206,7 +249,9 @@ def convert(
                 "leaves no validation or test row; lower the key or choose another data.prepare.split"
             )
 
-    counts = {name: IdCounts() for name in id_columns} if cfg.sparse_mapping == "vocab" else {}
+    counts = (
+        {name: IdCounts() for name in id_columns} if cfg.sparse_mapping == "vocab" and frozen is None else {}
+    )
     events = HistoryEvents(cfg.histories, schema)
     to_fit = counts or transforms.needs_fit or cfg.histories or negatives is not None
     if to_fit:  # pass 2: vocabularies, quantiles, moments, events, pairs of negatives
@@ -225,7 +270,9 @@ def convert(
             for name in transforms.samples:
                 transforms.observe(name, dense_values(table.column(name))[train], row_index[train])
         transforms.finish_fit()
-    if counts:
+    if frozen is not None:
+        mappers = frozen.mappers
+    elif counts:
         mappers = {name: IdMapper(vocabulary=counts[name].vocabulary(cfg.min_count)) for name in id_columns}
     else:
         mappers = {name: IdMapper(num_hash_buckets=cfg.num_hash_buckets) for name in id_columns}
@@ -264,11 +311,11 @@ def convert(
             encoded.update({name: jagged.to_arrow(pa.int64()) for name, jagged in lists.items()})
         return pa.table(encoded)
 
-    writer = DatasetWriter(out, cfg.num_shards, cfg.row_group_size, shuffle_splits=("train",), seed=cfg.seed)
+    writer = DatasetWriter(out, cfg.num_shards, cfg.row_group_size, shuffle_splits=("train",), seed=seed)
     rows_per_split = dict.fromkeys(SPLIT_NAMES, 0)
     try:  # the last pass: encode and write
         for name, mapper in mappers.items():
-            if mapper.vocabulary is not None:
+            if mapper.vocabulary is not None and frozen is None:  # a day keeps day 0's vocabularies
                 writer.write_vocabulary(name, mapper.vocabulary.originals)
         cleaning_report: dict[str, Any] = {}
         for table, _, keys, cleaner, chunk in cleaned():
@@ -355,5 +402,6 @@ def convert(
         "ids_outside_vocabulary": {
             name: m.outside for name, m in mappers.items() if m.vocabulary is not None
         },
+        "input_types": input_types,
     }
     return writer.commit(columns=columns, report=report)

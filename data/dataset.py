@@ -9,6 +9,15 @@ Layout::
 vocabulary sizes of id columns, per-split files with the row count of every row group, statistics
 and the preparation report. Writing goes to ``<path>.partial-<pid>`` and is renamed into place only
 when complete, so a crashed preparation is never mistaken for a data set.
+
+A data set grows by days (``towerrec.data.prepare.append_day``): day 0 is the first preparation,
+each appended day a folder of its own, listed after the earlier days' row groups::
+
+    <path>/days/0001/<split>/part-00000.parquet ...
+
+and ``metadata.json``'s ``days`` index gives each day's slice ``[start, end)`` of every split's
+row-group list, so reading a range of days selects its row groups without looking at the others
+(``DatasetMeta.row_groups(split, days)``). A data set without the index is one day.
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ class DatasetMeta:
     """Digest of how the data set was made (``data.prepare.prepared_with``); None for a data set
     written directly with ``DatasetWriter``."""
     prepared_with: dict[str, Any] | None = None
+    days: list[dict[str, Any]] | None = None
+    """The day index (module docstring): per day ``{"day", "splits": {split: [start, end)},
+    "source", "report"}``; None for a data set of one day."""
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DatasetMeta:
@@ -93,15 +105,36 @@ class DatasetMeta:
             raw.get("shuffled_splits", []),
             raw.get("fingerprint"),
             raw.get("prepared_with"),
+            raw.get("days"),
         )
 
-    def row_groups(self, split: str) -> list[RowGroup]:
+    @property
+    def num_days(self) -> int:
+        return len(self.days) if self.days else 1
+
+    def day_slices(self, split: str) -> list[tuple[int, int]]:
+        """[start, end) of each day's row groups in ``split``'s list, in day order."""
+        if not self.days:
+            return [(0, len(self.splits.get(split, [])))]
+        return [(int(day["splits"][split][0]), int(day["splits"][split][1])) for day in self.days]
+
+    def row_groups(self, split: str, days: tuple[int, int] | None = None) -> list[RowGroup]:
+        """The row groups of ``split``, or of its days ``[first, last]`` only (an O(1) slice)."""
         if split not in self.splits:
             raise DataError(f"{self.root / METADATA_FILE}: no split {split!r} (have: {sorted(self.splits)})")
-        return self.splits[split]
+        groups = self.splits[split]
+        if days is None:
+            return groups
+        first, last = days
+        if not 0 <= first <= last < self.num_days:
+            raise DataError(
+                f"{self.root / METADATA_FILE}: no days [{first}, {last}]: the data set has days 0..{self.num_days - 1}"
+            )
+        slices = self.day_slices(split)  # consecutive: day i's groups follow day i - 1's
+        return groups[slices[first][0] : slices[last][1]]
 
-    def num_rows(self, split: str) -> int:
-        return sum(rg.num_rows for rg in self.row_groups(split))
+    def num_rows(self, split: str, days: tuple[int, int] | None = None) -> int:
+        return sum(rg.num_rows for rg in self.row_groups(split, days))
 
     def vocab_size(self, column: str) -> int | None:
         return self.columns.get(column, {}).get("num_embeddings")

@@ -108,7 +108,10 @@ class BatchStream:
         window_rows: int = 65536,
         background_decode: bool = True,
         drop_bag_ids: bool = False,
+        days: tuple[int, int] | None = None,
     ):
+        """``days``: read only the split's rows of days ``[first, last]`` of a data set grown by
+        days (their row groups are a slice of the split's: ``DatasetMeta.row_groups``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.meta = meta
@@ -122,11 +125,12 @@ class BatchStream:
         self.window_rows = max(1, window_rows // batch_size) * batch_size
         self.background_decode = background_decode
         self.drop_bag_ids = drop_bag_ids and any(f.train_drop_prob > 0 for f in spec.sparse)
-        self.row_groups = meta.row_groups(split)
+        self.row_groups = meta.row_groups(split, days)
         self.num_rows = sum(rg.num_rows for rg in self.row_groups)
         if self.num_rows < world_size:
+            where = f"split {split!r}" + (f" of days {list(days)}" if days is not None else "")
             raise DataError(
-                f"{meta.root}: split {split!r} has {self.num_rows} rows, fewer than the {world_size} ranks "
+                f"{meta.root}: {where} has {self.num_rows} rows, fewer than the {world_size} ranks "
                 "that must each read a part of it"
             )
         self.epoch = 0
@@ -482,8 +486,12 @@ class StoredRows:
         stored.take(np.array([5, 6, 7]))     # pa.Table of 3 rows: reads the group(s) holding 5..7
     """
 
-    def __init__(self, meta: DatasetMeta, split: str, columns: list[str]):
-        self.groups = meta.row_groups(split)
+    def __init__(
+        self, meta: DatasetMeta, split: str, columns: list[str], days: tuple[int, int] | None = None
+    ):
+        """``days``: the split's rows of those days only (a data set grown by days), as a stream of
+        the same days numbers them."""
+        self.groups = meta.row_groups(split, days)
         self.starts = np.cumsum([0, *(group.num_rows for group in self.groups)])  # (G + 1,)
         self.columns = columns
         self._files: dict[str, pq.ParquetFile] = {}

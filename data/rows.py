@@ -27,6 +27,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from towerrec.data.batch import Batch
+from towerrec.data.cleaning import string_ids
 from towerrec.data.config import DataConfig, DenseFeature, SparseFeature
 from towerrec.data.dataset import RowGroup
 from towerrec.data.errors import DataError
@@ -73,6 +74,9 @@ class ReadSpec:
     means the metadata does not describe the shards (an error, not an out-of-vocabulary id)."""
     sampled: SampledIds | None = None
     """Ids to draw for every training batch (none for evaluation)."""
+    group_column: str | None = None
+    """Column of each row's user (integer or string ids), read into ``Batch.group`` for GAUC
+    (evaluation streams; None in training)."""
 
     def columns(self) -> list[str]:
         names = [f.source_column for f in self.sparse] + [f.source_column for f in self.dense]
@@ -80,6 +84,8 @@ class ReadSpec:
             names += [label.column] + ([label.mask_column] if label.mask_column else [])
         if self.sample_weight_column:
             names.append(self.sample_weight_column)
+        if self.group_column:
+            names.append(self.group_column)
         return list(dict.fromkeys(names))
 
 
@@ -171,6 +177,7 @@ class DecodedRows:
     weights: np.ndarray  # (N,) float32
     row_id: np.ndarray  # (N,) int64
     unpooled: list[bool] | None = None  # per key: looked up unpooled (sequence tables); None: none
+    group: np.ndarray | None = None  # (N,) int64: each row's user (ReadSpec.group_column); None: not read
 
     @property
     def num_rows(self) -> int:
@@ -215,7 +222,7 @@ class DecodedRows:
             self.keys, self.multi_hot, np.take(self.single_ids, rows, axis=1), bags, lengths,
             np.take(self.dense, rows, axis=0), np.take(self.labels, rows, axis=0),
             np.take(self.label_mask, rows, axis=0), np.take(self.weights, rows), np.take(self.row_id, rows),
-            self.unpooled,
+            self.unpooled, None if self.group is None else np.take(self.group, rows),
         )  # fmt: skip
 
     @staticmethod
@@ -230,6 +237,7 @@ class DecodedRows:
             np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]),
             np.concatenate([p.label_mask for p in parts]), np.concatenate([p.weights for p in parts]),
             np.concatenate([p.row_id for p in parts]), first.unpooled,
+            None if first.group is None else np.concatenate([p.group for p in parts]),
         )  # fmt: skip
 
     def padding(self, num_rows: int) -> DecodedRows:
@@ -278,6 +286,7 @@ class DecodedRows:
             weights=torch.from_numpy(self.weights[begin:end]),
             row_id=torch.from_numpy(self.row_id[begin:end]),
             sequences=jagged(True),
+            group=None if self.group is None else torch.from_numpy(self.group[begin:end]),
         )
 
     def drop_bag_ids(self, features: Sequence[SparseFeature], rng: np.random.Generator) -> DecodedRows:
@@ -403,6 +412,18 @@ def floats(column, name: str, locator: RowLocator) -> np.ndarray:
     if column.null_count:
         column = column.cast(pa.float32()).fill_null(float("nan"))
     return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float32)
+
+
+def group_ids(column, name: str, locator: RowLocator) -> np.ndarray:
+    """A user column as int64 group ids: integers as they are, strings by their 64-bit hash
+    (``cleaning.string_ids``, as preparation hashes string ids); nulls are group 0."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = string_ids(column)
+    elif not pa.types.is_integer(column.type):
+        raise DataError(
+            f"{locator.file}: column {name!r} has type {column.type}, expected integer or string user ids"
+        )
+    return np.asarray(column.fill_null(0).to_numpy(), dtype=np.int64)
 
 
 def flags(column, name: str, locator: RowLocator) -> np.ndarray:
@@ -574,10 +595,13 @@ def decode_rows(
         weights = np.where(rules.bad, 0, weights).astype(np.float32)
     row_id = np.arange(first_row_id, first_row_id + num_rows, dtype=np.int64)
     sequence_tables = {f.table_name for f in spec.sparse if f.sequence}
+    group = None
+    if spec.group_column:
+        group = group_ids(_column(table, spec.group_column, locator), spec.group_column, locator)
     rows = DecodedRows(
         [f.name for f in spec.sparse], [f.multi_hot for f in spec.sparse],
         single_ids, bags, lengths, dense, labels, label_mask, weights, row_id,
-        [f.table_name in sequence_tables for f in spec.sparse] if sequence_tables else None,
+        [f.table_name in sequence_tables for f in spec.sparse] if sequence_tables else None, group,
     )  # fmt: skip
     return rows, rules.report
 

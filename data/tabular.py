@@ -13,7 +13,7 @@ from towerrec.data.cleaning import (
     TableSchema,
 )
 from towerrec.data.config import PrepareConfig
-from towerrec.data.convert import convert
+from towerrec.data.convert import FrozenEncoding, convert
 from towerrec.data.dataset import DataError, DatasetMeta
 from towerrec.data.expressions import Expression, compile_all
 from towerrec.data.normalize import clean_text, normalize_table
@@ -61,7 +61,9 @@ def _require_schema(schema: TableSchema | None, fmt: str) -> TableSchema:
     return schema
 
 
-def prepare_csv(cfg: PrepareConfig, out: str, schema: TableSchema | None = None) -> DatasetMeta:
+def prepare_csv(
+    cfg: PrepareConfig, out: str, schema: TableSchema | None = None, frozen: FrozenEncoding | None = None
+) -> DatasetMeta:
     """CSV files (with or without a header, any one-character delimiter, compressed or not) whose
     columns the config declares (``data.sparse``, ``data.dense``, ``tasks``: see ``schema``)."""
     schema = _require_schema(schema, "csv")
@@ -100,10 +102,12 @@ def prepare_csv(cfg: PrepareConfig, out: str, schema: TableSchema | None = None)
         splits,
     )
     report = {"converter": "csv", "source": described, "files": [str(f) for f in files]}
-    return convert(source, schema, cfg, out, report)
+    return convert(source, schema, cfg, out, report, frozen)
 
 
-def prepare_parquet(cfg: PrepareConfig, out: str, schema: TableSchema | None = None) -> DatasetMeta:
+def prepare_parquet(
+    cfg: PrepareConfig, out: str, schema: TableSchema | None = None, frozen: FrozenEncoding | None = None
+) -> DatasetMeta:
     """Parquet files whose columns the config declares (``data.sparse``, ``data.dense``, ``tasks``)."""
     schema = _require_schema(schema, "parquet")
     derived = compile_all(cfg.derive)
@@ -118,4 +122,4 @@ def prepare_parquet(cfg: PrepareConfig, out: str, schema: TableSchema | None = N
         splits,
     )
     report = {"converter": "parquet", "source": described, "files": [str(f) for f in files]}
-    return convert(source, schema, cfg, out, report)
+    return convert(source, schema, cfg, out, report, frozen)

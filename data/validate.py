@@ -147,7 +147,10 @@ def _check_file(file: str, groups: list[RowGroup], meta: DatasetMeta, checker: _
 
 
 def validate_dataset(
-    meta: DatasetMeta, spec: ReadSpec, splits: Iterable[str] | None = None
+    meta: DatasetMeta,
+    spec: ReadSpec,
+    splits: Iterable[str] | None = None,
+    days: dict[str, tuple[int, int] | None] | None = None,
 ) -> dict[str, Any]:
     """Checks the splits of ``meta`` against ``spec``; raises one ``DataError`` listing all problems.
 
@@ -155,6 +158,8 @@ def validate_dataset(
         meta: the loaded data set (``DatasetMeta.load(path)``).
         spec: what training reads (``towerrec.trainer.datamodule.read_spec``).
         splits: split names to check (default: every split in ``metadata.json``).
+        days: per split, the days ``[first, last]`` to check (a data set grown by days; default:
+            every day).
 
     Returns:
         ``{"rows": {split: rows}, "bad_rows": n, "ids_out_of_range": {feature: n}, "out_of_range_ids":
@@ -170,7 +175,7 @@ def validate_dataset(
                 f"{meta.root / METADATA_FILE}: no split {split!r} (have: {sorted(meta.splits)})"
             )
             continue
-        groups = meta.splits[split]
+        groups = meta.row_groups(split, (days or {}).get(split))
         checker.split = split
         if not groups:
             checker.problems.append(f"{meta.root / METADATA_FILE}: split {split!r} is empty (no row groups)")

@@ -3,6 +3,7 @@ folder records of how a model was made (resolved config, versions, sharding plan
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -22,8 +23,14 @@ from towerrec.trainer.callbacks import (
     StepCheckpoint,
     Throughput,
 )
-from towerrec.trainer.config import Config, ConfigError, dump_yaml, validate_for_device
-from towerrec.trainer.datamodule import ParquetDataModule
+from towerrec.trainer.config import (
+    Config,
+    ConfigError,
+    dump_yaml,
+    evaluation_group_column,
+    validate_for_device,
+)
+from towerrec.trainer.datamodule import ParquetDataModule, split_role
 from towerrec.trainer.dataset_setup import check_data_against_config, ensure_dataset
 from towerrec.trainer.distributed import checkpoint as ckpt
 from towerrec.trainer.distributed.environment import launch_environment, launcher_rank, set_threads
@@ -122,17 +129,24 @@ def prepared_data(
     your own ``lightning.Trainer`` scripts start from (README: "Use it from Python")."""
     meta = ensure_dataset(cfg)
     check_data_against_config(cfg, meta)
-    splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split, predict_split) if s]
-    for split in dict.fromkeys(splits):
-        if meta.num_rows(split) < world_size:
+    roles = [("train", cfg.data.train_split), ("val", cfg.data.val_split), ("test", cfg.data.test_split)]
+    if predict_split:
+        roles.append((split_role(cfg.data, predict_split), predict_split))
+    read = {(split, cfg.data.days(role)) for role, split in roles if split}  # (split, days) pairs
+    for split, days in sorted(read, key=str):
+        rows = meta.num_rows(split, days)
+        if rows < world_size:
+            where = f"split {split!r}" + (f" (days {list(days)})" if days else "")
             raise ConfigError(
-                f"trainer.devices x trainer.num_nodes: {world_size} ranks but split {split!r} of "
-                f"{meta.root} has only {meta.num_rows(split)} rows (every rank needs at least one)"
+                f"trainer.devices x trainer.num_nodes: {world_size} ranks but {where} of "
+                f"{meta.root} has only {rows} rows (every rank needs at least one)"
             )
     table_rows = meta.table_rows(cfg.data.sparse)
     spec = read_spec(cfg.data, cfg.tasks, table_rows, meta.columns, sampled_ids_spec(cfg, table_rows))
     if cfg.data.validate_on_start:
-        summary = validate_dataset(meta, spec, splits=list(dict.fromkeys(splits)))
+        summary = validate_dataset(
+            meta, spec, splits=sorted({split for split, _ in read}), days=read_days(read)
+        )
         for split, found in summary["out_of_range_ids"].items():
             lines = found.describe(table_rows)
             if lines and launcher_rank() == 0:
@@ -141,8 +155,9 @@ def prepared_data(
                     flush=True,
                 )
             found.check(cfg.data.max_out_of_range_fraction, table_rows, f"{meta.root}: split {split!r}")
+    eval_spec = dataclasses.replace(spec, sampled=None, group_column=evaluation_group_column(cfg))
     datamodule = ParquetDataModule(
-        cfg.data, cfg.seed, meta, spec, predict_split=predict_split, pipelined=pipelined
+        cfg.data, cfg.seed, meta, spec, predict_split=predict_split, pipelined=pipelined, eval_spec=eval_spec
     )
     return datamodule, table_rows
 
@@ -242,6 +257,19 @@ def build(
     )
     take_over_signals(trainer, module.preemption)
     return trainer, module, datamodule, checkpointing
+
+
+def read_days(read: set[tuple[str, tuple[int, int] | None]]) -> dict[str, tuple[int, int] | None]:
+    """Per split, the days any reading of it covers (None: every day)."""
+    covered: dict[str, tuple[int, int] | None] = {}
+    for split, days in read:
+        if split in covered and (covered[split] is None or days is None):
+            covered[split] = None
+        elif split in covered:
+            covered[split] = (min(covered[split][0], days[0]), max(covered[split][1], days[1]))
+        else:
+            covered[split] = days
+    return covered
 
 
 def resume_path(cfg: Config) -> Path | None:

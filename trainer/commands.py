@@ -45,6 +45,12 @@ def _prepare_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", help="input format (overrides data.prepare.format)")
     parser.add_argument("--source", help="input file/folder (overrides data.prepare.source)")
     parser.add_argument("--out", help="output data set folder (overrides data.path)")
+    parser.add_argument(
+        "--append",
+        metavar="SOURCE",
+        help="add SOURCE (file, folder, glob) as the next day of the data set at data.path, encoded with its "
+        "first preparation's vocabularies (csv/parquet; data.train_days etc. select days)",
+    )
 
 
 def _plan_flags(parser: argparse.ArgumentParser) -> None:

@@ -191,6 +191,16 @@ class TrainerConfig:
     )
     """Experiment loggers of ``fit`` (see ``LoggerConfig``); ``[]`` logs nothing but the run folder's
     metrics.json. A logger whose package is missing stops the run before it starts, naming it."""
+    warm_start: str | None = None
+    """A finished run folder (or one of its checkpoints) that ``fit`` starts from: its best
+    checkpoint when early stopping recorded one, else its latest. Every tensor that checkpoint
+    holds is loaded (tables, dense weights, any other model state such as id maps, the embedding
+    and dense optimizers' state); the step count, schedules, learning rates and reader position
+    start afresh, and the run trains on the configured days as a new run in ``run_dir`` (the
+    source run is only read). Features, tasks and every tensor's shape must match the source's,
+    else ``fit`` stops (exit 2) naming what differs; a table is never grown (copy the rows into a
+    new run's table yourself, or train afresh). A ``run_dir`` that holds its own checkpoint resumes
+    from it instead."""
     progress_bar: bool | Literal["auto", "off"] = "auto"
     """``auto``: a progress bar (with samples/s) when the output is a terminal, else a plain line
     every ``log_every_n_steps`` steps and per epoch (loss, samples/s, ETA); ``true``: always the
@@ -318,6 +328,15 @@ class Config:
     """Checkpointing and resume."""
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     """Recommendation lists and ranking evaluation."""
+
+
+def evaluation_group_column(cfg: Config) -> str | None:
+    """The column grouping evaluation rows by user for GAUC: ``data.group_column``, else the
+    column of the single-valued ``recommend.user_feature``, else None (no GAUC)."""
+    if cfg.data.group_column is not None:
+        return cfg.data.group_column
+    user = next((f for f in cfg.data.sparse if f.name == cfg.recommend.user_feature), None)
+    return user.source_column if user is not None and not user.multi_hot else None
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -28,7 +28,9 @@ class ParquetDataModule(L.LightningDataModule):
         spec: ReadSpec,
         predict_split: str | None = None,
         pipelined: bool = False,
+        eval_spec: ReadSpec | None = None,
     ):
+        """``eval_spec``: what evaluation streams read (``spec`` plus the rows' users for GAUC)."""
         super().__init__()
         self.pipelined = pipelined
         self.tickets = None
@@ -36,15 +38,16 @@ class ParquetDataModule(L.LightningDataModule):
         self.seed = seed
         self.meta = meta
         self.spec = spec
+        self.eval_spec = eval_spec or spec
         self.predict_split = predict_split
         self.train_stream: BatchStream | None = None
         self._pending_state: dict[str, Any] | None = None
 
-    def _stream(self, split: str, train: bool) -> BatchStream:
+    def _stream(self, split: str, train: bool, role: str) -> BatchStream:
         return BatchStream(
             self.meta,
             split,
-            self.spec,
+            self.spec if train else self.eval_spec,
             batch_size=self.data.batch_size if train else self.data.eval_batch_size,
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
@@ -53,13 +56,14 @@ class ParquetDataModule(L.LightningDataModule):
             window_rows=self.data.shuffle_window_rows,
             background_decode=decode_in_background(self.data.background_decode),
             drop_bag_ids=train,
+            days=self.data.days(role),
         )
 
     def train_dataloader(self):
         """The training stream, or with a TorchRec train pipeline (which reads the stream itself)
         one ticket per batch (trainer.pipeline.Tickets)."""
         if self.train_stream is None:
-            self.train_stream = self._stream(self.data.train_split, train=True)
+            self.train_stream = self._stream(self.data.train_split, train=True, role="train")
             if self._pending_state is not None:
                 self.train_stream.load_state_dict(self._pending_state)
         # Lightning asks for the loader (and its length) at every epoch start: an epoch finished on
@@ -72,13 +76,14 @@ class ParquetDataModule(L.LightningDataModule):
         return self.tickets if self.pipelined else self.train_stream
 
     def val_dataloader(self):
-        return self._stream(self.data.val_split, train=False) if self.data.val_split else []
+        return self._stream(self.data.val_split, train=False, role="val") if self.data.val_split else []
 
     def test_dataloader(self) -> BatchStream:
-        return self._stream(self.data.test_split, train=False)
+        return self._stream(self.data.test_split, train=False, role="test")
 
     def predict_dataloader(self) -> BatchStream:
-        return self._stream(self.predict_split or self.data.test_split, train=False)
+        split = self.predict_split or self.data.test_split
+        return self._stream(split, train=False, role=split_role(self.data, split))
 
     def state_dict(self) -> dict[str, Any]:
         return {"train": self.train_stream.state_dict()} if self.train_stream is not None else {}
@@ -90,6 +95,15 @@ class ParquetDataModule(L.LightningDataModule):
             self.train_stream.load_state_dict(state["train"])
         else:
             self._pending_state = state["train"]
+
+
+def split_role(data: DataConfig, split: str) -> str | None:
+    """Whose days a split other than the configured three is read with: ``test`` for the test
+    split, ``val`` and ``train`` likewise, None (every day) for another split."""
+    for role, name in (("test", data.test_split), ("val", data.val_split), ("train", data.train_split)):
+        if split == name:
+            return role
+    return None
 
 
 def decode_in_background(setting: bool | None) -> bool:

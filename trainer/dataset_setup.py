@@ -11,7 +11,7 @@ from pathlib import Path
 from towerrec.data.cleaning import BucketSpec, DenseSpec, TableSchema
 from towerrec.data.dataset import METADATA_FILE, DatasetMeta, is_complete
 from towerrec.data.negatives import RATED
-from towerrec.trainer.config import Config
+from towerrec.trainer.config import Config, evaluation_group_column
 from towerrec.trainer.distributed.environment import launcher_rank
 from towerrec.trainer.errors import ConfigError
 
@@ -244,8 +244,8 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def _difference(meta: DatasetMeta, recipe: dict, path: Path) -> str:
-    """Names the keys whose value differs between the data set's recipe and the config's."""
+def _changed_keys(meta: DatasetMeta, recipe: dict) -> str:
+    """The keys whose value differs between the data set's recipe and the config's."""
     before = meta.prepared_with or {}
     changed = []
 
@@ -257,10 +257,13 @@ def _difference(meta: DatasetMeta, recipe: dict, path: Path) -> str:
             changed.append(f"{key}: {a!r} there, {b!r} in the config")
 
     walk(before, recipe, "")
-    shown = "; ".join(changed[:5]) or "it was made by an older towerrec"
+    return "; ".join(changed[:5]) or "it was made by an older towerrec"
+
+
+def _difference(meta: DatasetMeta, recipe: dict, path: Path) -> str:
     return (
-        f"data.path: {path} was prepared differently from data.prepare ({shown}); point data.path elsewhere, "
-        "delete the folder, or set data.rebuild: true to build it again"
+        f"data.path: {path} was prepared differently from data.prepare ({_changed_keys(meta, recipe)}); point "
+        "data.path elsewhere, delete the folder, or set data.rebuild: true to build it again"
     )
 
 
@@ -290,6 +293,16 @@ def check_data_against_config(cfg: Config, meta: DatasetMeta) -> None:
             raise ConfigError(
                 f"data: split {split!r} is not in {where} (have: {', '.join(sorted(meta.splits))})"
             )
+    for role in ("train", "val", "test"):
+        days = cfg.data.days(role)
+        if days is not None and days[1] >= meta.num_days:
+            raise ConfigError(
+                f"data.{role}_days: {list(days)}, but {where} has days 0..{meta.num_days - 1} "
+                "(towerrec prepare --append adds one)"
+            )
+    group = evaluation_group_column(cfg)
+    if group is not None and group not in known:
+        raise ConfigError(f"data.group_column: {where} has no column {group!r}")
     _check_binary_labels(cfg, meta)
 
 
@@ -308,7 +321,7 @@ def _check_binary_labels(cfg: Config, meta: DatasetMeta) -> None:
     columns = list(dict.fromkeys(c for _, task in tasks for c in (task.label_column, task.mask) if c))
     if not tasks:
         return
-    for _, table in iter_row_groups(meta.row_groups(cfg.data.train_split), columns):
+    for _, table in iter_row_groups(meta.row_groups(cfg.data.train_split, cfg.data.days("train")), columns):
         for i, task in tasks:
             values = dense_values(table.column(task.label_column))
             if task.mask:
@@ -333,6 +346,8 @@ def prepare_command(cfg: Config, args=None) -> int:
     from towerrec.data.prepare import fingerprint, prepared_with
 
     schema = input_schema(cfg)
+    if args is not None and getattr(args, "append", None):
+        return append_command(cfg, args.append, schema)
     if is_complete(cfg.data.path):
         existing = DatasetMeta.load(cfg.data.path)
         if existing.fingerprint == fingerprint(prepared_with(cfg.data.prepare, schema)):
@@ -349,4 +364,36 @@ def prepare_command(cfg: Config, args=None) -> int:
     report_lines(meta)
     print(f"[towerrec] the whole report is in {meta.root / 'metadata.json'}", flush=True)
 
+    return 0
+
+
+def append_command(cfg: Config, source: str, schema: TableSchema) -> int:
+    """``towerrec prepare --append SOURCE``: the next day of the data set at ``data.path``, which
+    must have been prepared from this config's ``data.prepare`` (day 0's source stays there)."""
+    from towerrec.data.prepare import append_day, fingerprint, prepared_with
+
+    path = Path(cfg.data.path)
+    if not is_complete(path):
+        raise ConfigError(
+            f"data.path: {path} holds no prepared data set to append a day to (run towerrec prepare first)"
+        )
+    meta = DatasetMeta.load(path)
+    recipe = prepared_with(cfg.data.prepare, schema)
+    if meta.fingerprint != fingerprint(recipe):
+        raise ConfigError(
+            f"data.prepare: {path} was prepared from another recipe ({_changed_keys(meta, recipe)}); append a day "
+            "with the config it was prepared with (its data.prepare.source stays the first day's)"
+        )
+    meta = append_day(cfg.data.prepare, str(path), source, schema)
+    day = meta.days[-1]
+    print(
+        f"[towerrec] appended {source} to {path} as day {day['day']}: rows per split {day['rows_per_split']}",
+        flush=True,
+    )
+    for column, count in day["report"].get("ids_outside_vocabulary", {}).items():
+        if count:
+            print(
+                f"[towerrec]   {count:,} ids of column {column!r} are not in the data set's vocabulary: row 0",
+                flush=True,
+            )
     return 0

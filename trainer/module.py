@@ -16,7 +16,8 @@ from towerrec.models.balancing import fixed_task_weights, task_gradients
 from towerrec.models.builder import build_model, embedding_tables
 from towerrec.models.heads import predictions
 from towerrec.models.multitask import MultiTaskModel
-from towerrec.trainer.config import Config
+from towerrec.trainer.config import Config, evaluation_group_column
+from towerrec.trainer.distributed.collectives import ProcessGroupCollectives
 from towerrec.trainer.distributed.faults import PreemptionFlag
 from towerrec.trainer.errors import NonFiniteLossError
 from towerrec.trainer.metrics import task_metrics, trivial_baseline
@@ -70,6 +71,8 @@ class MultiTaskModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, dict[str, float]]] = {}
         self.last_baseline: dict[str, dict[str, dict[str, float]]] = {}
         self._eval_rows: list[tuple[torch.Tensor, ...]] = []
+        self.group_column = evaluation_group_column(cfg)
+        """Column of the user of each evaluation row (GAUC), or None."""
 
     # ------------------------------------------------------------------------------ model
     def build_model(self, **options) -> TrainingModel:
@@ -266,27 +269,30 @@ class MultiTaskModule(L.LightningModule):
 
     def _collect(self, batch: Batch) -> None:
         preds = self.eval_predictions(batch)
+        group = batch.group.cpu() if batch.group is not None else None
         self._eval_rows.append(
             (
                 preds.detach().float().cpu(),
                 batch.labels.cpu(),
                 batch.label_mask.cpu(),
                 batch.weights.cpu(),
-                batch.row_id.cpu(),
+                group,
             )
         )
 
-    def gathered_eval_rows(self) -> tuple[torch.Tensor, ...]:
-        """Every rank's evaluation rows (ranks hold equal row counts thanks to padding), concatenated."""
-        if not self._eval_rows:
+    def local_eval_rows(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's evaluation rows (preds, labels, label mask, weights, groups or None), which
+        stay on this rank: the metrics exchange only summaries (``towerrec.trainer.metrics``)."""
+        rows, self._eval_rows = self._eval_rows, []
+        grouped = self.group_column is not None
+        if not rows:
             empty = torch.zeros(0, len(self.task_names))
-            return empty, empty, empty, torch.zeros(0), torch.zeros(0, dtype=torch.long)
-        parts = [torch.cat(column) for column in zip(*self._eval_rows)]
-        self._eval_rows = []
-        if self.trainer.world_size > 1:
-            device = self.trainer.strategy.root_device
-            parts = [self.trainer.strategy.all_gather(p.to(device)).flatten(0, 1).cpu() for p in parts]
-        return tuple(parts)
+            return empty, empty, empty, torch.zeros(0), torch.zeros(0, dtype=torch.int64) if grouped else None
+        preds, labels, mask, weights, groups = zip(*rows)
+        joined = [torch.cat(column) for column in (preds, labels, mask, weights)]
+        return (*joined, torch.cat(groups) if grouped else None)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._collect(batch)
@@ -295,12 +301,17 @@ class MultiTaskModule(L.LightningModule):
         self._collect(batch)
 
     def _finish_eval(self, stage: str) -> None:
-        preds, labels, mask, weights, _ = self.gathered_eval_rows()
-        metrics = task_metrics(preds, labels, mask, weights, self.task_names, self.task_types)
+        preds, labels, mask, weights, groups = self.local_eval_rows()
+        strategy = self.trainer.strategy
+        collectives = ProcessGroupCollectives(
+            strategy.world_size, strategy.process_group, strategy.root_device
+        )
+        names, types = self.task_names, self.task_types
+        metrics = task_metrics(preds, labels, mask, weights, names, types, groups, collectives)
         self.last_metrics[stage] = metrics
-        constant = trivial_baseline(labels, mask, weights, self.task_types)
+        constant = trivial_baseline(metrics, labels)
         self.last_baseline[stage] = task_metrics(
-            constant, labels, mask, weights, self.task_names, self.task_types
+            constant, labels, mask, weights, names, types, None, collectives
         )
         flat = {
             f"{stage}/{task}/{name}": value

@@ -37,6 +37,7 @@ class RowContext:
 
         from towerrec.data.dataset import DatasetMeta
         from towerrec.data.reader import StoredRows
+        from towerrec.trainer.datamodule import split_role
 
         meta = DatasetMeta.load(cfg.data.path)
         by_name = {f.name: f for f in cfg.data.sparse}
@@ -46,7 +47,8 @@ class RowContext:
             if n in by_name
         ]
         self.labels = {f"{task.name}_label": task.label_column for task in cfg.tasks}
-        groups = meta.row_groups(split)
+        days = cfg.data.days(split_role(cfg.data, split))
+        groups = meta.row_groups(split, days)
         stored_names = pq.ParquetFile(groups[0].file).schema_arrow.names if groups else []
         self.kept = [
             name
@@ -55,7 +57,7 @@ class RowContext:
         ]
         self.vocabularies = {column: meta.vocabulary(column) for column in self.ids}
         columns = list(dict.fromkeys([*self.ids, *self.labels.values(), *self.kept]))
-        self.stored = StoredRows(meta, split, columns)
+        self.stored = StoredRows(meta, split, columns, days)
 
     def of(self, rows: np.ndarray) -> dict[str, pa.Array]:
         """The context columns of ``rows`` (positions in the split), in that order."""

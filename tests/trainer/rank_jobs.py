@@ -253,3 +253,46 @@ def fit_with_desync(overrides: list[str], perturb_at_step: int, parameter: str) 
     except ReplicasDiverged as err:
         return str(err)
     return "no error"
+
+
+def evaluation_rows(seed: int, num_rows: int = 6000) -> dict[str, torch.Tensor]:
+    """Evaluation rows of a rating task and two binary tasks (one masked), users with 1-40 rows,
+    sample weights, and a rank of each row: users' rows spread over both ranks."""
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, 400, num_rows) * 1_000_003
+    labels = np.stack(
+        [rng.integers(1, 6, num_rows), rng.integers(0, 2, num_rows), rng.integers(0, 2, num_rows)], 1
+    )
+    preds = np.stack(
+        [labels[:, 0] + rng.normal(0, 1, num_rows),
+         1 / (1 + np.exp(-(labels[:, 1] + rng.normal(0, 1.5, num_rows) - 0.5))),
+         np.round(rng.random(num_rows), 2)], 1,
+    ).astype(np.float32)  # fmt: skip
+    mask = np.ones((num_rows, 3), np.float32)
+    mask[:, 2] = labels[:, 1]  # the third task counts where the second's label is 1
+    weights = (rng.random(num_rows) + 0.5).astype(np.float32)
+    weights[rng.random(num_rows) < 0.05] = 0  # padding-like rows
+    return {
+        "preds": torch.tensor(preds), "labels": torch.tensor(labels, dtype=torch.float32),
+        "mask": torch.tensor(mask), "weights": torch.tensor(weights), "groups": torch.tensor(groups),
+        "rank": torch.tensor(rng.integers(0, 2, num_rows)),
+    }  # fmt: skip
+
+
+EVALUATION_TASKS = (["rating", "ctr", "cvr"], ["regression", "binary", "binary"])
+
+
+def sharded_metrics(seed: int) -> dict:
+    """``task_metrics`` of this rank's share of ``evaluation_rows`` over the process group."""
+    import torch.distributed as dist
+
+    from towerrec.trainer.distributed.collectives import ProcessGroupCollectives
+    from towerrec.trainer.metrics import task_metrics
+
+    rows = evaluation_rows(seed)
+    mine = rows["rank"] == dist.get_rank()
+    collectives = ProcessGroupCollectives(dist.get_world_size(), dist.group.WORLD, torch.device("cpu"))
+    return task_metrics(
+        rows["preds"][mine], rows["labels"][mine], rows["mask"][mine], rows["weights"][mine],
+        *EVALUATION_TASKS, rows["groups"][mine], collectives,
+    )  # fmt: skip

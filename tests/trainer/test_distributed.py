@@ -73,14 +73,17 @@ def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):
     # 2 -> 1: a single process loads the 2-rank checkpoint and gets the same test metrics.
     run_cli([*evaluate, "--run_dir", str(tmp_path / "eval1"), "--checkpoint", str(two)])
     assert flat(evaluation(tmp_path / "eval1")) == pytest.approx(flat(metrics(two)), rel=1e-6)
-    # ... and the AUC over both ranks equals sklearn's on the single-process predictions.
+    # ... and the AUC over both ranks is within its stated bound of sklearn's exact AUC of the
+    # single-process predictions.
     run_cli(["predict", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), *SMALL_SYNTHETIC, "--run_dir", str(two),
              "--output", str(tmp_path / "preds"), "--trainer.progress_bar", "false"])  # fmt: skip
     preds = pq.read_table(tmp_path / "preds")
     rows, scores = preds.column("row").to_numpy(), preds.column("ctr").to_numpy()
     labels = pq.read_table(synthetic_data / "test", columns=["click"]).column(0).to_numpy()
     assert sorted(rows) == list(range(len(labels)))
-    assert metrics(two)["ctr"]["auc"] == pytest.approx(roc_auc_score(labels[rows], scores), abs=1e-6)
+    ctr = metrics(two)["ctr"]
+    assert 0 < ctr["auc_error_bound"] < 1e-3
+    assert abs(ctr["auc"] - roc_auc_score(labels[rows], scores)) <= ctr["auc_error_bound"] + 1e-6
 
     # 1 -> 2: a 1-rank checkpoint evaluated by 2 ranks (another plan) gives the same metrics.
     one = tmp_path / "one"

@@ -1,4 +1,5 @@
-"""Metrics against scikit-learn's reference implementations."""
+"""Metrics against scikit-learn's reference implementations, and the sharded computations against
+plain single-process ones on the same predictions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 
-from towerrec.trainer.metrics import auc, binary_metrics, regression_metrics, task_metrics
+from towerrec.trainer.metrics import (
+    HISTOGRAM_BINS,
+    auc,
+    bin_shift,
+    group_aucs,
+    grouped_auc,
+    histogram_auc,
+    score_keys,
+    task_metrics,
+)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -29,22 +39,110 @@ def test_auc_of_one_class_is_nan():
     assert math.isnan(auc(torch.rand(10), torch.ones(10)))
 
 
-def test_binary_and_regression_metrics_match_sklearn():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 1000).astype(float)
-    probs = np.clip(0.3 * labels + 0.5 * rng.random(1000), 0.01, 0.99)
-    metrics = binary_metrics(torch.tensor(probs), torch.tensor(labels), torch.ones(1000))
-    assert metrics["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-9)
-    base = labels.mean()
-    assert metrics["ne"] == pytest.approx(
-        log_loss(labels, probs) / log_loss(labels, np.full(1000, base)), rel=1e-9
+def test_score_keys_are_monotone_and_bins_fit_the_range():
+    scores = torch.sort(torch.rand(100_000)).values
+    scores = torch.cat([torch.tensor([0.0, 1e-12, 2.0**-32]), scores, torch.tensor([1.0])])
+    keys = score_keys(scores)
+    assert (keys[1:] >= keys[:-1]).all() and (keys[1:] > keys[:-1]).sum() > 0.9 * len(keys)
+    for low, high in ((0.3, 0.7), (1e-4, 1.0), (0.0, 1.0), (0.5, 0.5)):
+        lo, hi = (int(k) for k in score_keys(torch.tensor([low, high])))
+        shift = bin_shift(lo, hi)
+        assert (hi >> shift) - (lo >> shift) < HISTOGRAM_BINS
+        assert shift == 0 or (hi >> (shift - 1)) - (lo >> (shift - 1)) >= HISTOGRAM_BINS
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_histogram_auc_is_within_its_stated_bound_of_the_exact_auc(seed):
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    labels = rng.integers(0, 2, n)
+    # calibrated-looking probabilities, some rounded (exact ties), some nearly equal (same bin)
+    scores = 1 / (1 + np.exp(-(labels * 0.8 + rng.normal(0, 1.5, n) - 2)))
+    scores[: n // 4] = np.round(scores[: n // 4], 3)
+    scores[n // 4 : n // 2] = 0.25 + rng.random(n // 4) * 1e-6
+    scores = scores.astype(np.float32)
+    weights = rng.random(n)
+    exact = roc_auc_score(labels, scores, sample_weight=weights)
+    value, bound = histogram_auc(torch.tensor(scores), torch.tensor(labels), torch.tensor(weights))
+    assert abs(value - exact) <= bound + 1e-12
+    # the planted block (a quarter of the rows in one bin) holds 1/16 of the pairs: half of that may be off
+    assert 0.025 < bound < 0.035
+    # without the planted block the bound is small
+    plain = 1 / (1 + np.exp(-(labels * 0.8 + rng.normal(0, 1.5, n) - 2))).astype(np.float32)
+    value, bound = histogram_auc(torch.tensor(plain), torch.tensor(labels), torch.tensor(weights))
+    assert abs(value - roc_auc_score(labels, plain, sample_weight=weights)) <= bound + 1e-12
+    assert bound < 1e-4
+
+
+def test_equal_scores_are_exact_ties_with_no_error_bound():
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    value, bound = histogram_auc(torch.full((5,), 0.37), labels, torch.ones(5))
+    assert value == 0.5 and bound == 0.0
+
+
+def reference_gauc(groups, scores, labels, weights) -> tuple[float, int]:
+    """GAUC the plain way: a loop over users, sklearn's AUC of each (impression-weighted mean over
+    users whose rows hold both classes)."""
+    total = weighted = 0.0
+    users = 0
+    for user in np.unique(groups):
+        rows = groups == user
+        if len(np.unique(labels[rows])) < 2:
+            continue
+        w = weights[rows].sum()
+        weighted += w * roc_auc_score(labels[rows], scores[rows], sample_weight=weights[rows])
+        total += w
+        users += 1
+    return weighted / total, users
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_group_aucs_equal_a_per_user_loop(seed):
+    rng = np.random.default_rng(seed)
+    n = 3000
+    groups = rng.integers(0, 200, n).astype(np.int64) * 7919 - 10**12  # any int64 ids
+    labels = rng.integers(0, 2, n)
+    scores = np.round(rng.random(n) + 0.2 * labels, 2)  # ties within users
+    weights = rng.random(n) + 0.1
+    expected, users = reference_gauc(groups, scores, labels, weights)
+    aucs, user_weights, ids = group_aucs(
+        torch.tensor(groups), torch.tensor(scores), torch.tensor(labels), torch.tensor(weights)
     )
-    assert metrics["calibration"] == pytest.approx(probs.mean() / base, rel=1e-9)
-    target = rng.normal(3, 1, 1000)
-    pred = target + rng.normal(0, 0.5, 1000)
-    reg = regression_metrics(torch.tensor(pred), torch.tensor(target), torch.ones(1000))
-    assert reg["rmse"] == pytest.approx(math.sqrt(mean_squared_error(target, pred)), rel=1e-9)
-    assert reg["mae"] == pytest.approx(mean_absolute_error(target, pred), rel=1e-9)
+    assert len(ids) == users
+    assert float((aucs * user_weights).sum() / user_weights.sum()) == pytest.approx(expected, abs=1e-12)
+    sums = grouped_auc(
+        torch.tensor(groups),
+        torch.tensor(scores)[:, None],
+        torch.tensor(labels)[:, None],
+        torch.tensor(weights)[:, None],
+    )
+    assert float(sums[0, 0] / sums[0, 1]) == pytest.approx(expected, abs=1e-12) and int(sums[0, 2]) == users
+
+
+def test_task_metrics_match_sklearn_and_report_gauc():
+    rng = np.random.default_rng(0)
+    n = 4000
+    labels = rng.integers(0, 2, n).astype(float)
+    probs = np.clip(0.3 * labels + 0.5 * rng.random(n), 0.01, 0.99)
+    target = rng.normal(3, 1, n)
+    pred = target + rng.normal(0, 0.5, n)
+    groups = rng.integers(0, 100, n)
+    out = task_metrics(
+        torch.tensor(np.stack([pred, probs], 1)), torch.tensor(np.stack([target, labels], 1)),
+        torch.ones(n, 2), torch.ones(n), ["rating", "ctr"], ["regression", "binary"], torch.tensor(groups),
+    )  # fmt: skip
+    ctr = out["ctr"]
+    assert abs(ctr["auc"] - roc_auc_score(labels, probs)) <= ctr["auc_error_bound"] + 1e-12
+    assert ctr["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-9)
+    assert ctr["ne"] == pytest.approx(
+        log_loss(labels, probs) / log_loss(labels, np.full(n, labels.mean())), rel=1e-9
+    )
+    assert ctr["calibration"] == pytest.approx(probs.mean() / labels.mean(), rel=1e-9)
+    expected, users = reference_gauc(groups, probs, labels, np.ones(n))
+    assert ctr["gauc"] == pytest.approx(expected, abs=1e-12) and ctr["gauc_users"] == users
+    assert out["rating"]["rmse"] == pytest.approx(math.sqrt(mean_squared_error(target, pred)), rel=1e-9)
+    assert out["rating"]["mae"] == pytest.approx(mean_absolute_error(target, pred), rel=1e-9)
+    assert "gauc" not in out["rating"]
 
 
 def test_task_metrics_ignore_masked_and_padding_rows():

@@ -337,3 +337,28 @@ def test_the_replica_guard_names_the_first_parameter_that_diverged(rank_pools, t
         assert message.startswith(
             "step 8: the dense replicas differ between ranks: heads.units.1.bias on rank 1"
         )
+
+
+def test_metrics_of_two_ranks_equal_one_process_on_the_same_predictions(rank_pools):
+    """Each rank holds a random half of the rows (a user's rows on both ranks); the sums, the AUC
+    histograms and the per-user AUCs cross ranks, never the rows of one rank to all."""
+    from towerrec.trainer.metrics import task_metrics
+
+    seed = 3
+    per_rank = rank_pools(2).run(rank_jobs.sharded_metrics, seed)
+    rows = rank_jobs.evaluation_rows(seed)
+    single = task_metrics(
+        rows["preds"],
+        rows["labels"],
+        rows["mask"],
+        rows["weights"],
+        *rank_jobs.EVALUATION_TASKS,
+        rows["groups"],
+    )
+    assert per_rank[0] == per_rank[1]
+    assert per_rank[0].keys() == single.keys()
+    for task, values in single.items():
+        assert per_rank[0][task].keys() == values.keys()
+        for name, value in values.items():
+            assert per_rank[0][task][name] == pytest.approx(value, rel=1e-12, abs=1e-15), f"{task}/{name}"
+    assert single["ctr"]["gauc_users"] > 300 and "gauc" in single["cvr"]
