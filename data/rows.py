@@ -423,7 +423,7 @@ def group_ids(column, name: str, locator: RowLocator) -> np.ndarray:
         raise DataError(
             f"{locator.file}: column {name!r} has type {column.type}, expected integer or string user ids"
         )
-    return np.asarray(column.fill_null(0).to_numpy(), dtype=np.int64)
+    return np.array(column.fill_null(0).to_numpy(), dtype=np.int64)  # a copy: batches hand it to torch
 
 
 def flags(column, name: str, locator: RowLocator) -> np.ndarray:

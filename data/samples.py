@@ -5,6 +5,7 @@ a session log and an implicit log, each with a planted sequential signal).
     python -m towerrec.data.samples shop.csv --rows 200000 --seed 3
     python -m towerrec.data.samples sessions.csv --kind sessions --rows 40000 --users 1000 --items 400
     python -m towerrec.data.samples plays.csv --kind implicit   # user,item,ts only: an implicit log
+    python -m towerrec.data.samples drift --kind days --days 8 --rows 20000   # day-00.parquet, ...
 
 Columns: ``user`` ('u0042'), ``item`` ('sku-0137'), ``category`` (text), ``tags`` ('red|sale'),
 ``price``, ``region``, ``device`` (text, with a real 'NA' category), ``age`` (empty when unknown),
@@ -158,10 +159,100 @@ def implicit_log(
     )
 
 
+def drifting_days(
+    num_days: int = 8,
+    rows_per_day: int = 20_000,
+    num_users: int = 1_500,
+    new_users_per_day: int = 400,
+    num_items: int = 300,
+    new_items_per_day: int = 120,
+    item_lifetime_days: float = 1.5,
+    seed: int = 0,
+) -> list[pa.Table]:
+    """An impression log that keeps changing, one table per day: where a vocabulary frozen on day 0
+    visibly fails and a model trained day by day keeps up.
+
+    Every day ``new_users_per_day`` users and ``new_items_per_day`` items appear (integer ids never
+    seen before; a new user is three times as active on their first day). An item's share of the
+    traffic decays with its age (``exp(-age / item_lifetime_days)``: popularity drifts to the new
+    items, so most of a day's impressions are of items a few days old). A click follows the dot
+    product of hidden user and item factors, the item's own quality (learnable from its id only)
+    and the user's taste for the item's category (a stable feature). Columns: ``user``, ``item``,
+    ``category``, ``hour``, ``day``, ``ts``, ``click``, and ``user_key`` (the user id again, to keep
+    as an ``other`` column that groups evaluation rows by user whatever the id mapping: GAUC).
+    """
+    rng = np.random.default_rng(seed)
+    factor_dim, num_categories = 8, 12
+    total_users = num_users + new_users_per_day * num_days
+    total_items = num_items + new_items_per_day * num_days
+    user_factors = rng.normal(0, 1 / np.sqrt(factor_dim), (total_users, factor_dim))
+    item_factors = rng.normal(0, 1 / np.sqrt(factor_dim), (total_items, factor_dim))
+    user_bias = rng.normal(0, 0.5, total_users)
+    item_quality = rng.normal(0, 1.2, total_items)
+    item_appeal = rng.lognormal(0, 1.0, total_items)  # traffic share at launch
+    item_category = rng.integers(0, num_categories, total_items)
+    taste = rng.normal(0, 0.8, (total_users, num_categories))
+    activity = rng.lognormal(0, 0.8, total_users)
+    user_born = np.concatenate(
+        [np.zeros(num_users), 1 + np.arange(new_users_per_day * num_days) // new_users_per_day]
+    )
+    item_born = np.concatenate(
+        [np.zeros(num_items), 1 + np.arange(new_items_per_day * num_days) // new_items_per_day]
+    )
+    user_born, item_born = user_born - 1, item_born - 1  # day 0's users and items exist from before
+    user_ids = rng.permutation(total_users) + 1  # ids do not tell a user's age
+    item_ids = rng.permutation(total_items) + 1
+    days = []
+    for day in range(num_days):
+        alive_users = np.flatnonzero(user_born <= day)
+        user_weight = activity[alive_users] * np.where(user_born[alive_users] == day, 3.0, 1.0)
+        alive_items = np.flatnonzero(item_born <= day)
+        age = day - np.maximum(item_born[alive_items], -1)
+        item_weight = item_appeal[alive_items] * np.exp(-age / item_lifetime_days)
+        users = alive_users[rng.choice(len(alive_users), rows_per_day, p=user_weight / user_weight.sum())]
+        items = alive_items[rng.choice(len(alive_items), rows_per_day, p=item_weight / item_weight.sum())]
+        hour = rng.integers(0, 24, rows_per_day)
+        logit = (
+            -0.8
+            + 1.5 * np.einsum("ij,ij->i", user_factors[users], item_factors[items])
+            + item_quality[items]
+            + user_bias[users]
+            + taste[users, item_category[items]]
+        )
+        click = rng.random(rows_per_day) < _sigmoid(logit)
+        ts = 1_700_000_000 + day * 86_400 + np.sort(rng.integers(0, 86_400, rows_per_day))
+        days.append(
+            pa.table(
+                {
+                    "user": pa.array(user_ids[users].astype(np.int64)),
+                    "item": pa.array(item_ids[items].astype(np.int64)),
+                    "category": pa.array(item_category[items].astype(np.int64) + 1),
+                    "hour": pa.array(hour.astype(np.float64)),
+                    "day": pa.array(np.full(rows_per_day, day, dtype=np.int64)),
+                    "ts": pa.array(ts),
+                    "click": pa.array(click.astype(np.int8)),
+                    "user_key": pa.array(user_ids[users].astype(np.int64)),
+                }
+            )
+        )
+    return days
+
+
 def write_csv(table: pa.Table, out: Path) -> None:
     with out.open("wb") as sink:
         sink.write((",".join(table.column_names) + "\n").encode())
         pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+
+
+def write_days(days: list[pa.Table], folder: Path) -> list[Path]:
+    """One Parquet file per day, ``day-00.parquet`` on, in a new folder."""
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    files = [folder / f"day-{day:02d}.parquet" for day in range(len(days))]
+    for table, file in zip(days, files):
+        pq.write_table(table, file)
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,16 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--kind", choices=("shop", "sessions", "implicit"), default="shop",
+        "--kind", choices=("shop", "sessions", "implicit", "days"), default="shop",
         help="shop: the impression log above; sessions: clicks with a planted sequential signal; "
-        "implicit: user,item,ts events (no label) with a planted sequential signal",
+        "implicit: user,item,ts events (no label) with a planted sequential signal; days: a log that "
+        "drifts day by day (new users and items every day), one Parquet file per day in OUTPUT",
     )  # fmt: skip
+    parser.add_argument("--days", type=int, default=8, help="days (--kind days)")
     args = parser.parse_args(argv)
     out = Path(args.output)
     if out.exists():
         print(f"error: {out} exists; choose a new file", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.kind == "days":
+        write_days(drifting_days(args.days, args.rows, seed=args.seed), out)
+        print(f"wrote {out}: {args.days} days of {args.rows:,} impressions (day-00.parquet, ...)")
+        return 0
     if args.kind == "implicit":
         table = implicit_log(args.rows, args.users, args.items, seed=args.seed)
         write_csv(table, out)

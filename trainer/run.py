@@ -26,6 +26,7 @@ from towerrec.trainer.run_folder import (
     new_output,
     training_lock,
 )
+from towerrec.trainer.warm_start import WarmStart, check_compatible, source_checkpoint
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -42,7 +43,16 @@ def fit(cfg: Config) -> int:
     """Trains (resuming from the latest checkpoint when there is one), then evaluates on the test
     split. Returns the process exit code (0, or EXIT_PREEMPTED after a preemption checkpoint)."""
     run_dir = Path(cfg.run_dir)
-    trainer, module, datamodule, checkpointing = build(cfg, log_dir=run_dir)  # validates the data first
+    # a warm-started run interrupted and run again resumes from its own checkpoint instead
+    warm_start = source_checkpoint(cfg) if resume_path(cfg) is None else None
+    callbacks = [WarmStart(warm_start)] if warm_start is not None else []
+    trainer, module, datamodule, checkpointing = build(
+        cfg, callbacks, log_dir=run_dir
+    )  # validates the data first
+    if warm_start is not None:
+        check_compatible(
+            cfg, warm_start, {k: tuple(v.shape) for k, v in module.build_model().state_dict().items()}
+        )
     with training_lock(run_dir, is_rank_zero=launcher_rank() == 0):
         if launcher_rank() == 0:
             check_writable(run_dir / "checkpoints")
@@ -78,6 +88,8 @@ def fit(cfg: Config) -> int:
         result["out_of_range_ids"] = next(
             (c.last_epoch for c in trainer.callbacks if isinstance(c, OutOfRangeReport)), None
         )
+        if warm_start is not None:
+            result["warm_started_from"] = str(warm_start)
         if best is not None and best.get("val"):
             result["metrics"]["val"] = best["val"]
             result["tested_checkpoint"] = {k: best[k] for k in ("step", "epoch", "metric", "value")}

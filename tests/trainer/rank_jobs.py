@@ -296,3 +296,41 @@ def sharded_metrics(seed: int) -> dict:
         rows["preds"][mine], rows["labels"][mine], rows["mask"][mine], rows["weights"][mine],
         *EVALUATION_TASKS, rows["groups"][mine], collectives,
     )  # fmt: skip
+
+
+def _local(tree: Any) -> Any:
+    """A checkpoint tensor tree as numpy (a sharded tensor: its local shards, by offsets)."""
+    if isinstance(tree, dict):
+        return {key: _local(value) for key, value in tree.items()}
+    if hasattr(tree, "local_shards"):
+        return [
+            (tuple(s.metadata.shard_offsets), s.tensor.detach().numpy().copy()) for s in tree.local_shards()
+        ]
+    return tree.detach().float().numpy().copy()
+
+
+def fit_capturing_state(overrides: list[str], config: str = BASE_CONFIG) -> dict[str, Any]:
+    """The ``fit`` command's training (warm start and resume as configured, no evaluation), with
+    every checkpoint tensor (model and optimizers, as ``strategy.checkpoint_tensors`` gives them)
+    when training starts and when it ends."""
+    import lightning as L
+
+    from towerrec.trainer.build import build, resume_path
+    from towerrec.trainer.warm_start import WarmStart, source_checkpoint
+
+    captured: dict[str, Any] = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            captured["start"] = _local(trainer.strategy.checkpoint_tensors(with_optimizers=True))
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            captured["end"] = _local(trainer.strategy.checkpoint_tensors(with_optimizers=True))
+
+    cfg = load(overrides, config)
+    resume = resume_path(cfg)
+    warm = source_checkpoint(cfg) if resume is None else None
+    callbacks = ([WarmStart(warm)] if warm is not None else []) + [Capture()]
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    return {**captured, "global_step": trainer.global_step}

@@ -253,6 +253,14 @@ class TorchRecStrategy(DDPStrategy):
             for group, saved in zip(optimizer.param_groups, saved_groups[i] if i < len(saved_groups) else []):
                 group.update(saved)
 
+    def warm_start(self, path: Path) -> None:
+        """Every tensor of checkpoint ``path`` (model, embedding and dense optimizer state) and none
+        of its progress or learning rates: ``trainer.warm_start`` (``towerrec.trainer.warm_start``)."""
+        self._checkpoint_to_load = path
+        self.load_weights(path)
+        self.load_optimizer_state_dict({})
+        self._checkpoint_to_load = None
+
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
             shutil.rmtree(filepath, ignore_errors=True)
