@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -96,11 +97,12 @@ def reader_parts(meta) -> dict[str, float]:
     spec = synthetic_spec(meta)
     stream = BatchStream(meta, "train", spec, batch_size=BATCH_SIZE, background_decode=False)
     order = stream._epoch_order(0)
+    ends = list(itertools.accumulate(rg.num_rows for rg in order))
     parts = dict.fromkeys(("read", "decode", "shuffle", "batches"), 0.0)
     for start in range(0, stream.num_rows, stream.window_rows):
         end = min(start + stream.window_rows, stream.num_rows)
         clock = time.perf_counter()
-        table, locator = stream._read_rows(order, start, end)
+        table, locator = stream._read_rows(order, ends, start, end)
         parts["read"] += time.perf_counter() - clock
         clock = time.perf_counter()
         window, _ = decode_rows(table, spec, locator, first_row_id=start)

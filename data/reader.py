@@ -138,6 +138,7 @@ class BatchStream:
         self.skipped_bad_rows = 0
         self.out_of_range_ids = OutOfRangeIds()
         """Ids of the windows read so far at or above their table's size (read as row 0), per feature."""
+        self._files = threading.local()
         self._externally_tracked = False
         self._base = (world_size, self.window_rows)  # the layout the epoch's base sequences follow
         self._sequence = self._base_sequence(*self._base)  # what this layout splits over the ranks
@@ -364,7 +365,7 @@ class BatchStream:
         O(log row groups), however many days a data set has."""
         first_group = bisect.bisect_right(ends, start)
         tables, parts = [], []
-        files: dict[str, pq.ParquetFile] = {}  # per call: windows are read in several threads
+        files = self._open_files()
         for index in range(first_group, len(order)):
             rg_start = ends[index - 1] if index else 0
             if rg_start >= end:
@@ -376,6 +377,15 @@ class BatchStream:
             parts.append((rg, first))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         return table, RowLocator(parts)
+
+    def _open_files(self) -> dict[str, pq.ParquetFile]:
+        """This thread's open shards (windows are read in several threads; a ParquetFile is not
+        shared between them), at most ``OPEN_FILES_PER_THREAD`` (the oldest is closed first):
+        opening a shard parses its footer, which costs as much as decoding a column of a window."""
+        files = getattr(self._files, "open", None)
+        if files is None:
+            files = self._files.open = _BoundedFiles()
+        return files
 
     def _read_window(
         self,
@@ -422,10 +432,24 @@ def _windows(keys: list, read, background: bool) -> Iterator[tuple[int, DecodedR
         yield index, window
 
 
+OPEN_FILES_PER_THREAD = 64
+
+
+class _BoundedFiles(dict):
+    """Open shards by path, the oldest closed beyond ``OPEN_FILES_PER_THREAD`` (file descriptors)."""
+
+    def __setitem__(self, path: str, file: pq.ParquetFile) -> None:
+        if len(self) >= OPEN_FILES_PER_THREAD:
+            oldest = next(iter(self))
+            self.pop(oldest).close()
+        super().__setitem__(path, file)
+
+
 def open_parquet(path: str) -> pq.ParquetFile:
-    """A shard named in ``metadata.json``; a missing or unreadable file is a DataError naming it."""
+    """A shard named in ``metadata.json``, memory-mapped (its pages are read without a copy into
+    pyarrow's buffers); a missing or unreadable file is a DataError naming it."""
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, memory_map=True)
     except FileNotFoundError as err:
         raise DataError(f"{path}: listed in metadata.json but missing") from err
     except (pa.ArrowInvalid, OSError) as err:

@@ -217,7 +217,9 @@ class DecodedRows:
     def take(self, rows: np.ndarray) -> DecodedRows:
         """The rows ``rows`` in that order (a permutation, a subset; repeats for padding)."""
         bags = [bag.take(rows) for bag in self.bags]
-        lengths = np.take(self.lengths, rows, axis=1)
+        lengths = np.ones((len(self.keys), len(rows)), dtype=np.int32)  # a single-valued feature: 1 id a row
+        for index, bag in zip((i for i, multi in enumerate(self.multi_hot) if multi), bags):
+            np.subtract(bag.offsets[1:], bag.offsets[:-1], out=lengths[index], casting="unsafe")
         return DecodedRows(
             self.keys, self.multi_hot, np.take(self.single_ids, rows, axis=1), bags, lengths,
             np.take(self.dense, rows, axis=0), np.take(self.labels, rows, axis=0),
