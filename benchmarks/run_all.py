@@ -360,6 +360,7 @@ STANDALONE = {  # --sections names that run a benchmark writing its own file in 
     "scaling": ["-m", "benchmarks.scaling"],  # SCALING.md
     "small_steps": ["-m", "benchmarks.small_steps"],  # SMALL_STEPS.md
     "retrieval": ["-m", "benchmarks.retrieval"],  # RETRIEVAL.md
+    "dynamic_ids": ["-m", "benchmarks.rolling_days"],  # DYNAMIC_IDS.md
 }
 
 
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sections",
         default="peers,breakdown,loop,scale,data,quality",
         help="comma-separated subset to run (quality: MovieLens 100K, benchmarks/quality_ml100k.py; "
-        "sequence, big_tables, scaling: their own results files, not in the default set)",
+        "sequence, big_tables, scaling, small_steps, dynamic_ids: their own results files, not in the default set)",
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()
