@@ -198,9 +198,9 @@ class TrainerConfig:
     and dense optimizers' state); the step count, schedules, learning rates and reader position
     start afresh, and the run trains on the configured days as a new run in ``run_dir`` (the
     source run is only read). Features, tasks and every tensor's shape must match the source's,
-    else ``fit`` stops (exit 2) naming what differs; a table is never grown (copy the rows into a
-    new run's table yourself, or train afresh). A ``run_dir`` that holds its own checkpoint resumes
-    from it instead."""
+    else ``fit`` stops (exit 2) naming what differs: a table is never grown or shrunk (a table of
+    another size trains afresh). A ``run_dir`` that holds its own checkpoint resumes from it
+    instead."""
     progress_bar: bool | Literal["auto", "off"] = "auto"
     """``auto``: a progress bar (with samples/s) when the output is a terminal, else a plain line
     every ``log_every_n_steps`` steps and per epoch (loss, samples/s, ETA); ``true``: always the

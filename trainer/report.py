@@ -24,8 +24,8 @@ from towerrec.trainer.config import Config, ConfigError
 
 # Metrics drawn (others, like counts and label means, describe the data rather than the model).
 LOWER_IS_BETTER = ("rmse", "mae", "logloss", "ne", "loss")
-HIGHER_IS_BETTER = ("auc",)
-SKIPPED = ("count", "label_mean", "base_rate")
+HIGHER_IS_BETTER = ("auc", "gauc")
+SKIPPED = ("count", "label_mean", "base_rate", "auc_error_bound", "gauc_users")
 
 
 class ReportError(ConfigError):
