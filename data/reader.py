@@ -380,8 +380,8 @@ class BatchStream:
 
     def _open_files(self) -> dict[str, pq.ParquetFile]:
         """This thread's open shards (windows are read in several threads; a ParquetFile is not
-        shared between them), at most ``OPEN_FILES_PER_THREAD`` (the oldest is closed first):
-        opening a shard parses its footer, which costs as much as decoding a column of a window."""
+        shared between them), at most ``OPEN_FILES_PER_THREAD`` (the oldest is closed first), so
+        that a window does not open its shards and parse their footers again."""
         files = getattr(self._files, "open", None)
         if files is None:
             files = self._files.open = _BoundedFiles()

@@ -18,9 +18,8 @@ the same bin is counted a half, which is exact when the two scores are equal (a 
 AUC counts it) and off by at most 1/2 otherwise. The metrics report the bound this gives,
 ``auc_error_bound`` = Σ over bins holding more than one distinct score of pos_b · neg_b / 2 / (P · N)
 (weighted), so that |AUC - exact AUC| <= ``auc_error_bound`` always (tested against the exact AUC in
-``tests/trainer/test_metrics.py``). It depends on how densely the scores crowd, not on the number
-of rows: about 1e-5 for logistic scores of 3,000 to 1,000,000 rows, whose AUC it then gives within
-1e-6 to 1e-9 of the exact one.
+``tests/trainer/test_metrics.py``, which also states its size on logistic scores). It depends
+on how densely the scores crowd, not on the number of rows.
 
 **GAUC** (grouped AUC; Zhou et al., *Deep Interest Network*) is Σ_u w_u · AUC_u / Σ_u w_u over
 the groups (users) whose counted rows hold both classes, w_u the weight of u's counted rows
