@@ -228,8 +228,18 @@ def write_report(
             runs = result[mode][1:]
             lines.append(
                 f"| {name} | {mode} | {mean([r['auc'] for r in runs]):.4f} | {mean([r['gauc'] for r in runs]):.4f} | "
-                f"{sum(r['wall_s'] for r in result[mode]):.1f} | {mean(result['append_s']):.1f} |"
+                f"{sum(r['wall_s'] for r in result[mode]):.1f} | {mean(result['append_s']):.2f} |"
             )
+    later = {(name, mode): mean([r["auc"] for r in result[mode][1:]]) for name, result in results.items()
+             for mode in ("retrain", "incremental")}  # fmt: skip
+    cost = {name: sum(r["wall_s"] for r in result["incremental"]) / sum(r["wall_s"] for r in result["retrain"])
+            for name, result in results.items()}  # fmt: skip
+    if ("frozen vocabulary", "incremental") in later and ("hashing", "incremental") in later:
+        lines += ["", f"In short: on test days 2-{args.days - 1} the frozen vocabulary's AUC is "
+                  f"{later[('hashing', 'incremental')] - later[('frozen vocabulary', 'incremental')]:.3f} below hashing's "
+                  f"(incremental; day 1, where both know the same ids, is even); incremental training matches "
+                  f"retraining on every day so far (AUC within {max(abs(later[(n, 'incremental')] - later[(n, 'retrain')]) for n in results):.3f}) "
+                  f"at {', '.join(f'{c:.0%}' for c in cost.values())} of its fit seconds ({', '.join(cost)})."]  # fmt: skip
     frozen = results.get("frozen vocabulary")
     if frozen:
         lines += ["", "Ids outside the frozen (day 0) vocabulary per appended day, as `towerrec prepare --append` "

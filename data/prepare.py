@@ -213,6 +213,9 @@ def append_day(cfg: PrepareConfig, path: str, source: str, schema: TableSchema |
     if cfg.histories:
         raise DataError("data.prepare.histories: a day's histories need the earlier days' events; appending days "
                         "to a data set with histories is not supported")  # fmt: skip
+    if cfg.negatives_per_positive:
+        raise DataError("data.prepare.negatives_per_positive: a day's sampled negatives need the earlier days' "
+                        "interactions; appending days to a data set with sampled negatives is not supported")  # fmt: skip
     if cfg.split_files:
         raise DataError("data.prepare.split_files: an appended day is one source; mark its splits with "
                         "data.prepare.split_column, or let data.prepare.split assign them")  # fmt: skip
