@@ -201,6 +201,15 @@ class TrainerConfig:
     else ``fit`` stops (exit 2) naming what differs: a table is never grown or shrunk (a table of
     another size trains afresh). A ``run_dir`` that holds its own checkpoint resumes from it
     instead."""
+    tables_from: str | None = None
+    """Two models, two runs, shared tables: a finished run folder (or checkpoint) of another model
+    over the same data set (e.g. a retrieval run for a ranker, or the reverse) whose embedding
+    tables start this run's tables of the same name (``tables_from_names``, default every table
+    both have). The tables must have the same shape (the same vocabulary and width); they go on
+    training here with fresh optimizer state; every other tensor starts as usual. Weights only:
+    the source run is read, never written. Ignored when the run resumes from its own checkpoint."""
+    tables_from_names: list[str] | None = None
+    """The tables ``tables_from`` starts (e.g. ``[t_item]``); null: every table name both models have."""
     progress_bar: bool | Literal["auto", "off"] = "auto"
     """``auto``: a progress bar (with samples/s) when the output is a terminal, else a plain line
     every ``log_every_n_steps`` steps and per epoch (loss, samples/s, ETA); ``true``: always the
@@ -231,6 +240,10 @@ class TrainerConfig:
                 "embedding_optimizer.weight_decay: only the adam embedding optimizer applies it "
                 f"(type {embedding.type!r} would ignore it); set it to 0 or use type adam"
             )
+        if self.tables_from is not None and self.warm_start is not None:
+            raise ValueError("tables_from: a warm start already starts every table; give one of the two")
+        if self.tables_from_names is not None and self.tables_from is None:
+            raise ValueError("tables_from_names: needs tables_from (the run to take them from)")
         if self.train_pipeline == "sparse_dist" and self.precision == "16-mixed":
             raise ValueError(
                 "precision: 16-mixed needs a gradient scaler, which sparse_dist does not run; use bf16-mixed"

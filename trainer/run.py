@@ -26,7 +26,13 @@ from towerrec.trainer.run_folder import (
     new_output,
     training_lock,
 )
-from towerrec.trainer.warm_start import WarmStart, check_compatible, source_checkpoint
+from towerrec.trainer.warm_start import (
+    SharedTables,
+    WarmStart,
+    check_compatible,
+    shared_tables,
+    source_checkpoint,
+)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -49,10 +55,12 @@ def fit(cfg: Config) -> int:
     trainer, module, datamodule, checkpointing = build(
         cfg, callbacks, log_dir=run_dir
     )  # validates the data first
+    shapes = {k: tuple(v.shape) for k, v in module.build_model().state_dict().items()}
     if warm_start is not None:
-        check_compatible(
-            cfg, warm_start, {k: tuple(v.shape) for k, v in module.build_model().state_dict().items()}
-        )
+        check_compatible(cfg, warm_start, shapes)
+    shared = shared_tables(cfg, shapes) if resume_path(cfg) is None else None
+    if shared is not None:
+        trainer.callbacks.append(SharedTables(*shared))
     with training_lock(run_dir, is_rank_zero=launcher_rank() == 0):
         if launcher_rank() == 0:
             check_writable(run_dir / "checkpoints")

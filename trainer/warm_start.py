@@ -145,3 +145,67 @@ class WarmStart(L.Callback):
             print(
                 f"[towerrec] warm start from {self.path} (tables, dense weights, optimizer state)", flush=True
             )
+
+
+def shared_tables(cfg: Config, model_keys: dict[str, tuple[int, ...]]) -> tuple[Path, dict[str, str]] | None:
+    """``trainer.tables_from``: (the source checkpoint, our state-dict key → its key) for each
+    table to start from it, checked before any process group starts (a named table missing on
+    either side, or of another shape, stops with exit 2 naming it). ``model_keys``: this run's
+    unsharded model's state-dict shapes. None when the key is not set."""
+    from towerrec.models.tables import TABLE_CONTAINERS
+
+    trainer = cfg.trainer
+    if trainer.tables_from is None:
+        return None
+    try:
+        path = ckpt.resolve_model(trainer.tables_from)
+    except CheckpointError as err:
+        raise ConfigError(f"trainer.tables_from: {err}") from err
+
+    def tables(keys) -> dict[str, str]:  # table name → its weight's key
+        return {
+            key.split(".")[-2]: key
+            for key in keys
+            if key.endswith(".weight") and len(key.split(".")) >= 3 and key.split(".")[-3] in TABLE_CONTAINERS
+        }
+
+    theirs_shapes = checkpoint_shapes(path)
+    ours, theirs = tables(model_keys), tables(theirs_shapes)
+    names = (
+        trainer.tables_from_names
+        if trainer.tables_from_names is not None
+        else sorted(set(ours) & set(theirs))
+    )
+    if not names:
+        raise ConfigError(
+            f"trainer.tables_from: {path} has no table of this model's ({', '.join(sorted(ours))})"
+        )
+    pairs = {}
+    for name in names:
+        if name not in ours or name not in theirs:
+            side = "this model" if name not in ours else str(path)
+            raise ConfigError(f"trainer.tables_from_names: {name!r} is not a table of {side}")
+        if tuple(model_keys[ours[name]]) != tuple(theirs_shapes[theirs[name]]):
+            raise ConfigError(
+                f"trainer.tables_from: table {name!r} is {' x '.join(map(str, theirs_shapes[theirs[name]]))} in "
+                f"{path}, {' x '.join(map(str, model_keys[ours[name]]))} here (the same vocabulary and "
+                "embedding_dim are needed)"
+            )
+        pairs[ours[name]] = theirs[name]
+    return path, pairs
+
+
+class SharedTables(L.Callback):
+    """Starts the named tables from another run's checkpoint once the model is sharded, unless the
+    run resumes from a checkpoint of its own."""
+
+    def __init__(self, path: Path, pairs: dict[str, str]):
+        self.path, self.pairs = path, pairs
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None:
+            return
+        trainer.strategy.load_tables(self.path, self.pairs)
+        if trainer.is_global_zero:
+            names = ", ".join(key.split(".")[-2] for key in self.pairs)
+            print(f"[towerrec] tables {names} start from {self.path}", flush=True)

@@ -309,6 +309,15 @@ def _local(tree: Any) -> Any:
     return tree.detach().float().numpy().copy()
 
 
+def _unsharded(cfg) -> dict:
+    """The state dict of the config's model built as the trainer builds it (tables on meta)."""
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.trainer.module import MultiTaskModule
+
+    rows = DatasetMeta.load(cfg.data.path).table_rows(cfg.data.sparse)
+    return MultiTaskModule(cfg, rows).build_model().state_dict()
+
+
 def fit_capturing_state(overrides: list[str], config: str = BASE_CONFIG) -> dict[str, Any]:
     """The ``fit`` command's training (warm start and resume as configured, no evaluation), with
     every checkpoint tensor (model and optimizers, as ``strategy.checkpoint_tensors`` gives them)
@@ -316,7 +325,7 @@ def fit_capturing_state(overrides: list[str], config: str = BASE_CONFIG) -> dict
     import lightning as L
 
     from towerrec.trainer.build import build, resume_path
-    from towerrec.trainer.warm_start import WarmStart, source_checkpoint
+    from towerrec.trainer.warm_start import SharedTables, WarmStart, shared_tables, source_checkpoint
 
     captured: dict[str, Any] = {}
 
@@ -330,7 +339,13 @@ def fit_capturing_state(overrides: list[str], config: str = BASE_CONFIG) -> dict
     cfg = load(overrides, config)
     resume = resume_path(cfg)
     warm = source_checkpoint(cfg) if resume is None else None
-    callbacks = ([WarmStart(warm)] if warm is not None else []) + [Capture()]
+    callbacks = [WarmStart(warm)] if warm is not None else []
+    shared = (
+        shared_tables(cfg, {k: tuple(v.shape) for k, v in _unsharded(cfg).items()})
+        if resume is None
+        else None
+    )
+    callbacks += ([SharedTables(*shared)] if shared is not None else []) + [Capture()]
     trainer, module, datamodule, _ = build(cfg, extra_callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     return {**captured, "global_step": trainer.global_step}

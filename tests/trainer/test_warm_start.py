@@ -127,3 +127,44 @@ def test_warm_start_refuses_other_features_tasks_shapes_and_its_own_folder(rank_
         and "data.sparse differ" in result.stderr
     )
     assert snapshot(source) == before and not (tmp_path / "next" / "checkpoints").exists()
+
+
+def test_tables_from_another_models_run_start_the_named_tables_and_nothing_else(
+    rank_pools, two_days, tmp_path
+):
+    """Two runs, two models, one table shared: the second model (another tower) starts t_item from
+    the first run's end and every other tensor from its own initialisation."""
+    from towerrec.trainer.warm_start import shared_tables
+
+    source = tmp_path / "first"
+    (first,) = rank_pools(1).run(
+        rank_jobs.fit_capturing_state,
+        [*recipe(two_days), f"run_dir={source}", "trainer.max_steps=4"],
+        config=CONFIG,
+    )
+
+    def second(run: str, *extra: str) -> list[str]:
+        return [
+            *recipe(two_days),
+            f"run_dir={tmp_path / run}",
+            "model.tower=mmoe",
+            "trainer.max_steps=2",
+            *extra,
+        ]
+
+    (plain,) = rank_pools(1).run(rank_jobs.fit_capturing_state, second("second"), config=CONFIG)
+    (shared,) = rank_pools(1).run(
+        rank_jobs.fit_capturing_state,
+        second("third", f"trainer.tables_from={source}", "trainer.tables_from_names=[t_item]"),
+        config=CONFIG,
+    )
+    start, ended = shared["start"]["model"], first["end"]["model"]
+    item = [key for key in start if key.endswith(".t_item.weight")]
+    assert item, sorted(start)
+    for key in start:
+        assert_same_tree(start[key], ended[key] if key in item else plain["start"]["model"][key], key)
+    cfg = load_config(
+        CONFIG, second("x", f"trainer.tables_from={source}", "trainer.tables_from_names=[nope]")
+    )
+    with pytest.raises(ConfigError, match="trainer.tables_from_names: 'nope' is not a table of this model"):
+        shared_tables(cfg, {"embeddings.embedding_bags.t_item.weight": (1, 1)})

@@ -232,6 +232,17 @@ class TorchRecStrategy(DDPStrategy):
         # DMP.state_dict() returns views of the live shards, but dense tensors may be copies:
         self.dmp.load_state_dict(tensors["model"])
 
+    def load_tables(self, path: Path, tables: dict[str, str]) -> None:
+        """Tables of another model's checkpoint ``path`` into this model's tables (``tables``: our
+        state-dict key → the checkpoint's key, both a table's weight of the same shape); loaded in
+        place, resharded by DCP; every rank takes part."""
+        ours = self.dmp.state_dict()
+        tensors = {"model": {theirs: ours[key] for key, theirs in tables.items()}}
+        ckpt.load_tensors(path, tensors, self.process_group)
+        self.dmp.load_state_dict(
+            {key: tensors["model"][theirs] for key, theirs in tables.items()}, strict=False
+        )
+
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
         assert self._checkpoint_to_load is not None
         for optimizer in self.optimizers:
