@@ -142,6 +142,16 @@ def quality(seeds: list[int], work: Path) -> dict[str, dict]:
                     )
                 )
             results[data]["cascade: SASRec-style retrieves 300, the ranker orders"] = runs
+            shared = []  # two runs, shared tables: the ranker's item and user tables start from the retrieval run's
+            for seed in seeds:
+                run_dir = work / f"{data}-ranker_tables_from_retrieval-{seed}".replace(" ", "_")
+                source = work / f"{data}-two-tower_SASRec-style-{seed}".replace(" ", "_")
+                shared.append(
+                    evaluate(ML100K_RANKER, run_dir, seed, [*ranker, f"--trainer.tables_from={source}"])
+                )
+            results[data]["ranker, t_item and t_user_id from the two-tower run (two runs, shared tables)"] = (
+                shared
+            )
     return results
 
 
