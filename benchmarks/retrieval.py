@@ -147,7 +147,16 @@ def quality(seeds: list[int], work: Path) -> dict[str, dict]:
                 run_dir = work / f"{data}-ranker_tables_from_retrieval-{seed}".replace(" ", "_")
                 source = work / f"{data}-two-tower_SASRec-style-{seed}".replace(" ", "_")
                 shared.append(
-                    evaluate(ML100K_RANKER, run_dir, seed, [*ranker, f"--trainer.tables_from={source}"])
+                    evaluate(
+                        ML100K_RANKER,
+                        run_dir,
+                        seed,
+                        [
+                            *ranker,
+                            f"--trainer.tables_from={source}",
+                            "--trainer.tables_from_names=[t_item,t_user_id]",
+                        ],
+                    )
                 )
             results[data]["ranker, t_item and t_user_id from the two-tower run (two runs, shared tables)"] = (
                 shared
