@@ -220,6 +220,8 @@ class TableSchema:
     item_side: tuple[str, ...] = ()
     """Columns that describe the item (``side: item`` features): a sampled negative takes them
     from its sampled item (``negatives_per_positive``; empty without)."""
+    dynamic_ids: tuple[str, ...] = ()
+    """Id columns stored as raw int64 ids (``id_mapping: dynamic``): no vocabulary, text hashed."""
 
     def of_kind(self, *kinds: str) -> list[str]:
         return [name for name, kind in self.kinds.items() if kind in kinds]

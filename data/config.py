@@ -11,6 +11,54 @@ from typing import Literal
 
 from towerrec.data.checks import in_unit_interval, positive
 
+MISSING_ID = -(2**63)
+"""The raw id a missing value of an ``id_mapping: dynamic`` feature is read (and prepared) as:
+int64's smallest value. It never gets a row: it is looked up as row 0, like an unseen id."""
+
+
+@dataclass
+class DynamicIdsConfig:
+    """``data.sparse[i].dynamic``: the id map of an ``id_mapping: dynamic`` feature's table.
+
+    Raw int64 ids reach the model as they are and get rows of the table as they arrive in training
+    (collision-free until the table is full), evicted by ``policy`` when it is; row 0 is every id
+    without a row (never seen in training, evicted, or missing). Every rank holds the same map
+    (``towerrec.models.dynamic_ids``); it is part of every checkpoint and of the serving export.
+    Features sharing a ``table`` share its map and must give the same settings.
+    """
+
+    capacity: int
+    """Ids that can hold a row at once; the table gets ``capacity + 1`` rows (row 0: unknown). One
+    training step's global batch must not bring more distinct ids of the table than this."""
+    policy: Literal["lru", "lfu", "ttl"] = "lru"
+    """Which ids lose their row when the table is full and new ids arrive: ``lru`` the least
+    recently seen, ``lfu`` the least often seen since they got their row, ``ttl`` only ids unseen
+    for more than ``ttl_steps`` training steps (new ids beyond that go to row 0, counted as
+    overflow). An id seen in the current step is never evicted; ties go to the lowest row. A
+    ``ttl`` id that comes back after expiring keeps its row, re-initialised."""
+    ttl_steps: int | None = None
+    """``policy: ttl``: training steps an id keeps its row without being seen (required there,
+    not allowed otherwise)."""
+    evict_chunk: int | None = None
+    """Rows evicted at once when the free rows run out (``null``: ``capacity // 64``, at least 1):
+    the O(capacity) victim search then runs every few steps instead of every step; 1 is the exact
+    policy. Evicted rows wait in a pool and are reused lowest first."""
+    delta_capacity: int | None = None
+    """Size of the small sorted index new ids enter before it is merged into the main one
+    (``null``: ``max(1024, capacity // 32)``): a larger one merges (O(capacity)) less often."""
+
+    def check(self) -> None:
+        positive("capacity", self.capacity)
+        if self.capacity >= 2**31 - 2:
+            raise ValueError(f"capacity: must be < 2**31 - 2 (rows are int32), got {self.capacity}")
+        positive("ttl_steps", self.ttl_steps)
+        positive("evict_chunk", self.evict_chunk)
+        positive("delta_capacity", self.delta_capacity)
+        if self.policy == "ttl" and self.ttl_steps is None:
+            raise ValueError("ttl_steps: required by policy: ttl")
+        if self.policy != "ttl" and self.ttl_steps is not None:
+            raise ValueError(f"ttl_steps: only for policy: ttl (the policy is {self.policy})")
+
 
 @dataclass
 class SparseFeature:
@@ -34,10 +82,15 @@ class SparseFeature:
     """True for ``list<int64>`` columns (variable number of ids per row)."""
     table: str | None = None
     """Embedding table name; features naming the same table share it (default: ``t_<name>``)."""
-    id_mapping: Literal["vocab", "hash"] = "vocab"
+    id_mapping: Literal["vocab", "hash", "dynamic"] = "vocab"
     """``vocab``: ids were mapped to ``[0, num_embeddings)`` at preparation (0 = out-of-vocabulary);
     ids outside that range at read time go to row 0. ``hash``: raw non-negative ids are hashed into
-    ``num_embeddings`` rows."""
+    ``num_embeddings`` rows. ``dynamic``: raw int64 ids (any value; text ids are hashed to int64 at
+    preparation, their originals kept for output) are stored as they are and mapped to rows during
+    training by an id map with eviction (``dynamic``): a new id gets its own row in the step it
+    first appears; ids without a row (never trained on, evicted, missing) use row 0."""
+    dynamic: DynamicIdsConfig | None = None
+    """The id map of an ``id_mapping: dynamic`` feature (required there): capacity and eviction."""
     side: Literal["user", "item"] | None = None
     """``user`` or ``item`` when the feature describes the user or the item of a row (used to build
     candidate rows for recommendation and cold start); ``null`` for context features."""
@@ -87,6 +140,11 @@ class SparseFeature:
     def table_name(self) -> str:
         return self.table or f"t_{self.name}"
 
+    @property
+    def dynamic_rows(self) -> int | None:
+        """Rows of an ``id_mapping: dynamic`` table (capacity + row 0), else None."""
+        return None if self.dynamic is None else self.dynamic.capacity + 1
+
     def check(self) -> None:
         positive("embedding_dim", self.embedding_dim)
         positive("num_embeddings", self.num_embeddings)
@@ -107,6 +165,19 @@ class SparseFeature:
             raise ValueError("candidate: a sequence needs the feature it is read against (e.g. item_id)")
         if self.id_mapping == "hash" and self.num_embeddings is None:
             raise ValueError("num_embeddings: required with id_mapping: hash")
+        if (self.id_mapping == "dynamic") != (self.dynamic is not None):
+            raise ValueError(
+                "dynamic: required by id_mapping: dynamic (e.g. dynamic: {capacity: 100000}), and only there"
+            )
+        if self.dynamic is not None:
+            if self.num_embeddings is not None:
+                raise ValueError(
+                    "num_embeddings: an id_mapping: dynamic table has dynamic.capacity + 1 rows; leave it unset"
+                )
+            if self.buckets is not None:
+                raise ValueError(
+                    "buckets: a bucketised feature's ids are its buckets (not id_mapping: dynamic)"
+                )
         if isinstance(self.buckets, list):
             if any(b >= a for a, b in zip(self.buckets[1:], self.buckets)):
                 raise ValueError(f"buckets: edges must be strictly ascending, got {self.buckets}")
@@ -526,3 +597,19 @@ class DataConfig:
                         "pools per table)"
                     )
         self._check_sequences()
+        self._check_dynamic()
+
+    @property
+    def dynamic_tables(self) -> dict[str, DynamicIdsConfig]:
+        """Tables whose ids are mapped in training (``id_mapping: dynamic``) → their id map settings."""
+        return {f.table_name: f.dynamic for f in self.sparse if f.dynamic is not None}
+
+    def _check_dynamic(self) -> None:
+        settings: dict[str, tuple[str, DynamicIdsConfig | None]] = {}
+        for i, f in enumerate(self.sparse):
+            owner, first = settings.setdefault(f.table_name, (f.name, f.dynamic))
+            if first != f.dynamic:
+                raise ValueError(
+                    f"sparse[{i}].dynamic: table {f.table_name!r} is shared with {owner!r}, whose id_mapping / dynamic "
+                    f"settings differ ({first} vs {f.dynamic}); features sharing a table share its id map"
+                )

@@ -249,8 +249,11 @@ def convert(
                 "leaves no validation or test row; lower the key or choose another data.prepare.split"
             )
 
+    vocabulary_columns = [name for name in id_columns if name not in schema.dynamic_ids]
     counts = (
-        {name: IdCounts() for name in id_columns} if cfg.sparse_mapping == "vocab" and frozen is None else {}
+        {name: IdCounts() for name in vocabulary_columns}
+        if cfg.sparse_mapping == "vocab" and frozen is None
+        else {}
     )
     events = HistoryEvents(cfg.histories, schema)
     to_fit = counts or transforms.needs_fit or cfg.histories or negatives is not None
@@ -262,7 +265,7 @@ def convert(
             events.observe(table, _event_keys(keys), train)
             if negatives is not None:
                 negatives.observe(table, keys, codes, cleaner.filled)
-            for name in id_columns if counts else ():
+            for name in counts:
                 ids, offsets, nulls, originals = id_values(table.column(name))
                 rows_of_ids = train if offsets is None else np.repeat(train, np.diff(offsets))
                 chosen = rows_of_ids & ~nulls
@@ -273,9 +276,10 @@ def convert(
     if frozen is not None:
         mappers = frozen.mappers
     elif counts:
-        mappers = {name: IdMapper(vocabulary=counts[name].vocabulary(cfg.min_count)) for name in id_columns}
+        mappers = {name: IdMapper(vocabulary=counts[name].vocabulary(cfg.min_count)) for name in counts}
     else:
-        mappers = {name: IdMapper(num_hash_buckets=cfg.num_hash_buckets) for name in id_columns}
+        mappers = {name: IdMapper(num_hash_buckets=cfg.num_hash_buckets) for name in vocabulary_columns}
+    mappers.update({name: IdMapper(raw=True) for name in id_columns if name in schema.dynamic_ids})
 
     logs = events.logs(mappers)
     if negatives is not None:
@@ -335,6 +339,9 @@ def convert(
                 encoded_table = encode(part_table, part_keys, filled)
                 for split, rows in writer.write_splits(encoded_table, part_codes, SPLIT_NAMES).items():
                     rows_per_split[split] += rows
+        for name, mapper in mappers.items():
+            if mapper.text:  # dynamic text ids: their hashes are stored, outputs name the texts
+                writer.write_originals(name, mapper.originals.keys, mapper.originals.originals)
     except BaseException:
         writer.abort()
         raise
@@ -347,14 +354,15 @@ def convert(
         name, (value,) = next(iter(constant.items()))
         raise ConstantLabel(str(report.get("source")), name, value)
 
+    def mapping(name: str) -> dict[str, Any]:
+        if mappers[name].raw:
+            return {"mapping": "dynamic", "id_type": "text" if mappers[name].text else "integer"}
+        return {"num_embeddings": mappers[name].num_embeddings, "mapping": cfg.sparse_mapping}
+
     columns: dict[str, dict[str, Any]] = {}
     for name, kind in schema.kinds.items():
         if kind in ("sparse", "multi_hot"):
-            columns[name] = {
-                "kind": kind,
-                "num_embeddings": mappers[name].num_embeddings,
-                "mapping": cfg.sparse_mapping,
-            }
+            columns[name] = {"kind": kind, **mapping(name)}
         elif kind == "label":
             low, high = schema.label_ranges.get(name, (None, None))
             columns[name] = {"kind": "label", "min": low, "max": high, "binary": name in schema.binary_labels}
@@ -376,10 +384,7 @@ def convert(
         columns[RATED] = {"kind": "label", "min": 0.0, "max": 1.0, "binary": True}
     for history in cfg.histories:
         for name, source in [(history.name, history.column), *history.side.items()]:
-            columns[name] = {
-                "kind": "multi_hot", "num_embeddings": mappers[source].num_embeddings,
-                "mapping": cfg.sparse_mapping, "history_of": source,
-            }  # fmt: skip
+            columns[name] = {"kind": "multi_hot", **mapping(source), "history_of": source}
         if history.age:
             columns[history.age] = {
                 "kind": "multi_hot",
@@ -398,7 +403,8 @@ def convert(
         "dense": transforms.report,
         "sparse_mapping": cfg.sparse_mapping,
         "min_count": cfg.min_count,
-        "vocab_sizes": {name: mapper.num_embeddings for name, mapper in mappers.items()},
+        "vocab_sizes": {name: mapper.num_embeddings for name, mapper in mappers.items() if not mapper.raw},
+        "dynamic_id_columns": sorted(name for name, mapper in mappers.items() if mapper.raw),
         "ids_outside_vocabulary": {
             name: m.outside for name, m in mappers.items() if m.vocabulary is not None
         },

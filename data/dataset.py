@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from towerrec.data.errors import DataError
+from towerrec.data.vocab import original_ids
 
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 2
@@ -155,12 +156,33 @@ class DatasetMeta:
         except (OSError, pa.ArrowInvalid, KeyError) as err:
             raise DataError(f"{self.root / file}: cannot read the vocabulary of {column!r} ({err})") from err
 
+    def original_ids(self, column: str, stored: np.ndarray) -> pa.Array | None:
+        """The ids as the input wrote them of ``stored`` values of ``column``: through its vocabulary
+        (rows) or, for text ids kept raw (``id_mapping: dynamic``), its saved texts (hashes); null
+        where unknown. None when the stored values are the original ids themselves."""
+        info = self.columns.get(column, {})
+        if info.get("originals"):
+            try:
+                saved = pq.read_table(self.root / info["originals"])
+            except (OSError, pa.ArrowInvalid) as err:
+                raise DataError(
+                    f"{self.root / info['originals']}: cannot read the ids of {column!r} ({err})"
+                ) from err
+            keys = saved.column("key").to_numpy()
+            texts = saved.column("id").to_numpy(zero_copy_only=False)
+            stored = np.asarray(stored, dtype=np.int64)
+            position = np.minimum(np.searchsorted(keys, stored), max(len(keys) - 1, 0))
+            known = keys[position] == stored if len(keys) else np.zeros(len(stored), dtype=bool)
+            return pa.array(texts[position] if len(keys) else np.full(len(stored), ""), mask=~known)
+        vocabulary = self.vocabulary(column)
+        return None if vocabulary is None else original_ids(stored, vocabulary)
+
 
 def table_rows(sparse, meta: DatasetMeta | None) -> dict[str, int]:
     """``DatasetMeta.table_rows``, also without a data set (then every feature needs ``num_embeddings``)."""
     rows = {}
     for i, feature in enumerate(sparse):
-        size = feature.num_embeddings
+        size = feature.num_embeddings if feature.dynamic is None else feature.dynamic_rows
         if size is None and meta is not None:
             size = meta.vocab_size(feature.source_column)
         if size is None:
@@ -225,6 +247,7 @@ class DatasetWriter:
         self._schema: pa.Schema | None = None
         self._splits_seen: set[str] = set()
         self._vocabularies: dict[str, str] = {}
+        self._originals: dict[str, str] = {}
         self._buckets: dict[str, list[list[pa.Table]]] = {}
         self._bucket_rows = 0
         self._spills: dict[tuple[str, int], Any] = {}
@@ -235,6 +258,15 @@ class DatasetWriter:
         file = f"vocabulary.{column}.parquet"
         pq.write_table(pa.table({"id": np.asarray(keys)}), self.tmp / file)
         self._vocabularies[column] = file
+
+    def write_originals(self, column: str, keys: np.ndarray, originals: np.ndarray) -> None:
+        """Saves, for a column of raw int64 ids that were text (``id_mapping: dynamic``), each stored
+        id (the text's 64-bit hash, sorted) and its text (``DatasetMeta.original_ids``)."""
+        file = f"originals.{column}.parquet"
+        pq.write_table(
+            pa.table({"key": np.asarray(keys, np.int64), "id": np.asarray(originals)}), self.tmp / file
+        )
+        self._originals[column] = file
 
     def write(self, split: str, table: pa.Table) -> None:
         self._splits_seen.add(split)
@@ -359,6 +391,10 @@ class DatasetWriter:
             splits[split_dir.name] = groups
         columns = {
             name: {**info, "vocabulary": self._vocabularies[name]} if name in self._vocabularies else info
+            for name, info in columns.items()
+        }
+        columns = {
+            name: {**info, "originals": self._originals[name]} if name in self._originals else info
             for name, info in columns.items()
         }
         metadata = {

@@ -59,7 +59,11 @@ class HistoryEvents:
             for i, (name, source) in enumerate(zip(names, sources)):
                 ids = np.concatenate([p[2][i][0] for p in parts]) if parts else np.zeros(0, np.int64)
                 nulls = np.concatenate([p[2][i][1] for p in parts]) if parts else np.zeros(0, bool)
-                columns[name] = np.where(nulls, 0, mappers[source].rows(ids)) if len(ids) else ids
+                columns[name] = (
+                    np.where(nulls, mappers[source].missing_row, mappers[source].rows(ids))
+                    if len(ids)
+                    else ids
+                )
             logs.append(EventLog.build(users, times, columns))
         self.parts = [[] for _ in self.histories]
         return logs

@@ -1,5 +1,6 @@
 """Raw ids → embedding rows at preparation: counting ids over a stream, the training split's
-vocabulary (``min_count``) or a hash, nulls → row 0."""
+vocabulary (``min_count``) or a hash, nulls → row 0; or, for ``id_mapping: dynamic`` columns, the
+raw int64 ids themselves (text hashed, the originals kept; nulls → ``MISSING_ID``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from towerrec.data.cleaning import (
     mix64,
     string_ids,
 )
+from towerrec.data.config import MISSING_ID
 from towerrec.data.jagged import list_parts
 from towerrec.data.normalize import is_text
 from towerrec.data.vocab import Vocabulary
@@ -68,29 +70,52 @@ class IdCounts:
 
 
 class IdMapper:
-    """Raw ids → embedding rows: a training-split vocabulary or a hash; nulls → row 0."""
+    """Raw ids → embedding rows: a training-split vocabulary or a hash; nulls → row 0. With ``raw``
+    (``id_mapping: dynamic``) the stored values are the int64 ids themselves (nulls →
+    ``MISSING_ID``), and the text of every text id met is kept (``originals``) for outputs."""
 
-    def __init__(self, vocabulary: Vocabulary | None = None, num_hash_buckets: int | None = None):
+    def __init__(
+        self, vocabulary: Vocabulary | None = None, num_hash_buckets: int | None = None, raw: bool = False
+    ):
         self.vocabulary = vocabulary
         self.num_hash_buckets = num_hash_buckets
+        self.raw = raw
         self.outside = 0
         """Ids (not missing) that are not in the vocabulary (they go to row 0), counted by ``encode``."""
+        self.originals = IdCounts()
+        """``raw``: every text id encoded (its int64 hash → its text), in every split."""
+        self.text = False
+        """``raw``: the column held text ids (stored as their 64-bit hashes)."""
 
     @property
-    def num_embeddings(self) -> int:
+    def num_embeddings(self) -> int | None:
+        """Table rows the stored values need (None for raw ids: the table size is the id map's)."""
+        if self.raw:
+            return None
         if self.vocabulary is not None:
             return self.vocabulary.num_embeddings
         return int(self.num_hash_buckets) + 1
 
+    @property
+    def missing_row(self) -> int:
+        """What a missing id is stored as."""
+        return MISSING_ID if self.raw else 0
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
+        if self.raw:
+            return ids
         if self.vocabulary is not None:
             return self.vocabulary.lookup(ids)
         mixed = mix64(ids.view(np.uint64) ^ HASH_SALT)
         return (mixed % np.uint64(self.num_hash_buckets)).astype(np.int64) + 1
 
     def encode(self, column) -> pa.Array:
-        ids, offsets, nulls, _ = id_values(column)
-        rows = np.where(nulls, 0, self.rows(ids))
+        ids, offsets, nulls, originals = id_values(column)
+        if self.raw and is_text(originals):
+            self.text = True
+            present = ~nulls
+            self.originals.add(ids[present], originals.filter(pa.array(present)))
+        rows = np.where(nulls, self.missing_row, self.rows(ids))
         if self.vocabulary is not None:
             self.outside += int(((rows == 0) & ~nulls).sum())
         if offsets is None:

@@ -53,7 +53,7 @@ GENERIC = ("csv", "parquet")
 
 ADDED_LATER = {"histories": [], "history_max_length": 50, "item_column": None, "interaction_column": None}
 """``data.prepare`` fields added after data sets were first fingerprinted, with their defaults."""
-SCHEMA_ADDED_LATER = {"item_side": []}
+SCHEMA_ADDED_LATER = {"item_side": [], "dynamic_ids": []}
 """``TableSchema`` fields added after data sets were first fingerprinted, with their defaults."""
 
 
@@ -115,6 +115,8 @@ def _frozen_mapper(meta: DatasetMeta, name: str) -> IdMapper:
     mapping = info.get("mapping")
     if mapping == "hash":
         return IdMapper(num_hash_buckets=int(info["num_embeddings"]) - 1)
+    if mapping == "dynamic":  # raw ids: nothing fitted to reproduce
+        return IdMapper(raw=True)
     if mapping == "vocab":
         originals = meta.vocabulary(name)
         if originals is None:
@@ -240,6 +242,13 @@ def append_day(cfg: PrepareConfig, path: str, source: str, schema: TableSchema |
         splits = raw["splits"]
         entry = {"day": day, "source": source, "splits": {}, "report": day_meta.report,
                  "rows_per_split": {s: day_meta.num_rows(s) for s in day_meta.splits}}  # fmt: skip
+        originals = {  # the texts of the day's dynamic text ids (DatasetMeta.id_names reads every day's)
+            column: f"{DAYS_FOLDER}/{name}/{info['originals']}"
+            for column, info in day_meta.columns.items()
+            if info.get("originals")
+        }
+        if originals:
+            entry["originals"] = originals
         for split in sorted(set(splits) | set(day_meta.splits)):
             groups = splits.setdefault(split, [])
             for earlier in index:

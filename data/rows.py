@@ -5,7 +5,8 @@ up-front validation (``towerrec.data.validate``) and serving (``towerrec.serving
 
     Arrow table (one row group, a window of them, or a whole split)
         ── decode_rows(table, spec, locator) ──▶ DecodedRows + DecodeReport
-            ids: negative → error (or a skipped row), mapped to table rows (``map_ids``)
+            ids: negative → error (or a skipped row), mapped to table rows (``map_ids``);
+                 ``id_mapping: dynamic`` ids pass through raw (any int64; a null → ``MISSING_ID``)
             dense: NaN/inf → ``fill_nan`` or error; labels: outside their range → error
             (masked-out rows may have any label); sample weights: finite and >= 0
         ── DecodedRows.take / concat / pad ──▶ shuffled, joined, padded rows
@@ -28,7 +29,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from towerrec.data.batch import Batch
 from towerrec.data.cleaning import string_ids
-from towerrec.data.config import DataConfig, DenseFeature, SparseFeature
+from towerrec.data.config import MISSING_ID, DataConfig, DenseFeature, SparseFeature
 from towerrec.data.dataset import RowGroup
 from towerrec.data.errors import DataError
 from towerrec.data.jagged import Jagged
@@ -357,7 +358,10 @@ class OutOfRangeIds:
 
 
 def map_ids(values: np.ndarray, feature: SparseFeature, num_embeddings: int) -> np.ndarray:
-    """Raw ids → table rows, as training reads them (``vocab``: out of range → row 0; ``hash``)."""
+    """Raw ids → table rows, as training reads them (``vocab``: out of range → row 0; ``hash``;
+    ``dynamic``: the raw ids themselves, mapped in the model by ``towerrec.models.dynamic_ids``)."""
+    if feature.id_mapping == "dynamic":
+        return values
     if feature.id_mapping == "hash":
         mixed = values.astype(np.uint64) * HASH_MULTIPLIER
         return ((mixed >> np.uint64(17)) % np.uint64(num_embeddings)).astype(np.int64)
@@ -393,13 +397,23 @@ def _column(table: pa.Table, name: str, locator: RowLocator) -> pa.ChunkedArray:
     return table.column(name)
 
 
+def _wrong_id_type(feature: SparseFeature, kind, locator: RowLocator, what: str = "integer ids") -> DataError:
+    dynamic = (
+        f" (feature {feature.name!r}, id_mapping: dynamic: text ids are hashed to int64 when `towerrec prepare` "
+        "builds the data set from data.prepare; a data set written otherwise must store int64 ids)"
+        if feature.id_mapping == "dynamic"
+        else ""
+    )
+    return DataError(
+        f"{locator.file}: column {feature.source_column!r} has type {kind}, expected {what}{dynamic}"
+    )
+
+
 def _ints(column, feature: SparseFeature, locator: RowLocator) -> np.ndarray:
     if not pa.types.is_integer(column.type):
-        raise DataError(
-            f"{locator.file}: column {feature.source_column!r} has type {column.type}, expected integer ids"
-        )
+        raise _wrong_id_type(feature, column.type, locator)
     if column.null_count:
-        column = column.fill_null(0)
+        column = column.fill_null(MISSING_ID if feature.id_mapping == "dynamic" else 0)
     return np.asarray(column.to_numpy(), dtype=np.int64)
 
 
@@ -461,15 +475,10 @@ def decode_rows(
         column = _column(table, feature.source_column, locator)
         if feature.multi_hot:
             if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
-                raise DataError(
-                    f"{locator.file}: column {feature.source_column!r} has type {column.type}, "
-                    "expected a list of integer ids (multi_hot: true)"
-                )
+                raise _wrong_id_type(feature, column.type, locator, "a list of integer ids (multi_hot: true)")
             bag = Jagged.from_arrow(column)
             if not np.issubdtype(bag.values.dtype, np.integer):
-                raise DataError(
-                    f"{locator.file}: column {feature.source_column!r} has type {column.type}, expected a list of integer ids"
-                )
+                raise _wrong_id_type(feature, column.type, locator, "a list of integer ids")
             if feature.sequence:
                 bag = most_recent(bag, feature.max_length)
                 sequence_lengths[feature.name] = bag.lengths()
@@ -480,7 +489,7 @@ def decode_rows(
             values = _ints(column, feature, locator)
             row_of_value = np.arange(num_rows)
         negative = values < 0
-        if negative.any():
+        if feature.id_mapping != "dynamic" and negative.any():
             broken, first_value = _rows_holding(negative, row_of_value, values, num_rows)
             rules.check(
                 broken,

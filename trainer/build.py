@@ -38,6 +38,7 @@ from towerrec.trainer.distributed.faults import (
     take_over_signals,
 )
 from towerrec.trainer.distributed.strategy import TorchRecStrategy
+from towerrec.trainer.dynamic_ids import DynamicIdMapping
 from towerrec.trainer.logs import configure_logging, progress_style
 from towerrec.trainer.module import MultiTaskModule, PipelinedMultiTaskModule
 from towerrec.trainer.precision import dense_macs_per_sample, resolve_precision
@@ -179,7 +180,10 @@ def build(
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
     pipeline = cfg.trainer.train_pipeline
-    pipelined = pipeline == "sparse_dist" or (pipeline == "auto" and env.accelerator == "cuda")
+    dynamic = bool(cfg.data.dynamic_tables)  # mapped in Lightning's own step (trainer.dynamic_ids)
+    pipelined = pipeline == "sparse_dist" or (
+        pipeline == "auto" and env.accelerator == "cuda" and not dynamic
+    )
     datamodule, table_rows = prepared_data(
         cfg, world_size=env.world_size, predict_split=predict_split, pipelined=pipelined
     )
@@ -210,6 +214,8 @@ def build(
     ]  # fmt: skip
     if progress == "lines":
         callbacks.append(LineProgress(cfg.trainer.log_every_n_steps))
+    if dynamic:
+        callbacks.insert(0, DynamicIdMapping(cfg.data.sparse, cfg.data.path, print_lines=progress != "off"))
     if cfg.trainer.check_replicas_every_n_steps:
         callbacks.append(ReplicaCheck(cfg.trainer.check_replicas_every_n_steps))
     if cfg.trainer.early_stopping_patience:

@@ -416,6 +416,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.esmm_*_task: must name three different tasks, got {list(keys.values())}"
             )
+    if cfg.data.dynamic_tables:
+        validate_dynamic_ids(cfg)
     rec = cfg.recommend
     for name in rec.task_weights:
         if name not in task_names:
@@ -424,6 +426,38 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"recommend.relevance_task: {rec.relevance_task!r} is not one of {', '.join(task_names)}"
         )
+
+
+def validate_dynamic_ids(cfg: Config) -> None:
+    """``id_mapping: dynamic`` needs the batches mapped in order inside Lightning's step, and
+    tables whose rows the trainer can re-initialise in place (fused kernels, sharded)."""
+    tables = cfg.data.dynamic_tables
+    if cfg.trainer.train_pipeline == "sparse_dist":
+        raise ConfigError(
+            "trainer.train_pipeline: sparse_dist prefetches batches ahead of the step, so the id maps of "
+            f"id_mapping: dynamic tables ({', '.join(tables)}) would run ahead of training and a mid-epoch "
+            "checkpoint would not resume exactly; use lightning (or auto, which picks it with dynamic ids)"
+        )
+    if cfg.model.objective == "retrieval":
+        raise ConfigError(
+            "data.sparse: id_mapping: dynamic is not supported with model.objective: retrieval (its sampled "
+            "negatives and logQ correction count table rows, not raw ids); use vocab or hash there"
+        )
+    if cfg.sharding.compute_kernel == "fused_uvm_caching":
+        raise ConfigError(
+            "sharding.compute_kernel: fused_uvm_caching caches rows in HBM, and the rows a dynamic-id table gives "
+            "to new ids are re-initialised in place (the cache would keep the old values); use fused"
+        )
+    for table in tables:
+        allowed = cfg.sharding.table_constraints.get(table, cfg.sharding.sharding_types) or []
+        if "data_parallel" in allowed:
+            key = (
+                f"table_constraints.{table}" if table in cfg.sharding.table_constraints else "sharding_types"
+            )
+            raise ConfigError(
+                f"sharding.{key}: data_parallel would give the id_mapping: dynamic table {table!r} to the dense "
+                "optimizer, whose state of a row given to a new id cannot be reset; leave data_parallel out for it"
+            )
 
 
 def validate_retrieval(cfg: Config) -> None:

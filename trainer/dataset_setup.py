@@ -89,8 +89,21 @@ def input_schema(cfg: Config) -> TableSchema:
                     feature.input_column if feature.buckets is not None else feature.source_column
                 )
         item_side += [feature.source_column for feature in cfg.data.dense if feature.side == "item"]
+    dynamic = [f for f in cfg.data.sparse if f.id_mapping == "dynamic"]
+    by_column = {f.source_column: f for f in cfg.data.sparse}
+    for history in histories:
+        for output, source in [(history.name, history.column), *history.side.items()]:
+            made, read = by_column.get(output), by_column.get(source)
+            if made is not None and (made.id_mapping == "dynamic") != (
+                read is not None and read.id_mapping == "dynamic"
+            ):
+                raise ConfigError(
+                    f"data.sparse: {made.name!r} lists the ids of column {source!r} (data.prepare.histories): give both "
+                    "the same id_mapping (a history of dynamic ids holds raw ids)"
+                )
     return TableSchema(
         kinds,
+        dynamic_ids=tuple(dict.fromkeys(f.source_column for f in dynamic if f.source_column in kinds)),
         label_ranges=ranges,
         binary_labels=tuple(binary),
         user_column=prepare.user_column if prepare else None,

@@ -14,11 +14,13 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from towerrec.data.batch import Batch
 from towerrec.models.balancing import fixed_task_weights, task_gradients
 from towerrec.models.builder import build_model, embedding_tables
+from towerrec.models.dynamic_ids import DynamicIds
 from towerrec.models.heads import predictions
 from towerrec.models.multitask import MultiTaskModel
 from towerrec.trainer.config import Config, evaluation_group_column
 from towerrec.trainer.distributed.collectives import ProcessGroupCollectives
 from towerrec.trainer.distributed.faults import PreemptionFlag
+from towerrec.trainer.dynamic_ids import SETTINGS_KEY, check_checkpoint, settings_of
 from towerrec.trainer.errors import NonFiniteLossError
 from towerrec.trainer.metrics import task_metrics, trivial_baseline
 
@@ -61,6 +63,8 @@ class MultiTaskModule(L.LightningModule):
         self.task_names = [t.name for t in cfg.tasks]
         self.task_types = [t.type for t in cfg.tasks]
         self.model: torch.nn.Module | None = None
+        # id maps of id_mapping: dynamic tables, replicated (towerrec.trainer.dynamic_ids maps batches)
+        self.dynamic_ids = DynamicIds.of(cfg.data.sparse)
         self.preemption = PreemptionFlag()
         self.preempt_now = False
         self.skip_step = False
@@ -118,9 +122,12 @@ class MultiTaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["train_seconds"] = self.train_seconds()
+        if self.dynamic_ids is not None:
+            checkpoint[SETTINGS_KEY] = settings_of(self.dynamic_ids)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._train_seconds_before = float(checkpoint.get("train_seconds", 0.0))
+        check_checkpoint(checkpoint, self.dynamic_ids, self.cfg.data.sparse)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.seed_step()

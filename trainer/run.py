@@ -20,6 +20,7 @@ from towerrec.trainer.distributed.faults import (
     diagnose_collective_failure,
     ignore_late_signals,
 )
+from towerrec.trainer.dynamic_ids import report as dynamic_ids_report
 from towerrec.trainer.errors import EXIT_PREEMPTED
 from towerrec.trainer.run_folder import (
     check_writable,
@@ -98,6 +99,8 @@ def fit(cfg: Config) -> int:
         )
         if warm_start is not None:
             result["warm_started_from"] = str(warm_start)
+        if module.dynamic_ids is not None:
+            result["dynamic_ids"] = dynamic_ids_report(module)
         if best is not None and best.get("val"):
             result["metrics"]["val"] = best["val"]
             result["tested_checkpoint"] = {k: best[k] for k in ("step", "epoch", "metric", "value")}

@@ -180,7 +180,14 @@ def model_state(module) -> dict[str, Any]:
                 tables.setdefault(table, []).append((offsets[0], offsets[1], shard.tensor.numpy().copy()))
         else:
             tables.setdefault(table, []).append((0, 0, value.detach().numpy().copy()))
-    return {"dense": dense, "tables": tables, "balance": module.inner.balancer.weights().numpy().copy()}
+    ids = getattr(module, "dynamic_ids", None)
+    id_maps = {} if ids is None else {k: v.numpy().copy() for k, v in ids.state_dict().items()}
+    return {
+        "dense": dense,
+        "tables": tables,
+        "balance": module.inner.balancer.weights().numpy().copy(),
+        "dynamic_ids": id_maps,
+    }
 
 
 def train(
@@ -227,7 +234,12 @@ def fit(overrides: list[str], config: str = BASE_CONFIG) -> dict[str, Any]:
     trainer, module, datamodule, _ = build(cfg, extra_callbacks=[recorder.callback])
     resume = resume_path(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    return {**model_state(module), "steps": recorder.steps, "global_step": trainer.global_step}
+    return {
+        **model_state(module),
+        "initial": recorder.initial,
+        "steps": recorder.steps,
+        "global_step": trainer.global_step,
+    }
 
 
 def fit_with_desync(overrides: list[str], perturb_at_step: int, parameter: str) -> str:
@@ -349,3 +361,48 @@ def fit_capturing_state(overrides: list[str], config: str = BASE_CONFIG) -> dict
     trainer, module, datamodule, _ = build(cfg, extra_callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     return {**captured, "global_step": trainer.global_step}
+
+
+def train_checking_resets(overrides: list[str], num_steps: int) -> dict[str, Any]:
+    """Trains ``num_steps`` steps; right after each step's ids are mapped, checks every row the step
+    gave to a new id on this rank's shards: its weights must be the table's initial values of that
+    row and its fused optimizer state zero. Returns the rows checked and those that were not."""
+    import lightning as L
+
+    from towerrec.models.tables import table_of_key
+    from towerrec.trainer.build import build
+    from towerrec.trainer.distributed.sharding import hashed_rows, local_shards
+    from towerrec.trainer.dynamic_ids import DynamicIdMapping
+
+    cfg = load([*overrides, f"trainer.max_steps={num_steps}", "checkpoint.resume=never"])
+    checked = {"rows": 0, "wrong_weights": 0, "wrong_state": 0, "reused": 0}
+    seen_rows: dict[str, set] = {}
+
+    class Check(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            mapping = next(c for c in trainer.callbacks if isinstance(c, DynamicIdMapping))
+            dmp, tables = pl_module.model, {t.name: t for t in pl_module.tables}
+            weights = {table_of_key(k, tables): v for k, v in dmp.state_dict().items()}
+            states = dmp.fused_optimizer.state_dict()["state"]
+            states = {table_of_key(k, tables): v for k, v in states.items()}
+            for table, rows in mapping.last_resets.items():
+                checked["reused"] += len(seen_rows.setdefault(table, set()) & set(rows.tolist()))
+                seen_rows[table] |= set(rows.tolist())
+                for row_start, col_start, shard in local_shards(weights[table]) if table in weights else ():
+                    mine = rows[(rows >= row_start) & (rows < row_start + shard.shape[0])]
+                    expected = hashed_rows(
+                        tables[table], cfg.seed, mine, col_start, col_start + shard.shape[1]
+                    )
+                    checked["rows"] += mine.numel()
+                    checked["wrong_weights"] += int((shard[mine - row_start] != expected).any(dim=1).sum())
+                for state in states.get(table, {}).values():
+                    for row_start, _, shard in local_shards(state):
+                        mine = rows[(rows >= row_start) & (rows < row_start + shard.shape[0])]
+                        checked["wrong_state"] += int(
+                            (shard[mine - row_start] != 0).reshape(len(mine), -1).any(1).sum()
+                        )
+
+    trainer, module, datamodule, checkpointing = build(cfg, extra_callbacks=[Check()])
+    trainer.callbacks.remove(checkpointing)
+    trainer.fit(module, datamodule=datamodule)
+    return checked

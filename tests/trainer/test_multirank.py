@@ -362,3 +362,111 @@ def test_metrics_of_two_ranks_equal_one_process_on_the_same_predictions(rank_poo
         for name, value in values.items():
             assert per_rank[0][task][name] == pytest.approx(value, rel=1e-12, abs=1e-15), f"{task}/{name}"
     assert single["ctr"]["gauc_users"] > 300 and "gauc" in single["cvr"]
+
+
+# ----------------------------------------------------------------------------- dynamic ids
+DYNAMIC_IDS = [  # user_id and item_id (300 users, 150 items in tiny_data) with maps that evict
+    "data.sparse.0.id_mapping=dynamic", "data.sparse.0.dynamic={capacity: 100, evict_chunk: 8}",
+    "data.sparse.1.id_mapping=dynamic", "data.sparse.1.dynamic={capacity: 70, policy: lfu}",
+]  # fmt: skip
+
+
+def assert_same_id_maps(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys() and a, what
+    for name in a:
+        assert np.array_equal(a[name], b[name]), f"{what}: dynamic_ids.{name} differs"
+
+
+def evictions(result: dict) -> int:
+    """Rows evicted so far in a run's id maps (meta[4] of each)."""
+    return sum(int(v[4]) for k, v in result["dynamic_ids"].items() if k.endswith(".meta"))
+
+
+def test_two_ranks_map_dynamic_ids_and_train_the_model_one_rank_would(rank_pools, tiny_data, tmp_path):
+    """Each step's ids of both ranks go to one global update: the maps are bitwise identical on the
+    ranks and to a 1-rank run's on the same global batches (in either row order), and the model
+    (rows re-initialised when given to new ids) matches it within rounding."""
+    num_steps = 8
+    overrides = [
+        *matrix_overrides(tiny_data, tmp_path, "shared_bottom", "fixed", "32-true", "lightning"), *DYNAMIC_IDS,
+    ]  # fmt: skip
+    two = rank_pools(2).run(rank_jobs.train, overrides, num_steps)
+    for name in two[0]["dense"]:
+        assert np.array_equal(two[0]["dense"][name], two[1]["dense"][name]), f"dense replica {name} differs"
+    assert_same_id_maps(two[0]["dynamic_ids"], two[1]["dynamic_ids"], "rank 0 vs rank 1")
+    assert evictions(two[0]) > 0, "the maps never evicted: the cell does not test row reuse"
+    pool1 = rank_pools(1)
+    (one,) = pool1.run(rank_jobs.train, overrides, num_steps, reference_world_size=2)
+    (reordered,) = pool1.run(rank_jobs.train, overrides, num_steps, reference_world_size=2, reverse=True)
+    assert_same_id_maps(two[0]["dynamic_ids"], one["dynamic_ids"], "2 ranks vs 1 rank")
+    assert_same_id_maps(one["dynamic_ids"], reordered["dynamic_ids"], "1 rank vs 1 rank reordered")
+    assert_close_within_rounding(
+        tensors(two), tensors([one]), tensors([reordered]), tensors([one["initial"]]), 2,
+        2 * BATCH_PER_RANK * 2.0**-24, "dynamic ids",
+    )  # fmt: skip
+
+
+def test_interrupted_and_resumed_dynamic_ids_equal_uninterrupted_bit_for_bit(rank_pools, tiny_data, tmp_path):
+    def overrides(run_dir) -> list[str]:
+        return [*resume_overrides(tiny_data, run_dir, "fixed", "lightning", 64), *DYNAMIC_IDS]
+
+    pool = rank_pools(2)
+    straight = pool.run(rank_jobs.fit, overrides(tmp_path / "straight"))
+    interrupted = tmp_path / "interrupted"
+    first = pool.run(rank_jobs.fit, [*overrides(interrupted), "trainer.max_steps=13"])
+    assert first[0]["global_step"] == 13
+    resumed = pool.run(rank_jobs.fit, overrides(interrupted))
+    assert resumed[0]["global_step"] == straight[0]["global_step"] > 13
+    assert evictions(first[0]) > 0 and evictions(straight[0]) > evictions(first[0])
+    for rank in range(2):
+        assert_same_id_maps(resumed[rank]["dynamic_ids"], straight[rank]["dynamic_ids"], f"rank {rank}")
+        assert bitwise_equal(resumed[rank]["dense"], straight[rank]["dense"]) == []
+    assert bitwise_equal(tensors(resumed), tensors(straight)) == []
+
+
+@pytest.mark.parametrize("first,second", [((2, 32), (1, 64)), ((1, 64), (2, 32))], ids=["2to1", "1to2"])
+def test_resume_with_dynamic_ids_on_another_world_size_keeps_every_ids_row(
+    rank_pools, tiny_data, tmp_path, first, second
+):
+    """The maps and tables a resumed run starts from are the saved ones, whatever the number of
+    ranks (every id keeps its row and its row's vector); the run then sees every row once per epoch."""
+    from towerrec.data.dataset import DatasetMeta
+
+    run_dir = tmp_path / "run"
+    before = rank_pools(first[0]).run(
+        rank_jobs.fit,
+        [
+            *resume_overrides(tiny_data, run_dir, "fixed", "lightning", first[1]),
+            *DYNAMIC_IDS,
+            "trainer.max_steps=9",
+        ],
+    )
+    after = rank_pools(second[0]).run(
+        rank_jobs.fit, [*resume_overrides(tiny_data, run_dir, "fixed", "lightning", second[1]), *DYNAMIC_IDS]
+    )
+    assert evictions(before[0]) > 0
+    for rank, result in enumerate(after):
+        assert_same_id_maps(
+            result["initial"]["dynamic_ids"], before[0]["dynamic_ids"], f"loaded on rank {rank}"
+        )
+        assert_same_id_maps(result["dynamic_ids"], after[0]["dynamic_ids"], f"rank {rank} at the end")
+    assert bitwise_equal(tensors([r["initial"] for r in after]), tensors(before)) == []
+    num_rows = DatasetMeta.load(tiny_data).num_rows("train")
+    for epoch, rows in rows_per_epoch(before, after).items():
+        np.testing.assert_array_equal(rows, np.arange(num_rows), err_msg=f"epoch {epoch}: not every row once")
+
+
+def test_rows_given_to_new_ids_restart_from_their_initial_values_on_every_shard(
+    rank_pools, tiny_data, tmp_path
+):
+    """Rows reused after an eviction are re-initialised where they live (column-wise shards on 2
+    ranks): weights back to the table's initial values of the row, row-wise Adagrad state zeroed."""
+    overrides = [
+        f"data.path={tiny_data}", *TINY_SYNTHETIC, f"run_dir={tmp_path}", "data.val_split=null",
+        "data.test_split=null", "data.validate_on_start=false", f"data.batch_size={BATCH_PER_RANK}",
+        "sharding.sharding_types=[column_wise]", *DYNAMIC_IDS,
+    ]  # fmt: skip
+    checked = rank_pools(2).run(rank_jobs.train_checking_resets, overrides, 12)
+    for result in checked:
+        assert result["reused"] > 0 and result["rows"] > 0, result
+        assert result["wrong_weights"] == 0 and result["wrong_state"] == 0, result

@@ -60,8 +60,13 @@ def apply_embedding_optimizer(model: nn.Module, opt: OptimizerConfig) -> None:
 
 
 def planner_constraints(
-    sharding: ShardingConfig, tables: list[BaseEmbeddingConfig], device_type: str
+    sharding: ShardingConfig,
+    tables: list[BaseEmbeddingConfig],
+    device_type: str,
+    fused_only: frozenset[str] = frozenset(),
 ) -> dict[str, ParameterConstraints]:
+    """Sharding types and kernels the planner may use per table; ``fused_only`` tables (dynamic
+    ids: rows re-initialised in place, which a UVM cache would not see) never get a cache."""
     default_types = sharding.sharding_types
     if default_types is None:  # data_parallel only on request: its tables leave the fused optimizer
         default_types = [t for t in SHARDING_TYPES if t != "data_parallel"]
@@ -85,9 +90,12 @@ def planner_constraints(
         types = sharding.table_constraints.get(table.name, default_types)
         # data_parallel tables only have the dense kernel: leave the kernel to the planner then.
         allows_data_parallel = types is None or "data_parallel" in types
+        table_kernels = ["fused"] if table.name in fused_only and sharding.compute_kernel is None else kernels
         constraints[table.name] = ParameterConstraints(
             sharding_types=list(types) if types else None,
-            compute_kernels=None if allows_data_parallel and sharding.compute_kernel is None else kernels,
+            compute_kernels=None
+            if allows_data_parallel and sharding.compute_kernel is None
+            else table_kernels,
         )
     return constraints
 
@@ -109,6 +117,7 @@ def make_planner(
     tables: list[BaseEmbeddingConfig],
     cluster: ClusterSpec,
     dense_bytes: int | None = None,
+    fused_only: frozenset[str] = frozenset(),
 ) -> EmbeddingShardingPlanner:
     """TorchRec's planner for ``cluster``. ``dense_bytes``: memory the dense part needs per rank
     (parameters, gradients, optimizer state); reserved before tables are placed."""
@@ -135,7 +144,7 @@ def make_planner(
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=planner_constraints(sharding, tables, cluster.device_type),
+        constraints=planner_constraints(sharding, tables, cluster.device_type, fused_only),
         storage_reservation=reservation,
     )
 
@@ -164,9 +173,10 @@ def plan_for_cluster(
     batch_size: int,
     cluster: ClusterSpec,
     process_group=None,
+    fused_only: frozenset[str] = frozenset(),
 ) -> ShardingPlan:
     """Runs TorchRec's planner; with a process group all ranks agree on one plan (collective)."""
-    planner = make_planner(sharding, batch_size, tables, cluster, dense_memory_bytes(model))
+    planner = make_planner(sharding, batch_size, tables, cluster, dense_memory_bytes(model), fused_only)
     try:
         if process_group is not None:
             return planner.collective_plan(model, sharders(sharding), process_group)
@@ -220,8 +230,10 @@ def shard_model(
     cluster: ClusterSpec,
     process_group,
     device: torch.device,
+    fused_only: frozenset[str] = frozenset(),
 ) -> tuple[DistributedModelParallel, ShardingPlan, DenseReplicas]:
-    """Fused optimizer → plan → DMP. Tables built on ``meta`` are materialised on their shards."""
+    """Fused optimizer → plan → DMP. Tables built on ``meta`` are materialised on their shards;
+    ``fused_only``: tables kept off UVM caching (``planner_constraints``)."""
     apply_embedding_optimizer(model, embedding_optimizer)
     plan = plan_for_cluster(
         model,
@@ -230,6 +242,7 @@ def shard_model(
         batch_size=batch_size,
         cluster=cluster,
         process_group=process_group,
+        fused_only=fused_only,
     )
     replicas = DenseReplicas()
     dmp = DistributedModelParallel(
@@ -246,12 +259,61 @@ def shard_model(
 INIT_CHUNK_ROWS = 65536
 
 
-def initialize_tables(dmp: DistributedModelParallel, tables: list[BaseEmbeddingConfig], seed: int) -> None:
+def local_shards(value) -> list[tuple[int, int, torch.Tensor]]:
+    """(first row, first column, tensor) of each shard of a table's (or its optimizer state's)
+    state-dict entry this rank holds: a ShardedTensor's local shards, or a whole plain tensor."""
+    if not hasattr(value, "local_shards"):
+        return [(0, 0, value)]
+    shards = []
+    for shard in value.local_shards():
+        offsets = list(shard.metadata.shard_offsets) + [0]
+        shards.append((offsets[0], offsets[1], shard.tensor))
+    return shards
+
+
+_MIX1 = -49064778989728563  # murmur3 fmix64 constants (0xff51afd7ed558ccd, 0xc4ceb9fe1a85ec53) as int64
+_MIX2 = -4265267296055464877
+
+
+def _fmix64(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 64-bit finaliser in wrapping int64 arithmetic (logical shifts by masking)."""
+    low31 = (1 << 31) - 1
+    x = x ^ ((x >> 33) & low31)
+    x = x * _MIX1
+    x = x ^ ((x >> 33) & low31)
+    x = x * _MIX2
+    return x ^ ((x >> 33) & low31)
+
+
+def hashed_rows(
+    table: BaseEmbeddingConfig, seed: int, rows: torch.Tensor, col_start: int, col_end: int
+) -> torch.Tensor:
+    """Initial values (len(rows), col_end - col_start) of ``rows`` of an ``id_mapping: dynamic``
+    table, a function of (seed, table name, row, column) alone computed per element (a counter-based
+    hash, 24 bits uniform in TorchRec's default range): a row given to a new id during training is
+    re-initialised to exactly its initial value on whichever rank holds it, at the cost of the rows
+    reset (the chunked generator of the other tables would draw 65536 rows for one)."""
+    low, high = table.get_weight_init_min(), table.get_weight_init_max()
+    base = int(_fmix64(torch.tensor([(seed * 1_000_003 + zlib.crc32(table.name.encode())) % 2**62]))[0])
+    columns = torch.arange(col_start, col_end, device=rows.device)
+    counters = rows.to(torch.int64)[:, None] * table.embedding_dim + columns
+    bits = (_fmix64(counters ^ base) >> 40) & ((1 << 24) - 1)
+    return low + (high - low) * (bits.to(torch.float32) / 2**24)
+
+
+def initialize_tables(
+    dmp: DistributedModelParallel,
+    tables: list[BaseEmbeddingConfig],
+    seed: int,
+    hashed: frozenset[str] = frozenset(),
+) -> None:
     """Writes every table's initial values as a function of (seed, table name, row) alone, uniform
     in TorchRec's default range ±sqrt(1 / rows): a table starts the same whatever the plan, the
     world size and the rank holding it (TorchRec draws them on each shard's rank, so 1 and 2 ranks
     would start from different tables). Rows are drawn in chunks of ``INIT_CHUNK_ROWS`` from a
-    generator seeded per chunk; each shard fills its rows and columns from the chunks it overlaps."""
+    generator seeded per chunk; each shard fills its rows and columns from the chunks it overlaps.
+    The ``hashed`` tables (``id_mapping: dynamic``) take ``hashed_rows``, which
+    ``reset_rows`` writes again into rows given to new ids."""
     by_name = {t.name: t for t in tables}
     for key, value in dmp.state_dict().items():  # views of the live shards
         name = table_of_key(key, by_name)
@@ -259,14 +321,18 @@ def initialize_tables(dmp: DistributedModelParallel, tables: list[BaseEmbeddingC
             continue
         table = by_name[name]
         low, high = table.get_weight_init_min(), table.get_weight_init_max()
-        shards = (
-            [(s.metadata.shard_offsets, s.tensor) for s in value.local_shards()]
-            if hasattr(value, "local_shards")
-            else [((0, 0), value)]
-        )
         table_seed = zlib.crc32(table.name.encode())
-        for (row_start, col_start), tensor in shards:
+        for row_start, col_start, tensor in local_shards(value):
             if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            if name in hashed:
+                for first in range(0, tensor.shape[0], INIT_CHUNK_ROWS):
+                    last = min(first + INIT_CHUNK_ROWS, tensor.shape[0])
+                    rows = torch.arange(row_start + first, row_start + last, device=tensor.device)
+                    with torch.no_grad():
+                        tensor[first:last].copy_(
+                            hashed_rows(table, seed, rows, col_start, col_start + tensor.shape[1])
+                        )
                 continue
             row_end, col_end = row_start + tensor.shape[0], col_start + tensor.shape[1]
             for chunk in range(row_start // INIT_CHUNK_ROWS, (row_end - 1) // INIT_CHUNK_ROWS + 1):
@@ -282,6 +348,49 @@ def initialize_tables(dmp: DistributedModelParallel, tables: list[BaseEmbeddingC
                     tensor[lo - row_start : hi - row_start].copy_(
                         values[lo - first : hi - first, col_start:col_end]
                     )
+
+
+def reset_rows(
+    dmp: DistributedModelParallel,
+    resets: dict[str, torch.Tensor],
+    tables: list[BaseEmbeddingConfig],
+    seed: int,
+) -> None:
+    """Re-initialises ``resets[table]`` (sorted rows) of ``hashed`` tables where this rank holds
+    them: the weights back to ``hashed_rows``, the fused optimizer's state of those rows to zero (a
+    row given to a new id must not start from the evicted id's vector nor its learning-rate state)."""
+    resets = {name: rows for name, rows in resets.items() if rows.numel()}
+    if not resets:
+        return
+    by_name = {t.name: t for t in tables}
+
+    def rows_of(shard_start: int, shard: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        low, high = torch.searchsorted(
+            rows, torch.tensor([shard_start, shard_start + shard.shape[0]], device=rows.device)
+        )
+        return rows[int(low) : int(high)]
+
+    with torch.no_grad():
+        for key, value in dmp.state_dict().items():  # views of the live shards
+            name = table_of_key(key, resets)
+            if name is None:
+                continue
+            for row_start, col_start, shard in local_shards(value):
+                mine = rows_of(row_start, shard, resets[name].to(shard.device))
+                if mine.numel():
+                    values = hashed_rows(by_name[name], seed, mine, col_start, col_start + shard.shape[1])
+                    shard.index_copy_(0, mine - row_start, values.to(shard.dtype))
+        for key, states in dmp.fused_optimizer.state_dict()["state"].items():
+            name = table_of_key(key, resets)
+            if name is None:
+                continue
+            for state in states.values():
+                if not isinstance(state, torch.Tensor) or state.dim() == 0:
+                    continue
+                for row_start, _, shard in local_shards(state):
+                    mine = rows_of(row_start, shard, resets[name].to(shard.device))
+                    if mine.numel():
+                        shard.index_fill_(0, mine - row_start, 0)
 
 
 def describe_plan(

@@ -32,7 +32,13 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from towerrec.trainer.config import CheckpointConfig, OptimizerConfig, ShardingConfig
 from towerrec.trainer.distributed import checkpoint as ckpt
 from towerrec.trainer.distributed.faults import register_rank
-from towerrec.trainer.distributed.sharding import ClusterSpec, describe_plan, initialize_tables, shard_model
+from towerrec.trainer.distributed.sharding import (
+    ClusterSpec,
+    describe_plan,
+    initialize_tables,
+    reset_rows,
+    shard_model,
+)
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -58,6 +64,7 @@ class TorchRecStrategy(DDPStrategy):
         self.plan_text: str | None = None
         self.plan_summary: dict | None = None
         self._checkpoint_to_load: Path | None = None
+        self._tables: list = []
 
     # ------------------------------------------------------------------------------ sharding
     @property
@@ -80,12 +87,23 @@ class TorchRecStrategy(DDPStrategy):
             cluster=cluster,
             process_group=self.process_group,
             device=self.root_device,
+            fused_only=frozenset(self._dynamic_tables()),
         )
-        initialize_tables(dmp, tables, self.seed)
+        self._tables = tables
+        initialize_tables(dmp, tables, self.seed, hashed=frozenset(self._dynamic_tables()))
         self.plan_text, self.plan_summary = describe_plan(
             plan, tables, self.world_size, self.sharding, self.embedding_optimizer.type
         )
         return dmp
+
+    def _dynamic_tables(self) -> list[str]:
+        ids = getattr(self.lightning_module, "dynamic_ids", None)
+        return ids.table_names if ids is not None else []
+
+    def reset_table_rows(self, resets: dict[str, torch.Tensor]) -> None:
+        """Re-initialises rows of dynamic-id tables given to new ids (weights and fused optimizer
+        state) on the ranks holding them (``sharding.reset_rows``)."""
+        reset_rows(self.dmp, resets, self._tables, self.seed)
 
     # ------------------------------------------------------------------------------ data parallelism
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -105,6 +123,20 @@ class TorchRecStrategy(DDPStrategy):
         from torch.distributed.nn.functional import all_gather
 
         return torch.cat(all_gather(tensor.contiguous(), group=self.process_group))
+
+    def all_gather_varying(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (..., N_r), whose last dim differs between ranks, concatenated
+        along it in rank order (the step's dynamic ids: their sizes, then one padded all-gather)."""
+        if self.world_size == 1:
+            return tensor
+        size = torch.tensor([tensor.shape[-1]], device=tensor.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.process_group)
+        sizes = [int(s) for s in sizes]
+        padded = torch.nn.functional.pad(tensor, (0, max(sizes) - tensor.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous(), group=self.process_group)
+        return torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
 
     def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The element-wise means over ranks of ``tensors`` (new tensors), in one all-reduce."""
@@ -166,9 +198,16 @@ class TorchRecStrategy(DDPStrategy):
     def dense_parameter_names(self) -> dict[torch.nn.Parameter, str]:
         return {p: n for n, p in in_backward_optimizer_filter(self.dmp.named_parameters())}
 
+    def replicated_state(self) -> dict[str, Any]:
+        """Module state outside the DMP, the same on every rank: the dynamic id maps
+        (``towerrec.models.dynamic_ids``) under the key ``dynamic_ids``."""
+        ids = getattr(self.lightning_module, "dynamic_ids", None)
+        return {"dynamic_ids": ids.state_dict()} if ids is not None else {}
+
     def checkpoint_tensors(self, with_optimizers: bool) -> dict[str, Any]:
-        """The tensor state: model (sharded tables + dense), fused embedding optimizer, dense optimizer."""
-        tensors: dict[str, Any] = {"model": self.dmp.state_dict()}
+        """The tensor state: model (sharded tables + dense), the replicated state (dynamic id maps),
+        fused embedding optimizer, dense optimizer."""
+        tensors: dict[str, Any] = {"model": self.dmp.state_dict(), **self.replicated_state()}
         if with_optimizers:
             fused = self.dmp.fused_optimizer
             fused.init_state()
@@ -227,10 +266,13 @@ class TorchRecStrategy(DDPStrategy):
 
     def load_weights(self, path: Path) -> None:
         """The model's tensors (not the optimizers') from checkpoint ``path``; every rank takes part."""
-        tensors = {"model": self.dmp.state_dict()}
+        replicated = self.replicated_state()
+        tensors = {"model": self.dmp.state_dict(), **replicated}
         ckpt.load_tensors(path, tensors, self.process_group)
         # DMP.state_dict() returns views of the live shards, but dense tensors may be copies:
         self.dmp.load_state_dict(tensors["model"])
+        if "dynamic_ids" in replicated:
+            self.lightning_module.dynamic_ids.load_state_dict(tensors["dynamic_ids"])
 
     def load_tables(self, path: Path, tables: dict[str, str]) -> None:
         """Tables of another model's checkpoint ``path`` into this model's tables (``tables``: our
@@ -248,7 +290,8 @@ class TorchRecStrategy(DDPStrategy):
         for optimizer in self.optimizers:
             _materialize_state(optimizer)  # DCP loads into existing tensors
         tensors = self.checkpoint_tensors(with_optimizers=True)
-        del tensors["model"]
+        for loaded_with_weights in ("model", *self.replicated_state()):
+            del tensors[loaded_with_weights]
         ckpt.load_tensors(self._checkpoint_to_load, tensors, self.process_group)
         fused_state = self.dmp.fused_optimizer.state_dict()
         fused_state["state"] = tensors["embedding_optimizer"]
