@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,8 +157,8 @@ class DatasetMeta:
         except (OSError, pa.ArrowInvalid, KeyError) as err:
             raise DataError(f"{self.root / file}: cannot read the vocabulary of {column!r} ({err})") from err
 
-    def original_ids(self, column: str, stored: np.ndarray) -> pa.Array | None:
-        """The ids as the input wrote them of ``stored`` values of ``column``: through its vocabulary
+    def id_names(self, column: str) -> Callable[[np.ndarray], pa.Array] | None:
+        """Stored values of ``column`` → the ids as the input wrote them: through its vocabulary
         (rows) or, for text ids kept raw (``id_mapping: dynamic``), its saved texts (hashes); null
         where unknown. None when the stored values are the original ids themselves."""
         info = self.columns.get(column, {})
@@ -170,12 +171,22 @@ class DatasetMeta:
                 ) from err
             keys = saved.column("key").to_numpy()
             texts = saved.column("id").to_numpy(zero_copy_only=False)
-            stored = np.asarray(stored, dtype=np.int64)
-            position = np.minimum(np.searchsorted(keys, stored), max(len(keys) - 1, 0))
-            known = keys[position] == stored if len(keys) else np.zeros(len(stored), dtype=bool)
-            return pa.array(texts[position] if len(keys) else np.full(len(stored), ""), mask=~known)
+
+            def texts_of(stored: np.ndarray) -> pa.Array:
+                stored = np.asarray(stored, dtype=np.int64)
+                if not len(keys):
+                    return pa.nulls(len(stored), pa.string())
+                position = np.minimum(np.searchsorted(keys, stored), len(keys) - 1)
+                return pa.array(texts[position], mask=keys[position] != stored)
+
+            return texts_of
         vocabulary = self.vocabulary(column)
-        return None if vocabulary is None else original_ids(stored, vocabulary)
+        return None if vocabulary is None else (lambda stored: original_ids(stored, vocabulary))
+
+    def original_ids(self, column: str, stored: np.ndarray) -> pa.Array | None:
+        """``id_names(column)`` applied to ``stored`` (None: the stored values are the originals)."""
+        names = self.id_names(column)
+        return None if names is None else names(stored)
 
 
 def table_rows(sparse, meta: DatasetMeta | None) -> dict[str, int]:

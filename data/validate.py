@@ -51,7 +51,10 @@ def _column_roles(spec: ReadSpec) -> dict[str, tuple[str, str]]:
     roles: dict[str, tuple[str, str]] = {}
     for feature in spec.sparse:
         kind = "multi_hot" if feature.multi_hot else "sparse"
-        roles[feature.source_column] = (kind, f"sparse feature {feature.name!r}")
+        role = f"sparse feature {feature.name!r}"
+        if feature.id_mapping == "dynamic":
+            role += ", id_mapping: dynamic: int64 ids, text ids hashed when `towerrec prepare` builds the data set"
+        roles[feature.source_column] = (kind, role)
     for feature in spec.dense:
         roles.setdefault(feature.source_column, ("number", f"dense feature {feature.name!r}"))
     for label in spec.labels:

@@ -485,18 +485,3 @@ class DynamicIds(nn.Module):
     def totals(self) -> dict[str, dict[str, int]]:
         """Per table, the cumulative counters since training began (``IdMap.stats``)."""
         return {table: self.maps[table].stats() for table in self.table_names}
-
-    def load_smaller(self, state: dict[str, torch.Tensor]) -> None:
-        """Loads a ``state_dict`` of maps of smaller capacity (``IdMap.load_smaller``, a warm start
-        onto grown tables); a ValueError names the table that does not fit."""
-        for table in self.table_names:
-            prefix = f"maps.{table}."
-            saved = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-            if not saved:
-                raise ValueError(f"table {table!r}: no id map in the saved state")
-            try:
-                self.maps[table].load_smaller(saved)
-            except ValueError as err:
-                raise ValueError(f"table {table!r}: {err}") from err
-        self.epoch_start.zero_()
-        self.epoch.fill_(-1)

@@ -23,7 +23,7 @@ def load_ranker(cfg: Config) -> tuple[Config, Catalogue, object]:
     """The ranker named by ``recommend.ranker``: its config, catalogue and trained model."""
     from pathlib import Path
 
-    from towerrec.serving.export import load_unsharded_model
+    from towerrec.serving.export import load_id_maps, load_unsharded_model
 
     path = Path(cfg.recommend.ranker)
     if not path.exists():
@@ -50,8 +50,8 @@ def load_ranker(cfg: Config) -> tuple[Config, Catalogue, object]:
                     f"recommend.ranker: {path} reads data set {ranker.data.path}, whose {side} ids are not this "
                     f"data set's ({cfg.data.path}): the ranker must share the retrieval model's id vocabularies"
                 )
-    catalogue = load_catalogue(ranker, meta)
-    model, _ = load_unsharded_model(ranker, None, catalogue.num_embeddings)
+    model, checkpoint = load_unsharded_model(ranker, None, meta.table_rows(ranker.data.sparse))
+    catalogue = load_catalogue(ranker, meta, id_maps=load_id_maps(ranker, checkpoint))
     return ranker, catalogue, model
 
 

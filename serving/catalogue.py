@@ -3,6 +3,8 @@ them), one table per side of each entity (users, items) with its features, and t
 seen.
 
     data set rows ──read_rows (data.reader.read_split)──▶ Rows: ids as table rows, dense, labels
+        (raw ids of ``id_mapping: dynamic`` features looked up in the checkpoint's id maps: row 0
+        for an id without a row)
     per entity (user / item): the feature values of its last row (``side`` of each feature) ──▶ Entities
     seen pairs (``recommend.seen_splits``; sampled negatives excluded) ──▶ codes excluded from lists
 """
@@ -10,16 +12,18 @@ seen.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from towerrec.data.config import SparseFeature
 from towerrec.data.dataset import DatasetMeta
 from towerrec.data.jagged import Jagged
 from towerrec.data.reader import map_ids, read_spec, read_split
 from towerrec.data.rows import DecodedRows, RowLocator, flags
+from towerrec.models.dynamic_ids import DynamicIds
 from towerrec.trainer.config import Config
 from towerrec.trainer.errors import RecommendError
 
@@ -74,8 +78,35 @@ def id_feature(cfg: Config, name: str, key: str) -> SparseFeature:
     )
 
 
-def read_rows(cfg: Config, meta: DatasetMeta, split: str, table_rows: dict[str, int]) -> Rows:
-    """All rows of ``split`` (stored order), read and validated like ``towerrec.data.reader`` reads them."""
+def rows_of_dynamic_ids(decoded: DecodedRows, id_maps: DynamicIds | None) -> DecodedRows:
+    """``decoded`` with the raw ids of ``id_mapping: dynamic`` features replaced by their rows in
+    ``id_maps`` (lookups: an id without a row gets row 0)."""
+    if id_maps is None:
+        return decoded
+    single_ids, bags = decoded.single_ids.copy(), list(decoded.bags)
+    single = multi = 0
+    for name, is_multi in zip(decoded.keys, decoded.multi_hot):
+        if name in id_maps.feature_tables:
+            if is_multi:
+                bag = bags[multi]
+                bags[multi] = Jagged(id_maps.rows_of(name, torch.from_numpy(bag.values)).numpy(), bag.offsets)
+            else:
+                single_ids[single] = id_maps.rows_of(name, torch.from_numpy(single_ids[single])).numpy()
+        multi += is_multi
+        single += not is_multi
+    return replace(decoded, single_ids=single_ids, bags=bags)
+
+
+def read_rows(
+    cfg: Config, meta: DatasetMeta, split: str, table_rows: dict[str, int], id_maps: DynamicIds | None = None
+) -> Rows:
+    """All rows of ``split`` (stored order), read and validated like ``towerrec.data.reader`` reads
+    them; raw dynamic ids looked up in ``id_maps`` (the checkpoint's; needed when there are any)."""
+    if cfg.data.dynamic_tables and id_maps is None:
+        raise RecommendError(
+            "data.sparse: id_mapping: dynamic features need the checkpoint's id maps to find their rows "
+            "(towerrec.serving.export.load_id_maps)"
+        )
     user = id_feature(cfg, cfg.recommend.user_feature, "recommend.user_feature")
     item = id_feature(cfg, cfg.recommend.item_feature, "recommend.item_feature")
     interaction = cfg.recommend.interaction_column
@@ -92,7 +123,7 @@ def read_rows(cfg: Config, meta: DatasetMeta, split: str, table_rows: dict[str, 
         return np.asarray(raw[column].fill_null(0).to_numpy(), dtype=np.int64)
 
     return Rows(
-        decoded=decoded,
+        decoded=rows_of_dynamic_ids(decoded, id_maps),
         users=ids(user.source_column),
         items=ids(item.source_column),
         interaction=flags(raw[interaction], interaction, where)
@@ -135,11 +166,17 @@ def side_features(cfg: Config, side: str) -> tuple[list[str], list[int]]:
 
 
 def build_entities(
-    cfg: Config, rows: Rows, side: str, num_embeddings: dict[str, int], extra_ids=None
+    cfg: Config,
+    rows: Rows,
+    side: str,
+    num_embeddings: dict[str, int],
+    extra_ids=None,
+    id_maps: DynamicIds | None = None,
 ) -> Entities:
     """Each entity's feature values from its last row in ``rows``; ``extra_ids`` not in the data
-    get their id feature alone (mapped like training: out-of-range → row 0), other sparse
-    features id 0 (empty bag when multi-hot) and the mean of each dense column."""
+    get their id feature alone (mapped like training: out-of-range → row 0; a dynamic id through
+    ``id_maps``), other sparse features id 0 (empty bag when multi-hot) and the mean of each dense
+    column."""
     keys = rows.users if side == "user" else rows.items
     own = id_feature(
         cfg,
@@ -160,7 +197,9 @@ def build_entities(
             by_feature = {f.name: f for f in cfg.data.sparse}
             for name in sparse_names:
                 feature = by_feature[name]
-                if name == own.name:
+                if name == own.name and feature.id_mapping == "dynamic":
+                    part = Jagged.single(id_maps.rows_of(name, torch.from_numpy(extra)).numpy())
+                elif name == own.name:
                     part = Jagged.single(map_ids(np.maximum(extra, 0), feature, num_embeddings[name]))
                 elif feature.multi_hot:
                     part = Jagged(np.zeros(0, dtype=np.int64), np.zeros(len(extra) + 1, dtype=np.int64))
@@ -193,13 +232,16 @@ class Catalogue:
     num_embeddings: dict[str, int]
 
 
-def load_catalogue(cfg: Config, meta: DatasetMeta, extra_users=None, extra_items=None) -> Catalogue:
-    """Reads every split once and builds the user and item tables (see module docstring)."""
+def load_catalogue(
+    cfg: Config, meta: DatasetMeta, extra_users=None, extra_items=None, id_maps: DynamicIds | None = None
+) -> Catalogue:
+    """Reads every split once and builds the user and item tables (see module docstring);
+    ``id_maps``: the checkpoint's (``towerrec.serving.export.load_id_maps``) with dynamic ids."""
     num_embeddings = meta.table_rows(cfg.data.sparse)
     splits = [
         s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if s and s in meta.splits
     ]
-    by_split = {split: read_rows(cfg, meta, split, num_embeddings) for split in splits}
+    by_split = {split: read_rows(cfg, meta, split, num_embeddings, id_maps) for split in splits}
     everything = concat_rows(list(by_split.values()))
     seen_splits = (
         cfg.recommend.seen_splits
@@ -213,8 +255,8 @@ def load_catalogue(cfg: Config, meta: DatasetMeta, extra_users=None, extra_items
             )
     seen = concat_rows([by_split[s] for s in seen_splits]).interactions() if seen_splits else None
     return Catalogue(
-        users=build_entities(cfg, everything, "user", num_embeddings, extra_users),
-        items=build_entities(cfg, everything, "item", num_embeddings, extra_items),
+        users=build_entities(cfg, everything, "user", num_embeddings, extra_users, id_maps),
+        items=build_entities(cfg, everything, "item", num_embeddings, extra_items, id_maps),
         splits=by_split,
         seen=seen,
         num_embeddings=num_embeddings,

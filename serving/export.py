@@ -11,6 +11,8 @@ with ``embedding_device="cpu"``. The output folder holds::
     model.pt       the unsharded state dict (tensors only: ``torch.load(path, weights_only=True)``)
     serving.pt2    ``torch.export`` program: plain tensors in, predictions (B, T) out (see ``ServingModel``)
     serving.json   its inputs (feature order, dtypes, id ranges, dense order) and outputs (tasks, kinds)
+    id_maps.pt     with ``id_mapping: dynamic`` features: each table's id map as trained, sorted raw ids
+                   and their rows (the program holds the same and looks raw ids up itself)
 
 Serving needs nothing but torch::
 
@@ -31,9 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from towerrec.data.config import MISSING_ID
 from towerrec.data.dataset import DatasetMeta, is_complete, table_rows
 from towerrec.data.vocab import original_ids
 from towerrec.models.builder import build_model, build_retrieval_model
+from towerrec.models.dynamic_ids import DynamicIds
 from towerrec.models.heads import predictions
 from towerrec.models.multitask import MultiTaskModel, dense_outputs, sequence_inputs
 from towerrec.models.retrieval import TwoTowerModel
@@ -49,6 +53,7 @@ CLIENT_FILE = "client.py"
 USER_TOWER_FILE = "user_tower.pt2"
 ITEM_VECTORS_FILE = "item_vectors.pt"
 ITEM_IDS_FILE = "item_ids.json"
+ID_MAPS_FILE = "id_maps.pt"
 VOCABULARY_FOLDER = "vocabularies"
 PREDICTION_KINDS = {"logit": "probability", "probability": "probability", "value": "value"}
 
@@ -109,6 +114,23 @@ def load_unsharded_model(
     return model.eval(), path
 
 
+def load_id_maps(cfg: Config, path: Path) -> DynamicIds | None:
+    """The id maps of the config's ``id_mapping: dynamic`` tables as checkpoint ``path`` saved
+    them (None without dynamic features). In the calling process; needs no process group."""
+    from towerrec.trainer.dynamic_ids import SETTINGS_KEY, check_checkpoint
+
+    ids = DynamicIds.of(cfg.data.sparse)
+    if ids is None:
+        return None
+    check_checkpoint(ckpt.load_state(path), ids, cfg.data.sparse)
+    tensors = {"dynamic_ids": ids.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ckpt.load_tensors(path, tensors)
+    ids.load_state_dict(tensors[SETTINGS_KEY])
+    return ids.eval()
+
+
 def _check_against_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Names the first tensor whose shape differs (DCP's own message does not say which)."""
     saved = ckpt.SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -139,11 +161,23 @@ class ServingModel(nn.Module):
         lengths  F × (B,)   int64   ids per row (1 for single-valued features; 0 = empty bag)
 
     Output: (B, T) predictions (probabilities for binary tasks, values for regression). Ids must
-    already be table rows in ``[0, num_embeddings)`` (row 0 = out of vocabulary), as in training.
+    already be table rows in ``[0, num_embeddings)`` (row 0 = out of vocabulary), as in training,
+    except those of ``id_mapping: dynamic`` features: raw int64 ids, looked up here in the id map
+    the training left (``id_maps``: per table, sorted ids and their rows; one ``searchsorted``):
+    an id without a row (never trained on, evicted, ``MISSING_ID``) scores with row 0.
     """
 
-    def __init__(self, model: MultiTaskModel):
+    def __init__(self, model: MultiTaskModel, id_maps: DynamicIds | None = None):
         super().__init__()
+        self.dynamic_tables: dict[str, str] = {}  # feature → its table's buffers (ids_<t>, rows_<t>)
+        if id_maps is not None:
+            for index, table in enumerate(id_maps.table_names):
+                keys, rows = id_maps.maps[table].sorted_snapshot()
+                # MISSING_ID (int64 min) first: never empty, and a missing id finds row 0
+                self.register_buffer(f"ids_{index}", torch.cat([torch.tensor([MISSING_ID]), keys]))
+                self.register_buffer(f"rows_{index}", torch.cat([torch.zeros(1, dtype=torch.int64), rows]))
+                for feature in id_maps.features_of(table):
+                    self.dynamic_tables[feature] = str(index)
         self.input_names = list(model.input_names)
         self.feature_names = list(model.feature_names)
         self.pooled_names = list(model.pooled_names)
@@ -161,20 +195,29 @@ class ServingModel(nn.Module):
     ) -> torch.Tensor:
         by_name, histories = {}, {}
         for f, name in enumerate(self.input_names):
+            ids = values[f]
+            if name in self.dynamic_tables:
+                ids = self.rows_of(self.dynamic_tables[name], ids)
             if name in self.sequence_lists:
-                histories[name] = (self.lookup.unpooled(name, values[f]), lengths[f])
+                histories[name] = (self.lookup.unpooled(name, ids), lengths[f])
             else:
-                by_name[name] = self.lookup.pooled(name, values[f], lengths[f])
+                by_name[name] = self.lookup.pooled(name, ids, lengths[f])
         pooled = [by_name[name] for name in self.pooled_names]
         outputs = dense_outputs(self, pooled, dense, sequence_inputs(self.sequences, histories))
         return predictions(outputs, self.output_kinds)
 
+    def rows_of(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of raw ids in a dynamic table's id map (0 where absent)."""
+        keys, rows = getattr(self, f"ids_{table}"), getattr(self, f"rows_{table}")
+        position = torch.searchsorted(keys, ids).clamp(max=keys.shape[0] - 1)
+        return torch.where(keys[position] == ids, rows[position], 0)
+
 
 def export_serving(
-    model: MultiTaskModel, num_dense: int, example_batch_size: int = 4
+    model: MultiTaskModel, num_dense: int, example_batch_size: int = 4, id_maps: DynamicIds | None = None
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``ServingModel(model)`` with a dynamic batch size and dynamic bag sizes."""
-    serving = ServingModel(model).eval().requires_grad_(False)
+    """``torch.export`` of ``ServingModel(model, id_maps)`` with a dynamic batch size and dynamic bag sizes."""
+    serving = ServingModel(model, id_maps).eval().requires_grad_(False)
     num_features = len(serving.input_names)
     batch = torch.export.Dim("batch", min=1)
     # Example bags of 2 ids per row, so that no size is 0/1 or equal to the batch (no specialisation);
@@ -263,7 +306,9 @@ def _column_info(columns: dict, column: str) -> dict:
 def _raw_sparse(feature, info: dict, list_delimiter: str) -> dict[str, Any]:
     """How a raw value of ``feature`` becomes its rows (the client replays it)."""
     raw: dict[str, Any] = {"input": feature.input_column, "delimiter": feature.delimiter or list_delimiter}
-    if info.get("vocabulary"):
+    if feature.id_mapping == "dynamic":  # the program maps the raw ids itself
+        raw.update(mapping="dynamic", text_ids=info.get("id_type") == "text", missing_id=MISSING_ID)
+    elif info.get("vocabulary"):
         raw.update(mapping="vocabulary", vocabulary=f"{VOCABULARY_FOLDER}/{feature.name}.json")
         raw["vocabulary_of"] = info.get("vocabulary_of", feature.source_column)
     elif info.get("mapping") == "buckets":
@@ -303,6 +348,15 @@ def serving_spec(
             "lengths_dtype": "int64",
             "id_range": [0, num_embeddings[f.name] - 1],
             "out_of_vocabulary_id": 0,
+            **(
+                {
+                    "values": "raw int64 ids (text ids: their 64-bit hash, client.string_id), looked up by the "
+                    f"program in the id map of table {f.table_name} ({ID_MAPS_FILE}); an id without a row "
+                    f"(never trained on, evicted, missing = {MISSING_ID}) scores with row 0",
+                }
+                if f.id_mapping == "dynamic"
+                else {}
+            ),
             "raw": _raw_sparse(f, _column_info(columns, f.source_column), list_delimiter),
             **({"sequence": True, "max_length": f.max_length, "order": "oldest first"} if f.sequence else {}),
         }
@@ -345,8 +399,9 @@ def serving_spec(
         },
         "outputs": {"shape": ["B", len(outputs)], "dtype": "float32", "columns": outputs},
         "id_note": (
-            "the program takes embedding rows and prepared dense values; client.py maps raw ids and raw "
-            "values to them as each input's 'raw' entry says (vocabularies in vocabularies/)"
+            "the program takes embedding rows (raw int64 ids for id_mapping: dynamic features, which it looks "
+            "up itself) and prepared dense values; client.py maps raw ids and raw values to them as each "
+            "input's 'raw' entry says (vocabularies in vocabularies/)"
         ),
         "client": "from client import Scorer; Scorer(folder).score([{input column: raw value, ...}, ...])",
     }
@@ -356,17 +411,24 @@ def export(cfg: Config, checkpoint: str | Path | None, output: str | Path) -> Pa
     """Writes ``model.pt``, ``serving.pt2`` and ``serving.json`` into ``output``; returns the folder."""
     num_embeddings = table_rows(cfg.data.sparse, dataset_meta_if_present(cfg.data.path))
     model, path = load_unsharded_model(cfg, checkpoint, num_embeddings)
+    id_maps = load_id_maps(cfg, path)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
         raise OutputExists(f"--output: {out} is not empty; towerrec never writes over an earlier export")
     torch.save({key: value.detach().clone() for key, value in model.state_dict().items()}, out / MODEL_FILE)
+    if id_maps is not None:
+        snapshots = {table: id_maps.maps[table].sorted_snapshot() for table in id_maps.table_names}
+        torch.save(
+            {table: {"ids": ids, "rows": rows} for table, (ids, rows) in snapshots.items()},
+            out / ID_MAPS_FILE,
+        )
     meta = dataset_meta_if_present(cfg.data.path)
     columns = meta.columns if meta is not None else {}
     if cfg.model.objective == "retrieval":
         spec = _export_retrieval(cfg, model, num_embeddings, path, columns, meta, out)
     else:
-        torch.export.save(export_serving(model, len(cfg.data.dense)), out / SERVING_FILE)
+        torch.export.save(export_serving(model, len(cfg.data.dense), id_maps=id_maps), out / SERVING_FILE)
         spec = serving_spec(cfg, model, num_embeddings, path, columns)
     for feature in spec["inputs"]["sparse"]:
         if feature["raw"]["mapping"] == "vocabulary":

@@ -325,13 +325,13 @@ def format_ranking(result: dict) -> str:
 
 def run_rank_eval(cfg: Config, args: argparse.Namespace) -> int:
     from towerrec.serving.catalogue import load_catalogue
-    from towerrec.serving.export import load_unsharded_model
+    from towerrec.serving.export import load_id_maps, load_unsharded_model
     from towerrec.trainer.run_folder import new_output, user_output
 
     out = user_output(args.output, "--output", folder=False) if args.output else None
     meta = DatasetMeta.load(cfg.data.path)
-    catalogue = load_catalogue(cfg, meta)
-    model, path = load_unsharded_model(cfg, args.checkpoint, catalogue.num_embeddings)
+    model, path = load_unsharded_model(cfg, args.checkpoint, meta.table_rows(cfg.data.sparse))
+    catalogue = load_catalogue(cfg, meta, id_maps=load_id_maps(cfg, path))
     result = evaluate_ranking(cfg, model, catalogue, meta)
     result["checkpoint"] = str(path)
     out = out or new_output(Path(cfg.run_dir) / "rankings", f"ranking-{path.name}", ".json")

@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from towerrec.data.cleaning import string_ids
 from towerrec.data.dataset import DatasetMeta
 from towerrec.data.vocab import original_ids, rows_of_originals
 from towerrec.serving.catalogue import id_feature, load_catalogue
@@ -52,7 +55,9 @@ def to_table(
         "score": result.scores.numpy().ravel()[keep],
     }
     for side, vocabulary in (vocabularies or {}).items():
-        if vocabulary is not None:
+        if callable(vocabulary):  # stored ids → originals (dynamic text ids: ``dynamic_request``)
+            columns[f"original_{side}"] = vocabulary(columns[side])
+        elif vocabulary is not None:
             columns[f"original_{side}"] = original_ids(columns[side], vocabulary)
     for t, name in enumerate(task_names):
         columns[name] = result.predictions[:, :, t].numpy().ravel()[keep]
@@ -125,11 +130,47 @@ def dataset_ids(
         ) from err
 
 
+def dynamic_request(
+    meta: DatasetMeta, column: str, raw: pa.Array | None, flag: str
+) -> tuple[np.ndarray | None, Callable[[np.ndarray], pa.Array] | None]:
+    """For an ``id_mapping: dynamic`` column: raw ids as given (``raw``, None: none given) → the
+    data set's ids (a text id → its 64-bit hash, as preparation stored it; an integer as it is),
+    and how to name stored ids in the output (text ids: the data set's saved texts and those
+    given; None when the stored ids are the originals)."""
+    text = meta.columns.get(column, {}).get("id_type") == "text"
+    ids = given = None
+    if raw is not None:
+        if text:
+            given = pc.utf8_trim_whitespace(raw.cast(pa.string()))
+            ids = np.asarray(string_ids(given).to_numpy(zero_copy_only=False), dtype=np.int64)
+        else:
+            try:
+                ids = np.asarray(raw.cast(pa.int64()).to_numpy(), dtype=np.int64)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise RecommendError(
+                    f"{flag}: the data set stores {column!r} as integer ids ({err})"
+                ) from err
+    if not text:
+        return ids, None
+
+    def names(stored: np.ndarray) -> pa.Array:
+        known = meta.original_ids(column, stored)
+        if given is None or not len(ids):
+            return known
+        order = np.argsort(ids, kind="stable")
+        position = np.minimum(np.searchsorted(ids[order], stored), len(ids) - 1)
+        asked = ids[order][position] == stored  # ids given on the command line name themselves
+        texts = np.asarray(given.to_pylist(), dtype=object)[order][position]
+        return pa.array(np.where(asked, texts, np.asarray(known.to_pylist(), dtype=object)), pa.string())
+
+    return ids, names
+
+
 # ------------------------------------------------------------------------------------------ command
 
 
 def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
-    from towerrec.serving.export import load_unsharded_model
+    from towerrec.serving.export import load_id_maps, load_unsharded_model
     from towerrec.trainer.run_folder import new_output
 
     output = check_output(args.output) if args.output else None
@@ -140,17 +181,22 @@ def run_recommend(cfg: Config, args: argparse.Namespace) -> int:
         ("user", rec.user_feature, "--users", None if args.users == "all" else args.users),
         ("item", rec.item_feature, "--candidates", args.candidates or None),
     ):
-        column = id_feature(cfg, name, f"recommend.{side}_feature").source_column
+        feature = id_feature(cfg, name, f"recommend.{side}_feature")
+        column = feature.source_column
+        raw = read_ids(given, column, flag) if given is not None else None
+        if feature.id_mapping == "dynamic":
+            requested[side], vocabularies[side] = dynamic_request(meta, column, raw, flag)
+            continue
         vocabularies[side] = meta.vocabulary(column)
         requested[side] = None
-        if given is not None:
-            requested[side], vocabularies[side] = dataset_ids(
-                read_ids(given, column, flag), vocabularies[side], flag
-            )
+        if raw is not None:
+            requested[side], vocabularies[side] = dataset_ids(raw, vocabularies[side], flag)
     user_ids, candidate_ids = requested["user"], requested["item"]
     started = time.perf_counter()
-    catalogue = load_catalogue(cfg, meta, extra_users=user_ids, extra_items=candidate_ids)
-    model, path = load_unsharded_model(cfg, args.checkpoint, catalogue.num_embeddings)
+    model, path = load_unsharded_model(cfg, args.checkpoint, meta.table_rows(cfg.data.sparse))
+    catalogue = load_catalogue(
+        cfg, meta, extra_users=user_ids, extra_items=candidate_ids, id_maps=load_id_maps(cfg, path)
+    )
     loaded = time.perf_counter()
     if cfg.model.objective == "retrieval":
         users, candidates, result, task_names, retriever = _retrieve(

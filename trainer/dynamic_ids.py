@@ -22,12 +22,15 @@ the last epoch's and the cumulative counters.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from towerrec.data.config import SparseFeature
 from towerrec.models.dynamic_ids import DynamicIds, TableTooSmall
+from towerrec.trainer.distributed import checkpoint as ckpt
 from towerrec.trainer.errors import CheckpointError, ConfigError
 
 SETTINGS_KEY = "dynamic_ids"
@@ -146,3 +149,41 @@ class DynamicIdMapping(L.Callback):
 def report(module) -> dict[str, Any]:
     """What ``metrics.json`` records of the id maps: the last epoch's counters and the totals."""
     return {"last_epoch": getattr(module, "last_dynamic_ids", {}), "totals": module.dynamic_ids.totals()}
+
+
+def saved_maps(path: Path) -> dict[str, torch.Tensor]:
+    """The id map tensors of checkpoint ``path`` at the shapes they were saved with (the
+    ``state_dict`` of its ``DynamicIds``), read in this process without a process group."""
+    index = ckpt.SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = SETTINGS_KEY + "."
+    state = {
+        key[len(prefix) :]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        for key, entry in index.items()
+        if key.startswith(prefix)
+    }
+    ckpt.load_tensors(path, {SETTINGS_KEY: state})
+    return state
+
+
+def load_grown(ids: DynamicIds, path: Path, sparse: list[SparseFeature]) -> None:
+    """Loads the id maps of a finished run's checkpoint ``path`` into ``ids`` whose tables may be
+    larger (a warm start onto grown tables): every id keeps its row, the rows beyond the old
+    capacity are free. A table that shrank, or a map the run did not have, is a CheckpointError
+    naming the key. (The tables' own rows 0..old capacity carry over as they are.)"""
+    state = saved_maps(path)
+    for table in ids.table_names:
+        prefix = f"maps.{table}."
+        saved = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        if not saved:
+            raise CheckpointError(
+                f"{path}: has no id map of table {table!r} (data.sparse[i].id_mapping: dynamic)"
+            )
+        try:
+            ids.maps[table].load_smaller(saved)
+        except ValueError as err:  # its message starts with the setting: "capacity: ..."
+            setting, _, problem = str(err).partition(": ")
+            raise CheckpointError(
+                f"{path}: {_key_of(sparse, table, setting)}: table {table!r}: {problem}"
+            ) from err
+    ids.epoch_start.zero_()
+    ids.epoch.fill_(-1)

@@ -55,20 +55,18 @@ class RowContext:
             for name, kind in (cfg.data.prepare.columns if cfg.data.prepare else {}).items()
             if kind == "other" and name in stored_names
         ]
-        self.vocabularies = {column: meta.vocabulary(column) for column in self.ids}
+        self.names = {column: meta.id_names(column) for column in self.ids}
         columns = list(dict.fromkeys([*self.ids, *self.labels.values(), *self.kept]))
         self.stored = StoredRows(meta, split, columns, days)
 
     def of(self, rows: np.ndarray) -> dict[str, pa.Array]:
         """The context columns of ``rows`` (positions in the split), in that order."""
-        from towerrec.data.vocab import original_ids
-
         stored = self.stored.take(rows)
         context = {name: stored.column(name).combine_chunks() for name in self.kept if name not in self.ids}
         for column in self.ids:
-            vocabulary = self.vocabularies[column]
             values = stored.column(column).combine_chunks()
-            context[column] = values if vocabulary is None else original_ids(values.to_numpy(), vocabulary)
+            names = self.names[column]
+            context[column] = values if names is None else names(values.to_numpy(zero_copy_only=False))
         for name, column in self.labels.items():
             context[name] = stored.column(column).combine_chunks()
         return context

@@ -12,8 +12,10 @@ exported retrieval model. Needs torch and this folder only.
 
 Every raw value goes through what the data set's preparation and the training reader did, as
 ``serving.json`` records it: ids through the saved vocabulary (unknown ids: row 0), a hash, or
-bucket edges; numbers through their transforms (log1p, clip, standardize; a missing value takes the
-recorded fill). Features a row leaves out count as missing, and so do text cells equal to one of the
+bucket edges, and ids of ``id_mapping: dynamic`` features as raw int64 ids (text through the same
+64-bit hash as preparation), which the program looks up in the id map training left (an id never
+trained on or evicted: row 0); numbers through their transforms (log1p, clip, standardize; a
+missing value takes the recorded fill). Features a row leaves out count as missing, and so do text cells equal to one of the
 data set's missing-value tokens (an empty cell and ``csv.null_values``), so rows read from the
 original CSV score as they are.
 """
@@ -62,12 +64,16 @@ class Feature:
         self.buckets = spec["raw"].get("hash_buckets")
         self.delimiter = spec["raw"].get("delimiter")
         self.max_length = spec.get("max_length") if spec.get("sequence") else None
+        self.text_ids = spec["raw"].get("text_ids", False)
+        self.missing_id = spec["raw"].get("missing_id")
         self.lookup = {}
         if self.mapping == "vocabulary":
             originals = json.loads((folder / spec["raw"]["vocabulary"]).read_text())
             self.lookup = {str(value): row + 1 for row, value in enumerate(originals)}
 
     def _row(self, value) -> int:
+        if self.mapping == "dynamic":
+            return self._raw_id(value)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return 0
         if self.mapping == "buckets":
@@ -85,6 +91,16 @@ class Feature:
         if self.read_mapping == "hash":
             return ((((row & MASK) * READ_HASH_MULTIPLIER) & MASK) >> 17) % self.rows
         return row if row < self.rows else 0
+
+    def _raw_id(self, value) -> int:
+        """The int64 id training read (the program maps it to a row)."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return self.missing_id
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 17.0 is the id written 17
+        if self.text_ids:
+            return string_id(str(value).strip())
+        return int(value)
 
     def rows_of(self, value) -> list[int]:
         if not self.multi_hot:

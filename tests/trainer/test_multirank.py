@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -470,3 +471,53 @@ def test_rows_given_to_new_ids_restart_from_their_initial_values_on_every_shard(
     for result in checked:
         assert result["reused"] > 0 and result["rows"] > 0, result
         assert result["wrong_weights"] == 0 and result["wrong_state"] == 0, result
+
+
+DYNAMIC_SEQUENCE_IDS = [  # the item and its history share t_item, so they share one id map
+    "data.sparse.1.id_mapping=dynamic", "data.sparse.1.dynamic={capacity: 100, evict_chunk: 4}",
+    "data.sparse.2.id_mapping=dynamic", "data.sparse.2.dynamic={capacity: 100, evict_chunk: 4}",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dynamic_sessions(tmp_path_factory) -> Path:
+    """``tiny_sessions``' click log prepared with raw item ids (history lists included)."""
+    from towerrec.data.prepare import prepare
+    from towerrec.data.samples import session_clicks, write_csv
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.dataset_setup import input_schema
+
+    root = tmp_path_factory.mktemp("dynamic_sessions")
+    write_csv(session_clicks(num_users=300, steps=10, num_items=120, seed=1), root / "sessions.csv")
+    cfg = load_config(SESSIONS_CONFIG, [*tiny_sessions_overrides(root / "data"), *DYNAMIC_SEQUENCE_IDS])
+    prepare(cfg.data.prepare, str(root / "data"), input_schema(cfg))
+    return root / "data"
+
+
+def test_two_ranks_map_dynamic_ids_of_histories_as_one_rank(rank_pools, dynamic_sessions, tmp_path):
+    """Raw item ids in the candidate and in the history (an unpooled sequence table) go through one
+    shared map: replicas and the 1-rank run on the same global batches agree."""
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.data.reader import read_stored_columns
+
+    meta = DatasetMeta.load(dynamic_sessions)
+    stored = read_stored_columns(meta, "train", ["item", "hist_items"])
+    items = set(stored.column("item").to_numpy().tolist())
+    history = set(stored.column("hist_items").combine_chunks().flatten().to_numpy().tolist())
+    assert meta.columns["hist_items"]["mapping"] == "dynamic" and history <= items | {-(2**63)}
+    overrides = [
+        *sequence_overrides(dynamic_sessions, tmp_path, "din", "32-true", "lightning"), *DYNAMIC_SEQUENCE_IDS,
+        "data.batch_size=8",  # each row brings its item and up to 10 history items: ~100 distinct per step
+    ]  # fmt: skip
+    two = rank_pools(2).run(rank_jobs.train, overrides, 12, config=SESSIONS_CONFIG)
+    assert_same_id_maps(two[0]["dynamic_ids"], two[1]["dynamic_ids"], "rank 0 vs rank 1")
+    assert evictions(two[0]) > 0
+    (one,) = rank_pools(1).run(rank_jobs.train, overrides, 12, reference_world_size=2, config=SESSIONS_CONFIG)
+    assert_same_id_maps(two[0]["dynamic_ids"], one["dynamic_ids"], "2 ranks vs 1 rank")
+    (reordered,) = rank_pools(1).run(
+        rank_jobs.train, overrides, 12, reference_world_size=2, reverse=True, config=SESSIONS_CONFIG
+    )
+    assert_close_within_rounding(
+        tensors(two), tensors([one]), tensors([reordered]), tensors([one["initial"]]), 2,
+        2 * 8 * 2.0**-24, "dynamic ids of histories",
+    )  # fmt: skip
