@@ -2,8 +2,8 @@
 collision-free until the table is full, then with eviction (LRU, LFU, TTL). No torch.distributed:
 the trainer (``towerrec.trainer.dynamic_ids``) gathers each step's ids over the ranks and calls
 ``DynamicIds.update`` with the same global (id, count) set on every rank, so every replica of the
-map stays bitwise identical (the maps are small, replicated, fixed-shape buffers; TorchRec's
-managed-collision modules are not used: see ``benchmarks/results/DYNAMIC_IDS.md``).
+map stays bitwise identical (the maps are small, replicated, fixed-shape buffers; why not TorchRec's
+managed-collision modules: README.md, "Dynamic ids").
 
 One step of training, per table (ids of all ranks; B ids per rank, C = capacity)::
 

@@ -313,7 +313,7 @@ def initialize_tables(
     would start from different tables). Rows are drawn in chunks of ``INIT_CHUNK_ROWS`` from a
     generator seeded per chunk; each shard fills its rows and columns from the chunks it overlaps.
     The ``hashed`` tables (``id_mapping: dynamic``) take ``hashed_rows``, which
-    ``reset_rows`` writes again into rows given to new ids."""
+    ``RowReset`` writes again into rows given to new ids."""
     by_name = {t.name: t for t in tables}
     for key, value in dmp.state_dict().items():  # views of the live shards
         name = table_of_key(key, by_name)
@@ -350,47 +350,60 @@ def initialize_tables(
                     )
 
 
-def reset_rows(
-    dmp: DistributedModelParallel,
-    resets: dict[str, torch.Tensor],
-    tables: list[BaseEmbeddingConfig],
-    seed: int,
-) -> None:
-    """Re-initialises ``resets[table]`` (sorted rows) of ``hashed`` tables where this rank holds
-    them: the weights back to ``hashed_rows``, the fused optimizer's state of those rows to zero (a
-    row given to a new id must not start from the evicted id's vector nor its learning-rate state)."""
-    resets = {name: rows for name, rows in resets.items() if rows.numel()}
-    if not resets:
-        return
-    by_name = {t.name: t for t in tables}
+class RowReset:
+    """Re-initialises rows of ``hashed`` tables where this rank holds them: the weights back to
+    ``hashed_rows``, the fused optimizer's state of those rows to zero (a row given to a new id must
+    not start from the evicted id's vector nor its learning-rate state). The views of the live
+    shards are collected once (``DMP.state_dict()`` costs ~2 ms a step at a few tables); make a new
+    one after loading a checkpoint.
 
-    def rows_of(shard_start: int, shard: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        low, high = torch.searchsorted(
-            rows, torch.tensor([shard_start, shard_start + shard.shape[0]], device=rows.device)
-        )
-        return rows[int(low) : int(high)]
+        resetter = RowReset(dmp, tables, seed, hashed={"t_user"})
+        resetter({"t_user": torch.tensor([3, 17])})      # sorted rows, on every rank
+    """
 
-    with torch.no_grad():
+    def __init__(
+        self,
+        dmp: DistributedModelParallel,
+        tables: list[BaseEmbeddingConfig],
+        seed: int,
+        hashed: frozenset[str],
+    ):
+        self.seed = seed
+        self.tables = {t.name: t for t in tables if t.name in hashed}
+        self.weights: dict[str, list[tuple[int, int, torch.Tensor]]] = {name: [] for name in self.tables}
+        self.states: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self.tables}
         for key, value in dmp.state_dict().items():  # views of the live shards
-            name = table_of_key(key, resets)
-            if name is None:
-                continue
-            for row_start, col_start, shard in local_shards(value):
-                mine = rows_of(row_start, shard, resets[name].to(shard.device))
-                if mine.numel():
-                    values = hashed_rows(by_name[name], seed, mine, col_start, col_start + shard.shape[1])
-                    shard.index_copy_(0, mine - row_start, values.to(shard.dtype))
+            name = table_of_key(key, self.tables)
+            if name is not None:
+                self.weights[name] += local_shards(value)
         for key, states in dmp.fused_optimizer.state_dict()["state"].items():
-            name = table_of_key(key, resets)
-            if name is None:
+            name = table_of_key(key, self.tables)
+            for state in states.values() if name is not None else ():
+                if isinstance(state, torch.Tensor) and state.dim() > 0:
+                    self.states[name] += [(start, shard) for start, _, shard in local_shards(state)]
+
+    @staticmethod
+    def _within(start: int, shard: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        bounds = torch.tensor([start, start + shard.shape[0]], device=rows.device)
+        low, high = torch.searchsorted(rows, bounds).tolist()
+        return rows[low:high].to(shard.device) - start
+
+    @torch.no_grad()
+    def __call__(self, resets: dict[str, torch.Tensor]) -> None:
+        for name, rows in resets.items():
+            if not rows.numel():
                 continue
-            for state in states.values():
-                if not isinstance(state, torch.Tensor) or state.dim() == 0:
-                    continue
-                for row_start, _, shard in local_shards(state):
-                    mine = rows_of(row_start, shard, resets[name].to(shard.device))
-                    if mine.numel():
-                        shard.index_fill_(0, mine - row_start, 0)
+            for row_start, col_start, shard in self.weights[name]:
+                local = self._within(row_start, shard, rows)
+                if local.numel():
+                    values = hashed_rows(
+                        self.tables[name], self.seed, local + row_start, col_start, col_start + shard.shape[1]
+                    )
+                    shard.index_copy_(0, local, values.to(shard.dtype))
+            for row_start, shard in self.states[name]:
+                local = self._within(row_start, shard, rows)
+                if local.numel():
+                    shard.index_fill_(0, local, 0)
 
 
 def describe_plan(

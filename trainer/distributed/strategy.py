@@ -34,9 +34,9 @@ from towerrec.trainer.distributed import checkpoint as ckpt
 from towerrec.trainer.distributed.faults import register_rank
 from towerrec.trainer.distributed.sharding import (
     ClusterSpec,
+    RowReset,
     describe_plan,
     initialize_tables,
-    reset_rows,
     shard_model,
 )
 
@@ -65,6 +65,7 @@ class TorchRecStrategy(DDPStrategy):
         self.plan_summary: dict | None = None
         self._checkpoint_to_load: Path | None = None
         self._tables: list = []
+        self._row_reset: RowReset | None = None  # views of the live shards, collected on first use
 
     # ------------------------------------------------------------------------------ sharding
     @property
@@ -102,8 +103,10 @@ class TorchRecStrategy(DDPStrategy):
 
     def reset_table_rows(self, resets: dict[str, torch.Tensor]) -> None:
         """Re-initialises rows of dynamic-id tables given to new ids (weights and fused optimizer
-        state) on the ranks holding them (``sharding.reset_rows``)."""
-        reset_rows(self.dmp, resets, self._tables, self.seed)
+        state) on the ranks holding them (``sharding.RowReset``)."""
+        if self._row_reset is None:
+            self._row_reset = RowReset(self.dmp, self._tables, self.seed, frozenset(self._dynamic_tables()))
+        self._row_reset(resets)
 
     # ------------------------------------------------------------------------------ data parallelism
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -266,6 +269,7 @@ class TorchRecStrategy(DDPStrategy):
 
     def load_weights(self, path: Path) -> None:
         """The model's tensors (not the optimizers') from checkpoint ``path``; every rank takes part."""
+        self._row_reset = None  # collected again from the loaded shards
         replicated = self.replicated_state()
         tensors = {"model": self.dmp.state_dict(), **replicated}
         ckpt.load_tensors(path, tensors, self.process_group)
@@ -296,6 +300,7 @@ class TorchRecStrategy(DDPStrategy):
         fused_state = self.dmp.fused_optimizer.state_dict()
         fused_state["state"] = tensors["embedding_optimizer"]
         self.dmp.fused_optimizer.load_state_dict(fused_state)
+        self._row_reset = None
         names = self.dense_parameter_names()
         saved_groups = checkpoint.get("dense_param_groups", [])
         for i, optimizer in enumerate(self.optimizers):
