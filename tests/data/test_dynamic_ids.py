@@ -89,7 +89,7 @@ def shop_config(tmp_path: Path, *overrides: str):
 
 def test_preparation_stores_raw_ids_of_dynamic_columns_and_keeps_their_texts(tmp_path):
     from towerrec.data.prepare import prepare
-    from towerrec.data.reader import read_stored_columns
+    from towerrec.data.reader import StoredRows
 
     cfg = shop_config(tmp_path)
     meta = prepare(cfg.data.prepare, cfg.data.path, input_schema(cfg))
@@ -98,7 +98,7 @@ def test_preparation_stores_raw_ids_of_dynamic_columns_and_keeps_their_texts(tmp
     texts = pacsv.read_csv(tmp_path / "shop.csv").column("user").combine_chunks()
     expected = set(np.asarray(string_ids(texts).to_numpy(zero_copy_only=False)).tolist())
     for split in ("train", "val", "test"):
-        stored = read_stored_columns(meta, split, ["user", "item"])
+        stored = StoredRows(meta, split, ["user", "item"]).take(np.arange(meta.num_rows(split)))
         users = stored.column("user").to_numpy()
         assert set(users.tolist()) <= expected, "not the hashes of the file's user ids"
         names = meta.original_ids("user", users)

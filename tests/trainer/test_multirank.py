@@ -498,10 +498,10 @@ def test_two_ranks_map_dynamic_ids_of_histories_as_one_rank(rank_pools, dynamic_
     """Raw item ids in the candidate and in the history (an unpooled sequence table) go through one
     shared map: replicas and the 1-rank run on the same global batches agree."""
     from towerrec.data.dataset import DatasetMeta
-    from towerrec.data.reader import read_stored_columns
+    from towerrec.data.reader import StoredRows
 
     meta = DatasetMeta.load(dynamic_sessions)
-    stored = read_stored_columns(meta, "train", ["item", "hist_items"])
+    stored = StoredRows(meta, "train", ["item", "hist_items"]).take(np.arange(meta.num_rows("train")))
     items = set(stored.column("item").to_numpy().tolist())
     history = set(stored.column("hist_items").combine_chunks().flatten().to_numpy().tolist())
     assert meta.columns["hist_items"]["mapping"] == "dynamic" and history <= items | {-(2**63)}
