@@ -162,15 +162,22 @@ class DatasetMeta:
         (rows) or, for text ids kept raw (``id_mapping: dynamic``), its saved texts (hashes); null
         where unknown. None when the stored values are the original ids themselves."""
         info = self.columns.get(column, {})
-        if info.get("originals"):
-            try:
-                saved = pq.read_table(self.root / info["originals"])
-            except (OSError, pa.ArrowInvalid) as err:
-                raise DataError(
-                    f"{self.root / info['originals']}: cannot read the ids of {column!r} ({err})"
-                ) from err
-            keys = saved.column("key").to_numpy()
-            texts = saved.column("id").to_numpy(zero_copy_only=False)
+        files = [
+            info.get("originals"),
+            *((day.get("originals") or {}).get(column) for day in self.days or []),
+        ]
+        files = [file for file in files if file]
+        if files:
+            keys, texts = [], []
+            for file in files:  # day 0's, then each appended day's
+                try:
+                    saved = pq.read_table(self.root / file)
+                except (OSError, pa.ArrowInvalid) as err:
+                    raise DataError(f"{self.root / file}: cannot read the ids of {column!r} ({err})") from err
+                keys.append(saved.column("key").to_numpy())
+                texts.append(saved.column("id").to_numpy(zero_copy_only=False))
+            keys, first = np.unique(np.concatenate(keys), return_index=True)
+            texts = np.concatenate(texts)[first]
 
             def texts_of(stored: np.ndarray) -> pa.Array:
                 stored = np.asarray(stored, dtype=np.int64)

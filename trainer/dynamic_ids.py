@@ -61,7 +61,8 @@ def _key_of(sparse: list[SparseFeature], table: str, setting: str) -> str:
 def check_checkpoint(checkpoint: dict[str, Any], ids: DynamicIds | None, sparse: list[SparseFeature]) -> None:
     """Before a checkpoint's tensors are loaded: its id maps must be the config's (same tables,
     same capacity and buffer sizes). A map of another capacity is refused naming the key: a resume
-    continues a run exactly; growing a table is a warm start (``DynamicIds.load_smaller``)."""
+    continues a run exactly, a warm start keeps every tensor's size (``load_grown`` loads a map into
+    a larger one, for a table grown by other means)."""
     saved = checkpoint.get(SETTINGS_KEY) or {}
     mine = settings_of(ids) if ids is not None else {}
     if set(saved) != set(mine):
@@ -74,8 +75,8 @@ def check_checkpoint(checkpoint: dict[str, Any], ids: DynamicIds | None, sparse:
             if saved[table][setting] != settings[setting]:
                 raise CheckpointError(
                     f"{_key_of(sparse, table, setting)}: the checkpoint's id map of table {table!r} has "
-                    f"{setting} {saved[table][setting]}, the config {settings[setting]}; a resume continues the run "
-                    "as it was (set it back), growing a table is a warm start from the finished run"
+                    f"{setting} {saved[table][setting]}, the config {settings[setting]}; a resume or a warm start keeps "
+                    "the map's sizes (set it back; towerrec.trainer.dynamic_ids.load_grown loads a map into a larger one)"
                 )
 
 

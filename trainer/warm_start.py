@@ -21,8 +21,10 @@ from pathlib import Path
 import lightning as L
 import yaml
 
+from towerrec.models.dynamic_ids import DynamicIds
 from towerrec.trainer.config import Config, ConfigError
 from towerrec.trainer.distributed import checkpoint as ckpt
+from towerrec.trainer.dynamic_ids import check_checkpoint
 from towerrec.trainer.errors import CheckpointError
 
 MODEL_PREFIX = "model."
@@ -87,6 +89,10 @@ def check_compatible(cfg: Config, path: Path, model_shapes: dict[str, tuple[int,
         for key in ours:
             if ours[key] != theirs[key]:
                 raise ConfigError(f"{where}: {_describe(key, theirs[key], ours[key])}")
+    try:  # the id maps of id_mapping: dynamic tables: same tables, same sizes (trainer.dynamic_ids)
+        check_checkpoint(ckpt.load_state(path), DynamicIds.of(cfg.data.sparse), cfg.data.sparse)
+    except CheckpointError as err:
+        raise ConfigError(f"{where}: {err}") from err
     stored = checkpoint_shapes(path)
     missing = sorted(set(model_shapes) - set(stored))
     unexpected = sorted(set(stored) - set(model_shapes))

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 
 from towerrec.data.cleaning import string_ids
@@ -155,3 +156,35 @@ def test_the_dynamic_section_is_checked_when_the_config_is_loaded(overrides, mes
     with pytest.raises(ConfigError) as info:
         load_config("configs/default.yaml", overrides)
     assert message in str(info.value), str(info.value)
+
+
+def test_an_appended_day_stores_raw_ids_and_names_its_new_text_ids(tmp_path):
+    from towerrec.data.prepare import append_day, prepare
+    from towerrec.data.samples import drifting_days, write_days
+
+    days = []
+    for table in drifting_days(num_days=2, rows_per_day=2000, seed=2):
+        texts = pc.binary_join_element_wise("u", pc.cast(table.column("user"), pa.string()), "")
+        days.append(table.set_column(table.schema.get_field_index("user"), "user", texts))
+    write_days(days, tmp_path / "log")
+    cfg = load_config(
+        "configs/rolling_days.yaml",
+        [
+            f"data.path={tmp_path / 'data'}", f"data.prepare.source={tmp_path / 'log' / 'day-00.parquet'}",
+            "data.prepare.row_group_size=512", "data.sparse.0.id_mapping=dynamic",
+            "data.sparse.0.dynamic={capacity: 500}",
+        ],
+    )  # fmt: skip
+    prepare(cfg.data.prepare, cfg.data.path, input_schema(cfg))
+    meta = append_day(
+        cfg.data.prepare, cfg.data.path, str(tmp_path / "log" / "day-01.parquet"), input_schema(cfg)
+    )
+    per_day = []
+    for day in (0, 1):
+        files = sorted({rg.file for rg in meta.row_groups("train", (day, day))})
+        stored = np.concatenate([pq.read_table(f, columns=["user"]).column(0).to_numpy() for f in files])
+        names = meta.original_ids("user", stored)
+        assert names.null_count == 0 and bool(pc.all(pc.equal(string_ids(names), pa.array(stored))).as_py())
+        per_day.append(set(names.to_pylist()))
+    assert per_day[1] - per_day[0], "day 1 brings users day 0 did not have"
+    assert meta.days[1]["originals"]["user"].startswith("days/0001/")

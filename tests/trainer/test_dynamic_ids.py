@@ -21,12 +21,15 @@ DYNAMIC = [
 ]  # fmt: skip
 
 
-def fit_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    overrides = [
+def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
         f"data.path={data}", *TINY_SYNTHETIC, f"run_dir={run_dir}", "data.batch_size=64",
         "trainer.max_epochs=2", "trainer.progress_bar=false", "trainer.num_threads=1", *DYNAMIC, *extra,
     ]  # fmt: skip
-    return ["fit", "--config", "configs/default.yaml", *overrides]
+
+
+def fit_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", "configs/default.yaml", *overrides(data, run_dir, *extra)]
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +118,44 @@ def test_a_finished_runs_maps_load_into_grown_tables_keeping_every_ids_row(finis
         CheckpointError, match=r"data.sparse\[1\].dynamic.capacity: table 't_item_id': the saved map"
     ):
         load_grown(DynamicIds.of(shrunk_features), path, shrunk_features)
+
+
+def test_a_warm_start_loads_the_finished_runs_id_maps(finished, tiny_data, tmp_path, rank_pools):
+    from tests.trainer import rank_jobs
+    from towerrec.trainer.dynamic_ids import saved_maps
+
+    run_dir, _ = finished
+    (warm,) = rank_pools(1).run(
+        rank_jobs.fit_capturing_state,
+        overrides(tiny_data, tmp_path / "warm", f"trainer.warm_start={run_dir}", "trainer.max_epochs=1"),
+    )
+    saved = saved_maps(ckpt.resolve_model(run_dir))
+    assert warm["start"]["dynamic_ids"].keys() == saved.keys()
+    for key, value in saved.items():  # (fit_capturing_state gives every tensor as float32)
+        assert (warm["start"]["dynamic_ids"][key] == value.float().numpy()).all(), key
+    assert (
+        warm["end"]["dynamic_ids"]["maps.t_user_id.meta"] != saved["maps.t_user_id.meta"].float().numpy()
+    ).any()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["data.sparse.1.dynamic={capacity: 120, policy: lfu}"],
+         "data.sparse[1].dynamic.capacity: the checkpoint's id map of table 't_item_id' has capacity 100"),
+        (["data.sparse.1.id_mapping=vocab", "data.sparse.1.dynamic=null"],
+         "the checkpoint has dynamic id maps for tables ['t_item_id', 't_user_id'], the config for ['t_user_id']"),
+    ],
+)  # fmt: skip
+def test_a_warm_start_onto_other_id_maps_is_refused_naming_what_differs(
+    finished, tiny_data, tmp_path, extra, message
+):
+    run_dir, _ = finished
+    result = run_cli(
+        fit_args(tiny_data, tmp_path / "warm", f"trainer.warm_start={run_dir}", *extra),
+        check=False,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: trainer.warm_start: {ckpt.resolve_model(run_dir)}: " in result.stderr
+    assert message in result.stderr, result.stderr[-2000:]
