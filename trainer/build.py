@@ -252,7 +252,7 @@ def build(
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         logger=make_loggers(cfg.trainer.loggers, log_dir) or False if log_dir is not None else False,
         callbacks=callbacks,
-        enable_checkpointing=False,
+        enable_checkpointing=True,  # StepCheckpoint is the only checkpoint callback
         enable_progress_bar=progress == "bar",
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -65,7 +65,8 @@ class ParquetDataModule(L.LightningDataModule):
         if self.train_stream is None:
             self.train_stream = self._stream(self.data.train_split, train=True, role="train")
             if self._pending_state is not None:
-                self.train_stream.load_state_dict(self._pending_state)
+                self.train_stream.load_state_dict(self._pending_state["train"])
+                self.train_stream.skipped_bad_rows = int(self._pending_state.get("skipped_bad_rows", 0))
         # Lightning asks for the loader (and its length) at every epoch start: an epoch finished on
         # another layout (a resume on another world size) is followed by one of a different length
         self.train_stream.advance_if_finished()
@@ -86,15 +87,22 @@ class ParquetDataModule(L.LightningDataModule):
         return self._stream(split, train=False, role=split_role(self.data, split))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train": self.train_stream.state_dict()} if self.train_stream is not None else {}
+        """The training reader's position and the bad rows it skipped so far (``data.bad_rows: skip``)."""
+        if self.train_stream is None:
+            return {}
+        return {
+            "train": self.train_stream.state_dict(),
+            "skipped_bad_rows": self.train_stream.skipped_bad_rows,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "train" not in state:
             return
         if self.train_stream is not None:
             self.train_stream.load_state_dict(state["train"])
+            self.train_stream.skipped_bad_rows = int(state.get("skipped_bad_rows", 0))
         else:
-            self._pending_state = state["train"]
+            self._pending_state = state
 
 
 def split_role(data: DataConfig, split: str) -> str | None:

@@ -199,7 +199,9 @@ class MultiTaskModule(L.LightningModule):
             flat = [torch.cat([g.reshape(-1) for g in grads]) for grads in per_task]
             averaged = self.trainer.strategy.mean_over_ranks(flat)
             loss = loss + balancer.gradnorm_loss(global_losses, torch.stack([g.norm() for g in averaged]))
-        if self.global_step % self.cfg.trainer.log_every_n_steps == 0:  # self.log costs ~0.3 ms a call
+        # the steps whose row Lightning writes (self.log costs ~0.3 ms a call): a row then holds this
+        # step's losses, not those of a step logged earlier
+        if (self.global_step + 1) % self.cfg.trainer.log_every_n_steps == 0:
             with torch.no_grad():
                 self.log("train/loss", balancer(global_losses), prog_bar=True, batch_size=batch_size)
             for name, value in zip(self.task_names, global_losses):

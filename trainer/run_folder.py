@@ -132,20 +132,60 @@ def user_output(path: str | os.PathLike, flag: str, folder: bool) -> Path:
 
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` (an earlier fit session of
-    this run) is continued, not deleted."""
+    this run) is continued, not deleted; it counts the rows on disk (a checkpoint records how many)
+    and never leaves a half-rewritten file (a new column rewrites it beside, then renames)."""
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
+        self.rows_on_disk = 0
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as file:
-                self.metrics_keys = list(next(csv.reader(file), []))
+                reader = csv.reader(file)
+                self.metrics_keys = list(next(reader, []))
+                self.rows_on_disk = sum(1 for _ in reader)
 
     def _check_log_dir_exists(self) -> None:
         """Lightning deletes the earlier metrics here; the run's record must survive a resume."""
 
+    def save(self) -> None:
+        flushed = len(self.metrics)
+        super().save()
+        self.rows_on_disk += flushed
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        self._replace(fieldnames, rows)
+
+    def keep_rows(self, count: int) -> None:
+        """Cuts the file back to its header and first ``count`` rows (the rest: logged by an
+        interrupted session after its last checkpoint; the resumed run logs them again)."""
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as file:
+            reader = csv.reader(file)
+            header = next(reader, [])
+            rows = list(reader)
+        if len(rows) > count:
+            self._replace(header, rows[:count], plain=True)
+        self.rows_on_disk = min(count, len(rows))
+
+    def _replace(self, header: list[str], rows: list, plain: bool = False) -> None:
+        partial = f"{self.metrics_file_path}.partial"
+        with open(partial, "w", newline="") as file:
+            if plain:
+                writer = csv.writer(file)
+                writer.writerow(header)
+            else:
+                writer = csv.DictWriter(file, fieldnames=header)
+                writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, self.metrics_file_path)
+
 
 class AppendingCSVLogger(CSVLogger):
-    """``CSVLogger`` writing ``<root>/<name>/metrics.csv``, appending across fit sessions."""
+    """``CSVLogger`` writing ``<root>/<name>/metrics.csv``, appending across fit sessions; a
+    checkpoint records ``rows_on_disk()`` and a resumed run ``restore``s the log to it."""
 
     @property
     @rank_zero_experiment
@@ -154,6 +194,19 @@ class AppendingCSVLogger(CSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def rows_on_disk(self) -> int:
+        """Writes what is buffered; the number of rows the file holds (global rank 0)."""
+        self.save()
+        return self.experiment.rows_on_disk
+
+    def restore(self, rows: int, then: list[dict]) -> None:
+        """The log as a checkpoint saw it: its first ``rows`` rows, then the rows ``then``
+        (``{"step", "metrics"}``) that were still to be logged for the checkpoint's step."""
+        self.experiment.keep_rows(rows)
+        for row in then:
+            self.experiment.log_metrics(row["metrics"], row["step"])
+        self.save()
 
 
 def make_loggers(loggers, log_dir: Path) -> list:
