@@ -39,6 +39,12 @@ LIGHTNING_LOGGERS = (
     "pytorch_lightning",
 )
 LIGHTNING_TIPS = ("💡 Tip:",)
+# Lightning names the checkpoint path it was given; towerrec says which checkpoint it loads (after
+# checking it, and a resumed fit may fall back to an older intact one).
+LIGHTNING_RESTORE_NOTES = (
+    "Restoring states from the checkpoint path at",
+    "Restored all states from the checkpoint at",
+)
 
 
 def process_rank() -> tuple[int, int]:
@@ -63,7 +69,7 @@ class _RankFormatter(logging.Formatter):
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(LIGHTNING_TIPS)
+        return not str(record.getMessage()).startswith(LIGHTNING_TIPS + LIGHTNING_RESTORE_NOTES)
 
 
 def configure_logging(rank: int | None = None, world_size: int | None = None) -> None:

@@ -67,7 +67,10 @@ def fit(cfg: Config) -> int:
             check_writable(run_dir / "checkpoints")
         resume = resume_path(cfg)
         if resume is not None:
-            epoch = int(ckpt.load_state(resume).get("epoch", 0))
+            try:
+                epoch = int(ckpt.load_state(resume).get("epoch", 0))
+            except ckpt.CheckpointError:  # damaged: loading checks it and falls back to an intact one
+                epoch = 0
             if epoch > cfg.trainer.max_epochs:
                 raise ConfigError(
                     f"trainer.max_epochs: {cfg.trainer.max_epochs}, but {resume} is already at epoch {epoch}; "
@@ -127,10 +130,15 @@ def _restore_best(cfg: Config, trainer: L.Trainer) -> dict | None:
         return None
     path = ckpt.checkpoint_dir(root, best["step"])
     if best["step"] != trainer.global_step:
-        if not ckpt.is_complete(path):
+        problem = "is gone" if not ckpt.is_complete(path) else None
+        if problem is None:
+            damage = ckpt.check_intact(path, trainer.strategy.process_group)  # every rank takes part
+            problem = f"is damaged ({damage})" if damage else None
+        if problem is not None:
             if trainer.is_global_zero:
                 print(
-                    f"[towerrec] {path} (best {best['metric']}) is gone: testing the last weights", flush=True
+                    f"[towerrec] {path} (best {best['metric']}) {problem}: testing the last weights",
+                    flush=True,
                 )
             return None
         trainer.strategy.load_weights(path)

@@ -12,6 +12,13 @@ A save writes into ``*.partial``; after every rank's DCP write has finished (DCP
 finish) rank 0 writes ``trainer_state.json``, renames the folder and only then moves ``latest``.
 A crash at any point leaves the previous checkpoint and pointer untouched.
 
+Every file of a checkpoint has its checksums in ``checksums.json`` (CRC-32 of each
+``CHECKSUM_CHUNK_BYTES`` of it), computed right after the write, while the bytes are still in
+the page cache: each rank hashes its share of the shard files, chunks in parallel threads. Before
+a checkpoint is loaded its files are checked against them (the ranks split the files): a damaged
+checkpoint is refused naming the file, and a resumed fit falls back to the newest intact one.
+Checkpoints written without checksums load unchecked.
+
 Only tensors go through DCP (loaded with ``weights_only``, and DCP's ``.metadata`` index through a
 restricted unpickler); everything else (loop progress, reader position, learning rates) is JSON,
 so loading never unpickles arbitrary objects.
@@ -26,6 +33,8 @@ import os
 import pickle
 import re
 import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +48,9 @@ from towerrec.trainer.errors import CheckpointError
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
 BEST_FILE = "best.json"
+CHECKSUM_FILE = "checksums.json"
+CHECKSUM_CHUNK_BYTES = 64 << 20
+"""Bytes per CRC-32 in ``checksums.json``: chunks are hashed in parallel, and a mismatch names its range."""
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -98,40 +110,113 @@ def save(
     barrier,
     keep_last: int,
     process_group=None,
+    checksums: bool = True,
 ) -> Path:
-    """Saves on every rank (collective). ``tensors`` may hold ShardedTensors/DTensors."""
+    """Saves on every rank (collective). ``tensors`` may hold ShardedTensors/DTensors.
+
+    ``checksums``: record the checksums of every file (``checksums.json``); off only to measure
+    what they cost (``benchmarks/big_tables.py``)."""
     _check_tensors_only(tensors)
     final = checkpoint_dir(root, step)
     partial = final.with_name(final.name + ".partial")
+    rank, world_size = _rank_and_world(process_group)
     if is_rank_zero:
         shutil.rmtree(partial, ignore_errors=True)
         try:
             partial.mkdir(parents=True)
         except OSError as err:
             raise CheckpointError(
-                f"{partial}: cannot create the checkpoint folder ({err.strerror or err})"
+                f"{partial}: cannot create the checkpoint folder ({_os_error(err)})"
             ) from err
     barrier()
     try:
         dcp.save(tensors, checkpoint_id=str(partial), process_group=process_group)
     except (CheckpointException, OSError) as err:  # CheckpointException is a BaseException
+        _remove_partial(partial, is_rank_zero)
         raise CheckpointError(f"{partial}: saving failed ({_first_failure(err)})") from err
-    barrier()
+    files: dict[str, Any] = {}
+    failure = None
+    if checksums:  # every rank its share of the shard files; DCP's save returned once all were written
+        shards = sorted(p.name for p in partial.iterdir() if p.suffix == ".distcp")
+        try:
+            files = file_checksums(partial, shards[rank::world_size])
+        except OSError as err:
+            failure = f"{partial}: reading the shards back for their checksums failed ({_os_error(err)})"
+    gathered = _gather((files, failure), process_group, world_size)
+    failure = next((f for _, f in gathered if f), None)
+    if is_rank_zero and failure is None:
+        try:
+            _write_json(partial / STATE_FILE, to_json_tree(state))
+            if checksums:
+                files = file_checksums(partial, [".metadata", STATE_FILE])
+                for part, _ in gathered:
+                    files.update(part)
+                _write_json(
+                    partial / CHECKSUM_FILE,
+                    {"algorithm": "crc32", "chunk_bytes": CHECKSUM_CHUNK_BYTES, "files": files},
+                )
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _write_json(Path(root) / LATEST_FILE, None, text=final.name + "\n")
+            _prune(Path(root), keep_last, keep=final.name)
+        except OSError as err:
+            failure = f"{partial}: saving failed ({_os_error(err)})"
+    failure = next((f for f in _gather(failure, process_group, world_size) if f), None)
+    if failure is not None:
+        _remove_partial(partial, is_rank_zero)
+        raise CheckpointError(failure)
+    return final
+
+
+def _remove_partial(partial: Path, is_rank_zero: bool) -> None:
+    """A failed save frees what it wrote (a full disk: the space the next save needs)."""
     if is_rank_zero:
-        state_path = partial / STATE_FILE
-        with open(state_path, "w") as f:
-            json.dump(to_json_tree(state), f)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _gather(value: Any, process_group, world_size: int) -> list[Any]:
+    """Every rank's ``value`` (in rank order), on every rank."""
+    if world_size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value, group=process_group)
+    return gathered
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError in a line; a full disk says so and names the path."""
+    import errno
+
+    where = f" writing {err.filename}" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device{where}"
+    return f"{err.strerror or err}{where}"
+
+
+def _write_json(path: Path, tree: Any, text: str | None = None) -> None:
+    """Writes ``path`` whole or not at all (beside, synced, renamed): a crash or a full disk leaves
+    the previous version (or nothing)."""
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        with open(partial, "w") as f:
+            f.write(json.dumps(tree) if text is None else text)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        pointer = Path(root) / (LATEST_FILE + ".tmp")
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, Path(root) / LATEST_FILE)
-        _prune(Path(root), keep_last, keep=final.name)
-    barrier()
-    return final
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _rank_and_world(process_group) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
@@ -151,17 +236,14 @@ def read_best(root: str | os.PathLike) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+        return json.loads(path.read_bytes().decode())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not a readable best-epoch record ({err})") from err
 
 
 def write_best(root: str | os.PathLike, record: dict[str, Any]) -> None:
     """Replaces ``best.json`` atomically (rank 0 only)."""
-    path = Path(root) / BEST_FILE
-    partial = path.with_name(BEST_FILE + ".tmp")
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, path)
+    _write_json(Path(root) / BEST_FILE, None, text=json.dumps(record, indent=1))
 
 
 def is_complete(path: Path) -> bool:
@@ -175,9 +257,15 @@ def find_latest(root: str | os.PathLike) -> Path | None:
         return None
     pointer = root / LATEST_FILE
     if pointer.exists():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
-            return candidate
+        try:
+            name = pointer.read_bytes().decode().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            name = ""
+            print(
+                f"[towerrec] {pointer} is damaged ({err}): using the newest complete checkpoint", flush=True
+            )
+        if STEP_DIR.match(name) and is_complete(root / name):
+            return root / name
     complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and is_complete(p))
     return complete[-1] if complete else None
 
@@ -210,9 +298,121 @@ def resolve_model(path: str | os.PathLike) -> Path:
 
 def load_state(path: Path) -> dict[str, Any]:
     try:
-        return from_json_tree(json.loads((path / STATE_FILE).read_text()))
-    except (OSError, json.JSONDecodeError) as err:
+        return from_json_tree(json.loads((path / STATE_FILE).read_bytes().decode()))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path / STATE_FILE}: cannot be read ({err})") from err
+
+
+# ------------------------------------------------------------------------------------ checksums
+def _chunk_crc(path: Path, offset: int, size: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return zlib.crc32(f.read(size))  # zlib releases the GIL: threads hash in parallel
+
+
+def file_checksums(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "crc32": [one per CHECKSUM_CHUNK_BYTES]}}`` of files in ``folder``, the
+    chunks hashed by ``torch.get_num_threads()`` threads."""
+    sizes = {name: (folder / name).stat().st_size for name in names}
+    tasks = [
+        (name, offset) for name in names for offset in range(0, max(sizes[name], 1), CHECKSUM_CHUNK_BYTES)
+    ]
+    with ThreadPoolExecutor(max(1, min(len(tasks), torch.get_num_threads()))) as pool:
+        crcs = list(pool.map(lambda task: _chunk_crc(folder / task[0], task[1], CHECKSUM_CHUNK_BYTES), tasks))
+    files: dict[str, dict[str, Any]] = {name: {"size": sizes[name], "crc32": []} for name in names}
+    for (name, _), crc in zip(tasks, crcs):
+        files[name]["crc32"].append(crc)
+    return files
+
+
+def _recorded_checksums(path: Path) -> dict[str, dict[str, Any]] | str | None:
+    """The checkpoint's recorded checksums, None if it has none, or what is wrong with the record."""
+    manifest = path / CHECKSUM_FILE
+    if not manifest.exists():
+        return None
+    try:
+        record = json.loads(manifest.read_bytes().decode())
+        if record["chunk_bytes"] != CHECKSUM_CHUNK_BYTES or record["algorithm"] != "crc32":
+            return f"{manifest}: checksums of another kind ({record['algorithm']}, {record['chunk_bytes']} bytes)"
+        return dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{manifest}: damaged ({err})"
+
+
+def find_damage(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """What is wrong with this rank's share (every ``world_size``-th file) of the checkpoint's
+    files against their recorded checksums, or None."""
+    recorded = _recorded_checksums(path)
+    if recorded is None or isinstance(recorded, str):
+        return recorded
+    names = sorted(recorded)[rank::world_size]
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing (the checkpoint's checksums list it)"
+        if file.stat().st_size != recorded[name]["size"]:
+            return f"{file}: {file.stat().st_size} bytes, {recorded[name]['size']} when it was written"
+    try:
+        found = file_checksums(path, names)
+    except OSError as err:
+        return f"{path}: cannot be read ({_os_error(err)})"
+    for name in names:
+        for chunk, (crc, expected) in enumerate(zip(found[name]["crc32"], recorded[name]["crc32"])):
+            if crc != expected:
+                start = chunk * CHECKSUM_CHUNK_BYTES
+                end = min(start + CHECKSUM_CHUNK_BYTES, found[name]["size"])
+                return f"{path / name}: bytes {start}-{end} differ from their checksum recorded when it was written"
+    return None
+
+
+_intact: set[tuple] = set()  # checkpoints this process found intact, with their files' stat
+
+
+def check_intact(path: Path, process_group=None) -> str | None:
+    """What is wrong with checkpoint ``path``'s files (checksums), or None; collective when there
+    is a process group (the ranks split the files, and all get the same answer). A checkpoint found
+    intact is not read again while its files keep their size and modification time."""
+    key = _stat_key(Path(path))
+    rank, world_size = _rank_and_world(process_group)
+    mine = None if key in _intact else find_damage(path, rank, world_size)  # every rank gathers
+    damage = next((d for d in _gather(mine, process_group, world_size) if d), None)
+    if damage is None:
+        _intact.add(key)
+    return damage
+
+
+def _stat_key(path: Path) -> tuple:
+    try:
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir())
+    except OSError:
+        files = []
+    return (str(path.resolve()), tuple(files))
+
+
+def intact(path: Path, process_group=None, fallback: bool = False, is_rank_zero: bool = True) -> Path:
+    """``path`` if its files match their checksums; else, with ``fallback``, the newest intact
+    complete checkpoint older than it in the same folder (each damaged one named on stdout);
+    else ``CheckpointError`` naming the damaged file."""
+    older = sorted(
+        (p for p in path.parent.iterdir() if STEP_DIR.match(p.name) and p.name < path.name and is_complete(p)),
+        reverse=True,
+    ) if fallback else []  # fmt: skip
+    damaged = []
+    for candidate in [path, *older]:
+        damage = check_intact(candidate, process_group)
+        if damage is None:
+            if damaged and is_rank_zero:
+                print(f"[towerrec] resuming from {candidate}, the newest intact checkpoint", flush=True)
+            return candidate
+        damaged.append(damage)
+        if fallback and is_rank_zero:
+            print(f"[towerrec] checkpoint {candidate} is damaged: {damage}", flush=True)
+    if fallback:
+        raise CheckpointError(
+            f"{path.parent}: no intact checkpoint to resume from ({damaged[0]}); start afresh with "
+            "checkpoint.resume=never and another run_dir, or restore the files"
+        )
+    raise CheckpointError(f"{path}: damaged: {damaged[0]}")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -233,34 +433,66 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}: refusing to unpickle it")
+        raise CheckpointError(
+            f"it refers to {module}.{name}, which a checkpoint index never holds: refusing to unpickle it "
+            "(damaged, or not a towerrec checkpoint)"
+        )
 
 
 class SafeFileSystemReader(dcp.FileSystemReader):
     """DCP's reader, except that the metadata index is read with a restricted unpickler (the
-    tensors themselves are already loaded with ``weights_only=True``)."""
+    tensors themselves are already loaded with ``weights_only=True``), once: a damaged index is a
+    ``CheckpointError`` naming the file, not DCP's fallbacks to per-rank indexes that never exist."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self._metadata = None
 
     def read_metadata(self, *args: Any, **kwargs: Any):
-        rank = kwargs.get("rank")
-        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as stream:
-            metadata = _MetadataUnpickler(stream).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        if self._metadata is None:
+            path = Path(self._get_metadata_path())
+            try:
+                with self.fs.create_stream(path, "rb") as stream:
+                    metadata = _MetadataUnpickler(stream).load()
+            except CheckpointError as err:
+                raise CheckpointError(f"{path}: {err}") from err
+            except Exception as err:  # noqa: BLE001 - anything a damaged pickle raises
+                raise CheckpointError(
+                    f"{path}: damaged or not a checkpoint index ({type(err).__name__}: {_one_line(err)})"
+                ) from err
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            self._metadata = metadata
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
 
 
 def load_tensors(path: Path, tensors: dict[str, Any], process_group=None) -> None:
-    """Loads in place into ``tensors`` (the live, possibly differently sharded, state)."""
+    """Loads in place into ``tensors`` (the live, possibly differently sharded, state), after
+    checking the files against their checksums (``check_intact``; collective with a group)."""
+    damage = check_intact(path, process_group)
+    if damage is not None:
+        raise CheckpointError(f"{path}: damaged: {damage}")
+    reader = SafeFileSystemReader(str(path))
+    reader.read_metadata()  # a damaged index: one clear error, before DCP logs its fallbacks
     try:
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
+        dcp.load(tensors, storage_reader=reader, process_group=process_group)
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         raise CheckpointError(f"{path}: cannot be loaded into this model ({_first_failure(err)})") from err
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if "weights_only" in text:  # torch.load's advice to unpickle arbitrary code: never ours to give
+        return "a tensor file is damaged or is not a checkpoint shard"
+    if isinstance(err, OSError):
+        return _os_error(err)
+    return text.splitlines()[0][:500] if text else type(err).__name__
 
 
 def _first_failure(err: BaseException) -> str:
     if isinstance(err, CheckpointException) and err.failures:
         rank, failure = sorted(err.failures.items())[0]
         inner = failure[0] if isinstance(failure, tuple) else failure
-        return f"rank {rank}: {str(inner).splitlines()[0][:500]}"
-    return str(err).splitlines()[0][:500]
+        return f"rank {rank}: {_one_line(inner)}"
+    return _one_line(err)

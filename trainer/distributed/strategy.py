@@ -256,7 +256,9 @@ class TorchRecStrategy(DDPStrategy):
         )
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        path = ckpt.resolve(checkpoint_path)
+        # files checked against their checksums; a resumed fit falls back to an older intact one
+        resuming = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        path = ckpt.intact(ckpt.resolve(checkpoint_path), self.process_group, resuming, self.is_global_zero)
         self._checkpoint_to_load = path
         state = ckpt.load_state(path)
         state["state_dict"] = {}
