@@ -18,7 +18,14 @@ import sys
 
 from towerrec.trainer.commands import COMMANDS, parser
 from towerrec.trainer.config import dump_yaml, load_config
-from towerrec.trainer.errors import ConfigError, PeerLost, exit_code
+from towerrec.trainer.errors import (
+    ConfigError,
+    PeerLost,
+    TowerrecError,
+    exit_code,
+    no_space,
+    no_space_message,
+)
 from towerrec.trainer.logs import configure_logging
 
 
@@ -42,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser().parse_known_args(argv)
     command = COMMANDS[args.command]
     configure_logging()
+    cfg = None
     try:
         if not command.needs_config:
             if extra:
@@ -57,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(err)
         if code is None:  # not a user-facing error: a bug, keep its traceback
             raise
-        print(f"error: {err}", file=sys.stderr)
+        full = no_space(err)
+        if full is not None and not isinstance(err, TowerrecError):  # ours name what they wrote
+            folders = [cfg.run_dir, cfg.data.path] if cfg is not None else []
+            print(f"error: {no_space_message(full, folders)}", file=sys.stderr)
+        else:
+            print(f"error: {err}", file=sys.stderr)
         if isinstance(err, PeerLost):  # the process group is broken: no teardown can complete
             sys.stdout.flush()
             sys.stderr.flush()

@@ -9,9 +9,11 @@ silenced, and ``[rank N]`` in front of log lines from ranks other than 0 when th
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
+import threading
 import warnings
 
 # Messages from the libraries that say nothing about the user's run (each appears on every rank).
@@ -96,6 +98,15 @@ def configure_logging(rank: int | None = None, world_size: int | None = None) ->
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.showwarning = _show_warning(prefix)
+    threading.excepthook = _quiet_full_disk
+
+
+def _quiet_full_disk(args) -> None:
+    """A library's writer thread that meets a full disk (TensorBoard's) dies without a traceback:
+    the main thread meets the same error at its next write and the command reports it in a line."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT):
+        return
+    threading.__excepthook__(args)
 
 
 def _show_warning(prefix: str):

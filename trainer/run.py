@@ -26,6 +26,7 @@ from towerrec.trainer.run_folder import (
     check_writable,
     new_output,
     training_lock,
+    write_whole,
 )
 from towerrec.trainer.warm_start import (
     SharedTables,
@@ -112,7 +113,7 @@ def fit(cfg: Config) -> int:
         if "test" in module.last_baseline:
             result["baseline"] = {"test": module.last_baseline["test"]}
         if trainer.is_global_zero:
-            (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+            write_whole(run_dir / "metrics.json", json.dumps(result, indent=1))
             _print_result(result, run_dir)
         finish()
         return 0
@@ -213,7 +214,7 @@ def evaluate(cfg: Config, stage: str, checkpoint: str | None) -> int:
             **record_files(cfg, trainer.strategy),
             "metrics.json": json.dumps(result, indent=1),
         }.items():
-            (out / name).write_text(text)
+            write_whole(out / name, text)
         _print_result(result, out)
     finish()
     return 0

@@ -34,7 +34,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from towerrec.trainer.errors import ConfigError, OutputExists, RunFolderBusy
+from towerrec.trainer.errors import ConfigError, OutputExists, RunFolderBusy, naming
 
 LOCK_FILE = ".lock"
 
@@ -91,11 +91,26 @@ def write_record(path: Path, text: str, step: int) -> None:
     """Writes a training-record file; an earlier, different version is kept beside it as
     ``<name>.before-step-<step>`` (a resumed session with another config or plan)."""
     if path.exists():
-        old = path.read_text()
-        if old == text:
+        old = path.read_bytes()
+        if old == text.encode():
             return
         path.rename(path.with_name(f"{path.name}.before-step-{step}"))
-    path.write_text(text)
+    write_whole(path, text)
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Writes ``path`` whole or not at all: beside it, then renamed over it (a full disk or a crash
+    leaves the previous version, or nothing, never half a file)."""
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise naming(err, path) from err
 
 
 def new_output(root: Path, name: str, suffix: str = "") -> Path:
@@ -149,7 +164,10 @@ class _AppendingWriter(ExperimentWriter):
 
     def save(self) -> None:
         flushed = len(self.metrics)
-        super().save()
+        try:
+            super().save()
+        except OSError as err:
+            raise naming(err, self.metrics_file_path) from err
         self.rows_on_disk += flushed
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:

@@ -134,7 +134,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. trainer.max_epochs=3)")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip().removeprefix("--"), yaml.safe_load(raw) if raw else None))
+        parsed.append((key.strip().removeprefix("--"), load_yaml(raw, f"override {key}") if raw else None))
     return parsed
 
 
@@ -148,15 +148,70 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last value
+    silently: a second ``trainer:`` section would replace the first whole)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise ConfigError(
+                        f"{self.name}: line {line}: key {key!r} is given twice (first on line {first_line[key]}); "
+                        "keep one"
+                    )
+                first_line[key] = line
+            except TypeError:  # an unhashable key: YAML's own error follows
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, name: str = "<string>"):
+    """``yaml.safe_load`` that refuses duplicate keys (``ConfigError`` naming the key and lines)."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """A YAML error in one line: where, then what."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    if isinstance(err, yaml.reader.ReaderError):
+        where = f"line {text[: err.position].count(chr(10)) + 1}: "
+        problem = f"character {chr(err.character)!r} is not allowed in YAML (is it the file you meant?)"
+    else:
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    return f"{where}not valid YAML ({problem})"
+
+
 def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Reads a config file; a top-level ``base: other.yaml`` (relative to this file) is loaded first
     and deep-merged under this file's values (lists are replaced, not merged)."""
     if not path.exists():
         raise ConfigError(f"--config: {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} is a folder, not a YAML file")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: byte 0x{err.object[err.start]:02x} is not UTF-8 text (a YAML config is "
+            "UTF-8: save it as UTF-8, or is it the file you meant?)"
+        ) from err
+    except OSError as err:
+        raise ConfigError(f"--config: {path} cannot be read ({err.strerror or err})") from err
+    try:
+        tree = load_yaml(text, str(path)) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raise ConfigError(f"{path}: {_yaml_problem(err, text)}") from err
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = tree.pop("base", None)

@@ -96,6 +96,57 @@ def test_missing_config_file():
         load_config("nowhere.yaml")
 
 
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        # a second section would replace the first whole: the learning rate above would be lost
+        ("trainer:\n  max_epochs: 3\n  dense_optimizer: {type: adam, lr: 0.01}\nmodel:\n  tower: mmoe\n"
+         "trainer:\n  max_epochs: 2\n", "line 6: key 'trainer' is given twice (first on line 1)"),
+        ("trainer:\n  max_epochs: 3\n  log_every_n_steps: 5\n  max_epochs: 4\n",
+         "line 4: key 'max_epochs' is given twice (first on line 2)"),
+        ("tasks:\n  - {name: ctr, type: binary, label: click, label: buy}\n",
+         "line 2: key 'label' is given twice (first on line 2)"),
+    ],
+)  # fmt: skip
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path, text, message):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}; keep one"
+
+
+def test_a_key_given_twice_in_a_base_file_or_an_override_is_refused(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 1\nseed: 2\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\nrun_dir: runs/x\n")
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{tmp_path / 'base.yaml'}: line 2: key 'seed' is given twice")
+    ):
+        load_config(tmp_path / "top.yaml")
+    with pytest.raises(
+        ConfigError, match=r"override trainer.dense_optimizer: line 1: key 'lr' is given twice"
+    ):
+        load_config(None, ["trainer.dense_optimizer={type: adam, lr: 0.1, lr: 0.2}"])
+
+
+def test_a_config_that_is_not_utf8_text_or_not_a_file_is_named_in_one_line(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("seed: 0\nrun_dir: runs/café\n".encode("latin-1"))
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\x00\x00\x08\x08\x00\xff\x00\x00")
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"seed: 0\nrun_dir: a\x00b\n")
+    for path, message in (
+        (latin1, "line 2: byte 0xe9 is not UTF-8 text"),
+        (binary, "line 1: byte 0xff is not UTF-8 text"),
+        (nul, "line 2: not valid YAML (character '\\x00' is not allowed in YAML"),
+        (tmp_path, "is a folder, not a YAML file"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_trainer_num_threads_survives_lightnings_launcher(monkeypatch):
     """Lightning's launcher sets torch's threads to CPUs / processes unless OMP_NUM_THREADS is set."""
     import torch

@@ -43,7 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from towerrec.trainer.errors import CheckpointError
+from towerrec.trainer.errors import CheckpointError, naming
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -206,9 +206,9 @@ def _write_json(path: Path, tree: Any, text: str | None = None) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
-    except OSError:
+    except OSError as err:
         partial.unlink(missing_ok=True)
-        raise
+        raise naming(err, path) from err
 
 
 def _rank_and_world(process_group) -> tuple[int, int]:
