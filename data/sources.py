@@ -256,8 +256,8 @@ def csv_header(path, options) -> list[str]:
             head = stream.read(1 << 20)
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: cannot be read ({str(err).splitlines()[0]})") from err
-    try:
-        first = head.decode("utf-8").splitlines()[0] if head else ""
+    try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first name
+        first = head.decode("utf-8-sig").splitlines()[0] if head else ""
         header = next(csv.reader(io.StringIO(first), delimiter=options.delimiter))
     except (UnicodeDecodeError, StopIteration, csv.Error) as err:
         raise DataError(f"{path}: line 1: cannot read the CSV header ({err})") from err

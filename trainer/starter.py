@@ -120,7 +120,7 @@ def read_sample(
             raise DataError(f"{first}: no rows")
         return pa.Table.from_batches(batches).slice(0, rows), "parquet", {}
     with open_input(first) as stream:
-        head = stream.read(1 << 16).decode("utf-8", errors="replace")
+        head = stream.read(1 << 16).decode("utf-8-sig", errors="replace")
     lines = head.splitlines()
     if not lines:
         raise DataError(f"{first}: empty file")

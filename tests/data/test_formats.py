@@ -428,6 +428,23 @@ def test_csv_defects_name_the_file_row_line_and_column(tmp_path):
         generic(tmp_path, {"format": "csv", "source": str(tmp_path / "empty")}, SHOP_SPARSE, [], SHOP_TASKS)
 
 
+@pytest.mark.parametrize("header", [True, False], ids=["header", "no-header"])
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_a_csv_with_a_byte_order_mark_reads_as_the_same_file_without_it(tmp_path, line_end, header):
+    """Excel's "CSV UTF-8" starts with a byte-order mark: it is not part of the first name or cell."""
+    lines = shop_lines() if header else shop_lines()[1:]
+    (tmp_path / "plain.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "marked.csv").write_bytes(b"\xef\xbb\xbf" + (line_end.join(lines) + line_end).encode())
+    options = {"header": header, "column_names": [] if header else shop_lines()[0].split(",")}
+    made = {
+        name: generic(tmp_path, {"format": "csv", "source": str(tmp_path / f"{name}.csv"), "num_shards": 1,
+                                 "csv": options}, SHOP_SPARSE, [], SHOP_TASKS, out=name)
+        for name in ("plain", "marked")
+    }  # fmt: skip
+    assert all_rows(made["marked"]).equals(all_rows(made["plain"]))
+    assert made["marked"].vocabulary("user").tolist() == made["plain"].vocabulary("user").tolist()
+
+
 # --------------------------------------------------------------------------------------------- atomicity
 def test_rerun_replaces_and_crash_keeps_previous(tmp_path, monkeypatch):
     write_ml1m(tmp_path / "ml")

@@ -87,3 +87,20 @@ def test_init_rejects_a_label_that_is_not_a_name(tmp_path, entry):
     result = run_cli(["init", "--source", str(source), "--label", entry, "--output", str(tmp_path / "x.yaml")],
                      check=False)  # fmt: skip
     assert result.returncode == 2 and "a label is a column name or NAME=EXPRESSION" in result.stderr
+
+
+def test_a_csv_with_a_byte_order_mark_and_crlf_lines_inits_and_prepares_as_written(tmp_path):
+    """Excel's "CSV UTF-8": a byte-order mark before the first column's name, CRLF line ends."""
+    from towerrec.trainer import cli
+
+    lines = ["user,item,price,bought"] + [f"u{k % 30},i{k % 17},{k % 9}.5,{k % 2}" for k in range(400)]
+    source = tmp_path / "marked.csv"
+    source.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n").encode())
+    config = tmp_path / "marked.yaml"
+    assert cli.main(["init", "--source", str(source), "--label", "bought", "--output", str(config)]) == 0
+    assert "\ufeff" not in config.read_text()
+    cfg = load_config(config)
+    assert {feature.source_column for feature in cfg.data.sparse} >= {"user", "item"}
+    assert cli.main(["prepare", "--config", str(config), "--data.path", str(tmp_path / "data")]) == 0
+    users = pq.read_table(tmp_path / "data" / "vocabulary.user.parquet").column("id").to_pylist()
+    assert sorted(users) == sorted(f"u{k}" for k in range(30))
