@@ -347,7 +347,10 @@ def convert(
         raise
     if rows_per_split["train"] == 0:
         writer.abort()
-        raise DataError(f"{report.get('source')}: no training rows left after cleaning and splitting")
+        raise DataError(
+            f"{report.get('source')}: no training rows left after cleaning and splitting "
+            f"({_why_no_rows(cleaning_report, rows_per_split)})"
+        )
     constant = {name: seen for name, seen in label_values.items() if len(seen) == 1}
     if constant:
         writer.abort()
@@ -411,3 +414,24 @@ def convert(
         "input_types": input_types,
     }
     return writer.commit(columns=columns, report=report)
+
+
+def _why_no_rows(cleaning: dict[str, Any], rows_per_split: dict[str, int]) -> str:
+    """What took every training row: an entirely empty label column is named first."""
+    rows = int(cleaning.get("rows_in", 0))
+    if rows == 0:
+        return "the input has no rows"
+    empty = [name for name, count in cleaning.get("label_missing_dropped", {}).items() if count == rows]
+    if empty:
+        return f"label column {empty[0]!r} is empty in all {rows:,} rows: is it the column you meant?"
+    dropped = [
+        f"{rule.replace('_', ' ')} {name!r}: {count:,}"
+        for rule, counts in cleaning.items()
+        if rule.endswith("_dropped") and isinstance(counts, dict)
+        for name, count in counts.items()
+        if count
+    ]
+    if cleaning.get("duplicates_dropped"):
+        dropped.append(f"duplicates: {cleaning['duplicates_dropped']:,}")
+    kept = {split: count for split, count in rows_per_split.items() if count}
+    return f"{rows:,} rows read; dropped: {'; '.join(dropped) or 'none'}; rows per split: {kept or 'none'}"

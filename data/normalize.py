@@ -50,26 +50,58 @@ def parse_numbers(column, where: str, name: str, first_row: int, header_lines: i
     return _as_numbers(column, where, name)
 
 
+# A number written as a float: with a fraction or an exponent (``3.0``, ``.5``, ``1e3``).
+_FLOAT_WRITTEN = r"(?i)^[-+]?(\d+\.\d*|\.\d+)(e[-+]?\d+)?$|^[-+]?\d+e[-+]?\d+$"
+_EXACT = 2.0**53  # floats are exact integers up to here
+ID_RULE = (
+    "ids are integers or text; a float id is read as the integer it equals (3.0 as 3) and refused otherwise"
+)
+
+
+def _integral(values: np.ndarray, present: np.ndarray, where: str, name: str, first_row: int,
+              header_lines: int, shown) -> np.ndarray:  # fmt: skip
+    """``values`` (float64) as int64 where ``present``; a value that is not an exact integer is an
+    error naming the file, row and column (``shown(row)``: the value as the input wrote it)."""
+    bad = present & ~(np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < _EXACT))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        problem = (
+            "is too large to be an exact integer"
+            if np.isfinite(values[row]) and np.abs(values[row]) >= _EXACT
+            else "is not an integer"
+        )
+        raise DataError(
+            f"{_where(where, first_row, row, header_lines)}: column {name!r}: id {shown(row)} {problem} ({ID_RULE})"
+        )
+    return np.where(present, values, 0).astype(np.int64)
+
+
 def _as_ids(column, where: str, name: str, first_row: int, header_lines: int = -1) -> pa.Array:
-    """Any id column → int64 (integers, integral floats) or string (text, trimmed; kept as written
-    so that vocabularies, lists and predictions give the original ids back)."""
+    """Any id column → int64 (integers) or string (text, trimmed; kept as written so that
+    vocabularies, lists and predictions give the original ids back). One rule for floats in every
+    format (``ID_RULE``): a Parquet float column, or a CSV cell written as a float, is the integer
+    it equals (``3.0`` → 3, as ``3`` in text), and a non-integral one (``2.5``) is refused."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     kind = column.type
     if is_text(column) or pa.types.is_binary(kind):
         column = pc.utf8_trim_whitespace(column.cast(pa.string()))
-        return pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+        column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+        written = np.asarray(pc.fill_null(pc.match_substring_regex(column, _FLOAT_WRITTEN), False))
+        if not written.any():
+            return column
+        values = dense_values(pc.if_else(pa.array(written), column, pa.scalar(None, pa.string())))
+        integers = _integral(
+            values, written, where, name, first_row, header_lines, lambda row: repr(column[row].as_py())
+        )
+        return pc.if_else(pa.array(written), pa.array(integers).cast(pa.string()), column)
     if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
         return column.cast(pa.int64())
     if pa.types.is_floating(kind):
         values = dense_values(column)
-        bad = np.isfinite(values) & (values != np.round(values)) | np.isinf(values)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise DataError(
-                f"{_where(where, first_row, row, header_lines)}: column {name!r}: id {values[row]} is not an integer"
-            )
-        return column.cast(pa.int64(), safe=False)
+        present = ~np.isnan(values)  # null (or NaN): a missing id
+        integers = _integral(values, present, where, name, first_row, header_lines, lambda row: values[row])
+        return pa.array(integers, mask=~present)
     if pa.types.is_null(kind):
         return pa.nulls(len(column), pa.int64())
     raise DataError(f"{where}: column {name!r} has type {kind}, expected integer or string ids")

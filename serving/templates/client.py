@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ MASK = (1 << 64) - 1
 M1, M2, GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
 READ_HASH_MULTIPLIER = 0x9E3779B97F4A7C15
 PREPARE_HASH_SALT = 0x2545F4914F6CDD1D
+FLOAT_WRITTEN = re.compile(r"(?i)^[-+]?(\d+\.\d*|\.\d+)(e[-+]?\d+)?$|^[-+]?\d+e[-+]?\d+$")
 
 
 def mix64(z: int) -> int:
@@ -79,6 +81,11 @@ class Feature:
         if self.mapping == "buckets":
             number = float(value)
             return sum(number >= edge for edge in self.edges) + 1
+        if isinstance(value, str) and FLOAT_WRITTEN.match(value.strip()):
+            number = float(value)  # the preparation read an id written 3.0 as 3, and refused 2.5
+            if not (number.is_integer() and abs(number) < 2.0**53):
+                return 0
+            value = str(int(number))
         if self.mapping == "vocabulary":
             if isinstance(value, float) and value.is_integer():
                 value = int(value)  # 17.0 is the id written 17

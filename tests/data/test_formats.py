@@ -428,6 +428,56 @@ def test_csv_defects_name_the_file_row_line_and_column(tmp_path):
         generic(tmp_path, {"format": "csv", "source": str(tmp_path / "empty")}, SHOP_SPARSE, [], SHOP_TASKS)
 
 
+def test_float_ids_follow_one_rule_in_csv_and_parquet(tmp_path):
+    """Ids are integers or text; a float id (a Parquet float column, or a CSV cell written 3.0 as
+    pandas writes integer ids that have missing values) is the integer it equals; 2.5 is refused."""
+    users = ["3", "3.0", "4", "4.00", "", "5"] * 20
+    (tmp_path / "ids.csv").write_text(
+        "user,item,y\n" + "".join(f"{u},i{k % 7},{k % 2}\n" for k, u in enumerate(users))
+    )
+    floats = [None if u == "" else float(u) for u in users]
+    pq.write_table(pa.table({"user": pa.array(floats, pa.float64()), "item": [f"i{k % 7}" for k in range(120)],
+                             "y": [k % 2 for k in range(120)]}), tmp_path / "ids.parquet")  # fmt: skip
+    sparse, tasks = [{"name": "user", "side": "user"}, {"name": "item", "side": "item"}], [{"name": "y"}]
+    for fmt in ("csv", "parquet"):
+        meta = generic(tmp_path, {"format": fmt, "source": str(tmp_path / f"ids.{fmt}"), "num_shards": 1},
+                       sparse, [], tasks, out=f"made-{fmt}")  # fmt: skip
+        assert sorted(str(v) for v in meta.vocabulary("user").tolist()) == ["3", "4", "5"], fmt
+
+    users[41] = "2.5"
+    (tmp_path / "bad.csv").write_text(
+        "user,item,y\n" + "".join(f"{u},i{k % 7},{k % 2}\n" for k, u in enumerate(users))
+    )
+    pq.write_table(pa.table({"user": pa.array([None if u == "" else float(u) for u in users]),
+                             "item": [f"i{k % 7}" for k in range(120)], "y": [k % 2 for k in range(120)]}),
+                   tmp_path / "bad.parquet")  # fmt: skip
+    rule = "(ids are integers or text; a float id is read as the integer it equals (3.0 as 3) and refused otherwise)"
+    for fmt, where, shown in (("csv", "row 41 (line 43)", "'2.5'"), ("parquet", "row 41", "2.5")):
+        with pytest.raises(DataError) as err:
+            generic(
+                tmp_path, {"format": fmt, "source": str(tmp_path / f"bad.{fmt}")}, sparse, [], tasks, out=fmt
+            )
+        assert (
+            str(err.value)
+            == f"{tmp_path / f'bad.{fmt}'}: {where}: column 'user': id {shown} is not an integer {rule}"
+        )
+
+
+def test_an_entirely_empty_label_column_is_named(tmp_path):
+    lines = [line.split(",") for line in shop_lines()]
+    for fields in lines[1:]:
+        fields[5] = ""  # bought
+    (tmp_path / "events.csv").write_text("\n".join(",".join(fields) for fields in lines) + "\n")
+    with pytest.raises(DataError) as err:
+        generic(
+            tmp_path, {"format": "csv", "source": str(tmp_path / "events.csv")}, SHOP_SPARSE, [], SHOP_TASKS
+        )
+    assert str(err.value) == (
+        f"{tmp_path / 'events.csv'}: no training rows left after cleaning and splitting (label column 'bought' "
+        "is empty in all 600 rows: is it the column you meant?)"
+    )
+
+
 @pytest.mark.parametrize("header", [True, False], ids=["header", "no-header"])
 @pytest.mark.parametrize("line_end", ["\n", "\r\n"], ids=["lf", "crlf"])
 def test_a_csv_with_a_byte_order_mark_reads_as_the_same_file_without_it(tmp_path, line_end, header):
