@@ -492,6 +492,8 @@ def describe_report(report: dict[str, Any]) -> list[str]:
     """The cleaning and transform counts of a preparation as lines for the user (every rule that
     changed or dropped a row, with its count; nothing happens to the data unannounced)."""
     lines = []
+    for folder in report.get("removed_partials", []):
+        lines.append(f"removed {folder}, left by a preparation that was interrupted")
     cleaning = report.get("cleaning", {})
     if cleaning:
         lines.append(f"rows read: {cleaning.get('rows_in', 0):,}; rows kept: {cleaning.get('rows_out', 0):,}")

@@ -7,8 +7,9 @@ Layout::
 
 ``metadata.json`` holds the column kinds (``sparse``, ``multi_hot``, ``dense``, ``label``, ``other``),
 vocabulary sizes of id columns, per-split files with the row count of every row group, statistics
-and the preparation report. Writing goes to ``<path>.partial-<pid>`` and is renamed into place only
-when complete, so a crashed preparation is never mistaken for a data set.
+and the preparation report. Writing goes to ``<path>.partial-<host>-<pid>`` and is renamed into
+place only when complete, so a crashed preparation is never mistaken for a data set; the next
+preparation of the path removes the partial folders of processes of this host that are gone.
 
 A data set grows by days (``towerrec.data.prepare.append_day``): day 0 is the first preparation,
 each appended day a folder of its own, listed after the earlier days' row groups::
@@ -22,9 +23,11 @@ row-group list, so reading a range of days selects its row groups without lookin
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +254,8 @@ class DatasetWriter:
         if row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
         self.path = Path(path)
-        self.tmp = self.path.parent / f"{self.path.name}.partial-{os.getpid()}"
+        self.removed_partials = [str(folder) for folder in remove_stale_partials(self.path)]
+        self.tmp = self.path.parent / f"{self.path.name}.partial-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.num_shards = num_shards
@@ -420,7 +424,10 @@ class DatasetWriter:
             "columns": columns,
             "splits": splits,
             "statistics": statistics or {},
-            "report": report or {},
+            "report": {
+                **(report or {}),
+                **({"removed_partials": self.removed_partials} if self.removed_partials else {}),
+            },
             "shuffled_splits": sorted(set(self.shuffle_splits) & self._splits_seen),
         }
         (self.tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
@@ -438,6 +445,38 @@ class DatasetWriter:
             stream.close()
             sink.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Removes ``<path>.partial-<host>-<pid>`` folders (``<path>.partial-<pid>`` before hosts were
+    named) left by preparations that were killed: those of this host whose process is gone. A
+    partial folder of another host is left alone (its process cannot be checked from here)."""
+    removed = []
+    host = socket.gethostname()
+    for folder in path.parent.glob(f"{glob.escape(path.name)}.partial-*") if path.parent.is_dir() else ():
+        owner = folder.name[len(path.name) + len(".partial-") :]
+        owner_host, _, pid = owner.rpartition("-")
+        if not pid.isdigit() or (owner_host and owner_host != host) or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    try:  # a killed child not yet reaped is gone too
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return True
 
 
 def is_complete(path: str | os.PathLike) -> bool:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -496,6 +501,32 @@ def test_a_csv_with_a_byte_order_mark_reads_as_the_same_file_without_it(tmp_path
 
 
 # --------------------------------------------------------------------------------------------- atomicity
+def test_partial_folders_of_killed_preparations_are_removed_by_the_next(tmp_path):
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, sys; from towerrec.data.dataset import "
+                             "DatasetWriter; DatasetWriter(sys.argv[1]); os.kill(os.getpid(), signal.SIGKILL)",
+                             str(out)], env=os.environ)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    host = socket.gethostname()
+    (left,) = tmp_path.glob(f"out.partial-{host}-*")  # what the killed preparation wrote into
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        kept = [tmp_path / f"out.partial-{host}-{live.pid}", tmp_path / "out.partial-elsewhere-1"]
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        legacy = tmp_path / f"out.partial-{gone.pid}"  # written before hosts were named
+        for folder in [*kept, legacy]:
+            folder.mkdir()
+        (tmp_path / "events.csv").write_text("\n".join(shop_lines()) + "\n")
+        meta = generic(tmp_path, {"format": "csv", "source": str(tmp_path / "events.csv")}, SHOP_SPARSE, [],
+                       SHOP_TASKS)  # fmt: skip
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in tmp_path.glob("out.partial-*")) == sorted(p.name for p in kept)
+    assert sorted(meta.report["removed_partials"]) == sorted([str(left), str(legacy)])
+
+
 def test_rerun_replaces_and_crash_keeps_previous(tmp_path, monkeypatch):
     write_ml1m(tmp_path / "ml")
     out = tmp_path / "out"
