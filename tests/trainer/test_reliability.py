@@ -278,3 +278,24 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_reported_before_training(
     assert result.returncode == 2
     assert f"error: run_dir: checkpoints cannot be written to {run_dir / 'checkpoints'}" in result.stderr
     assert "sharding plan" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_killed_rank_0_that_hosted_the_store_leaves_rank_1_one_clear_message(synthetic_data, tmp_path):
+    """Lightning's own launcher: rank 0 is this process and hosts the rendezvous store; it is
+    SIGKILLed and rank 1, its child, reports it in one line (no C++ stack dump from the store)."""
+    run_dir = tmp_path / "run"
+    proc = start_fit(fit_args(synthetic_data, run_dir, "--trainer.devices", "2", "--trainer.max_epochs", "30",
+                              "--checkpoint.every_n_steps", "20"))  # fmt: skip
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists())
+        (child,) = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        proc.send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)  # the pipe closes when rank 1 has exited too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_for(lambda: not Path(f"/proc/{child}").exists(), timeout=60)
+    assert "error: rank 1: rank 0, which also hosted the rendezvous store, is gone" in output, output[-3000:]
+    assert "frame #" not in output and "Traceback" not in output, output[-3000:]

@@ -77,10 +77,28 @@ def _process_gone(pid: int) -> bool:
         return False
 
 
+def _store_listening(store) -> bool:
+    """Whether the TCP store's server still accepts connections. Asking a store whose host died
+    makes the C++ client log a warning with an 18-line stack trace before it raises: this asks
+    the port first (a dead process's port refuses at once)."""
+    while hasattr(store, "underlying_store"):  # PrefixStore
+        store = store.underlying_store
+    host, port = getattr(store, "host", None), getattr(store, "port", None)
+    if host is None or port is None:
+        return True  # another kind of store: asking it is the only test
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 def _peers(store, rank: int, world_size: int) -> tuple[list[str], list[str], bool]:
     """(ranks that are gone, ranks still running, whether the store answered)."""
     gone, running = [], []
     host = socket.gethostname()
+    if not _store_listening(store):
+        return [], [], False
     try:
         store.set_timeout(timedelta(seconds=5))
         entries = {q: store.get(f"{_STORE_PREFIX}{q}").decode() for q in range(world_size) if q != rank}
