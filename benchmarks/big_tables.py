@@ -4,7 +4,7 @@ disk's own write and read rates (measured in the same run with ``dd``), checkpoi
 checkpoint resharded 2 → 1 on load.
 
     python -m benchmarks.big_tables                      # ~12 GiB of tables on 2 ranks
-    python -m benchmarks.big_tables --gib 1 --steps 20   # a quick check
+    python -m benchmarks.big_tables --gib 1 --steps 20 --output /tmp/big.md   # a quick check
 
 Tables: ``user_id`` and ``item_id`` of the default config with ``--rows`` rows of dim 64 each
 (rows from ``--gib``: weights 256 B + row-wise Adagrad state 4 B per row); the planner puts one on
@@ -15,6 +15,11 @@ model + fused optimizer state + dense optimizer). Load: the same checkpoint into
 (``load_weights``), then into one process (``towerrec.serving.export.load_unsharded_model``: DCP reshards the
 two ranks' table shards into one unsharded model; weights only). Results:
 ``benchmarks/results/BIG_TABLES.md``.
+
+Checksums: the save is timed without and with the checksums of every file (``checksums.json``,
+``towerrec.trainer.distributed.checkpoint``), alternately ``--save-repeats`` times each (medians),
+and the check a load makes first (the files against their checksums) is timed apart from the load:
+on 2 ranks (each reads half the files) and in one process (all of them).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +68,7 @@ def rank_job(args) -> int:
     from benchmarks.ours import step_timer
     from towerrec.trainer.build import build
     from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import checkpoint as ckpt
     from towerrec.trainer.run import finish
 
     cfg = load_config("configs/default.yaml", overrides(args.rows, args.steps, args.threads))
@@ -78,17 +85,23 @@ def rank_job(args) -> int:
         "plan": trainer.strategy.plan_text,
     }
     target = BENCH / "run" / "checkpoints" / f"step-{trainer.global_step:08d}"
-    dist.barrier()
-    started = time.perf_counter()
-    trainer.save_checkpoint(str(target))
-    dist.barrier()
-    result["save_s"] = time.perf_counter() - started
-    os.sync()  # what the page cache still holds reaches the disk
-    dist.barrier()
-    result["save_and_sync_s"] = time.perf_counter() - started
+    saves: dict[bool, list[float]] = {False: [], True: []}
+    for checksums in [False, True] * args.save_repeats:  # alternately; the last one is kept and loaded
+        seconds, synced = timed_save(trainer, target, checksums)
+        saves[checksums].append(seconds)
+    result["save_s"] = statistics.median(saves[True])
+    result["save_and_sync_s"] = synced
+    result["save_without_checksums_s"] = statistics.median(saves[False])
+    result["saves_s"] = {"without": saves[False], "with": saves[True]}
     result["peak_rss_after_save_mib"] = peak_rss_mib()
+    dist.barrier()
     started = time.perf_counter()
-    trainer.strategy.load_weights(target)
+    damage = ckpt.check_intact(target, trainer.strategy.process_group)  # each rank half of the files
+    dist.barrier()
+    result["check_s"] = time.perf_counter() - started
+    assert damage is None, damage
+    started = time.perf_counter()
+    trainer.strategy.load_weights(target)  # the check above is remembered: this is the load alone
     dist.barrier()
     result["load_s"] = time.perf_counter() - started
     result["peak_rss_after_load_mib"] = peak_rss_mib()
@@ -98,17 +111,47 @@ def rank_job(args) -> int:
     return 0
 
 
+def timed_save(trainer, target: Path, checksums: bool) -> tuple[float, float]:
+    """(seconds to save, seconds to save and sync) of the product's checkpoint of ``trainer``,
+    with or without the checksums of its files (every rank takes part)."""
+    import functools
+
+    import torch.distributed as dist
+
+    from towerrec.trainer.distributed import checkpoint as ckpt
+
+    save = ckpt.save
+    ckpt.save = functools.partial(save, checksums=checksums)  # what the strategy calls
+    try:
+        dist.barrier()
+        started = time.perf_counter()
+        trainer.save_checkpoint(str(target))
+        dist.barrier()
+        seconds = time.perf_counter() - started
+        os.sync()  # what the page cache still holds reaches the disk
+        dist.barrier()
+        return seconds, time.perf_counter() - started
+    finally:
+        ckpt.save = save
+
+
 def reshard_job(args) -> int:
     """One process, no process group: the 2-rank checkpoint into one unsharded model."""
     from towerrec.serving.export import load_unsharded_model
     from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import checkpoint as ckpt
 
     cfg = load_config("configs/default.yaml", overrides(args.rows, args.steps, args.threads))
     started = time.perf_counter()
-    model, path = load_unsharded_model(cfg, args.checkpoint)
+    damage = ckpt.check_intact(Path(args.checkpoint))  # one process reads every file
+    check_s = time.perf_counter() - started
+    assert damage is None, damage
+    started = time.perf_counter()
+    model, path = load_unsharded_model(cfg, args.checkpoint)  # the check is remembered: the load alone
     seconds = time.perf_counter() - started
     rows = model.embeddings.embedding_bags["t_user_id"].weight.shape[0]
-    print(json.dumps({"load_s": seconds, "peak_rss_mib": peak_rss_mib(), "rows": rows}), flush=True)
+    print(json.dumps({"load_s": seconds, "check_s": check_s, "peak_rss_mib": peak_rss_mib(), "rows": rows}),
+          flush=True)  # fmt: skip
     return 0
 
 
@@ -140,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--save-repeats", type=int, default=2, help="saves timed without and with checksums, each"
+    )
+    parser.add_argument(
+        "--dd-gib", type=float, default=4.0, help="size of the dd file that measures the disk"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=("rank", "reshard"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -159,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         from towerrec.data.prepare import prepare
 
         prepare(cfg.data.prepare, str(BENCH / "data"))
-    disk_before = dd_rate(BENCH / "dd", 4.0)
-    common = ["--rows", str(rows), "--steps", str(args.steps), "--threads", str(args.threads)]
+    disk_before = dd_rate(BENCH / "dd", args.dd_gib)
+    common = ["--rows", str(rows), "--steps", str(args.steps), "--threads", str(args.threads),
+              "--save-repeats", str(args.save_repeats)]  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               "-m", "benchmarks.big_tables", "--job", "rank", *common]  # fmt: skip
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(args.threads)}
@@ -179,12 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     line = [text for text in reshard.stdout.splitlines() if text.startswith("{")]
     one = json.loads(line[-1]) if reshard.returncode == 0 and line else {"error": reshard.stderr[-2000:]}
-    disk_after = dd_rate(BENCH / "dd", 4.0)
+    disk_after = dd_rate(BENCH / "dd", args.dd_gib)
     write = (disk_before["write_mb_s"] + disk_after["write_mb_s"]) / 2
     read = (disk_before["read_mb_s"] + disk_after["read_mb_s"]) / 2
     save_s = max(r["save_s"] for r in ranks)
+    bare_s = max(r["save_without_checksums_s"] for r in ranks)
     synced_s = max(r["save_and_sync_s"] for r in ranks)
     load_s = max(r["load_s"] for r in ranks)
+    check_s = max(r["check_s"] for r in ranks)
     tables_gib = 2 * rows * BYTES_PER_ROW / 2**30
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     lines = [
@@ -209,25 +262,29 @@ def main(argv: list[str] | None = None) -> int:
         "| checkpoint | value |",
         "|---|---|",
         f"| size on disk | {size / 2**30:.2f} GiB |",
-        f"| disk write rate (dd, 4 GiB, fdatasync; before/after) | {disk_before['write_mb_s']:,.0f} / {disk_after['write_mb_s']:,.0f} MB/s |",
-        f"| disk read rate (dd, 4 GiB; before/after) | {disk_before['read_mb_s']:,.0f} / {disk_after['read_mb_s']:,.0f} MB/s |",
-        f"| save, 2 ranks (slowest rank; returns with data in the page cache) | {save_s:.1f} s = {size / save_s / 1e6:,.0f} MB/s = {size / save_s / 1e6 / write:.2f} of dd write |",
-        f"| save + sync (on disk) | {synced_s:.1f} s = {size / synced_s / 1e6:,.0f} MB/s = {size / synced_s / 1e6 / write:.2f} of dd write |",
-        f"| load 2 → 2 ranks, model weights (slowest rank) | {load_s:.1f} s |",
+        f"| disk write rate (dd, {args.dd_gib:g} GiB, fdatasync; before/after) | {disk_before['write_mb_s']:,.0f} / {disk_after['write_mb_s']:,.0f} MB/s |",
+        f"| disk read rate (dd, {args.dd_gib:g} GiB; before/after) | {disk_before['read_mb_s']:,.0f} / {disk_after['read_mb_s']:,.0f} MB/s |",
+        f"| save without checksums, 2 ranks (slowest rank, median of {args.save_repeats}) | {bare_s:.1f} s = {size / bare_s / 1e6:,.0f} MB/s = {size / bare_s / 1e6 / write:.2f} of dd write |",
+        f"| save with checksums (the product's; median of {args.save_repeats}, alternated with the above) | {save_s:.1f} s = {size / save_s / 1e6:,.0f} MB/s = {size / save_s / 1e6 / write:.2f} of dd write; checksums {save_s - bare_s:+.1f} s ({(save_s - bare_s) / bare_s:+.0%}) |",
+        f"| each save, s (without / with) | {' '.join(f'{x:.1f}' for x in ranks[0]['saves_s']['without'])} / {' '.join(f'{x:.1f}' for x in ranks[0]['saves_s']['with'])} (rank 0) |",
+        f"| save + sync (on disk; the last save) | {synced_s:.1f} s = {size / synced_s / 1e6:,.0f} MB/s = {size / synced_s / 1e6 / write:.2f} of dd write |",
+        f"| check of the files against their checksums before a load, 2 ranks (each half the files) | {check_s:.1f} s |",
+        f"| load 2 → 2 ranks, model weights (slowest rank; after the check) | {load_s:.1f} s |",
     ]
     if "error" in one:
         lines.append(f"| load 2 → 1 process (reshard) | failed: {one['error'][-300:]} |")
     else:
         model_bytes = 2 * rows * DIM * 4
+        lines.append(f"| check before a load, 1 process (every file) | {one['check_s']:.1f} s |")
         lines.append(
-            f"| load 2 → 1 process (reshard, model weights {model_bytes / 2**30:.1f} GiB) | {one['load_s']:.1f} s = "
+            f"| load 2 → 1 process (reshard, model weights {model_bytes / 2**30:.1f} GiB; after the check) | {one['load_s']:.1f} s = "
             f"{model_bytes / one['load_s'] / 1e6:,.0f} MB/s = {model_bytes / one['load_s'] / 1e6 / read:.2f} of dd read; "
             f"peak RSS {one['peak_rss_mib']:,.0f} MiB |"
         )
     lines += ["", "Plan:", "", "```", ranks[0]["plan"], "```", ""]
     text = "\n".join(lines)
     print(text)
-    RESULTS.write_text(text)
+    args.output.write_text(text)
     return 0
 
 

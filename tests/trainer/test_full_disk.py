@@ -69,12 +69,14 @@ def fill(folder: Path, leave_kib: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["run folder", "checkpoints"])
+@pytest.mark.parametrize("where", ["run folder", "checkpoints", "data set"])
 def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_completes_the_run(
     tiny_data, tmp_path, capsys, small_disk, where
 ):
-    run_dir = tmp_path / "run"
-    if where == "run folder":  # the logs, TensorBoard, records, metrics.json; checkpoints elsewhere
+    run_dir, data = tmp_path / "run", tiny_data
+    if where == "data set":  # prepared on first use, on a disk too small for it
+        data = small_disk(tmp_path / "small", 64) / "data"
+    elif where == "run folder":  # the logs, TensorBoard, records, metrics.json; checkpoints elsewhere
         small_disk(run_dir, 256)
         (tmp_path / "elsewhere").mkdir()
         (run_dir / "checkpoints").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
@@ -86,13 +88,16 @@ def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_completes_the_run(
     assert fit(tmp_path / "straight", tiny_data) == 0
     capsys.readouterr()
 
-    assert fit(run_dir, tiny_data) == 2
+    assert fit(run_dir, data) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     (line,) = [line for line in err.splitlines() if line.startswith("error")]
     assert err.endswith(line + "\n")
     if where == "run folder":
         assert line.startswith(f"error: no space left on the device writing {run_dir}/"), line
+    elif where == "data set":  # pyarrow's write names no file
+        assert line.startswith(f"error: no space left on the device holding {data} ("), line
+        assert list((tmp_path / "small").iterdir()) == []  # the partial data set is removed
     else:
         partial = run_dir / "checkpoints" / "step-00000019.partial"
         assert line == f"error: {partial}: saving failed (rank 0: no space left on the device)"
@@ -103,7 +108,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_completes_the_run(
         filler.unlink()
     else:
         subprocess.run(["mount", "-o", "remount,size=8m", str(tmp_path / "small")], check=True)
-    assert fit(run_dir, tiny_data) == 0
+    assert fit(run_dir, data) == 0
     assert record(run_dir) == record(tmp_path / "straight")
 
 

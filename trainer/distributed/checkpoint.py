@@ -3,6 +3,7 @@
 Layout under ``<run_dir>/checkpoints``::
 
     step-00000400/            a complete checkpoint: DCP shards + .metadata + trainer_state.json
+                              + checksums.json (CRC-32s of every other file)
     step-00000500.partial/    a save in progress (or one that crashed): never loaded, removed later
     latest                    text file naming the newest complete checkpoint; replaced atomically
     best.json                 with early stopping: the epoch-end checkpoint whose validation was
@@ -14,10 +15,10 @@ A crash at any point leaves the previous checkpoint and pointer untouched.
 
 Every file of a checkpoint has its checksums in ``checksums.json`` (CRC-32 of each
 ``CHECKSUM_CHUNK_BYTES`` of it), computed right after the write, while the bytes are still in
-the page cache: each rank hashes its share of the shard files, chunks in parallel threads. Before
-a checkpoint is loaded its files are checked against them (the ranks split the files): a damaged
-checkpoint is refused naming the file, and a resumed fit falls back to the newest intact one.
-Checkpoints written without checksums load unchecked.
+the page cache: each rank hashes its share of the shard files, chunks in parallel threads (its
+share of the node's CPUs). Before a checkpoint is loaded its files are checked against them (the
+ranks split the files): a damaged checkpoint is refused naming the file, and a resumed fit falls
+back to the newest intact one. Checkpoints written without checksums load unchecked.
 
 Only tensors go through DCP (loaded with ``weights_only``, and DCP's ``.metadata`` index through a
 restricted unpickler); everything else (loop progress, reader position, learning rates) is JSON,
@@ -310,14 +311,19 @@ def _chunk_crc(path: Path, offset: int, size: int) -> int:
         return zlib.crc32(f.read(size))  # zlib releases the GIL: threads hash in parallel
 
 
+def _hashing_threads() -> int:
+    """This process's share of the node's CPUs (they are idle while a checkpoint is written)."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def file_checksums(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """``{name: {"size", "crc32": [one per CHECKSUM_CHUNK_BYTES]}}`` of files in ``folder``, the
-    chunks hashed by ``torch.get_num_threads()`` threads."""
+    chunks hashed in parallel by this process's share of the node's CPUs."""
     sizes = {name: (folder / name).stat().st_size for name in names}
     tasks = [
         (name, offset) for name in names for offset in range(0, max(sizes[name], 1), CHECKSUM_CHUNK_BYTES)
     ]
-    with ThreadPoolExecutor(max(1, min(len(tasks), torch.get_num_threads()))) as pool:
+    with ThreadPoolExecutor(max(1, min(len(tasks), _hashing_threads()))) as pool:
         crcs = list(pool.map(lambda task: _chunk_crc(folder / task[0], task[1], CHECKSUM_CHUNK_BYTES), tasks))
     files: dict[str, dict[str, Any]] = {name: {"size": sizes[name], "crc32": []} for name in names}
     for (name, _), crc in zip(tasks, crcs):
