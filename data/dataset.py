@@ -395,7 +395,21 @@ class DatasetWriter:
         statistics: dict[str, Any] | None = None,
         report: dict[str, Any] | None = None,
     ) -> DatasetMeta:
-        """Closes the shards, writes ``metadata.json`` and moves the data set into place."""
+        """Closes the shards, writes ``metadata.json`` and moves the data set into place; a failure
+        (a full disk) removes the partial folder and leaves any previous data set as it was."""
+        try:
+            self._finish(columns, statistics, report)
+        except BaseException:
+            self.abort()
+            raise
+        old = self.path.parent / f"{self.path.name}.old-{os.getpid()}"
+        if self.path.exists():
+            self.path.rename(old)
+        self.tmp.rename(self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return DatasetMeta.load(self.path)
+
+    def _finish(self, columns, statistics, report) -> None:
         for split in list(self._buckets):
             self._write_shuffled(split)
         shutil.rmtree(self.tmp / ".shuffle", ignore_errors=True)
@@ -431,19 +445,17 @@ class DatasetWriter:
             "shuffled_splits": sorted(set(self.shuffle_splits) & self._splits_seen),
         }
         (self.tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
-        old = self.path.parent / f"{self.path.name}.old-{os.getpid()}"
-        if self.path.exists():
-            self.path.rename(old)
-        self.tmp.rename(self.path)
-        shutil.rmtree(old, ignore_errors=True)
-        return DatasetMeta.load(self.path)
 
     def abort(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        for sink, stream in self._spills.values():
-            stream.close()
-            sink.close()
+        """Closes what is open and removes the partial folder (what was written is freed)."""
+        for close in [w.close for w in self._writers.values()] + [
+            part.close for pair in self._spills.values() for part in reversed(pair)
+        ]:
+            try:
+                close()
+            except OSError:  # a full disk fails the close too: the folder goes anyway
+                pass
+        self._writers, self._spills = {}, {}
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

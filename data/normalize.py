@@ -50,8 +50,9 @@ def parse_numbers(column, where: str, name: str, first_row: int, header_lines: i
     return _as_numbers(column, where, name)
 
 
-# A number written as a float: with a fraction or an exponent (``3.0``, ``.5``, ``1e3``).
-_FLOAT_WRITTEN = r"(?i)^[-+]?(\d+\.\d*|\.\d+)(e[-+]?\d+)?$|^[-+]?\d+e[-+]?\d+$"
+# A number written as a float: with a decimal point (``3.0``, ``.5``, ``2.5e3``). Not ``1e3``
+# alone: hexadecimal ids (Criteo's ``0002e668``) are digits around an ``e``.
+_FLOAT_WRITTEN = r"(?i)^[-+]?(\d+\.\d*|\.\d+)(e[-+]?\d+)?$"
 _EXACT = 2.0**53  # floats are exact integers up to here
 ID_RULE = (
     "ids are integers or text; a float id is read as the integer it equals (3.0 as 3) and refused otherwise"

@@ -33,7 +33,7 @@ MASK = (1 << 64) - 1
 M1, M2, GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
 READ_HASH_MULTIPLIER = 0x9E3779B97F4A7C15
 PREPARE_HASH_SALT = 0x2545F4914F6CDD1D
-FLOAT_WRITTEN = re.compile(r"(?i)^[-+]?(\d+\.\d*|\.\d+)(e[-+]?\d+)?$|^[-+]?\d+e[-+]?\d+$")
+FLOAT_WRITTEN = re.compile(r"(?i)^[-+]?(\d+\.\d*|\.\d+)(e[-+]?\d+)?$")  # as data.normalize reads ids
 
 
 def mix64(z: int) -> int:

@@ -18,8 +18,10 @@ import pytest
 
 import towerrec.data.criteo as criteo
 from tests.conftest import ML100K
+from towerrec.data.cleaning import TableSchema
 from towerrec.data.config import DenseFeature, PrepareConfig, SparseFeature
 from towerrec.data.dataset import DataError, DatasetMeta, DatasetWriter, is_complete
+from towerrec.data.normalize import normalize_table
 from towerrec.data.prepare import FORMATS, prepare
 from towerrec.data.reader import BatchStream, LabelSpec, ReadSpec
 
@@ -448,6 +450,10 @@ def test_float_ids_follow_one_rule_in_csv_and_parquet(tmp_path):
         meta = generic(tmp_path, {"format": fmt, "source": str(tmp_path / f"ids.{fmt}"), "num_shards": 1},
                        sparse, [], tasks, out=f"made-{fmt}")  # fmt: skip
         assert sorted(str(v) for v in meta.vocabulary("user").tolist()) == ["3", "4", "5"], fmt
+    # hexadecimal ids are digits around an 'e': text, not floats; a float is written with a point
+    ids = normalize_table(pa.table({"user": ["0002e668", "1e3", "3.50e1", "-2.", " 7.000 "]}),
+                          TableSchema(kinds={"user": "sparse"}), "f.csv", 0)  # fmt: skip
+    assert ids.column("user").to_pylist() == ["0002e668", "1e3", "35", "-2", "7"]
 
     users[41] = "2.5"
     (tmp_path / "bad.csv").write_text(
