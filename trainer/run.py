@@ -23,6 +23,7 @@ from towerrec.trainer.distributed.faults import (
 from towerrec.trainer.dynamic_ids import report as dynamic_ids_report
 from towerrec.trainer.errors import EXIT_PREEMPTED
 from towerrec.trainer.run_folder import (
+    AppendingCSVLogger,
     check_writable,
     new_output,
     training_lock,
@@ -114,6 +115,9 @@ def fit(cfg: Config) -> int:
             result["baseline"] = {"test": module.last_baseline["test"]}
         if trainer.is_global_zero:
             write_whole(run_dir / "metrics.json", json.dumps(result, indent=1))
+            for log in trainer.loggers:
+                if isinstance(log, AppendingCSVLogger):
+                    log.seal()  # this session's rows stay, whatever a later session resumes from
             _print_result(result, run_dir)
         finish()
         return 0

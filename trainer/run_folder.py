@@ -6,7 +6,9 @@ lost or written over by another command.
       config.yaml versions.json plan.txt plan.json    the training record (latest fit session;
                                 a session with another value keeps the earlier file as
                                 ``<name>.before-step-N``)
-      logs/metrics.csv          training curves, appended by every fit session
+      logs/metrics.csv          training curves, appended by every fit session (a resumed session
+                                first cuts it back to its checkpoint; logs/metrics.finished.json keeps
+                                the rows of sessions that finished)
       tensorboard/              the same for TensorBoard
       metrics.json              fit's result (test metrics, baseline, train time summed over sessions)
       checkpoints/              see ``towerrec.trainer.distributed.checkpoint``
@@ -23,6 +25,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import inspect
+import json
 import os
 import socket
 import time
@@ -37,6 +40,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from towerrec.trainer.errors import ConfigError, OutputExists, RunFolderBusy, naming
 
 LOCK_FILE = ".lock"
+SEAL_FILE = "metrics.finished.json"  # beside metrics.csv: how many of its rows finished sessions wrote
 
 
 @contextmanager
@@ -220,11 +224,31 @@ class AppendingCSVLogger(CSVLogger):
 
     def restore(self, rows: int, then: list[dict]) -> None:
         """The log as a checkpoint saw it: its first ``rows`` rows, then the rows ``then``
-        (``{"step", "metrics"}``) that were still to be logged for the checkpoint's step."""
-        self.experiment.keep_rows(rows)
-        for row in then:
-            self.experiment.log_metrics(row["metrics"], row["step"])
+        (``{"step", "metrics"}``) that were still to be logged for the checkpoint's step. Rows of
+        a fit session that finished (``seal``: its test, after its last checkpoint) are kept."""
+        sealed = self._sealed_rows()
+        if sealed > rows:
+            self.experiment.keep_rows(sealed)
+        else:
+            self.experiment.keep_rows(rows)
+            for row in then:
+                self.experiment.log_metrics(row["metrics"], row["step"])
         self.save()
+
+    def seal(self) -> None:
+        """A fit session finished (``metrics.json`` written): every row it logged stays, whatever a
+        later session resumes from (global rank 0)."""
+        rows = self.rows_on_disk()
+        write_whole(self._seal_path(), json.dumps({"rows_of_finished_sessions": rows}) + "\n")
+
+    def _seal_path(self) -> Path:
+        return Path(self.experiment.log_dir) / SEAL_FILE
+
+    def _sealed_rows(self) -> int:
+        try:
+            return int(json.loads(self._seal_path().read_text())["rows_of_finished_sessions"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
 
 
 def make_loggers(loggers, log_dir: Path) -> list:
