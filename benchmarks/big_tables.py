@@ -107,7 +107,8 @@ def rank_job(args) -> int:
     result["peak_rss_after_load_mib"] = peak_rss_mib()
     result["checkpoint"] = str(target)
     finish()
-    print(json.dumps(result), flush=True)
+    # a file per rank: two ranks printing at once can interleave their lines
+    (BENCH / f"rank-{result['rank']}.json").write_text(json.dumps(result))
     return 0
 
 
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = int(args.gib * 2**30 / 2 / BYTES_PER_ROW)
     shutil.rmtree(BENCH / "run", ignore_errors=True)
+    for stale in BENCH.glob("rank-*.json"):
+        stale.unlink()
     if not (BENCH / "data" / "metadata.json").exists():  # the default synthetic data set
         cfg = load_config("configs/default.yaml", [f"data.path={BENCH / 'data'}"])
         from towerrec.data.prepare import prepare
@@ -216,10 +219,8 @@ def main(argv: list[str] | None = None) -> int:
               "-m", "benchmarks.big_tables", "--job", "rank", *common]  # fmt: skip
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, env=env, timeout=7200)
-    ranks = sorted(
-        (json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')),
-        key=lambda r: r["rank"],
-    )
+    files = [BENCH / f"rank-{rank}.json" for rank in (0, 1)]
+    ranks = [json.loads(file.read_text()) for file in files if file.exists()]
     if out.returncode != 0 or len(ranks) != 2:
         raise SystemExit(f"2-rank job failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     checkpoint = Path(ranks[0]["checkpoint"])

@@ -57,6 +57,16 @@ def test_every_file_of_a_checkpoint_has_checksums_and_a_flipped_byte_is_named(tm
     assert exit_code(err.value) == 2
 
 
+def test_checksums_taken_while_writing_equal_those_of_the_file_read_back(tmp_path, monkeypatch):
+    """Each rank hashes its shards as DCP writes them; chunk boundaries fall inside writes."""
+    monkeypatch.setattr(ckpt, "CHECKSUM_CHUNK_BYTES", 1000)
+    path = save(tmp_path, 1)
+    (name,) = [p.name for p in path.glob("*.distcp")]
+    recorded = json.loads((path / ckpt.CHECKSUM_FILE).read_text())["files"][name]
+    assert len(recorded["crc32"]) > 3
+    assert recorded == ckpt.file_checksums(path, [name])[name]
+
+
 def test_with_no_intact_checkpoint_left_resuming_stops_naming_the_damage(tmp_path):
     first, second = save(tmp_path, 1), save(tmp_path, 2)
     flip_a_byte(shard(first))

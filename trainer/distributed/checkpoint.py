@@ -14,11 +14,11 @@ finish) rank 0 writes ``trainer_state.json``, renames the folder and only then m
 A crash at any point leaves the previous checkpoint and pointer untouched.
 
 Every file of a checkpoint has its checksums in ``checksums.json`` (CRC-32 of each
-``CHECKSUM_CHUNK_BYTES`` of it), computed right after the write, while the bytes are still in
-the page cache: each rank hashes its share of the shard files, chunks in parallel threads (its
-share of the node's CPUs). Before a checkpoint is loaded its files are checked against them (the
-ranks split the files): a damaged checkpoint is refused naming the file, and a resumed fit falls
-back to the newest intact one. Checkpoints written without checksums load unchecked.
+``CHECKSUM_CHUNK_BYTES`` of it): each rank hashes the bytes of its shard files as DCP writes them
+(no second read), rank 0 the small files after. Before a checkpoint is loaded its files are
+checked against them (the ranks split the files, each reads its share in parallel threads): a
+damaged checkpoint is refused naming the file, and a resumed fit falls back to the newest intact
+one. Checkpoints written without checksums load unchecked.
 
 Only tensors go through DCP (loaded with ``weights_only``, and DCP's ``.metadata`` index through a
 restricted unpickler); everything else (loop progress, reader position, learning rates) is JSON,
@@ -28,6 +28,8 @@ DCP reshards on load: a checkpoint written by N ranks loads into M ranks or anot
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -120,7 +122,7 @@ def save(
     _check_tensors_only(tensors)
     final = checkpoint_dir(root, step)
     partial = final.with_name(final.name + ".partial")
-    rank, world_size = _rank_and_world(process_group)
+    _, world_size = _rank_and_world(process_group)
     if is_rank_zero:
         shutil.rmtree(partial, ignore_errors=True)
         try:
@@ -131,27 +133,25 @@ def save(
             ) from err
     barrier()
     try:
-        dcp.save(tensors, checkpoint_id=str(partial), process_group=process_group)
+        writer = _ChecksummingWriter(partial) if checksums else dcp.FileSystemWriter(str(partial))
+        dcp.save(tensors, checkpoint_id=str(partial), storage_writer=writer, process_group=process_group)
     except (CheckpointException, OSError) as err:  # CheckpointException is a BaseException
         _remove_partial(partial, is_rank_zero)
         raise CheckpointError(f"{partial}: saving failed ({_first_failure(err)})") from err
-    files: dict[str, Any] = {}
+    files: dict[str, Any] = dict(writer.checksums) if checksums else {}  # hashed as they were written
+    gathered = _gather(files, process_group, world_size)
     failure = None
-    if checksums:  # every rank its share of the shard files; DCP's save returned once all were written
-        shards = sorted(p.name for p in partial.iterdir() if p.suffix == ".distcp")
-        try:
-            files = file_checksums(partial, shards[rank::world_size])
-        except OSError as err:
-            failure = f"{partial}: reading the shards back for their checksums failed ({_os_error(err)})"
-    gathered = _gather((files, failure), process_group, world_size)
-    failure = next((f for _, f in gathered if f), None)
     if is_rank_zero and failure is None:
         try:
             _write_json(partial / STATE_FILE, to_json_tree(state))
             if checksums:
-                files = file_checksums(partial, [".metadata", STATE_FILE])
-                for part, _ in gathered:
+                for part in gathered:
                     files.update(part)
+                # what no rank hashed while writing (a writer that seeked back): read back
+                unhashed = [
+                    p.name for p in partial.iterdir() if p.suffix == ".distcp" and p.name not in files
+                ]
+                files.update(file_checksums(partial, [".metadata", STATE_FILE, *unhashed]))
                 _write_json(
                     partial / CHECKSUM_FILE,
                     {"algorithm": "crc32", "chunk_bytes": CHECKSUM_CHUNK_BYTES, "files": files},
@@ -195,6 +195,88 @@ def _os_error(err: OSError) -> str:
     if err.errno == errno.ENOSPC:
         return f"no space left on the device{where}"
     return f"{err.strerror or err}{where}"
+
+
+class _ChecksumStream(io.RawIOBase):
+    """A DCP shard file being written, its CRC-32s (one per ``CHECKSUM_CHUNK_BYTES``) computed from
+    the bytes as they pass: no second read. Put in ``record`` on close, unless the writer moved
+    back in the file (then the file is read back instead)."""
+
+    def __init__(self, raw, record: dict[str, Any], name: str):
+        super().__init__()
+        self.raw, self.record, self.name = raw, record, name
+        self.crcs: list[int] = []
+        self.crc = self.filled = self.size = 0
+        self.sequential = True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        written = self.raw.write(data)
+        view = memoryview(data)
+        view = (view.cast("B") if view.c_contiguous else memoryview(view.tobytes()))[:written]
+        self.size += len(view)
+        while len(view):
+            part = view[: CHECKSUM_CHUNK_BYTES - self.filled]
+            self.crc = zlib.crc32(part, self.crc)
+            self.filled += len(part)
+            view = view[len(part) :]
+            if self.filled == CHECKSUM_CHUNK_BYTES:
+                self.crcs.append(self.crc)
+                self.crc = self.filled = 0
+        return written
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.sequential = False
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()  # flushes
+        finally:
+            self.raw.close()
+        if self.sequential:
+            crcs = self.crcs + [self.crc] if self.filled or not self.crcs else self.crcs
+            self.record[self.name] = {"size": self.size, "crc32": crcs}
+
+
+class _ChecksummingFileSystem(dcp.filesystem.FileSystem):
+    def __init__(self, record: dict[str, Any]):
+        super().__init__()
+        self.record = record
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        with super().create_stream(path, mode) as stream:
+            if mode != "wb" or Path(path).suffix != ".distcp":
+                yield stream
+                return
+            hashed = _ChecksumStream(stream, self.record, Path(path).name)
+            try:
+                yield hashed
+            finally:
+                hashed.close()
+
+
+class _ChecksummingWriter(dcp.FileSystemWriter):
+    """DCP's writer, recording in ``checksums`` the CRC-32s of the shard files this rank writes."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.checksums: dict[str, Any] = {}
+        self.fs = _ChecksummingFileSystem(self.checksums)
 
 
 def _write_json(path: Path, tree: Any, text: str | None = None) -> None:
