@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import TINY_SYNTHETIC
+from tests.trainer.in_process import isolated
 from towerrec.trainer import run
 from towerrec.trainer.config import load_config
 from towerrec.trainer.distributed import checkpoint as ckpt
@@ -123,12 +123,8 @@ def test_non_utf8_bytes_in_the_pointer_or_the_state_are_named_not_a_traceback(tm
 
 
 def fit(run_dir: Path, overrides: list[str]) -> dict:
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
+    with isolated():
         assert run.fit(load_config("configs/default.yaml", [*overrides, f"run_dir={run_dir}"])) == 0
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     del metrics["train_seconds"]
     return metrics

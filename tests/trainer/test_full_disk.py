@@ -11,13 +11,13 @@ import csv
 import errno
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY_SYNTHETIC
+from tests.trainer.in_process import isolated
 from towerrec.trainer import cli, run
 from towerrec.trainer.errors import exit_code
 from towerrec.trainer.run_folder import write_whole
@@ -45,12 +45,8 @@ def small_disk():
 def fit(run_dir: Path, data: Path) -> int:
     overrides = [f"data.path={data}", *TINY_SYNTHETIC, f"run_dir={run_dir}", "trainer.progress_bar=off",
                  "data.batch_size=128", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=10"]  # fmt: skip
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
+    with isolated():
         return cli.main(["fit", "--config", "configs/default.yaml", *overrides])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 def record(run_dir: Path) -> dict:

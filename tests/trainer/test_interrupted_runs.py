@@ -13,13 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import lightning as L
 import pytest
 
 from tests.conftest import TINY_SYNTHETIC
+from tests.trainer.in_process import isolated
 from towerrec.trainer import callbacks, run
 from towerrec.trainer.config import load_config
 
@@ -85,8 +85,7 @@ def fit(run_dir: Path, overrides: list[str], monkeypatch, kill: KillAt | None = 
         if kill.point == "saved" and trainer.global_step == kill.at:
             kill.kill()
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, isolated():
         if kill is not None:
             patch.setattr(run, "build", build_with_kill)
             patch.setattr(callbacks, "save_step_checkpoint", save_then_maybe_kill)
@@ -96,9 +95,6 @@ def fit(run_dir: Path, overrides: list[str], monkeypatch, kill: KillAt | None = 
         except Killed:
             shutil.rmtree(run_dir)
             kill.snapshot.rename(run_dir)
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
 
 
 def record(run_dir: Path) -> dict:
