@@ -222,6 +222,7 @@ def train(
         "initial": recorder.initial,
         "steps": recorder.steps,
         "global_step": trainer.global_step,
+        "gated": module.gradient_gate is not None,
     }
 
 
@@ -406,3 +407,99 @@ def train_checking_resets(overrides: list[str], num_steps: int) -> dict[str, Any
     trainer.callbacks.remove(checkpointing)
     trainer.fit(module, datamodule=datamodule)
     return checked
+def train_checking_after_backward(
+    overrides: list[str], num_steps: int, config: str = BASE_CONFIG
+) -> dict[str, Any]:
+    """``train`` with the step's outcome read after backward, as on CUDA (the embedding gradient
+    gate of ``towerrec.trainer.module.MultiTaskModule.combined_loss``), here on CPU ranks."""
+    from towerrec.trainer.module import MultiTaskModule
+
+    MultiTaskModule.defer_step_check_on = ("cpu", "cuda")
+    try:
+        return train(overrides, num_steps, config=config)
+    finally:
+        MultiTaskModule.defer_step_check_on = ("cuda",)
+
+
+def state_around_a_non_finite_step(overrides: list[str], bad_position: int, after_backward: bool) -> dict:
+    """Trains this rank's first ``bad_position + 2`` batches with batch ``bad_position`` made
+    non-finite on rank 0 only (infinite dense features), ``trainer.non_finite_loss: skip``, the
+    outcome read before or ``after_backward`` (gradient gate); returns the model just before and
+    just after that step, whether it was skipped, and the steps taken."""
+    import lightning as L
+    import torch.distributed as dist
+
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.data.reader import BatchStream, read_spec
+    from towerrec.trainer.build import build
+    from towerrec.trainer.module import MultiTaskModule
+
+    cfg = load([*overrides, "trainer.non_finite_loss=skip", "checkpoint.resume=never", "checkpoint.every_n_steps=0",
+                f"trainer.max_steps={bad_position + 2}"])  # fmt: skip
+    meta = DatasetMeta.load(cfg.data.path)
+    stream = BatchStream(
+        meta, cfg.data.train_split, read_spec(cfg.data, cfg.tasks, meta.table_rows(cfg.data.sparse)),
+        batch_size=cfg.data.batch_size, rank=dist.get_rank(), world_size=dist.get_world_size(), seed=cfg.seed,
+        window_rows=cfg.data.shuffle_window_rows, background_decode=False, drop_bag_ids=True,
+    )  # fmt: skip
+    batches = []
+    for batch in stream:
+        batches.append(batch)
+        if len(batches) == bad_position + 2:
+            break
+    if dist.get_rank() == 0:
+        batches[bad_position].dense.fill_(float("inf"))
+    seen: dict[str, Any] = {}
+
+    class Around(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch.position == bad_position:
+                seen["before"] = model_state(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch.position == bad_position:
+                seen["after"], seen["skipped"] = model_state(pl_module), pl_module.skip_step
+
+    MultiTaskModule.defer_step_check_on = ("cpu", "cuda") if after_backward else ("cuda",)
+    try:
+        trainer, module, datamodule, checkpointing = build(cfg, extra_callbacks=[Around()])
+        trainer.callbacks.remove(checkpointing)
+        datamodule.train_stream = ListStream(batches)
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        MultiTaskModule.defer_step_check_on = ("cuda",)
+    return {**seen, "gated": module.gradient_gate is not None, "skipped_batches": module.skipped_batches,
+            "global_step": trainer.global_step}  # fmt: skip
+
+
+def reduce_partial_gradients() -> dict[str, Any]:
+    """``DenseGradientReducer`` on a 3-parameter model, one parameter per bucket, where rank 0's
+    batch uses ``a`` and ``b``, rank 1's only ``b``, and no rank ``c``; returns each gradient after
+    ``finish()`` (None stays None) and this rank's own gradients before it; then, with every
+    parameter used, how many buckets' all-reduces had started when backward returned."""
+    import torch.distributed as dist
+
+    import towerrec.trainer.distributed.sharding as sharding
+
+    torch.manual_seed(dist.get_rank())
+    params = {name: torch.nn.Parameter(torch.ones(4)) for name in "abc"}
+    original, sharding.DENSE_BUCKET_BYTES = sharding.DENSE_BUCKET_BYTES, 16  # one parameter per bucket
+    try:
+        reducer = sharding.DenseGradientReducer(
+            list(params.values()), dist.group.WORLD, dist.get_world_size()
+        )
+    finally:
+        sharding.DENSE_BUCKET_BYTES = original
+    inputs = torch.randn(4)
+    used = ("a", "b") if dist.get_rank() == 0 else ("b",)
+    sum((params[name] * inputs * (i + 1)).sum() for i, name in enumerate(used)).backward()
+    own = {name: None if p.grad is None else p.grad.numpy().copy() for name, p in params.items()}
+    reducer.finish()
+    reduced = {name: None if p.grad is None else p.grad.numpy().copy() for name, p in params.items()}
+    for param in params.values():
+        param.grad = None
+    sum((p * inputs).sum() for p in params.values()).backward()  # every parameter used
+    started_during_backward = len(reducer._launched)
+    reducer.finish()
+    return {"own": own, "reduced": reduced, "num_buckets": len(reducer.buckets),
+            "started_during_backward": started_during_backward}  # fmt: skip

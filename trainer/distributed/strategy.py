@@ -33,10 +33,10 @@ from towerrec.trainer.config import CheckpointConfig, OptimizerConfig, ShardingC
 from towerrec.trainer.distributed import checkpoint as ckpt
 from towerrec.trainer.distributed.faults import register_rank
 from towerrec.trainer.distributed.sharding import (
-    ClusterSpec,
     RowReset,
     describe_plan,
     initialize_tables,
+    job_cluster,
     shard_model,
 )
 
@@ -74,11 +74,7 @@ class TorchRecStrategy(DDPStrategy):
 
     def shard(self, model: torch.nn.Module, tables) -> DistributedModelParallel:
         """Plans the tables over all ranks (collectively) and wraps the model in DMP."""
-        cluster = ClusterSpec(
-            world_size=self.world_size,
-            device_type=self.root_device.type,
-            local_world_size=self.num_processes,
-        )
+        cluster = job_cluster(self.sharding, self.world_size, self.num_processes, self.root_device)
         dmp, plan, self._replicas = shard_model(
             model,
             tables=tables,
@@ -154,30 +150,20 @@ class TorchRecStrategy(DDPStrategy):
         ]
 
     def average_dense_gradients(self, extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
-        """Replaces each dense parameter's gradient by its mean over ranks, and returns the means of
-        ``extra`` tensors (e.g. per-task gradients) computed in the same all-reduce (see
-        ``towerrec.trainer.distributed.sharding.DenseReplicas``). Every rank must call it at the same point of a step."""
+        """Replaces each dense parameter's gradient by its mean over ranks (waiting for the bucketed
+        all-reduces that backward started, see ``towerrec.trainer.distributed.sharding.DenseGradientReducer``),
+        and returns the means of ``extra`` tensors (e.g. per-task gradients) in one more all-reduce.
+        Every rank must call it after each backward, before the optimizer step."""
         extra = list(extra)
         if self.world_size == 1:
             return extra
-        grads = [p.grad for _, p in self._replicas.parameters if p.grad is not None]
-        averaged = self.mean_over_ranks(grads + extra)
-        for grad, mean in zip(grads, averaged):
-            grad.copy_(mean)
-        return averaged[len(grads) :]
+        if self._replicas.reducer is not None:
+            self._replicas.reducer.finish()
+        return self.mean_over_ranks(extra)
 
     def dense_digests(self) -> tuple[list[str], torch.Tensor]:
-        """(names, (P, 2) int64): two checksums of each dense parameter's bits, equal on every rank
-        exactly when the replicas are bitwise identical (up to a vanishing chance of collision)."""
-        names, rows = [], []
-        for name, param in self._replicas.parameters:
-            bits = param.detach().reshape(-1).contiguous()
-            bits = bits.view(torch.int32) if bits.element_size() == 4 else bits.view(torch.int16)
-            bits = bits.to(torch.int64)
-            positions = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
-            rows.append(torch.stack([bits.sum(), (bits * positions).remainder(2_147_483_629).sum()]))
-            names.append(name)
-        return names, torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
+        """(names, (P, 2) int64) of the dense replicas: see ``parameter_digests``."""
+        return parameter_digests(self._replicas.parameters)
 
     @property
     def dmp(self) -> DistributedModelParallel:
@@ -336,6 +322,22 @@ class TorchRecStrategy(DDPStrategy):
         if not interrupted and dist.is_available() and dist.is_initialized():
             dist.barrier()  # without it gloo can abort at interpreter exit (destroyed async work)
         super().teardown()
+
+
+def parameter_digests(parameters: list[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    """(names, (P, 2) int64 on the parameters' device): two checksums of each parameter's bits, equal
+    on every rank exactly when the replicas are bitwise identical (up to a vanishing chance of
+    collision). Everything is computed where the parameters live: no copy to the host."""
+    names, rows = [], []
+    device = parameters[0][1].device if parameters else torch.device("cpu")
+    for name, param in parameters:
+        bits = param.detach().reshape(-1).contiguous()
+        bits = bits.view(torch.int32) if bits.element_size() == 4 else bits.view(torch.int16)
+        bits = bits.to(torch.int64)
+        positions = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+        rows.append(torch.stack([bits.sum(), (bits * positions).remainder(2_147_483_629).sum()]))
+        names.append(name)
+    return names, torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64, device=device)
 
 
 def _materialize_state(optimizer: torch.optim.Optimizer) -> None:

@@ -1,0 +1,106 @@
+"""The CUDA-only paths' logic, checked on CPU: tensors made where the parameters live (meta stands in
+for a GPU: mixing it with CPU tensors fails as CUDA does), the planner's memory from the device's
+properties, initial tables that do not depend on the device, pinned batches before a CUDA copy,
+NCCL's error handling. What only a GPU can show is in tests/gpu/."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+import towerrec.trainer.distributed.sharding as sharding
+from towerrec.trainer.config import ShardingConfig, load_config
+from towerrec.trainer.distributed.sharding import GB, initialize_tables, job_cluster, make_planner
+from towerrec.trainer.distributed.strategy import parameter_digests
+from towerrec.trainer.errors import ConfigError
+
+
+def test_replica_digests_are_computed_on_the_parameters_device():
+    parameters = [("w", torch.empty(3, 4, device="meta")), ("b", torch.empty(4, device="meta"))]
+    names, digests = parameter_digests(parameters)
+    assert names == ["w", "b"] and digests.shape == (2, 2) and digests.device.type == "meta"
+    cpu = [("w", torch.arange(12.0).reshape(3, 4)), ("b", torch.ones(4))]
+    _, values = parameter_digests(cpu)
+    _, moved = parameter_digests(
+        [("w", cpu[0][1].clone()), ("b", torch.tensor([1.0, 1.0, 1.0, 1.0 + 2**-20]))]
+    )
+    assert values[0].tolist() == moved[0].tolist() and values[1].tolist() != moved[1].tolist()
+
+
+def tables_config(rows: int) -> list[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name="t_items", embedding_dim=8, num_embeddings=rows, feature_names=["items"])]
+
+
+def fake_gpu(monkeypatch, total_gb: float) -> None:
+    properties = SimpleNamespace(total_memory=int(total_gb * GB), major=9, minor=0, name="fake H200")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+
+
+def test_the_planner_gets_the_gpus_memory_when_hbm_gb_is_null(monkeypatch):
+    fake_gpu(monkeypatch, 141.0)
+    cluster = job_cluster(ShardingConfig(), world_size=2, local_world_size=2, device=torch.device("cuda", 0))
+    expected_gb = 141.0 - sharding.DEVICE_MEMORY_RESERVE_GB
+    assert cluster.memory_gb_per_device == pytest.approx(expected_gb)
+    planner = make_planner(ShardingConfig(), 512, tables_config(1000), cluster)
+    assert [d.storage.hbm for d in planner._topology.devices] == [int(expected_gb * GB)] * 2
+    pinned = job_cluster(ShardingConfig(hbm_gb=40), 2, 2, torch.device("cuda", 0))
+    assert make_planner(ShardingConfig(hbm_gb=40), 512, tables_config(1000), pinned)._topology.devices[
+        0
+    ].storage.hbm == int(40 * GB)
+    cpu = job_cluster(ShardingConfig(), 1, 1, torch.device("cpu"))
+    assert cpu.memory_gb_per_device is None  # TorchRec's default host budget
+
+
+class FakeShard:
+    def __init__(self, row_offset: int, tensor: torch.Tensor):
+        self.metadata = SimpleNamespace(shard_offsets=[row_offset, 0])
+        self.tensor = tensor
+
+
+class FakeSharded:
+    """Stands in for a ShardedTensor: the row-wise shards of one table."""
+
+    def __init__(self, shards: list[FakeShard]):
+        self._shards = shards
+
+    def local_shards(self) -> list[FakeShard]:
+        return self._shards
+
+
+def written_rows(monkeypatch, state: dict, tables, seed: int = 7) -> list[tuple[str, int, torch.Tensor]]:
+    """What ``initialize_tables`` copies into each shard: (target device type, rows, values)."""
+    writes = []
+
+    def record(shard, row, values):
+        writes.append((shard.device.type, row, values.clone()))
+
+    monkeypatch.setattr(sharding, "_write_rows", record)
+    initialize_tables(SimpleNamespace(state_dict=lambda: state), tables, seed)
+    return writes
+
+
+def test_initial_tables_do_not_depend_on_the_device_or_the_plan_and_are_drawn_in_chunks(monkeypatch):
+    monkeypatch.setattr(sharding, "INIT_CHUNK_ROWS", 16)
+    rows = 37
+    tables = tables_config(rows)
+    key = "model.sparse.embedding_bags.t_items.weight"
+    cpu = written_rows(monkeypatch, {key: torch.empty(rows, 8)}, tables)
+    meta = written_rows(monkeypatch, {key: torch.empty(rows, 8, device="meta")}, tables)  # as a GPU would
+    assert {device for device, _, _ in cpu} == {"cpu"} and {device for device, _, _ in meta} == {"meta"}
+    assert all(values.device.type == "cpu" for _, _, values in meta)  # drawn on the CPU, then copied
+    full = torch.cat([values for _, _, values in cpu])
+    assert torch.equal(full, torch.cat([values for _, _, values in meta]))
+    assert full.shape == (rows, 8) and max(values.shape[0] for _, _, values in cpu) <= 16
+    two_shards = FakeSharded([FakeShard(0, torch.empty(10, 8)), FakeShard(10, torch.empty(27, 8))])
+    split = written_rows(monkeypatch, {key: two_shards}, tables)
+    assert torch.equal(torch.cat([values for _, _, values in split]), full)  # whatever the plan
+
+
+def test_16_mixed_is_refused_when_the_config_is_loaded():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/default.yaml", ["trainer.precision=16-mixed"])
+    message = str(err.value)
+    assert message.startswith("trainer.precision: 16-mixed is not supported") and "bf16-mixed" in message
