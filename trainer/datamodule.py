@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from towerrec.data.batch import Batch
 from towerrec.data.config import DataConfig
 from towerrec.data.dataset import DatasetMeta
 from towerrec.data.reader import BatchStream, ReadSpec
@@ -84,6 +85,13 @@ class ParquetDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> BatchStream:
         split = self.predict_split or self.data.test_split
         return self._stream(split, train=False, role=split_role(self.data, split))
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A batch's copy to a GPU: from pinned memory and non-blocking (Lightning's own copy is
+        blocking for anything but a bare tensor); on the current stream, so the step sees it."""
+        if isinstance(batch, Batch) and device.type == "cuda":
+            return batch.pinned_for(device).to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def state_dict(self) -> dict[str, Any]:
         return {"train": self.train_stream.state_dict()} if self.train_stream is not None else {}

@@ -503,3 +503,51 @@ def reduce_partial_gradients() -> dict[str, Any]:
     reducer.finish()
     return {"own": own, "reduced": reduced, "num_buckets": len(reducer.buckets),
             "started_during_backward": started_during_backward}  # fmt: skip
+
+
+def reload_first_checkpoint(overrides: list[str]) -> dict[str, Any]:
+    """Trains 2 steps saving after each, then loads step 1's weights back the way the best epoch
+    is loaded (``TorchRecStrategy.load_weights``); returns the order of cache resets and checkpoint
+    reads it made, how many fbgemm lookups it reset, and whether the model is step 1's again."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+    from towerrec.trainer.build import build
+    from towerrec.trainer.distributed import checkpoint as ckpt
+    from towerrec.trainer.distributed import strategy as strategy_module
+
+    cfg = load([*overrides, "trainer.max_steps=2", "checkpoint.every_n_steps=1", "checkpoint.resume=never"])
+    saved: dict[int, dict] = {}
+    import lightning as L
+
+    class Remember(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            saved[trainer.global_step] = model_state(pl_module)
+
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[Remember()])
+    trainer.fit(module, datamodule=datamodule)
+    events: list[str] = []
+    reset, load_tensors = SplitTableBatchedEmbeddingBagsCodegen.reset_cache_states, ckpt.load_tensors
+
+    def recording_reset(self) -> None:
+        events.append("reset cache")
+        reset(self)
+
+    def recording_load(*args, **kwargs) -> None:
+        events.append("load tensors")
+        load_tensors(*args, **kwargs)
+
+    SplitTableBatchedEmbeddingBagsCodegen.reset_cache_states = recording_reset
+    strategy_module.ckpt.load_tensors = recording_load
+    try:
+        trainer.strategy.load_weights(ckpt.checkpoint_dir(f"{cfg.run_dir}/checkpoints", 1))
+    finally:
+        SplitTableBatchedEmbeddingBagsCodegen.reset_cache_states = reset
+        strategy_module.ckpt.load_tensors = load_tensors
+    now = model_state(module)
+    same = all(np.array_equal(now["dense"][k], v) for k, v in saved[1]["dense"].items()) and all(
+        np.array_equal(new[2], old[2])
+        for table, shards in saved[1]["tables"].items()
+        for new, old in zip(now["tables"][table], shards)
+    )
+    return {"events": events, "is_step_1": same, "moved_since": saved[1]["dense"].keys() != {} and not all(
+        np.array_equal(saved[2]["dense"][k], v) for k, v in saved[1]["dense"].items())}  # fmt: skip

@@ -5,17 +5,24 @@ NCCL's error handling. What only a GPU can show is in tests/gpu/."""
 
 from __future__ import annotations
 
+import os
+import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import towerrec.trainer.distributed.sharding as sharding
+from towerrec.data.batch import Batch
 from towerrec.trainer.config import ShardingConfig, load_config
+from towerrec.trainer.datamodule import ParquetDataModule
+from towerrec.trainer.distributed.faults import diagnose_collective_failure, nccl_error_handling
 from towerrec.trainer.distributed.sharding import GB, initialize_tables, job_cluster, make_planner
 from towerrec.trainer.distributed.strategy import parameter_digests
 from towerrec.trainer.errors import ConfigError
+from towerrec.trainer.pipeline import LightningSparseDistPipeline
 
 
 def test_replica_digests_are_computed_on_the_parameters_device():
@@ -104,3 +111,95 @@ def test_16_mixed_is_refused_when_the_config_is_loaded():
         load_config("configs/default.yaml", ["trainer.precision=16-mixed"])
     message = str(err.value)
     assert message.startswith("trainer.precision: 16-mixed is not supported") and "bf16-mixed" in message
+
+
+def tiny_batch(position: int) -> Batch:
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=["items"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1])
+    )
+    ones = torch.ones(2, 1)
+    return Batch(sparse=sparse, dense=ones, labels=ones, label_mask=ones, weights=torch.ones(2),
+                 row_id=torch.arange(2), position=position)  # fmt: skip
+
+
+def test_batches_are_pinned_and_copied_without_blocking_only_for_a_gpu(monkeypatch):
+    pinned, copies = [], []
+    monkeypatch.setattr(Batch, "pin_memory", lambda self: pinned.append(self.position) or self)
+    monkeypatch.setattr(Batch, "to", lambda self, device, non_blocking=False: copies.append((device.type, non_blocking)) or self)  # fmt: skip
+    datamodule = ParquetDataModule.__new__(ParquetDataModule)  # the copy hook reads no state
+    datamodule.transfer_batch_to_device(tiny_batch(0), torch.device("cuda", 0), 0)
+    datamodule.transfer_batch_to_device(tiny_batch(1), torch.device("cpu"), 0)
+    assert pinned == [0] and copies == [("cuda", True), ("cpu", False)]
+
+    pipeline = LightningSparseDistPipeline.__new__(LightningSparseDistPipeline)  # _next_batch's state only
+    pipeline._dataloader_iter, pipeline._dataloader_exhausted = None, False
+    pipeline._device = torch.device("cuda", 0)
+    batches = iter([tiny_batch(2), tiny_batch(3)])
+    assert pipeline._next_batch(batches).position == 2
+    pipeline._device = torch.device("cpu")
+    assert pipeline._next_batch(batches).position == 3
+    assert pipeline._next_batch(batches) is None
+    assert pinned == [0, 2]
+
+
+def test_nccl_keeps_the_process_alive_on_a_lost_peer_so_the_job_can_name_it():
+    environ: dict[str, str] = {}
+    assert nccl_error_handling("gloo", environ) is None and environ == {}
+    assert nccl_error_handling("nccl", environ) == "TORCH_NCCL_ASYNC_ERROR_HANDLING=2"
+    assert environ == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+    for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"):  # the user's choice stays
+        chosen = {name: "1"}
+        assert nccl_error_handling("nccl", chosen) == f"{name}=1 (set by the user)" and chosen == {name: "1"}
+
+
+class PeerStore:
+    """The rendezvous store's record of rank 1: a process on this host with process id ``pid``."""
+
+    def __init__(self, pid: int):
+        self.entry = f"{socket.gethostname()}:{pid}".encode()
+
+    def set_timeout(self, timeout) -> None:
+        pass
+
+    def get(self, key: str) -> bytes:
+        return self.entry
+
+
+NCCL_ABORTED = (
+    "NCCL communicator was aborted on rank 0.  Original reason for failure was: [Rank 0] Watchdog caught "
+    "collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE, NumelIn=7, NumelOut=7, "
+    "Timeout(ms)=600000) ran for 600021 milliseconds before timing out."
+)
+
+
+def test_nccl_errors_after_the_watchdog_aborted_the_communicator_name_the_lost_rank():
+    """The error PyTorch raises for a collective once the watchdog aborted NCCL (mode 2), with the
+    peer's process gone, or still running (hung)."""
+    gone = diagnose_collective_failure(RuntimeError(NCCL_ABORTED), PeerStore(2**22 + 1), 0, 2, 600)
+    assert gone is not None and gone.exit_code == 4
+    assert str(gone).startswith(f"rank 0: rank 1 (pid {2**22 + 1} on {socket.gethostname()}) is gone")
+    hung = diagnose_collective_failure(RuntimeError(NCCL_ABORTED), PeerStore(os.getpid()), 0, 2, 600)
+    assert "a peer rank is dead or hung: no answer within trainer.collective_timeout_s=600s" in str(hung)
+    assert diagnose_collective_failure(RuntimeError("CUDA out of memory"), PeerStore(1), 0, 2, 600) is None
+
+
+def test_loading_earlier_weights_empties_the_table_caches_before_reading_the_checkpoint(
+    rank_pools, tiny_data, tmp_path
+):
+    """With UVM caching (CUDA) a cached row would shadow the loaded one: load_weights resets every
+    fbgemm lookup's cache after its rows were flushed and before the checkpoint is read into the
+    backing store (TorchRec's own load hook resets them again afterwards). On CPU the reset finds no
+    cache; what only a GPU shows is in tests/gpu."""
+    from tests.conftest import TINY_SYNTHETIC
+    from tests.trainer import rank_jobs
+
+    overrides = [
+        f"data.path={tiny_data}",
+        *TINY_SYNTHETIC,
+        f"run_dir={tmp_path}",
+        "data.validate_on_start=false",
+    ]
+    (result,) = rank_pools(1).run(rank_jobs.reload_first_checkpoint, overrides)
+    assert result["moved_since"] and result["is_step_1"]
+    assert result["events"].count("load tensors") == 1
+    assert "reset cache" in result["events"][: result["events"].index("load tensors")]

@@ -17,6 +17,7 @@ setup and launchers (Lightning's own launcher, torchrun, SLURM) and replaces the
 
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -31,7 +33,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from towerrec.trainer.config import CheckpointConfig, OptimizerConfig, ShardingConfig
 from towerrec.trainer.distributed import checkpoint as ckpt
-from towerrec.trainer.distributed.faults import register_rank
+from towerrec.trainer.distributed.faults import nccl_error_handling, register_rank
 from towerrec.trainer.distributed.sharding import (
     RowReset,
     describe_plan,
@@ -254,10 +256,17 @@ class TorchRecStrategy(DDPStrategy):
         self.load_weights(self._checkpoint_to_load)
 
     def load_weights(self, path: Path) -> None:
-        """The model's tensors (not the optimizers') from checkpoint ``path``; every rank takes part."""
+        """The model's tensors (not the optimizers') from checkpoint ``path``; every rank takes part.
+
+        ``state_dict()`` first writes UVM-cached rows back to the tables' host-memory store (fbgemm's
+        flush), then every cache is emptied, and only then are the stored weights loaded into that
+        store: a row cached from the live weights can neither be read instead of the loaded one nor
+        flushed over it later (a GPU-only path: CPU kernels hold no cache). TorchRec's sharded
+        collections also empty their caches in their load_state_dict hook; this does not rely on it."""
         self._row_reset = None  # collected again from the loaded shards
         replicated = self.replicated_state()
         tensors = {"model": self.dmp.state_dict(), **replicated}
+        invalidate_embedding_caches(self.dmp)
         ckpt.load_tensors(path, tensors, self.process_group)
         # DMP.state_dict() returns views of the live shards, but dense tensors may be copies:
         self.dmp.load_state_dict(tensors["model"])
@@ -267,8 +276,10 @@ class TorchRecStrategy(DDPStrategy):
     def load_tables(self, path: Path, tables: dict[str, str]) -> None:
         """Tables of another model's checkpoint ``path`` into this model's tables (``tables``: our
         state-dict key → the checkpoint's key, both a table's weight of the same shape); loaded in
-        place, resharded by DCP; every rank takes part."""
+        place, resharded by DCP; every rank takes part. UVM caches are emptied first, as in
+        ``load_weights``."""
         ours = self.dmp.state_dict()
+        invalidate_embedding_caches(self.dmp)
         tensors = {"model": {theirs: ours[key] for key, theirs in tables.items()}}
         ckpt.load_tensors(path, tensors, self.process_group)
         self.dmp.load_state_dict(
@@ -311,6 +322,7 @@ class TorchRecStrategy(DDPStrategy):
             shutil.rmtree(filepath, ignore_errors=True)
 
     def setup_environment(self) -> None:
+        nccl_error_handling(self._get_process_group_backend(), os.environ)  # before NCCL starts
         super().setup_environment()
         if self.world_size > 1:  # host and pid of every rank, to name a lost one (trainer.distributed.faults)
             register_rank(dist.distributed_c10d._get_default_store(), self.global_rank)
@@ -322,6 +334,22 @@ class TorchRecStrategy(DDPStrategy):
         if not interrupted and dist.is_available() and dist.is_initialized():
             dist.barrier()  # without it gloo can abort at interpreter exit (destroyed async work)
         super().teardown()
+
+
+def invalidate_embedding_caches(dmp: torch.nn.Module) -> int:
+    """Drops every row cached by a UVM-caching table without writing it back (fbgemm's
+    ``reset_cache_states``; nothing to drop for an uncached table); returns the number of fbgemm
+    table-batched lookups visited."""
+    lookups = [  # a sharded collection holds its lookups in a plain list, outside modules()
+        kernel
+        for module in dmp.modules()
+        for lookup in getattr(module, "_lookups", [])
+        for kernel in lookup.modules()
+        if isinstance(kernel, SplitTableBatchedEmbeddingBagsCodegen)
+    ]
+    for lookup in lookups:
+        lookup.reset_cache_states()
+    return len(lookups)
 
 
 def parameter_digests(parameters: list[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
