@@ -88,9 +88,13 @@ class ParquetDataModule(L.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """A batch's copy to a GPU: from pinned memory and non-blocking (Lightning's own copy is
-        blocking for anything but a bare tensor); on the current stream, so the step sees it."""
-        if isinstance(batch, Batch) and device.type == "cuda":
-            return batch.pinned_for(device).to(device, non_blocking=True)
+        blocking for anything but a bare tensor), on the current stream, so the step sees it. A
+        batch already on the device is handed over as it is (Lightning's generic copy walks it
+        field by field every step)."""
+        if isinstance(batch, Batch):
+            if batch.dense.device == device:
+                return batch
+            return batch.pinned_for(device).to(device, non_blocking=device.type == "cuda")
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def state_dict(self) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class MultiTaskModule(L.LightningModule):
 
     def __init__(self, cfg: Config, table_rows: dict[str, int]):
         super().__init__()
+        self.automatic_optimization = False  # see training_step
         self.cfg = cfg
         self.table_rows = table_rows
         self.tables = embedding_tables(cfg.data.sparse, table_rows, cfg.sharding.embedding_precision)
@@ -180,13 +181,38 @@ class MultiTaskModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        """One step, in this order on every rank (Lightning's manual optimisation: its automatic
+        one adds a closure, precision wrappers and six callback hooks a step for nothing we use):
+        zero the dense gradients, forward, the global loss (``combined_loss``), backward with the
+        tables' fused update and the dense all-reduce (``backward``), the dense step (``dense_step``)."""
+        self.optimizers().zero_grad()
         loss_sums = self.step_loss_sums(self(batch)[0])
-        loss = self.combined_loss(loss_sums, batch.batch_size)
+        self.backward_and_reduce(self.combined_loss(loss_sums, batch.batch_size))
+        self.dense_step()
+
+    def backward_and_reduce(self, loss: torch.Tensor | None) -> None:
+        """Backward (outside autocast, as Lightning's automatic step runs it) and ``after_backward``;
+        None (a skipped batch): nothing."""
         self.skip_step = loss is None
-        if loss is None:  # Lightning refuses a None loss on several ranks: a loss with no graph behind it
-            return torch.zeros((), device=loss_sums.device, requires_grad=True)
-        return loss
+        if loss is None:
+            return
+        with torch.autocast(self.device.type, enabled=False):
+            loss.backward()
+        self.after_backward()
+
+    def dense_step(self) -> None:
+        """Clips and steps the dense optimizer and the learning-rate schedule. A skipped batch left no
+        gradient: the step changes nothing but counts (``global_step``, the schedule, ``max_steps``)."""
+        optimizer = self.optimizers()
+        if self.cfg.trainer.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        if self.inner.balancer.gradient_norm_balancing and not self.skip_step:
+            self.inner.balancer.renormalize()  # GradNorm: right after the step, before any checkpoint
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def step_loss_sums(self, model_output) -> torch.Tensor:
         """The per-task loss sums (2, T) of what the model's forward returned first (the multi-task
@@ -277,9 +303,6 @@ class MultiTaskModule(L.LightningModule):
             )
         print(f"[towerrec] skipping batch: {message} ({self.skipped_batches} skipped)", flush=True)
 
-    def on_after_backward(self) -> None:
-        self.after_backward()
-
     def after_backward(self) -> None:
         """Averages the dense gradients over ranks (waiting for the all-reduces backward started);
         with PCGrad, averages each task's gradient of the shared tower and replaces the shared
@@ -310,15 +333,6 @@ class MultiTaskModule(L.LightningModule):
                 param.grad = grad.clone()
             else:
                 param.grad.copy_(grad)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.after_optimizer_step()
-
-    def after_optimizer_step(self) -> None:
-        """GradNorm renormalises its weights right after the step, before any checkpoint is written."""
-        if self.inner.balancer.gradient_norm_balancing and not self.skip_step:
-            self.inner.balancer.renormalize()
 
     def on_train_epoch_end(self) -> None:
         weights = self.inner.balancer.weights().detach()
@@ -429,11 +443,11 @@ class MultiTaskModule(L.LightningModule):
 
 class PipelinedMultiTaskModule(MultiTaskModule):
     """``trainer.train_pipeline: sparse_dist``: each step runs TorchRec's TrainPipelineSparseDist
-    (see trainer.pipeline); losses, checks and the optimizer step are the same as above."""
+    (see trainer.pipeline), which calls the same ``combined_loss``, ``backward_and_reduce`` and
+    ``dense_step`` as the plain step above."""
 
     def __init__(self, cfg: Config, table_rows: dict[str, int]):
         super().__init__(cfg, table_rows)
-        self.automatic_optimization = False
         self.pipeline = None
 
     def on_train_epoch_start(self) -> None:
@@ -452,18 +466,6 @@ class PipelinedMultiTaskModule(MultiTaskModule):
         self.pipeline.progress(self.trainer.datamodule.tickets.batches)
         assert self.current_position == ticket.position, (self.current_position, ticket.position)
         self.trainer.datamodule.train_stream.mark_consumed(ticket.position)
-
-    def pipelined_optimizer_step(self) -> None:
-        """A skipped batch left no gradient: the step changes nothing but counts, as in Lightning's
-        automatic step (``global_step``, the learning-rate schedule and ``max_steps`` agree)."""
-        optimizer = self.optimizers()
-        if self.cfg.trainer.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val)
-        optimizer.step()
-        self.after_optimizer_step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
 
     def _detach_pipeline(self) -> None:
         if self.pipeline is not None:  # evaluation calls the model directly; progress() re-attaches

@@ -54,8 +54,8 @@ class Tickets:
 
 
 class _OptimizerAdapter:
-    """What the pipeline calls ``optimizer``: our dense step (clipping, skip) through Lightning's
-    optimizer wrapper so that ``global_step`` and schedulers advance as in automatic mode."""
+    """What the pipeline calls ``optimizer``: the module's dense step (``MultiTaskModule.dense_step``:
+    clipping, Lightning's optimizer wrapper so that ``global_step`` advances, the schedule)."""
 
     def __init__(self, module):
         self.module = module
@@ -64,7 +64,7 @@ class _OptimizerAdapter:
         self.module.optimizers().zero_grad()
 
     def step(self) -> None:
-        self.module.pipelined_optimizer_step()
+        self.module.dense_step()
 
 
 class LightningSparseDistPipeline(TrainPipelineSparseDist):
@@ -83,8 +83,4 @@ class LightningSparseDistPipeline(TrainPipelineSparseDist):
     def _backward(self, loss_sums: torch.Tensor) -> None:
         batch = self.batches[0]
         self.module.current_position = batch.position
-        loss = self.module.combined_loss(self.module.step_loss_sums(loss_sums), batch.batch_size)
-        self.module.skip_step = loss is None
-        if loss is not None:
-            loss.backward()
-            self.module.after_backward()
+        self.module.backward_and_reduce(self.module.combined_loss(self.module.step_loss_sums(loss_sums), batch.batch_size))

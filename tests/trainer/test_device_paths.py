@@ -128,8 +128,9 @@ def test_batches_are_pinned_and_copied_without_blocking_only_for_a_gpu(monkeypat
     monkeypatch.setattr(Batch, "to", lambda self, device, non_blocking=False: copies.append((device.type, non_blocking)) or self)  # fmt: skip
     datamodule = ParquetDataModule.__new__(ParquetDataModule)  # the copy hook reads no state
     datamodule.transfer_batch_to_device(tiny_batch(0), torch.device("cuda", 0), 0)
-    datamodule.transfer_batch_to_device(tiny_batch(1), torch.device("cpu"), 0)
-    assert pinned == [0] and copies == [("cuda", True), ("cpu", False)]
+    on_cpu = tiny_batch(1)
+    assert datamodule.transfer_batch_to_device(on_cpu, torch.device("cpu"), 0) is on_cpu  # nothing to copy
+    assert pinned == [0] and copies == [("cuda", True)]
 
     pipeline = LightningSparseDistPipeline.__new__(LightningSparseDistPipeline)  # _next_batch's state only
     pipeline._dataloader_iter, pipeline._dataloader_exhausted = None, False
