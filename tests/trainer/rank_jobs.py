@@ -165,7 +165,7 @@ def model_state(module) -> dict[str, Any]:
     dmp = module.model
     table_names = [t.name for t in module.tables]
     dense = {
-        name: p.detach().float().numpy().copy()
+        name: p.detach().float().cpu().numpy().copy()
         for name, p in dmp.module.named_parameters()
         if table_of_key(name, table_names) is None
     }
@@ -177,15 +177,17 @@ def model_state(module) -> dict[str, Any]:
         if hasattr(value, "local_shards"):
             for shard in value.local_shards():
                 offsets = shard.metadata.shard_offsets
-                tables.setdefault(table, []).append((offsets[0], offsets[1], shard.tensor.numpy().copy()))
+                tables.setdefault(table, []).append(
+                    (offsets[0], offsets[1], shard.tensor.cpu().numpy().copy())
+                )
         else:
-            tables.setdefault(table, []).append((0, 0, value.detach().numpy().copy()))
+            tables.setdefault(table, []).append((0, 0, value.detach().cpu().numpy().copy()))
     ids = getattr(module, "dynamic_ids", None)
-    id_maps = {} if ids is None else {k: v.numpy().copy() for k, v in ids.state_dict().items()}
+    id_maps = {} if ids is None else {k: v.cpu().numpy().copy() for k, v in ids.state_dict().items()}
     return {
         "dense": dense,
         "tables": tables,
-        "balance": module.inner.balancer.weights().numpy().copy(),
+        "balance": module.inner.balancer.weights().cpu().numpy().copy(),
         "dynamic_ids": id_maps,
     }
 
@@ -549,5 +551,5 @@ def reload_first_checkpoint(overrides: list[str]) -> dict[str, Any]:
         for table, shards in saved[1]["tables"].items()
         for new, old in zip(now["tables"][table], shards)
     )
-    return {"events": events, "is_step_1": same, "moved_since": saved[1]["dense"].keys() != {} and not all(
-        np.array_equal(saved[2]["dense"][k], v) for k, v in saved[1]["dense"].items())}  # fmt: skip
+    moved = not all(np.array_equal(saved[2]["dense"][k], v) for k, v in saved[1]["dense"].items())
+    return {"events": events, "is_step_1": same, "moved_since": moved}

@@ -7,10 +7,12 @@ and its checkpoints hold only rank 0's shards. This strategy keeps DDPStrategy's
 setup and launchers (Lightning's own launcher, torchrun, SLURM) and replaces the rest:
 
 - ``shard(model, tables)``: the one place that plans and wraps the model in DMP; the dense part is
-  data-parallel through ``sharding.DenseReplicas`` (broadcast once, gradients averaged by
-  ``average_dense_gradients``), so the strategy neither wraps in DDP nor broadcasts states;
+  data-parallel through ``sharding.DenseReplicas`` (broadcast once when DMP is built, gradients
+  all-reduced in buckets while backward runs and waited by ``average_dense_gradients``), so
+  nothing is wrapped in DDP, by Lightning or by DMP, and no module state is broadcast;
 - the collectives of a training step: ``all_reduce_sum`` (the step's agreement and global loss
   sums), ``mean_over_ranks``, ``average_dense_gradients``, ``dense_digests`` (replica guard);
+- NCCL's error handling set before the process group starts (``faults.nccl_error_handling``);
 - ``save_checkpoint``/``load_checkpoint``: tensors through DCP (every rank writes its shards and
   loads any resharding), metadata as JSON, atomically (see ``towerrec.trainer.distributed.checkpoint``).
 """
@@ -183,7 +185,7 @@ class TorchRecStrategy(DDPStrategy):
         """DMP placed every shard and the dense part already."""
 
     def configure_ddp(self) -> None:
-        """DMP wraps the dense part in DDP itself."""
+        """No DDP wrapper: the dense part is data-parallel through ``sharding.DenseReplicas``."""
 
     # ------------------------------------------------------------------------------ checkpoints
     def dense_parameter_names(self) -> dict[torch.nn.Parameter, str]:
