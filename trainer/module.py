@@ -51,13 +51,14 @@ def dense_optimizer(params: list[torch.nn.Parameter], opt) -> torch.optim.Optimi
 
 
 class _StepOutcome:
-    """What the host must learn of a training step, (all task losses finite, preemption requested),
-    computed on the device, and the global per-task losses (T,) and batch size for logs. On CUDA the
-    two flags are copied to pinned host memory without blocking when they are computed; ``read()``
-    then waits for that copy only (an event), not for the work queued after it (the backward)."""
+    """What the host must learn of a training step, ``flags`` = (the sum of the global task losses,
+    finite exactly when all are; preemption requested), computed on the device, and the global
+    per-task losses (T,) and batch size for logs. On CUDA the flags are copied to pinned host memory
+    without blocking when they are computed; ``read()`` then waits for that copy only (an event),
+    not for the work queued after it (the backward)."""
 
     def __init__(self, flags: torch.Tensor, global_losses: torch.Tensor, batch_size: int):
-        self.global_losses, self.batch_size = global_losses, batch_size
+        self.flags, self.global_losses, self.batch_size = flags, global_losses, batch_size
         if flags.device.type == "cuda":
             self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             self._host.copy_(flags, non_blocking=True)
@@ -70,8 +71,8 @@ class _StepOutcome:
         """(finite, preempt): the step's one host synchronisation."""
         if self._copied is not None:
             self._copied.synchronize()
-        finite, preempt = self._host.tolist()
-        return finite > 0, preempt > 0
+        total, preempt = self._host.tolist()
+        return math.isfinite(total), preempt > 0
 
 
 class MultiTaskModule(L.LightningModule):
@@ -236,21 +237,20 @@ class MultiTaskModule(L.LightningModule):
         (``after_backward``), the tables' gradients being zeroed on the device when a loss was not
         finite (``EmbeddingGradientGate``), so the host never waits for the device mid-step.
         """
-        sums, totals = loss_sums[0], loss_sums[1]
+        sums = loss_sums[0]
         world_size = self.trainer.world_size
         preempt = torch.full((1,), float(self.preemption.requested), device=sums.device, dtype=sums.dtype)
-        agreed = self.trainer.strategy.all_reduce_sum(torch.cat([sums.detach(), totals.detach(), preempt]))
+        agreed = self.trainer.strategy.all_reduce_sum(torch.cat([loss_sums.detach().reshape(-1), preempt]))
         num_tasks = len(self.task_names)
         denominators = agreed[num_tasks : 2 * num_tasks].clamp_min(1e-12)
         global_losses = agreed[:num_tasks] / denominators
-        finite = torch.isfinite(global_losses).all()
-        self._step = _StepOutcome(
-            torch.stack([finite.to(agreed.dtype), agreed[-1]]), global_losses, batch_size
-        )
+        # (Σ task losses, preemption): the sum is finite exactly when every loss is (or > 3e38)
+        self._step = _StepOutcome(torch.stack([global_losses.sum(), agreed[-1]]), global_losses, batch_size)
         if self.gradient_gate is None:
             if not self.read_step_status():
                 return None
         else:
+            finite = torch.isfinite(self._step.flags[0])
             self.gradient_gate.close_unless(finite)
             global_losses = torch.where(finite, global_losses, torch.zeros_like(global_losses))
         shares = sums * (world_size / denominators)  # mean over ranks = global_losses, with gradients
