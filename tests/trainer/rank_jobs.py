@@ -553,3 +553,43 @@ def reload_first_checkpoint(overrides: list[str]) -> dict[str, Any]:
     )
     moved = not all(np.array_equal(saved[2]["dense"][k], v) for k, v in saved[1]["dense"].items())
     return {"events": events, "is_step_1": same, "moved_since": moved}
+
+
+class _AllReduceInBackward(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ranks on the default group, in backward,
+    as TorchRec's embedding output distribution and retrieval's all-gather do."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def reduce_around_a_collective_in_backward() -> dict[str, Any]:
+    """``DenseGradientReducer`` (one parameter per bucket) where backward also runs a collective on
+    the default group, and rank 0's bucket of ``a`` is ready before that collective while rank 1,
+    whose batch does not use ``a``, starts it only after backward: the gradients after ``finish()``."""
+    import torch.distributed as dist
+
+    import towerrec.trainer.distributed.sharding as sharding
+
+    params = {name: torch.nn.Parameter(torch.full((4,), 1.0 + i)) for i, name in enumerate("ca")}
+    original, sharding.DENSE_BUCKET_BYTES = sharding.DENSE_BUCKET_BYTES, 16
+    try:
+        reducer = sharding.DenseReplicas().gradient_reducer(list(params.values()), dist.get_world_size())
+    finally:
+        sharding.DENSE_BUCKET_BYTES = original
+    x = torch.arange(4.0) + dist.get_rank()
+    loss = _AllReduceInBackward.apply(params["c"] * x).sum()  # created first: its backward runs last
+    if dist.get_rank() == 0:
+        loss = loss + (params["a"] * x).sum()
+    loss.backward()
+    reducer.finish()
+    return {name: p.grad.numpy().copy() for name, p in params.items()}

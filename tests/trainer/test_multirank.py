@@ -575,3 +575,14 @@ def test_dense_gradients_are_averaged_when_ranks_use_different_parameters(rank_p
             np.testing.assert_allclose(rank["reduced"][name], value, rtol=1e-6)
     assert np.array_equal(ranks[0]["reduced"]["a"], ranks[1]["reduced"]["a"])
     assert [rank["started_during_backward"] for rank in ranks] == [3, 3]  # overlapped with backward
+
+
+def test_gradient_buckets_do_not_depend_on_the_order_of_other_collectives_in_backward(rank_pools):
+    """Rank 0's bucket of ``a`` starts before a collective that backward runs on the default group
+    (as TorchRec's embedding gradients and retrieval's all-gather do); rank 1, whose batch leaves
+    ``a`` unused, starts it after backward. In one group the two ranks would pair different
+    collectives; the buckets' own group keeps them apart and every gradient is the mean."""
+    ranks = rank_pools(2).run(rank_jobs.reduce_around_a_collective_in_backward)
+    for rank in ranks:
+        np.testing.assert_array_equal(rank["c"], [1.0, 3.0, 5.0, 7.0])  # (2 x0 + 2 x1) / 2
+        np.testing.assert_array_equal(rank["a"], [0.0, 0.5, 1.0, 1.5])  # x0 / 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -235,9 +236,10 @@ class DenseReplicas(DataParallelWrapper):
     parameter) of the dense part.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, collective_timeout: timedelta | None = None) -> None:
         self.parameters: list[tuple[str, nn.Parameter]] = []
         self.reducer: DenseGradientReducer | None = None
+        self.collective_timeout = collective_timeout
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         module = dmp._dmp_wrapped_module.to(device)
@@ -250,9 +252,17 @@ class DenseReplicas(DataParallelWrapper):
                 torch.distributed.broadcast(flat, src=0, group=env.process_group)
                 for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
                     tensor.copy_(part.view_as(tensor))
-            self.reducer = DenseGradientReducer(
-                [p for _, p in self.parameters if p.requires_grad], env.process_group, env.world_size
+            self.reducer = self.gradient_reducer(
+                [p for _, p in self.parameters if p.requires_grad], env.world_size
             )
+
+    def gradient_reducer(self, parameters: list[nn.Parameter], world_size: int) -> DenseGradientReducer:
+        """The reducer of ``parameters``' gradients, in a process group of its own (every rank calls
+        this): its buckets start whenever backward makes them ready, which may fall before or after
+        TorchRec's collectives in backward (or a loss's) depending on a rank's unused parameters; in
+        one group that order would have to be the same on every rank."""
+        group = torch.distributed.new_group(timeout=self.collective_timeout)
+        return DenseGradientReducer(parameters, group, world_size)
 
 
 DENSE_BUCKET_BYTES = 4 * 2**20
@@ -270,7 +280,8 @@ class DenseGradientReducer:
     ``finish()`` (after backward) starts the buckets backward left incomplete, waits for all of
     them and writes the means into ``.grad``.
 
-    Every rank all-reduces every parameter every step, with zeros where it has no gradient (a
+    The all-reduces run in a process group of their own (``DenseReplicas.wrap``). Every rank
+    all-reduces every parameter every step, with zeros where it has no gradient (a
     parameter its batch did not use), plus one count per parameter of the ranks that had one: a
     parameter gets the mean when any rank had a gradient, and keeps ``None`` when none had, as a
     single process would (only a rank that lacked a gradient reads the counts back to the host).
@@ -416,9 +427,11 @@ def shard_model(
     process_group,
     device: torch.device,
     fused_only: frozenset[str] = frozenset(),
+    collective_timeout: timedelta | None = None,
 ) -> tuple[DistributedModelParallel, ShardingPlan, DenseReplicas]:
     """Fused optimizer → plan → DMP. Tables built on ``meta`` are materialised on their shards;
-    ``fused_only``: tables kept off UVM caching (``planner_constraints``)."""
+    ``fused_only``: tables kept off UVM caching (``planner_constraints``); ``collective_timeout``:
+    of the dense gradients' process group (default: PyTorch's)."""
     apply_embedding_optimizer(model, embedding_optimizer)
     plan = plan_for_cluster(
         model,
@@ -429,7 +442,7 @@ def shard_model(
         process_group=process_group,
         fused_only=fused_only,
     )
-    replicas = DenseReplicas()
+    replicas = DenseReplicas(collective_timeout)
     dmp = DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(process_group),

@@ -89,6 +89,7 @@ class TorchRecStrategy(DDPStrategy):
             process_group=self.process_group,
             device=self.root_device,
             fused_only=frozenset(self._dynamic_tables()),
+            collective_timeout=self._timeout,
         )
         self._tables = tables
         initialize_tables(dmp, tables, self.seed, hashed=frozenset(self._dynamic_tables()))
