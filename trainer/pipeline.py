@@ -83,4 +83,6 @@ class LightningSparseDistPipeline(TrainPipelineSparseDist):
     def _backward(self, loss_sums: torch.Tensor) -> None:
         batch = self.batches[0]
         self.module.current_position = batch.position
-        self.module.backward_and_reduce(self.module.combined_loss(self.module.step_loss_sums(loss_sums), batch.batch_size))
+        self.module.backward_and_reduce(
+            self.module.combined_loss(self.module.step_loss_sums(loss_sums), batch.batch_size)
+        )

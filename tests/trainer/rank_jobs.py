@@ -409,6 +409,8 @@ def train_checking_resets(overrides: list[str], num_steps: int) -> dict[str, Any
     trainer.callbacks.remove(checkpointing)
     trainer.fit(module, datamodule=datamodule)
     return checked
+
+
 def train_checking_after_backward(
     overrides: list[str], num_steps: int, config: str = BASE_CONFIG
 ) -> dict[str, Any]:

@@ -521,6 +521,8 @@ def test_two_ranks_map_dynamic_ids_of_histories_as_one_rank(rank_pools, dynamic_
         tensors(two), tensors([one]), tensors([reordered]), tensors([one["initial"]]), 2,
         2 * 8 * 2.0**-24, "dynamic ids of histories",
     )  # fmt: skip
+
+
 @pytest.mark.parametrize("pipeline", PIPELINES)
 def test_reading_the_step_outcome_after_backward_trains_the_same_model(
     rank_pools, tiny_data, tmp_path, pipeline
