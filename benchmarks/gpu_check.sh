@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# GPU check: verify towerrec's CUDA path on one GPU machine that has PyTorch but no torchrec/fbgemm
-# and no network (the H200 lent to some sessions: python3 3.12, torch 2.11.0+cu130).
+# GPU check: run towerrec's GPU tests and its one-GPU benchmark on a CUDA machine that has
+# PyTorch but no network access (it cannot pip install torchrec or fbgemm-gpu itself).
 #
-# fbgemm/torchrec releases pair with exact torch releases (1.8.x <-> torch 2.13, 1.9.x <-> 2.14),
-# so torch 2.11 takes fbgemm-gpu 1.6.0 + torchrec 1.6.1 (cp312; fbgemm-gpu's PyPI wheel, ~465 MB).
+# What you need: this checkout on a computer with network access and python3/pip, and the GPU
+# machine: Linux x86-64, Python 3.12, a CUDA build of torch 2.11, lightning and pyarrow. fbgemm-gpu
+# and torchrec are each built for one torch release (1.8.x for torch 2.13, 1.6.x for torch 2.11),
+# so for torch 2.11 this fetches fbgemm-gpu 1.6.0 + torchrec 1.6.1 (set FBGEMM=... TORCHREC=...
+# for another torch).
 #
-#   1. here (network):   benchmarks/gpu_check.sh fetch
-#        downloads the wheels into .whl/ (git-ignored) and splits fbgemm-gpu into .whl/part-NN
-#        pieces of 60 MB, because one device call carries at most 64 MiB.
-#   2. there, one call per piece, machine kept warm between calls (pieces stay in place):
-#        carry [".whl/part-00"], command "ls .whl"  ... then part-01, part-02, ...
-#   3. there, last call: carry [".whl/small"], command "bash benchmarks/gpu_check.sh run"
-#        joins the pieces, installs into /tmp/site, runs the GPU-marked tests and the one-GPU
-#        benchmark (benchmarks/gpu_bench.py: 26 tables up to 10M x 128, MMoE, batch 16K, bf16),
-#        and writes everything to $OUT (or ./gpu-check-out). About 5-8 minutes on an H200.
+#   1. With network:        benchmarks/gpu_check.sh fetch
+#      Downloads the wheels into .whl/ (git ignores it) and cuts fbgemm-gpu's ~465 MB wheel into
+#      60 MB pieces, .whl/part-00, part-01, ..., for transfers that limit a file's size.
+#   2. Copy the checkout, .whl/ included, to the GPU machine (all at once, or piece by piece).
+#   3. On the GPU machine:  benchmarks/gpu_check.sh run
+#      Joins the pieces and checks the wheel's sha256, installs the wheels into /tmp/site (nothing
+#      system-wide), runs the GPU tests (tests/gpu, marked gpu) and the one-GPU benchmark
+#      (benchmarks/gpu_bench.py: 26 tables up to 10M x 128, MMoE, batch 16K, bf16) and writes the
+#      log and the benchmark's JSON into $OUT (default: ./gpu-check-out).
+#   4. Record the device, versions, samples/s, peak memory and the tests that passed in
+#      benchmarks/results/GPU.md, and update the README's verification table.
+#
+# Not yet run on a GPU: the first run may need fixes (check first that fbgemm_gpu imports there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FBGEMM=${FBGEMM:-fbgemm-gpu==1.6.0}
@@ -55,5 +62,5 @@ run)
   timeout 300 python3 -m benchmarks.gpu_bench --batch-size 16384 --steps 60 | tee "$out/gpu_bench.json"
   ;;
 *)
-  sed -n '2,20p' "$0"; exit 2 ;;
+  sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 2 ;;
 esac

@@ -266,7 +266,12 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
         "Machine ceilings (same run): "
         f"fp32 sgemm 1024x1024: {fmt(c.get('sgemm_gflops_1t'), 1)} GFLOP/s (1 thread), "
         f"{fmt(c.get('sgemm_gflops_2t'), 1)} GFLOP/s (2 threads); bf16 GEMM 1024x1024: "
-        f"{fmt(c.get('bf16_gemm_gflops_1t'), 1)} GFLOP/s (1 thread), {fmt(c.get('bf16_gemm_gflops_2t'), 1)} GFLOP/s (2 threads); random 64-float row gathers from a 1M x 64 table: "
+        + (
+            "not measured (this CPU has no native bf16: AVX512-BF16 or AMX)"
+            if c.get("bf16_native") is False
+            else f"{fmt(c.get('bf16_gemm_gflops_1t'), 1)} GFLOP/s (1 thread), {fmt(c.get('bf16_gemm_gflops_2t'), 1)} GFLOP/s (2 threads)"
+        )
+        + "; random 64-float row gathers from a 1M x 64 table: "
         f"{fmt(c.get('gather_rows_per_s_1t') and c['gather_rows_per_s_1t'] / 1e6, 2)} M rows/s (1 thread), "
         f"{fmt(c.get('gather_rows_per_s_2t') and c['gather_rows_per_s_2t'] / 1e6, 2)} M rows/s (2 threads).",
         "",
@@ -298,7 +303,7 @@ def write_report(info: dict, args, sections: dict, elapsed: float) -> Path:
             default=float("nan"),
         )
         bounds = [
-            c.get(key, float("nan")) * 1e9 / flops
+            (c.get(key) or float("nan")) * 1e9 / flops
             for key in ("sgemm_gflops_1t", "sgemm_gflops_2t", "bf16_gemm_gflops_2t")
         ]
         lines.append(

@@ -35,6 +35,11 @@ from benchmarks.common import (
     run_json,
 )
 from benchmarks.report import OURS, PEERS, RESULTS, plots, write_report
+from towerrec.trainer.precision import native_bf16
+
+NOT_NATIVE_BF16 = (
+    "not run: this CPU has no native bf16 (AVX512-BF16 or AMX); emulated bf16 is far slower than fp32"
+)
 
 
 def log(message: str) -> None:
@@ -144,6 +149,9 @@ def speed_vs_peers(
         for rep in range(reps):
             log(f"peers: {tower} batch {batch_size} threads {threads} rep {rep + 1}/{reps}")
             for system, (precision, compile_dense) in OURS.items():
+                if precision == "bf16-mixed" and not native_bf16("cpu"):
+                    runs[system].append({"error": NOT_NATIVE_BF16})
+                    continue
                 runs[system].append(
                     run_ours(data, tower, batch_size, run_epochs, threads, precision, compile_dense)
                 )
@@ -174,7 +182,8 @@ def speed_vs_peers(
 # ------------------------------------------------------------------------------------------ ceilings
 CEILINGS_CODE = r"""
 import json, time, torch
-out = {}
+from towerrec.trainer.precision import native_bf16
+out = {"bf16_native": native_bf16("cpu")}  # emulated bf16 GEMMs run ~70x slower: not timed
 def gemm_gflops(a, b):
     for _ in range(3): a @ b
     best = 0.0
@@ -187,7 +196,8 @@ for threads in (1, 2):
     torch.set_num_threads(threads)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     out[f"sgemm_gflops_{threads}t"] = gemm_gflops(a, b)
-    out[f"bf16_gemm_gflops_{threads}t"] = gemm_gflops(a.bfloat16(), b.bfloat16())
+    if out["bf16_native"]:
+        out[f"bf16_gemm_gflops_{threads}t"] = gemm_gflops(a.bfloat16(), b.bfloat16())
     table = torch.randn(1_000_000, 64)
     index = torch.randint(0, 1_000_000, (1 << 18,))
     table.index_select(0, index)
@@ -457,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
                     (t, p) for t in (NUM_THREADS, 1) for p in ("32-true", "bf16-mixed")
                 ]:
                     log(f"breakdown: {tower} threads {threads} {precision}")
+                    if precision == "bf16-mixed" and not native_bf16("cpu"):
+                        sections["breakdown"].append(
+                            {"tower": tower, "threads": threads, "precision": precision,
+                             "result": {"error": NOT_NATIVE_BF16}}
+                        )  # fmt: skip
+                        continue
                     result = run_json(
                         ours_command(
                             data,

@@ -1,6 +1,6 @@
 """Where a small training step goes, and why the default precision is what it is.
 
-    python -m benchmarks.small_steps            # writes benchmarks/results/SMALL_STEPS.md (~6 min)
+    python -m benchmarks.small_steps            # writes benchmarks/results/SMALL_STEPS.md (~15 min)
 
 All on the benchmark task (``benchmarks.common``: ML-100K u1, 2 threads), in one process per
 table so that the variants compared alternate on the same batches and the same model
@@ -13,13 +13,20 @@ dense optimizer step; median of 5 alternations):
    mean-pooled tables (two fbgemm kernel groups per rank) vs sum tables divided in the model (one);
 3. where a batch-256 step goes, part by part (``benchmarks.breakdown.profile``), and the Lightning
    step on the same batches (``benchmarks.loop`` interleaved), against the faster peer's whole step
-   measured in the same run.
+   measured in the same run;
+4. the host time the trainer adds to the bare step (``child_host``), per process CPU time, for this
+   checkout and, with ``--compare-with FOLDER``, another one (e.g. the commit before a change)::
+
+    python -m benchmarks.small_steps --host-only --compare-with /tmp/before --reps 3   # ~10 min
+
+On a CPU without native bf16 (no AVX512-BF16/AMX) table 1's bf16 column is not timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -69,6 +76,7 @@ def child_precision(data: str) -> dict:
     from towerrec.trainer.precision import dense_macs_per_sample, native_bf16, resolve_precision
 
     torch.set_num_threads(2)
+    native = native_bf16("cpu")
     rows = []
     for tower in ("shared_bottom", "mmoe"):
         for batch_size in (256, 512, 1024, 2048, 4096):
@@ -76,13 +84,16 @@ def child_precision(data: str) -> dict:
                 cfg, table_rows = _setup(data, tower, batch_size, run_dir)
                 batches = materialize(cfg, table_rows, 3 + max(12, 40_000 // batch_size))
                 module, dmp, optimizer = build_dmp(cfg, table_rows)
-                ms = _alternate({"fp32": (dmp, optimizer, False), "bf16": (dmp, optimizer, True)}, batches)
+                variants = {"fp32": (dmp, optimizer, False)}
+                if native:  # emulated bf16 is tens of times slower: not timed
+                    variants["bf16"] = (dmp, optimizer, True)
+                ms = {"bf16": None, **_alternate(variants, batches)}
                 macs = dense_macs_per_sample(module.build_model())
                 rows.append(
                     {"tower": tower, "batch_size": batch_size, **ms, "macs_per_step": macs * batch_size,
                      "auto": resolve_precision("auto", "cpu", batch_size, macs)[0]}
                 )  # fmt: skip
-    return {"rows": rows, "native_bf16": native_bf16("cpu")}
+    return {"rows": rows, "native_bf16": native}
 
 
 def child_changes(data: str) -> dict:
@@ -136,6 +147,136 @@ def _mean_table_model(cfg, table_rows):
     return module, dmp, optimizer
 
 
+def child_host(data: str) -> dict:
+    """Table 4, in one process: per tower, Lightning epochs of the product's step alternating with
+    epochs of the bare step (``benchmarks.breakdown.bare_step``) on the same in-memory batches, one
+    thread; each step's wall and CPU time (this process) between consecutive step starts."""
+    return {tower: _host_times(data, tower) for tower in ("shared_bottom", "mmoe")}
+
+
+def _host_times(data: str, tower: str) -> dict[str, float]:
+    import lightning as L
+    import torch
+
+    from benchmarks.breakdown import bare_step, build_dmp, materialize
+    from benchmarks.loop import fit_on_batches
+    from benchmarks.ours import config_tree, load
+    from towerrec.data.dataset import DatasetMeta
+
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    marks: dict[str, list[list[tuple[float, float]]]] = {"lightning": [], "bare": []}
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load(config_tree(data, tower, HOST_BATCH, HOST_EPOCHS, run_dir, threads=1))
+        table_rows = DatasetMeta.load(cfg.data.path).table_rows(cfg.data.sparse)
+        batches = materialize(cfg, table_rows, HOST_STEPS)
+
+        class Interleave(L.Callback):
+            bare_model = None
+
+            def on_train_epoch_start(self, trainer, pl_module) -> None:
+                marks["lightning"].append([])
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                marks["lightning"][-1].append(now())
+
+            def on_train_epoch_end(self, trainer, pl_module) -> None:
+                if self.bare_model is None:  # built inside fit, where the process group exists
+                    with torch.random.fork_rng():
+                        torch.manual_seed(cfg.seed)
+                        self.bare_model = build_dmp(cfg, table_rows)[1:]
+                epoch = []
+                for batch in batches:
+                    epoch.append(now())
+                    bare_step(*self.bare_model, batch)
+                marks["bare"].append(epoch)
+
+        fit_on_batches(cfg, batches, [Interleave()])
+    out = {}
+    for mode, epochs in marks.items():  # the first epoch of each is warm-up
+        steps = [(b[0] - a[0], b[1] - a[1]) for epoch in epochs[1:] for a, b in zip(epoch, epoch[1:])]
+        for i, kind in enumerate(("wall", "cpu")):
+            values = [step[i] * 1e3 for step in steps]
+            out[f"{mode}_{kind}_ms"] = statistics.median(values)
+            out[f"{mode}_{kind}_mean_ms"] = statistics.fmean(values)
+    return out
+
+
+HOST_BATCH, HOST_STEPS, HOST_EPOCHS = 256, 200, 6
+
+
+def host_overhead(data: Path, compare_with: str | None, reps: int, label: str = "other checkout") -> dict:
+    """Table 4: ``child_host`` of this checkout, and with ``compare_with`` (a folder holding another
+    checkout as ``towerrec``) of that one too, their processes alternating ``reps`` times."""
+    import towerrec
+
+    this = str(Path(towerrec.__file__).resolve().parent.parent)  # where this process found towerrec
+    versions = {"this checkout": this, **({label: compare_with} if compare_with else {})}
+    runs: dict[str, list[dict]] = {name: [] for name in versions}
+    for _ in range(reps):
+        for name, folder in versions.items():  # benchmarks/ is this checkout's in both (cwd)
+            env = {"PYTHONPATH": f"{folder}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+            command = [python(), "-m", "benchmarks.small_steps", "--child", "host", str(data)]
+            runs[name].append(run_json(command, timeout=1800, env=env))
+    return {"reps": reps, "compare_with": compare_with, "runs": runs}
+
+
+HOST_MARKERS = ("<!-- host time per step -->", "<!-- /host time per step -->")
+
+
+def host_report(info: dict, host: dict, loads: tuple[str, str]) -> str:
+    """Section 4 of SMALL_STEPS.md, between ``HOST_MARKERS`` (``--host-only`` rewrites just it)."""
+    lines = [
+        HOST_MARKERS[0],
+        "## 4. Host time per step beyond the model's own step (batch 256, 1 thread)",
+        "",
+        f"`python -m benchmarks.small_steps --host-only"
+        f"{' --compare-with ' + host['compare_with'] if host['compare_with'] else ''}"
+        f" --reps {host['reps']}` · commit {info['git_commit']} · {info['date']} · {info['cpus']} CPUs "
+        f"({info['cpu_model']}, native bf16: {info.get('native_bf16', '?')}) · load average {loads[0]} at start, "
+        f"{loads[1]} at end",
+        "",
+        f"In one process per tower and code version, {HOST_EPOCHS} epochs of {HOST_STEPS} steps of the product's",
+        "Lightning step alternate with epochs of the bare step (`benchmarks.breakdown.bare_step`: DMP forward,",
+        "losses, backward with the fused table update, dense Adam) on the same in-memory batches; the first",
+        "epoch of each is warm-up. CPU time is this process's (one thread: the work the step does, whatever",
+        "else the machine runs); wall time also counts what the OS gave others. The difference of the",
+        "medians is the host time the trainer adds per step: Lightning's loop, the global loss and its",
+        "checks, the dense gradient path. Code versions alternate process by process; each figure is the",
+        f"median over the {host['reps']} processes of each version's per-process median.",
+        "",
+        "| tower | code | Lightning step CPU ms | bare step CPU ms | added by the trainer, CPU ms | Lightning step wall ms | bare step wall ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for tower in ("shared_bottom", "mmoe"):
+        for version, runs in host["runs"].items():
+            good = [run[tower] for run in runs if tower in run]
+            if not good:
+                errors = [run.get("error", "?") for run in runs]
+                lines.append(f"| {tower} | {version} | {errors[0]} | | | | |")
+                continue
+            mid = {key: statistics.median(run[key] for run in good) for key in good[0]}
+            added = statistics.median(run["lightning_cpu_ms"] - run["bare_cpu_ms"] for run in good)
+            lines.append(
+                f"| {tower} | {version} | {fmt(mid['lightning_cpu_ms'])} | {fmt(mid['bare_cpu_ms'])} | "
+                f"{fmt(added)} | {fmt(mid['lightning_wall_ms'])} | {fmt(mid['bare_wall_ms'])} |"
+            )
+    lines.append(HOST_MARKERS[1])
+    return "\n".join(lines) + "\n"
+
+
+def write_host_section(section: str) -> None:
+    """Replaces section 4 of SMALL_STEPS.md (or appends it), leaving the other sections as they are."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    start, end = text.find(HOST_MARKERS[0]), text.find(HOST_MARKERS[1])
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(HOST_MARKERS[1]) + 1 :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+
+
 def run_child(kind: str, data: Path) -> dict:
     return run_json([python(), "-m", "benchmarks.small_steps", "--child", kind, str(data)], timeout=1800)
 
@@ -181,8 +322,14 @@ def report(info: dict, precision: dict, changes: dict, steps: dict, load: str) -
         "",
         "## 1. fp32 or bf16 autocast, by batch size",
         "",
-        f"This CPU has native bf16 matmuls: {'yes' if precision.get('native_bf16') else 'no'}. "
-        "`trainer.precision: auto` (the default) chooses bf16 from 5e7 dense multiply-adds a step.",
+        f"This CPU has native bf16 matmuls: {'yes' if precision.get('native_bf16') else 'no'}"
+        + (
+            "."
+            if precision.get("native_bf16")
+            else " (no AVX512-BF16 or AMX): bf16 is emulated and not timed."
+        )
+        + " `trainer.precision: auto` (the default) chooses bf16 from 5e7 dense multiply-adds a step"
+        " on native-bf16 hardware only.",
         "",
         "| tower | batch | dense multiply-adds a step | fp32 ms | bf16 ms | bf16 / fp32 | auto chooses |",
         "|---|---|---|---|---|---|---|",
@@ -190,7 +337,7 @@ def report(info: dict, precision: dict, changes: dict, steps: dict, load: str) -
     for row in precision.get("rows", []):
         lines.append(
             f"| {row['tower']} | {row['batch_size']} | {row['macs_per_step'] / 1e6:.0f}M | {fmt(row['fp32'])} | "
-            f"{fmt(row['bf16'])} | {row['bf16'] / row['fp32']:.2f} | {row['auto']} |"
+            f"{fmt(row['bf16'])} | {fmt(row['bf16'] and row['bf16'] / row['fp32'])} | {row['auto']} |"
         )
     lines += [
         "",
@@ -256,24 +403,42 @@ def report(info: dict, precision: dict, changes: dict, steps: dict, load: str) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--host-only", action="store_true", help="run section 4 only and rewrite just it")
+    parser.add_argument(
+        "--compare-with",
+        help="section 4: also time another checkout, found as FOLDER/towerrec, alternating with this one",
+    )
+    parser.add_argument("--compare-label", default="other checkout", help="section 4: its name in the table")
+    parser.add_argument("--reps", type=int, default=3, help="section 4: processes per code version")
     args = parser.parse_args(argv)
     if args.child:
         kind, data = args.child
-        print(json.dumps((child_precision if kind == "precision" else child_changes)(data)))
+        children = {"precision": child_precision, "changes": child_changes, "host": child_host}
+        print(json.dumps(children[kind](data)))
         return 0
     from benchmarks.run_all import load_average
+    from towerrec.trainer.precision import native_bf16
 
     load = load_average()
-    info = machine_info()
+    info = {**machine_info(), "native_bf16": "yes" if native_bf16("cpu") else "no"}
     with tempfile.TemporaryDirectory(prefix="towerrec-small-") as tmp:
         data = prepare_ml100k(Path(tmp) / "ml100k-u1")
+        if args.host_only:
+            host = host_overhead(data, args.compare_with, args.reps, args.compare_label)
+            section = host_report(info, host, (load, load_average()))
+            write_host_section(section)
+            print(section)
+            return 0
         npz = export_arrays(data, Path(tmp) / "ml100k-u1.npz")
         precision = run_child("precision", data)
         changes = run_child("changes", data)
         steps = {}
         for tower in ("shared_bottom", "mmoe"):
             steps[tower] = {**step_parts(data, tower), "peers": peer_step_ms(npz, tower)}
-    text = report(info, precision, changes, steps, load)
+        host = host_overhead(data, args.compare_with, args.reps, args.compare_label)
+    text = (
+        report(info, precision, changes, steps, load) + "\n" + host_report(info, host, (load, load_average()))
+    )
     RESULTS.write_text(text)
     print(text)
     return 0

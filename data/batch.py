@@ -65,6 +65,12 @@ class Batch(Pipelineable):
         for tensor in (self.dense, self.labels, self.label_mask, self.weights, self.row_id):
             tensor.record_stream(stream)
 
+    def pinned_for(self, device: torch.device) -> Batch:
+        """This batch in page-locked host memory when it is about to be copied to a CUDA device
+        (a ``non_blocking`` copy from pageable memory blocks the host until it is done: no overlap),
+        else itself (a CPU run copies nothing)."""
+        return self.pin_memory() if device.type == "cuda" else self
+
     def pin_memory(self) -> Batch:
         return Batch(
             sparse=self.sparse.pin_memory(),

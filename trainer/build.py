@@ -244,9 +244,7 @@ def build(
         max_epochs=cfg.trainer.max_epochs,
         max_steps=cfg.trainer.max_steps,
         precision=precision,
-        gradient_clip_val=None
-        if pipelined
-        else cfg.trainer.gradient_clip_val,  # pipelined: clipped in the step
+        gradient_clip_val=None,  # clipped in the module's own step (MultiTaskModule.dense_step)
         val_check_interval=cfg.trainer.val_check_interval,
         check_val_every_n_epoch=None if cfg.trainer.val_check_interval else 1,
         log_every_n_steps=cfg.trainer.log_every_n_steps,

@@ -69,7 +69,9 @@ class ShardingConfig:
     cached in HBM) or ``dense``. Default: ``fused`` on CPU; on CUDA the planner chooses between
     ``fused`` and ``fused_uvm_caching`` (the latter when a table does not fit the HBM budget)."""
     hbm_gb: float | None = None
-    """Memory budget per device in GB given to the planner (default: the device's; on CPU 64)."""
+    """Memory budget per device in GB given to the planner. Default on CUDA: the GPU's total memory
+    less 2 GB for the CUDA context and NCCL (the planner keeps a further 15% for activations); on
+    CPU: TorchRec's default host budget (128 GB)."""
     ddr_gb: float | None = None
     """Host memory per rank in GB for UVM caching (default: planner's)."""
     cache_load_factor: float = 0.2
@@ -136,7 +138,8 @@ class TrainerConfig:
     ``auto``: ``bf16-mixed`` where the device has native bf16 matmuls and a step's dense
     multiply-adds (per-rank batch × dense weights) reach 5e7, where it measured faster; else
     ``32-true`` (see ``trainer.precision``). The choice is printed with the sharding plan. Autocast
-    covers training steps: evaluation and ``predict`` score in fp32, like the exported model."""
+    covers training steps: evaluation and ``predict`` score in fp32, like the exported model.
+    ``16-mixed`` is refused: its loss scale would reach the tables' optimizer inside backward."""
     compile: bool = False
     """``torch.compile`` the dense part (interaction, tower, heads) at the start of training. On CPU
     it fuses the element-wise work around the matmuls (what it gains per model and batch:
@@ -244,9 +247,13 @@ class TrainerConfig:
             raise ValueError("tables_from: a warm start already starts every table; give one of the two")
         if self.tables_from_names is not None and self.tables_from is None:
             raise ValueError("tables_from_names: needs tables_from (the run to take them from)")
-        if self.train_pipeline == "sparse_dist" and self.precision == "16-mixed":
+        if self.precision == "16-mixed":
             raise ValueError(
-                "precision: 16-mixed needs a gradient scaler, which sparse_dist does not run; use bf16-mixed"
+                "precision: 16-mixed is not supported: its loss scale would reach the embedding tables' "
+                "optimizer, which runs inside backward before any unscaling (updates scaled by the loss "
+                "scale), and the sparse_dist pipeline would unscale the dense gradients twice; use "
+                "bf16-mixed (no loss scale; fp16's tensor-core rate on GPUs of compute capability 8.0 or "
+                "later) or 32-true"
             )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from towerrec.data.batch import Batch
 from towerrec.data.config import DataConfig
 from towerrec.data.dataset import DatasetMeta
 from towerrec.data.reader import BatchStream, ReadSpec
@@ -85,6 +86,17 @@ class ParquetDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> BatchStream:
         split = self.predict_split or self.data.test_split
         return self._stream(split, train=False, role=split_role(self.data, split))
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A batch's copy to a GPU: from pinned memory and non-blocking (Lightning's own copy is
+        blocking for anything but a bare tensor), on the current stream, so the step sees it. A
+        batch already on the device is handed over as it is (Lightning's generic copy walks it
+        field by field every step)."""
+        if isinstance(batch, Batch):
+            if batch.dense.device == device:
+                return batch
+            return batch.pinned_for(device).to(device, non_blocking=device.type == "cuda")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def state_dict(self) -> dict[str, Any]:
         """The training reader's position and the bad rows it skipped so far (``data.bad_rows: skip``)."""

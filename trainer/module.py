@@ -20,6 +20,7 @@ from towerrec.models.multitask import MultiTaskModel
 from towerrec.trainer.config import Config, evaluation_group_column
 from towerrec.trainer.distributed.collectives import ProcessGroupCollectives
 from towerrec.trainer.distributed.faults import PreemptionFlag
+from towerrec.trainer.distributed.sharding import EmbeddingGradientGate
 from towerrec.trainer.dynamic_ids import SETTINGS_KEY, check_checkpoint, settings_of
 from towerrec.trainer.errors import NonFiniteLossError
 from towerrec.trainer.metrics import task_metrics, trivial_baseline
@@ -49,6 +50,31 @@ def dense_optimizer(params: list[torch.nn.Parameter], opt) -> torch.optim.Optimi
     return torch.optim.SGD(params, momentum=opt.momentum, **common)
 
 
+class _StepOutcome:
+    """What the host must learn of a training step, ``flags`` = (the sum of the global task losses,
+    finite exactly when all are; preemption requested), computed on the device, and the global
+    per-task losses (T,) and batch size for logs. On CUDA the flags are copied to pinned host memory
+    without blocking when they are computed; ``read()`` then waits for that copy only (an event),
+    not for the work queued after it (the backward)."""
+
+    def __init__(self, flags: torch.Tensor, global_losses: torch.Tensor, batch_size: int):
+        self.flags, self.global_losses, self.batch_size = flags, global_losses, batch_size
+        if flags.device.type == "cuda":
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host, self._copied = flags, None
+
+    def read(self) -> tuple[bool, bool]:
+        """(finite, preempt): the step's one host synchronisation."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        total, preempt = self._host.tolist()
+        return math.isfinite(total), preempt > 0
+
+
 class MultiTaskModule(L.LightningModule):
     """Args:
     cfg: the run configuration (the module is the training recipe: it reads most sections).
@@ -57,6 +83,7 @@ class MultiTaskModule(L.LightningModule):
 
     def __init__(self, cfg: Config, table_rows: dict[str, int]):
         super().__init__()
+        self.automatic_optimization = False  # see training_step
         self.cfg = cfg
         self.table_rows = table_rows
         self.tables = embedding_tables(cfg.data.sparse, table_rows, cfg.sharding.embedding_precision)
@@ -68,6 +95,9 @@ class MultiTaskModule(L.LightningModule):
         self.preemption = PreemptionFlag()
         self.preempt_now = False
         self.skip_step = False
+        self.gradient_gate: EmbeddingGradientGate | None = None
+        self._pcgrad = None
+        self._step: _StepOutcome | None = None
         self.current_position = -1
         self.skipped_batches = 0
         self._train_seconds_before = 0.0  # earlier fit sessions of this run (from the checkpoint)
@@ -96,11 +126,21 @@ class MultiTaskModule(L.LightningModule):
             model_class=TrainingModel,
         )
 
+    defer_step_check_on: tuple[str, ...] = ("cuda",)
+    """Device types on which the host reads a step's outcome after backward (see ``combined_loss``)."""
+
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.trainer.strategy.shard(self.build_model(), self.tables)
             if self.cfg.trainer.compile:
                 self.inner.compile_dense()
+            device = self.trainer.strategy.root_device
+            if (
+                device.type in self.defer_step_check_on
+                and self.cfg.trainer.embedding_optimizer.type in EmbeddingGradientGate.GATED_OPTIMIZERS
+                and EmbeddingGradientGate.covers(self.model)
+            ):
+                self.gradient_gate = EmbeddingGradientGate(self.model, device)
 
     @property
     def inner(self) -> MultiTaskModel:
@@ -142,10 +182,38 @@ class MultiTaskModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
-    def training_step(self, batch: Batch, batch_idx: int):
-        loss = self.combined_loss(self.step_loss_sums(self(batch)[0]), batch.batch_size)
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        """One step, in this order on every rank (Lightning's manual optimisation: its automatic
+        one adds a closure, precision wrappers and six callback hooks a step for nothing we use):
+        zero the dense gradients, forward, the global loss (``combined_loss``), backward with the
+        tables' fused update and the dense all-reduce (``backward``), the dense step (``dense_step``)."""
+        self.optimizers().zero_grad()
+        loss_sums = self.step_loss_sums(self(batch)[0])
+        self.backward_and_reduce(self.combined_loss(loss_sums, batch.batch_size))
+        self.dense_step()
+
+    def backward_and_reduce(self, loss: torch.Tensor | None) -> None:
+        """Backward (outside autocast, as Lightning's automatic step runs it) and ``after_backward``;
+        None (a skipped batch): nothing."""
         self.skip_step = loss is None
-        return loss
+        if loss is None:
+            return
+        with torch.autocast(self.device.type, enabled=False):
+            loss.backward()
+        self.after_backward()
+
+    def dense_step(self) -> None:
+        """Clips and steps the dense optimizer and the learning-rate schedule. A skipped batch left no
+        gradient: the step changes nothing but counts (``global_step``, the schedule, ``max_steps``)."""
+        optimizer = self.optimizers()
+        if self.cfg.trainer.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        if self.inner.balancer.gradient_norm_balancing and not self.skip_step:
+            self.inner.balancer.renormalize()  # GradNorm: right after the step, before any checkpoint
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def step_loss_sums(self, model_output) -> torch.Tensor:
         """The per-task loss sums (2, T) of what the model's forward returned first (the multi-task
@@ -162,31 +230,29 @@ class MultiTaskModule(L.LightningModule):
         gradients (the dense all-reduce, TorchRec's gradient division of embedding gradients) is then
         the gradient a single process computes on the global batch, whatever the masks and sample
         weights put on each rank. Balancers and logs see the global per-task losses.
+
+        The host learns the outcome (losses finite? preemption?) in one read per step
+        (``read_step_status``): here, before backward, where reading is free (a CPU) or the
+        embedding optimizer needs it (Adam); on CUDA otherwise after backward was launched
+        (``after_backward``), the tables' gradients being zeroed on the device when a loss was not
+        finite (``EmbeddingGradientGate``), so the host never waits for the device mid-step.
         """
-        sums, totals = loss_sums[0], loss_sums[1]
+        sums = loss_sums[0]
         world_size = self.trainer.world_size
-        preempt = torch.tensor([float(self.preemption.requested)], device=sums.device, dtype=sums.dtype)
-        agreed = self.trainer.strategy.all_reduce_sum(torch.cat([sums.detach(), totals.detach(), preempt]))
+        preempt = torch.full((1,), float(self.preemption.requested), device=sums.device, dtype=sums.dtype)
+        agreed = self.trainer.strategy.all_reduce_sum(torch.cat([loss_sums.detach().reshape(-1), preempt]))
         num_tasks = len(self.task_names)
         denominators = agreed[num_tasks : 2 * num_tasks].clamp_min(1e-12)
         global_losses = agreed[:num_tasks] / denominators
-        self.preempt_now = bool(agreed[-1] > 0)
-        finite = torch.isfinite(global_losses)
-        if not bool(finite.all()):
-            bad = [
-                f"{name}={global_losses[i].item()}" for i, name in enumerate(self.task_names) if not finite[i]
-            ]
-            where = f"step {self.global_step} (epoch {self.current_epoch}, batch {self.current_position})"
-            message = f"non-finite loss at {where}: {', '.join(bad)}"
-            if self.cfg.trainer.non_finite_loss == "stop":
-                raise NonFiniteLossError(message + " (trainer.non_finite_loss: stop)")
-            self.skipped_batches += 1
-            if self.skipped_batches > self.cfg.trainer.max_skipped_batches:
-                raise NonFiniteLossError(
-                    f"{message}: more than trainer.max_skipped_batches={self.cfg.trainer.max_skipped_batches} skipped"
-                )
-            print(f"[towerrec] skipping batch: {message} ({self.skipped_batches} skipped)", flush=True)
-            return None
+        # (Σ task losses, preemption): the sum is finite exactly when every loss is (or > 3e38)
+        self._step = _StepOutcome(torch.stack([global_losses.sum(), agreed[-1]]), global_losses, batch_size)
+        if self.gradient_gate is None:
+            if not self.read_step_status():
+                return None
+        else:
+            finite = torch.isfinite(self._step.flags[0])
+            self.gradient_gate.close_unless(finite)
+            global_losses = torch.where(finite, global_losses, torch.zeros_like(global_losses))
         shares = sums * (world_size / denominators)  # mean over ranks = global_losses, with gradients
         balancer = self.inner.balancer
         loss = balancer(shares)
@@ -199,47 +265,76 @@ class MultiTaskModule(L.LightningModule):
             flat = [torch.cat([g.reshape(-1) for g in grads]) for grads in per_task]
             averaged = self.trainer.strategy.mean_over_ranks(flat)
             loss = loss + balancer.gradnorm_loss(global_losses, torch.stack([g.norm() for g in averaged]))
+        return loss
+
+    def read_step_status(self) -> bool:
+        """The step's one host read (``_StepOutcome``): sets ``preempt_now``; on a non-finite loss
+        stops (``trainer.non_finite_loss: stop``) or counts the skipped batch and returns False;
+        every ``log_every_n_steps`` steps logs the losses."""
+        step = self._step
+        finite, self.preempt_now = step.read()
+        if not finite:
+            self.non_finite_loss(step.global_losses)
+            return False
         # the steps whose row Lightning writes (self.log costs ~0.3 ms a call): a row then holds this
         # step's losses, not those of a step logged earlier
         if (self.global_step + 1) % self.cfg.trainer.log_every_n_steps == 0:
             with torch.no_grad():
-                self.log("train/loss", balancer(global_losses), prog_bar=True, batch_size=batch_size)
-            for name, value in zip(self.task_names, global_losses):
-                self.log(f"train/{name}/loss", value, batch_size=batch_size)
-        return loss
+                total = self.inner.balancer(step.global_losses)
+            self.log(
+                "train/loss", total, prog_bar=True, batch_size=step.batch_size, on_step=True, on_epoch=False
+            )
+            for name, value in zip(self.task_names, step.global_losses):
+                self.log(
+                    f"train/{name}/loss", value, batch_size=step.batch_size, on_step=True, on_epoch=False
+                )
+        return True
 
-    def on_after_backward(self) -> None:
-        self.after_backward()
+    def non_finite_loss(self, global_losses: torch.Tensor) -> None:
+        """Raises ``NonFiniteLossError`` (policy stop, or too many skips) or reports a skipped batch."""
+        values = global_losses.tolist()
+        bad = [f"{name}={value}" for name, value in zip(self.task_names, values) if not math.isfinite(value)]
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {self.current_position})"
+        message = f"non-finite loss at {where}: {', '.join(bad)}"
+        if self.cfg.trainer.non_finite_loss == "stop":
+            raise NonFiniteLossError(message + " (trainer.non_finite_loss: stop)")
+        self.skipped_batches += 1
+        if self.skipped_batches > self.cfg.trainer.max_skipped_batches:
+            raise NonFiniteLossError(
+                f"{message}: more than trainer.max_skipped_batches={self.cfg.trainer.max_skipped_batches} skipped"
+            )
+        print(f"[towerrec] skipping batch: {message} ({self.skipped_batches} skipped)", flush=True)
 
     def after_backward(self) -> None:
-        """Averages the dense gradients over ranks; with PCGrad, in the same all-reduce, each task's
-        gradient of the shared tower, then replaces the shared gradients by the projected sum (the
-        embeddings were already updated by their fused optimizer inside backward)."""
-        pending, self._pcgrad = getattr(self, "_pcgrad", None), None
+        """Averages the dense gradients over ranks (waiting for the all-reduces backward started);
+        with PCGrad, averages each task's gradient of the shared tower and replaces the shared
+        gradients by the projected sum (the embeddings were already updated by their fused optimizer
+        inside backward). With the gradient gate, reads the step's outcome here: a non-finite step
+        drops the dense gradients (the tables' were zeroed), so the optimizer step changes nothing."""
+        pending, self._pcgrad = self._pcgrad, None
+        if self.skip_step:  # decided before backward on every rank: nothing to average
+            return
+        extra = [g for grads in pending[1] for g in grads] if pending is not None else []
+        averaged = self.trainer.strategy.average_dense_gradients(extra)
+        if self.gradient_gate is not None and not self.read_step_status():
+            self.skip_step = True
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        param.grad = None
+            return
         if pending is None:
-            self.trainer.strategy.average_dense_gradients()
             return
         shared, per_task = pending
-        sizes = [len(grads) for grads in per_task]
-        averaged = self.trainer.strategy.average_dense_gradients([g for grads in per_task for g in grads])
         tasks, start = [], 0
-        for size in sizes:
-            tasks.append(averaged[start : start + size])
-            start += size
+        for grads in per_task:
+            tasks.append(averaged[start : start + len(grads)])
+            start += len(grads)
         for param, grad in zip(shared, self.inner.balancer.surgery(tasks)):
             if param.grad is None:
                 param.grad = grad.clone()
             else:
                 param.grad.copy_(grad)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.after_optimizer_step()
-
-    def after_optimizer_step(self) -> None:
-        """GradNorm renormalises its weights right after the step, before any checkpoint is written."""
-        if self.inner.balancer.gradient_norm_balancing and not self.skip_step:
-            self.inner.balancer.renormalize()
 
     def on_train_epoch_end(self) -> None:
         weights = self.inner.balancer.weights().detach()
@@ -350,11 +445,11 @@ class MultiTaskModule(L.LightningModule):
 
 class PipelinedMultiTaskModule(MultiTaskModule):
     """``trainer.train_pipeline: sparse_dist``: each step runs TorchRec's TrainPipelineSparseDist
-    (see trainer.pipeline); losses, checks and the optimizer step are the same as above."""
+    (see trainer.pipeline), which calls the same ``combined_loss``, ``backward_and_reduce`` and
+    ``dense_step`` as the plain step above."""
 
     def __init__(self, cfg: Config, table_rows: dict[str, int]):
         super().__init__(cfg, table_rows)
-        self.automatic_optimization = False
         self.pipeline = None
 
     def on_train_epoch_start(self) -> None:
@@ -373,18 +468,6 @@ class PipelinedMultiTaskModule(MultiTaskModule):
         self.pipeline.progress(self.trainer.datamodule.tickets.batches)
         assert self.current_position == ticket.position, (self.current_position, ticket.position)
         self.trainer.datamodule.train_stream.mark_consumed(ticket.position)
-
-    def pipelined_optimizer_step(self) -> None:
-        if self.skip_step:
-            return
-        optimizer = self.optimizers()
-        if self.cfg.trainer.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val)
-        optimizer.step()
-        self.after_optimizer_step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
 
     def _detach_pipeline(self) -> None:
         if self.pipeline is not None:  # evaluation calls the model directly; progress() re-attaches

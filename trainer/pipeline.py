@@ -1,7 +1,7 @@
 """TorchRec's ``TrainPipelineSparseDist`` inside Lightning (``trainer.train_pipeline: sparse_dist``).
 
-On CUDA the pipeline overlaps the next batch's host-to-device copy and the embedding input
-all-to-all with the current batch's forward/backward. It owns the data iterator, so Lightning is
+On CUDA the pipeline overlaps the next batch's host-to-device copy (from pinned memory,
+``_next_batch``) and the embedding input all-to-all with the current batch's forward/backward. It owns the data iterator, so Lightning is
 given one *ticket* per batch instead of the batches: every ``training_step`` trains exactly one
 batch (the first call fills the pipeline, the last ones drain it), so epochs, validation, the
 reader position in checkpoints and exact resume behave as in the plain Lightning step.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from towerrec.data.batch import Batch
 from towerrec.data.reader import BatchStream
 
 
@@ -53,8 +54,8 @@ class Tickets:
 
 
 class _OptimizerAdapter:
-    """What the pipeline calls ``optimizer``: our dense step (clipping, skip) through Lightning's
-    optimizer wrapper so that ``global_step`` and schedulers advance as in automatic mode."""
+    """What the pipeline calls ``optimizer``: the module's dense step (``MultiTaskModule.dense_step``:
+    clipping, Lightning's optimizer wrapper so that ``global_step`` advances, the schedule)."""
 
     def __init__(self, module):
         self.module = module
@@ -63,7 +64,7 @@ class _OptimizerAdapter:
         self.module.optimizers().zero_grad()
 
     def step(self) -> None:
-        self.module.pipelined_optimizer_step()
+        self.module.dense_step()
 
 
 class LightningSparseDistPipeline(TrainPipelineSparseDist):
@@ -73,11 +74,15 @@ class LightningSparseDistPipeline(TrainPipelineSparseDist):
         )
         self.module = module
 
+    def _next_batch(self, dataloader_iter: Iterator[Batch]) -> Batch | None:
+        """The next batch, pinned when the pipeline copies it to a GPU (the copy then runs on the
+        copy stream while the host goes on; from pageable memory the host would wait for it)."""
+        batch = super()._next_batch(dataloader_iter)
+        return None if batch is None else batch.pinned_for(self._device)
+
     def _backward(self, loss_sums: torch.Tensor) -> None:
         batch = self.batches[0]
         self.module.current_position = batch.position
-        loss = self.module.combined_loss(self.module.step_loss_sums(loss_sums), batch.batch_size)
-        self.module.skip_step = loss is None
-        if loss is not None:
-            loss.backward()
-            self.module.after_backward()
+        self.module.backward_and_reduce(
+            self.module.combined_loss(self.module.step_loss_sums(loss_sums), batch.batch_size)
+        )

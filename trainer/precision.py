@@ -1,17 +1,21 @@
 """``trainer.precision: auto``: the dense part's precision, chosen from the hardware and the step's
 size.
 
-bf16 autocast halves the bytes and, on hardware with native bf16 matrix units (CUDA with bf16,
-CPUs with AVX512-BF16 or AMX), runs the matmuls several times faster, but it adds a cast of every
-weight and activation each step. Measured on the benchmark towers (2 threads, AVX512-BF16;
-``python -m benchmarks.small_steps``, benchmarks/results/SMALL_STEPS.md), bf16 is 1.03-1.21x
-slower per step at 256-512 rows, about even at 1024 and faster from 2048 (0.75-0.88x the fp32
-step): it pays once a step's dense multiply-adds (per-rank batch × dense weights) reach about 5e7.
+bf16 autocast halves the bytes and, on hardware with native bf16 matrix units (CUDA devices of
+compute capability 8.0 or later, CPUs with AVX512-BF16 or AMX), runs the matmuls several times
+faster, but it adds a cast of every weight and activation each step: it pays only once a step's
+dense multiply-adds (per-rank batch x dense weights) reach ``AUTO_BF16_MIN_MACS``. Where bf16 is
+only emulated (older GPUs, CPUs without AVX512-BF16/AMX) it is far slower than fp32, and ``auto``
+never chooses it there. The measurements behind the threshold: ``python -m benchmarks.small_steps``,
+benchmarks/results/SMALL_STEPS.md.
 
 Autocast covers training steps only: evaluation and ``predict`` score in fp32, as the exported
 model does (``MultiTaskModule.eval_predictions``). The choice is made once, before training, and
 printed; set ``trainer.precision`` explicitly to pin it (a resumed run on other hardware may
 otherwise choose differently).
+
+``16-mixed`` (fp16 with a loss scale) is refused when the config is loaded: the scaled loss would
+reach the embedding tables' optimizer, which runs inside backward, before any unscaling.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ AUTO_BF16_MIN_MACS = 50_000_000
 
 
 def native_bf16(device_type: str) -> bool:
-    """Whether this device runs bf16 matmuls natively (not emulated in fp32)."""
+    """Whether this device runs bf16 matmuls natively, not emulated: on CUDA compute capability
+    8.0 or later (``torch.cuda.is_bf16_supported`` counts emulation as support unless told not
+    to), on a CPU AVX512-BF16 or AMX (without them a bf16 matmul is tens of times slower than
+    fp32)."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

@@ -97,3 +97,16 @@ def test_report_renders(tmp_path, monkeypatch):
         and "gate_bmm" in text
         and "DeepCTR-Torch mmoe batch 4096: **not installed**" in text
     )
+
+
+def test_forced_bf16_is_not_run_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
+    """On an AVX2-only CPU a forced bf16 step is emulated (~70x slower GEMMs): the bf16+compile
+    column says why it is empty instead of timing it; the default (auto: fp32 there) still runs."""
+    ran = []
+    monkeypatch.setattr(run_all, "native_bf16", lambda device_type: False)
+    monkeypatch.setattr(run_all, "run_ours", lambda *args: ran.append(args[5]) or {"samples_per_s": 1.0})
+    monkeypatch.setattr(run_all, "run_peer", lambda *args: {"samples_per_s": 1.0})
+    (row,) = run_all.speed_vs_peers(tmp_path, tmp_path, [("mmoe", 256, 1, 2, 2)], {})
+    assert "bf16-mixed" not in ran and sorted(ran) == ["32-true", "auto"]
+    assert row["towerrec bf16+compile"]["error"] == run_all.NOT_NATIVE_BF16
+    assert row["towerrec"]["samples_per_s"] == 1.0

@@ -165,7 +165,7 @@ def model_state(module) -> dict[str, Any]:
     dmp = module.model
     table_names = [t.name for t in module.tables]
     dense = {
-        name: p.detach().float().numpy().copy()
+        name: p.detach().float().cpu().numpy().copy()
         for name, p in dmp.module.named_parameters()
         if table_of_key(name, table_names) is None
     }
@@ -177,15 +177,17 @@ def model_state(module) -> dict[str, Any]:
         if hasattr(value, "local_shards"):
             for shard in value.local_shards():
                 offsets = shard.metadata.shard_offsets
-                tables.setdefault(table, []).append((offsets[0], offsets[1], shard.tensor.numpy().copy()))
+                tables.setdefault(table, []).append(
+                    (offsets[0], offsets[1], shard.tensor.cpu().numpy().copy())
+                )
         else:
-            tables.setdefault(table, []).append((0, 0, value.detach().numpy().copy()))
+            tables.setdefault(table, []).append((0, 0, value.detach().cpu().numpy().copy()))
     ids = getattr(module, "dynamic_ids", None)
-    id_maps = {} if ids is None else {k: v.numpy().copy() for k, v in ids.state_dict().items()}
+    id_maps = {} if ids is None else {k: v.cpu().numpy().copy() for k, v in ids.state_dict().items()}
     return {
         "dense": dense,
         "tables": tables,
-        "balance": module.inner.balancer.weights().numpy().copy(),
+        "balance": module.inner.balancer.weights().cpu().numpy().copy(),
         "dynamic_ids": id_maps,
     }
 
@@ -222,6 +224,7 @@ def train(
         "initial": recorder.initial,
         "steps": recorder.steps,
         "global_step": trainer.global_step,
+        "gated": module.gradient_gate is not None,
     }
 
 
@@ -406,3 +409,189 @@ def train_checking_resets(overrides: list[str], num_steps: int) -> dict[str, Any
     trainer.callbacks.remove(checkpointing)
     trainer.fit(module, datamodule=datamodule)
     return checked
+
+
+def train_checking_after_backward(
+    overrides: list[str], num_steps: int, config: str = BASE_CONFIG
+) -> dict[str, Any]:
+    """``train`` with the step's outcome read after backward, as on CUDA (the embedding gradient
+    gate of ``towerrec.trainer.module.MultiTaskModule.combined_loss``), here on CPU ranks."""
+    from towerrec.trainer.module import MultiTaskModule
+
+    MultiTaskModule.defer_step_check_on = ("cpu", "cuda")
+    try:
+        return train(overrides, num_steps, config=config)
+    finally:
+        MultiTaskModule.defer_step_check_on = ("cuda",)
+
+
+def state_around_a_non_finite_step(overrides: list[str], bad_position: int, after_backward: bool) -> dict:
+    """Trains this rank's first ``bad_position + 2`` batches with batch ``bad_position`` made
+    non-finite on rank 0 only (infinite dense features), ``trainer.non_finite_loss: skip``, the
+    outcome read before or ``after_backward`` (gradient gate); returns the model just before and
+    just after that step, whether it was skipped, and the steps taken."""
+    import lightning as L
+    import torch.distributed as dist
+
+    from towerrec.data.dataset import DatasetMeta
+    from towerrec.data.reader import BatchStream, read_spec
+    from towerrec.trainer.build import build
+    from towerrec.trainer.module import MultiTaskModule
+
+    cfg = load([*overrides, "trainer.non_finite_loss=skip", "checkpoint.resume=never", "checkpoint.every_n_steps=0",
+                f"trainer.max_steps={bad_position + 2}"])  # fmt: skip
+    meta = DatasetMeta.load(cfg.data.path)
+    stream = BatchStream(
+        meta, cfg.data.train_split, read_spec(cfg.data, cfg.tasks, meta.table_rows(cfg.data.sparse)),
+        batch_size=cfg.data.batch_size, rank=dist.get_rank(), world_size=dist.get_world_size(), seed=cfg.seed,
+        window_rows=cfg.data.shuffle_window_rows, background_decode=False, drop_bag_ids=True,
+    )  # fmt: skip
+    batches = []
+    for batch in stream:
+        batches.append(batch)
+        if len(batches) == bad_position + 2:
+            break
+    if dist.get_rank() == 0:
+        batches[bad_position].dense.fill_(float("inf"))
+    seen: dict[str, Any] = {}
+
+    class Around(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch.position == bad_position:
+                seen["before"] = model_state(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch.position == bad_position:
+                seen["after"], seen["skipped"] = model_state(pl_module), pl_module.skip_step
+
+    MultiTaskModule.defer_step_check_on = ("cpu", "cuda") if after_backward else ("cuda",)
+    try:
+        trainer, module, datamodule, checkpointing = build(cfg, extra_callbacks=[Around()])
+        trainer.callbacks.remove(checkpointing)
+        datamodule.train_stream = ListStream(batches)
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        MultiTaskModule.defer_step_check_on = ("cuda",)
+    return {**seen, "gated": module.gradient_gate is not None, "skipped_batches": module.skipped_batches,
+            "global_step": trainer.global_step}  # fmt: skip
+
+
+def reduce_partial_gradients() -> dict[str, Any]:
+    """``DenseGradientReducer`` on a 3-parameter model, one parameter per bucket, where rank 0's
+    batch uses ``a`` and ``b``, rank 1's only ``b``, and no rank ``c``; returns each gradient after
+    ``finish()`` (None stays None) and this rank's own gradients before it; then, with every
+    parameter used, how many buckets' all-reduces had started when backward returned."""
+    import torch.distributed as dist
+
+    import towerrec.trainer.distributed.sharding as sharding
+
+    torch.manual_seed(dist.get_rank())
+    params = {name: torch.nn.Parameter(torch.ones(4)) for name in "abc"}
+    original, sharding.DENSE_BUCKET_BYTES = sharding.DENSE_BUCKET_BYTES, 16  # one parameter per bucket
+    try:
+        reducer = sharding.DenseGradientReducer(
+            list(params.values()), dist.group.WORLD, dist.get_world_size()
+        )
+    finally:
+        sharding.DENSE_BUCKET_BYTES = original
+    inputs = torch.randn(4)
+    used = ("a", "b") if dist.get_rank() == 0 else ("b",)
+    sum((params[name] * inputs * (i + 1)).sum() for i, name in enumerate(used)).backward()
+    own = {name: None if p.grad is None else p.grad.numpy().copy() for name, p in params.items()}
+    reducer.finish()
+    reduced = {name: None if p.grad is None else p.grad.numpy().copy() for name, p in params.items()}
+    for param in params.values():
+        param.grad = None
+    sum((p * inputs).sum() for p in params.values()).backward()  # every parameter used
+    started_during_backward = len(reducer._launched)
+    reducer.finish()
+    return {"own": own, "reduced": reduced, "num_buckets": len(reducer.buckets),
+            "started_during_backward": started_during_backward}  # fmt: skip
+
+
+def reload_first_checkpoint(overrides: list[str]) -> dict[str, Any]:
+    """Trains 2 steps saving after each, then loads step 1's weights back the way the best epoch
+    is loaded (``TorchRecStrategy.load_weights``); returns the order of cache resets and checkpoint
+    reads it made, how many fbgemm lookups it reset, and whether the model is step 1's again."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+    from towerrec.trainer.build import build
+    from towerrec.trainer.distributed import checkpoint as ckpt
+    from towerrec.trainer.distributed import strategy as strategy_module
+
+    cfg = load([*overrides, "trainer.max_steps=2", "checkpoint.every_n_steps=1", "checkpoint.resume=never"])
+    saved: dict[int, dict] = {}
+    import lightning as L
+
+    class Remember(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            saved[trainer.global_step] = model_state(pl_module)
+
+    trainer, module, datamodule, _ = build(cfg, extra_callbacks=[Remember()])
+    trainer.fit(module, datamodule=datamodule)
+    events: list[str] = []
+    reset, load_tensors = SplitTableBatchedEmbeddingBagsCodegen.reset_cache_states, ckpt.load_tensors
+
+    def recording_reset(self) -> None:
+        events.append("reset cache")
+        reset(self)
+
+    def recording_load(*args, **kwargs) -> None:
+        events.append("load tensors")
+        load_tensors(*args, **kwargs)
+
+    SplitTableBatchedEmbeddingBagsCodegen.reset_cache_states = recording_reset
+    strategy_module.ckpt.load_tensors = recording_load
+    try:
+        trainer.strategy.load_weights(ckpt.checkpoint_dir(f"{cfg.run_dir}/checkpoints", 1))
+    finally:
+        SplitTableBatchedEmbeddingBagsCodegen.reset_cache_states = reset
+        strategy_module.ckpt.load_tensors = load_tensors
+    now = model_state(module)
+    same = all(np.array_equal(now["dense"][k], v) for k, v in saved[1]["dense"].items()) and all(
+        np.array_equal(new[2], old[2])
+        for table, shards in saved[1]["tables"].items()
+        for new, old in zip(now["tables"][table], shards)
+    )
+    moved = not all(np.array_equal(saved[2]["dense"][k], v) for k, v in saved[1]["dense"].items())
+    return {"events": events, "is_step_1": same, "moved_since": moved}
+
+
+class _AllReduceInBackward(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ranks on the default group, in backward,
+    as TorchRec's embedding output distribution and retrieval's all-gather do."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def reduce_around_a_collective_in_backward() -> dict[str, Any]:
+    """``DenseGradientReducer`` (one parameter per bucket) where backward also runs a collective on
+    the default group, and rank 0's bucket of ``a`` is ready before that collective while rank 1,
+    whose batch does not use ``a``, starts it only after backward: the gradients after ``finish()``."""
+    import torch.distributed as dist
+
+    import towerrec.trainer.distributed.sharding as sharding
+
+    params = {name: torch.nn.Parameter(torch.full((4,), 1.0 + i)) for i, name in enumerate("ca")}
+    original, sharding.DENSE_BUCKET_BYTES = sharding.DENSE_BUCKET_BYTES, 16
+    try:
+        reducer = sharding.DenseReplicas().gradient_reducer(list(params.values()), dist.get_world_size())
+    finally:
+        sharding.DENSE_BUCKET_BYTES = original
+    x = torch.arange(4.0) + dist.get_rank()
+    loss = _AllReduceInBackward.apply(params["c"] * x).sum()  # created first: its backward runs last
+    if dist.get_rank() == 0:
+        loss = loss + (params["a"] * x).sum()
+    loss.backward()
+    reducer.finish()
+    return {name: p.grad.numpy().copy() for name, p in params.items()}

@@ -521,3 +521,70 @@ def test_two_ranks_map_dynamic_ids_of_histories_as_one_rank(rank_pools, dynamic_
         tensors(two), tensors([one]), tensors([reordered]), tensors([one["initial"]]), 2,
         2 * 8 * 2.0**-24, "dynamic ids of histories",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_reading_the_step_outcome_after_backward_trains_the_same_model(
+    rank_pools, tiny_data, tmp_path, pipeline
+):
+    """On CUDA the host reads whether a step's losses were finite only after backward was launched,
+    the tables' gradients gated on the device (``MultiTaskModule.combined_loss``). Forced on these CPU
+    ranks, that path trains bitwise the model of the read-before-backward path (PCGrad: its
+    per-task all-reduce after the bucketed dense one)."""
+    overrides = matrix_overrides(tiny_data, tmp_path, "mmoe", "pcgrad", "32-true", pipeline)
+    before = rank_pools(2).run(rank_jobs.train, overrides, NUM_STEPS)
+    after = rank_pools(2).run(rank_jobs.train_checking_after_backward, overrides, NUM_STEPS)
+    assert [r["gated"] for r in before] == [False, False] and [r["gated"] for r in after] == [True, True]
+    assert bitwise_equal(tensors(before), tensors(after)) == []
+
+
+@pytest.mark.parametrize(
+    "after_backward,pipeline", list(itertools.product((False, True), PIPELINES)), ids=str
+)
+def test_a_non_finite_step_on_one_rank_is_skipped_by_both_and_changes_nothing(
+    rank_pools, tiny_data, tmp_path, after_backward, pipeline
+):
+    """Rank 0's batch 2 has infinite features: both ranks skip that step and no table or dense
+    parameter moves (default optimizers: row-wise Adagrad tables, Adam dense), whether the outcome
+    is read before backward or after it, the tables' gradients then zeroed on the device."""
+    overrides = resume_overrides(tiny_data, tmp_path / "run", "fixed", pipeline, 32)
+    results = rank_pools(2).run(rank_jobs.state_around_a_non_finite_step, overrides, 2, after_backward)
+    for rank, result in enumerate(results):
+        assert result["gated"] == after_backward and result["skipped"] and result["skipped_batches"] == 1
+        assert result["global_step"] == 4  # training went on after the skipped batch
+        before, after = result["before"], result["after"]
+        assert bitwise_equal(before["dense"], after["dense"]) == [], f"rank {rank}: a dense parameter moved"
+        for table, shards in before["tables"].items():
+            for (_, _, old), (_, _, new) in zip(shards, after["tables"][table]):
+                assert np.array_equal(old, new), f"rank {rank}: table {table} moved in the skipped step"
+
+
+def test_dense_gradients_are_averaged_when_ranks_use_different_parameters(rank_pools):
+    """A parameter unused by one rank's batch still goes through every rank's all-reduce (zeros for
+    the missing gradient): the ranks neither hang nor disagree, and each gets the mean a single
+    process would compute; a parameter no rank used keeps no gradient. When every parameter is used,
+    every bucket's all-reduce starts during backward."""
+    ranks = rank_pools(2).run(rank_jobs.reduce_partial_gradients)
+    assert ranks[0]["num_buckets"] == 3
+    assert ranks[1]["own"]["a"] is None and ranks[0]["own"]["a"] is not None
+    expected = {
+        "a": ranks[0]["own"]["a"] / 2,
+        "b": (ranks[0]["own"]["b"] + ranks[1]["own"]["b"]) / 2,
+    }
+    for rank in ranks:
+        assert rank["reduced"]["c"] is None
+        for name, value in expected.items():
+            np.testing.assert_allclose(rank["reduced"][name], value, rtol=1e-6)
+    assert np.array_equal(ranks[0]["reduced"]["a"], ranks[1]["reduced"]["a"])
+    assert [rank["started_during_backward"] for rank in ranks] == [3, 3]  # overlapped with backward
+
+
+def test_gradient_buckets_do_not_depend_on_the_order_of_other_collectives_in_backward(rank_pools):
+    """Rank 0's bucket of ``a`` starts before a collective that backward runs on the default group
+    (as TorchRec's embedding gradients and retrieval's all-gather do); rank 1, whose batch leaves
+    ``a`` unused, starts it after backward. In one group the two ranks would pair different
+    collectives; the buckets' own group keeps them apart and every gradient is the mean."""
+    ranks = rank_pools(2).run(rank_jobs.reduce_around_a_collective_in_backward)
+    for rank in ranks:
+        np.testing.assert_array_equal(rank["c"], [1.0, 3.0, 5.0, 7.0])  # (2 x0 + 2 x1) / 2
+        np.testing.assert_array_equal(rank["a"], [0.0, 0.5, 1.0, 1.5])  # x0 / 2

@@ -23,6 +23,31 @@ def test_auto_autocasts_to_bf16_only_on_native_bf16_from_the_threshold(monkeypat
     assert chosen == "32-true" and "no native bf16" in why
 
 
+@pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
+def test_only_gpus_with_bf16_units_count_as_native(monkeypatch, major, native):
+    """A V100 (compute capability 7.0) emulates bf16: torch.cuda.is_bf16_supported() says True there
+    unless emulation is excluded; auto must not choose bf16 on it."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert torch.cuda.is_bf16_supported()  # what the default call says, emulation included
+    assert precision_module.native_bf16("cuda") is native
+    assert (resolve_precision("auto", "cuda", 2**20, 10**4)[0] == "bf16-mixed") is native
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_only_cpus_with_avx512_bf16_or_amx_count_as_native(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert precision_module.native_bf16("cpu") is native
+
+
 def test_dense_multiply_adds_count_every_dense_matrix_and_no_table():
     from towerrec.models.builder import build_model
 

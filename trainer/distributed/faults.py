@@ -12,6 +12,12 @@
   error into ``PeerLost`` naming the rank(s) that are gone (a process on this host that no longer
   runs, or the rank that hosted the store) or that did not answer within
   ``trainer.collective_timeout_s`` (exit 4); the job resumes from the latest checkpoint when restarted.
+- **NCCL** (CUDA): by default PyTorch's NCCL watchdog kills the process with SIGABRT when a
+  collective times out or a peer fails (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``): exit 134, no
+  diagnosis. ``nccl_error_handling`` sets it to 2 (abort the communicators, keep the process), so
+  the failed or next collective raises in Python and the diagnosis above applies: exit 4, naming
+  a lost rank that ran on this host (a rank on another host is named as not checked from here).
+  This is read from PyTorch 2.11-2.13's source and has not been run on GPUs (README).
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _STORE_PREFIX = "towerrec/rank/"
 # Fragments of the errors gloo and NCCL raise when a peer's connection breaks or times out.
 _CONNECTION_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote worker crashing",
-                    "connection refused", "ncclremoteerror", "socket closed")  # fmt: skip
+                    "connection refused", "ncclremoteerror", "socket closed", "communicator was aborted",
+                    "remote process exiting")  # fmt: skip
+NCCL_ERROR_HANDLING = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING")
+"""PyTorch's names (current, then deprecated) of NCCL's asynchronous error handling mode."""
 _TIMED_OUT = ("timed out", "timeout")
 
 
@@ -60,6 +69,19 @@ def ignore_late_signals() -> None:
     """From here on SIGUSR1/SIGTERM are ignored: the job's outcome is decided and saved."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def nccl_error_handling(backend: str, environ: dict[str, str]) -> str | None:
+    """Before the process group starts: with NCCL, sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` in
+    ``environ`` (see the module docstring) unless the user chose a mode under either name. Returns
+    the variable and value in force with NCCL (None for another backend)."""
+    if backend != "nccl":
+        return None
+    for name in NCCL_ERROR_HANDLING:
+        if name in environ:
+            return f"{name}={environ[name]} (set by the user)"
+    environ[NCCL_ERROR_HANDLING[0]] = "2"
+    return f"{NCCL_ERROR_HANDLING[0]}=2"
 
 
 def register_rank(store, rank: int) -> None:

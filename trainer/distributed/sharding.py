@@ -10,11 +10,12 @@ from __future__ import annotations
 import warnings
 import zlib
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch import nn
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
@@ -25,10 +26,11 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.distributed.types import Awaitable, ShardedModule, ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from towerrec.models.tables import dense_named_parameters, table_of_key, table_parameters
 from towerrec.trainer.config import (
@@ -40,6 +42,7 @@ from towerrec.trainer.config import (
 from towerrec.trainer.errors import ConfigError, PlanDoesNotFit
 
 GB = 1024**3
+GATED_COLLECTIONS = (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
 
 
@@ -100,6 +103,21 @@ def planner_constraints(
     return constraints
 
 
+DEVICE_MEMORY_RESERVE_GB = 2.0
+"""GPU memory kept out of the planner's budget when ``sharding.hbm_gb`` is null: the CUDA context
+and NCCL's and cuBLAS's buffers, which PyTorch's allocator does not count. The planner itself keeps
+15% of the budget (``HeuristicalStorageReservation``) for activations and fragmentation."""
+
+
+def device_memory_gb(device: torch.device) -> float | None:
+    """The planner's memory budget for ``device`` when ``sharding.hbm_gb`` is null: a GPU's total
+    memory less ``DEVICE_MEMORY_RESERVE_GB``; None for a CPU (TorchRec's default host budget)."""
+    if device.type != "cuda":
+        return None
+    total_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    return max(total_gb - DEVICE_MEMORY_RESERVE_GB, total_gb / 2)
+
+
 @dataclass
 class ClusterSpec:
     """A (possibly hypothetical) cluster to plan for."""
@@ -109,6 +127,19 @@ class ClusterSpec:
     local_world_size: int
     memory_gb_per_device: float | None = None
     ddr_gb_per_rank: float | None = None
+
+
+def job_cluster(
+    sharding: ShardingConfig, world_size: int, local_world_size: int, device: torch.device
+) -> ClusterSpec:
+    """The cluster a running job plans for: its ranks, each with ``sharding.hbm_gb`` or, when that
+    is null, the memory of this rank's device (``device_memory_gb``)."""
+    return ClusterSpec(
+        world_size=world_size,
+        device_type=device.type,
+        local_world_size=local_world_size,
+        memory_gb_per_device=sharding.hbm_gb or device_memory_gb(device),
+    )
 
 
 def make_planner(
@@ -198,14 +229,17 @@ class DenseReplicas(DataParallelWrapper):
     TorchRec's default wraps the dense part in DDP with ``static_graph=True``, whose reducer goes
     wrong when per-task gradients are taken with ``torch.autograd.grad`` before ``backward()``
     (PCGrad, GradNorm): it stops averaging some or all dense gradients and the replicas drift apart.
-    Here the dense parameters are broadcast from rank 0 once, and the trainer averages their
-    gradients explicitly after each backward, in one all-reduce
-    (``TorchRecStrategy.average_dense_gradients``), whatever the loss balancing; a single process
-    does no communication at all. ``parameters`` lists (name, parameter) of the dense part.
+    Here the dense parameters are broadcast from rank 0 once, and their gradients are averaged by a
+    ``DenseGradientReducer`` (bucketed all-reduces launched while backward runs, waited by
+    ``TorchRecStrategy.average_dense_gradients`` before the optimizer step), whatever the loss
+    balancing; a single process does no communication at all. ``parameters`` lists (name,
+    parameter) of the dense part.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, collective_timeout: timedelta | None = None) -> None:
         self.parameters: list[tuple[str, nn.Parameter]] = []
+        self.reducer: DenseGradientReducer | None = None
+        self.collective_timeout = collective_timeout
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         module = dmp._dmp_wrapped_module.to(device)
@@ -218,6 +252,168 @@ class DenseReplicas(DataParallelWrapper):
                 torch.distributed.broadcast(flat, src=0, group=env.process_group)
                 for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
                     tensor.copy_(part.view_as(tensor))
+            self.reducer = self.gradient_reducer(
+                [p for _, p in self.parameters if p.requires_grad], env.world_size
+            )
+
+    def gradient_reducer(self, parameters: list[nn.Parameter], world_size: int) -> DenseGradientReducer:
+        """The reducer of ``parameters``' gradients, in a process group of its own (every rank calls
+        this): its buckets start whenever backward makes them ready, which may fall before or after
+        TorchRec's collectives in backward (or a loss's) depending on a rank's unused parameters; in
+        one group that order would have to be the same on every rank."""
+        group = torch.distributed.new_group(timeout=self.collective_timeout)
+        return DenseGradientReducer(parameters, group, world_size)
+
+
+DENSE_BUCKET_BYTES = 4 * 2**20
+"""Gradient bytes per all-reduce of ``DenseGradientReducer``: small enough that the first buckets
+go out while backward still runs, large enough that a tower needs only a few collectives."""
+
+
+class DenseGradientReducer:
+    """Averages the dense gradients over ranks while backward runs.
+
+    The parameters are cut into buckets of about ``DENSE_BUCKET_BYTES``, last parameters first
+    (backward produces their gradients first). A hook on each parameter's gradient accumulation
+    marks it ready; a bucket's asynchronous all-reduce starts once all its parameters are ready and
+    every earlier bucket has started, so every rank issues the same collectives in the same order.
+    ``finish()`` (after backward) starts the buckets backward left incomplete, waits for all of
+    them and writes the means into ``.grad``.
+
+    The all-reduces run in a process group of their own (``DenseReplicas.wrap``). Every rank
+    all-reduces every parameter every step, with zeros where it has no gradient (a
+    parameter its batch did not use), plus one count per parameter of the ranks that had one: a
+    parameter gets the mean when any rank had a gradient, and keeps ``None`` when none had, as a
+    single process would (only a rank that lacked a gradient reads the counts back to the host).
+    """
+
+    def __init__(self, parameters: list[nn.Parameter], process_group, world_size: int):
+        self.process_group = process_group
+        self.world_size = world_size
+        self.buckets: list[list[nn.Parameter]] = []
+        size = DENSE_BUCKET_BYTES
+        for param in reversed(parameters):
+            fits = size + param.numel() * param.element_size() <= DENSE_BUCKET_BYTES
+            if self.buckets and fits and self.buckets[-1][0].dtype == param.dtype:
+                self.buckets[-1].append(param)
+                size += param.numel() * param.element_size()
+            else:
+                self.buckets.append([param])
+                size = param.numel() * param.element_size()
+        self.bucket_of = {param: i for i, bucket in enumerate(self.buckets) for param in bucket}
+        self._ready = [0] * len(self.buckets)
+        self._launched: list[tuple[torch.distributed.Work, torch.Tensor, list[bool]]] = []
+        self._seen: set[nn.Parameter] = set()
+        for param in parameters:
+            param.register_post_accumulate_grad_hook(self._on_gradient)
+
+    def _on_gradient(self, param: nn.Parameter) -> None:
+        assert param not in self._seen, "a dense gradient was accumulated twice before finish()"
+        self._seen.add(param)
+        index = self.bucket_of[param]
+        self._ready[index] += 1
+        while len(self._launched) < len(self.buckets):
+            next_bucket = len(self._launched)
+            if self._ready[next_bucket] < len(self.buckets[next_bucket]):
+                break
+            self._launch(next_bucket)
+
+    def _launch(self, index: int) -> None:
+        params = self.buckets[index]
+        missing = [p.grad is None for p in params]
+        parts = [torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1) for p in params]
+        counts = torch.tensor([0.0 if m else 1.0 for m in missing], dtype=params[0].dtype)
+        flat = torch.cat([*parts, counts.to(params[0].device, non_blocking=True)])
+        work = torch.distributed.all_reduce(
+            flat, op=torch.distributed.ReduceOp.SUM, group=self.process_group, async_op=True
+        )
+        self._launched.append((work, flat, missing))
+
+    def finish(self) -> None:
+        """Starts the buckets still waiting, waits for every all-reduce and writes the means."""
+        for index in range(len(self._launched), len(self.buckets)):
+            self._launch(index)
+        for (work, flat, missing), params in zip(self._launched, self.buckets):
+            work.wait()
+            sizes = [p.numel() for p in params]
+            means = flat[: sum(sizes)].div_(self.world_size).split(sizes)
+            counts = flat[sum(sizes) :].tolist() if any(missing) else None  # only where this rank lacked one
+            for i, (param, mean) in enumerate(zip(params, means)):
+                if param.grad is not None:
+                    param.grad.copy_(mean.view_as(param))
+                elif counts[i] > 0:
+                    param.grad = mean.view_as(param).clone()
+        self._ready = [0] * len(self.buckets)
+        self._launched = []
+        self._seen = set()
+
+
+class _GateGradient(torch.autograd.Function):
+    """Identity forward; backward passes the gradient where ``gate`` (a device bool) is true, else
+    zeros. ``gate`` is read when backward runs, so it can be set after forward."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.gate = gate  # not saved_tensors: it is written in place between forward and backward
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return torch.where(ctx.gate, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+
+
+class EmbeddingGradientGate:
+    """Zeroes, on the device, the gradients that reach the embedding tables' fused optimizer when
+    ``close_unless(flag)`` was given a false flag before backward: a step whose loss turned out
+    non-finite then leaves every table as it was, without the host reading the flag first.
+
+    A zero gradient is no update for SGD, Adagrad and row-wise Adagrad (``GATED_OPTIMIZERS``); Adam
+    would still move rows by its momentum, so with it the trainer reads the flag before backward
+    instead. It wraps the outputs of the DMP's sharded collections (a callback on their awaitables,
+    so it works inside TorchRec's train pipelines too): one autograd node per collection output.
+    """
+
+    GATED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+    def __init__(self, dmp: DistributedModelParallel, device: torch.device):
+        self.open = torch.ones((), dtype=torch.bool, device=device)
+        self.collections = [m for m in dmp.modules() if isinstance(m, GATED_COLLECTIONS)]
+        for module in self.collections:
+            module.register_forward_hook(self._hook)
+
+    @staticmethod
+    def covers(dmp: DistributedModelParallel) -> bool:
+        """Whether every sharded module of ``dmp`` is a collection the gate wraps."""
+        return all(isinstance(m, GATED_COLLECTIONS) for m in dmp.modules() if isinstance(m, ShardedModule))
+
+    def close_unless(self, flag: torch.Tensor) -> None:
+        self.open.copy_(flag)
+
+    def _hook(self, module, inputs, output):
+        if not torch.is_grad_enabled():
+            return output
+        if isinstance(output, Awaitable):
+            output.callbacks.append(self._gated)
+            return output
+        return self._gated(output)
+
+    def _gated(self, output):
+        if isinstance(output, KeyedTensor):
+            return KeyedTensor(
+                keys=output.keys(),
+                length_per_key=output.length_per_key(),
+                values=_GateGradient.apply(output.values(), self.open),
+                key_dim=output.key_dim(),
+            )
+        return {  # EmbeddingCollection: feature -> JaggedTensor
+            name: JaggedTensor(
+                values=_GateGradient.apply(jagged.values(), self.open),
+                weights=jagged.weights_or_none(),
+                lengths=jagged.lengths_or_none(),
+                offsets=jagged.offsets_or_none(),
+            )
+            for name, jagged in output.items()
+        }
 
 
 def shard_model(
@@ -231,9 +427,11 @@ def shard_model(
     process_group,
     device: torch.device,
     fused_only: frozenset[str] = frozenset(),
+    collective_timeout: timedelta | None = None,
 ) -> tuple[DistributedModelParallel, ShardingPlan, DenseReplicas]:
     """Fused optimizer → plan → DMP. Tables built on ``meta`` are materialised on their shards;
-    ``fused_only``: tables kept off UVM caching (``planner_constraints``)."""
+    ``fused_only``: tables kept off UVM caching (``planner_constraints``); ``collective_timeout``:
+    of the dense gradients' process group (default: PyTorch's)."""
     apply_embedding_optimizer(model, embedding_optimizer)
     plan = plan_for_cluster(
         model,
@@ -244,7 +442,7 @@ def shard_model(
         process_group=process_group,
         fused_only=fused_only,
     )
-    replicas = DenseReplicas()
+    replicas = DenseReplicas(collective_timeout)
     dmp = DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(process_group),
@@ -309,19 +507,18 @@ def initialize_tables(
 ) -> None:
     """Writes every table's initial values as a function of (seed, table name, row) alone, uniform
     in TorchRec's default range ±sqrt(1 / rows): a table starts the same whatever the plan, the
-    world size and the rank holding it (TorchRec draws them on each shard's rank, so 1 and 2 ranks
-    would start from different tables). Rows are drawn in chunks of ``INIT_CHUNK_ROWS`` from a
-    generator seeded per chunk; each shard fills its rows and columns from the chunks it overlaps.
-    The ``hashed`` tables (``id_mapping: dynamic``) take ``hashed_rows``, which
-    ``RowReset`` writes again into rows given to new ids."""
+    world size, the rank holding it and the device it lives on (TorchRec draws them on each shard's
+    rank and device, so 1 and 2 ranks, or a CPU and a GPU run, would start from different tables).
+    Rows are drawn on the CPU in chunks of ``INIT_CHUNK_ROWS`` (``initial_rows``), so memory stays
+    bounded whatever the table's size; each shard copies in the rows and columns it holds.
+    The ``hashed`` tables (``id_mapping: dynamic``) take ``hashed_rows`` (integer hashing, the
+    same on any device), which ``RowReset`` writes again into rows given to new ids."""
     by_name = {t.name: t for t in tables}
     for key, value in dmp.state_dict().items():  # views of the live shards
         name = table_of_key(key, by_name)
         if name is None:
             continue
         table = by_name[name]
-        low, high = table.get_weight_init_min(), table.get_weight_init_max()
-        table_seed = zlib.crc32(table.name.encode())
         for row_start, col_start, tensor in local_shards(value):
             if not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
@@ -337,17 +534,26 @@ def initialize_tables(
             row_end, col_end = row_start + tensor.shape[0], col_start + tensor.shape[1]
             for chunk in range(row_start // INIT_CHUNK_ROWS, (row_end - 1) // INIT_CHUNK_ROWS + 1):
                 first = chunk * INIT_CHUNK_ROWS
-                last = min(first + INIT_CHUNK_ROWS, table.num_embeddings)
-                generator = torch.Generator(device=tensor.device).manual_seed(
-                    (seed * 1_000_003 + table_seed) * 1_000_003 + chunk
-                )
-                values = torch.empty(last - first, table.embedding_dim, device=tensor.device)
-                values.uniform_(low, high, generator=generator)
-                lo, hi = max(first, row_start), min(last, row_end)
-                with torch.no_grad():
-                    tensor[lo - row_start : hi - row_start].copy_(
-                        values[lo - first : hi - first, col_start:col_end]
-                    )
+                values = initial_rows(table, seed, chunk)
+                lo, hi = max(first, row_start), min(first + values.shape[0], row_end)
+                _write_rows(tensor, lo - row_start, values[lo - first : hi - first, col_start:col_end])
+
+
+def initial_rows(table: BaseEmbeddingConfig, seed: int, chunk: int) -> torch.Tensor:
+    """(rows, dim) float32 on the CPU: the initial values of rows ``chunk * INIT_CHUNK_ROWS`` onwards
+    (at most ``INIT_CHUNK_ROWS``), from a CPU generator seeded by (seed, table name, chunk)."""
+    first = chunk * INIT_CHUNK_ROWS
+    last = min(first + INIT_CHUNK_ROWS, table.num_embeddings)
+    table_seed = zlib.crc32(table.name.encode())
+    generator = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + table_seed) * 1_000_003 + chunk)
+    values = torch.empty(last - first, table.embedding_dim)
+    return values.uniform_(table.get_weight_init_min(), table.get_weight_init_max(), generator=generator)
+
+
+def _write_rows(shard: torch.Tensor, row: int, values: torch.Tensor) -> None:
+    """Copies CPU ``values`` into ``shard`` from local row ``row`` (to the shard's device and dtype)."""
+    with torch.no_grad():
+        shard[row : row + values.shape[0]].copy_(values, non_blocking=False)
 
 
 class RowReset:

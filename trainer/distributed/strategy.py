@@ -7,16 +7,19 @@ and its checkpoints hold only rank 0's shards. This strategy keeps DDPStrategy's
 setup and launchers (Lightning's own launcher, torchrun, SLURM) and replaces the rest:
 
 - ``shard(model, tables)``: the one place that plans and wraps the model in DMP; the dense part is
-  data-parallel through ``sharding.DenseReplicas`` (broadcast once, gradients averaged by
-  ``average_dense_gradients``), so the strategy neither wraps in DDP nor broadcasts states;
+  data-parallel through ``sharding.DenseReplicas`` (broadcast once when DMP is built, gradients
+  all-reduced in buckets while backward runs and waited by ``average_dense_gradients``), so
+  nothing is wrapped in DDP, by Lightning or by DMP, and no module state is broadcast;
 - the collectives of a training step: ``all_reduce_sum`` (the step's agreement and global loss
   sums), ``mean_over_ranks``, ``average_dense_gradients``, ``dense_digests`` (replica guard);
+- NCCL's error handling set before the process group starts (``faults.nccl_error_handling``);
 - ``save_checkpoint``/``load_checkpoint``: tensors through DCP (every rank writes its shards and
   loads any resharding), metadata as JSON, atomically (see ``towerrec.trainer.distributed.checkpoint``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -31,12 +35,12 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from towerrec.trainer.config import CheckpointConfig, OptimizerConfig, ShardingConfig
 from towerrec.trainer.distributed import checkpoint as ckpt
-from towerrec.trainer.distributed.faults import register_rank
+from towerrec.trainer.distributed.faults import nccl_error_handling, register_rank
 from towerrec.trainer.distributed.sharding import (
-    ClusterSpec,
     RowReset,
     describe_plan,
     initialize_tables,
+    job_cluster,
     shard_model,
 )
 
@@ -74,11 +78,7 @@ class TorchRecStrategy(DDPStrategy):
 
     def shard(self, model: torch.nn.Module, tables) -> DistributedModelParallel:
         """Plans the tables over all ranks (collectively) and wraps the model in DMP."""
-        cluster = ClusterSpec(
-            world_size=self.world_size,
-            device_type=self.root_device.type,
-            local_world_size=self.num_processes,
-        )
+        cluster = job_cluster(self.sharding, self.world_size, self.num_processes, self.root_device)
         dmp, plan, self._replicas = shard_model(
             model,
             tables=tables,
@@ -89,6 +89,7 @@ class TorchRecStrategy(DDPStrategy):
             process_group=self.process_group,
             device=self.root_device,
             fused_only=frozenset(self._dynamic_tables()),
+            collective_timeout=self._timeout,
         )
         self._tables = tables
         initialize_tables(dmp, tables, self.seed, hashed=frozenset(self._dynamic_tables()))
@@ -154,30 +155,20 @@ class TorchRecStrategy(DDPStrategy):
         ]
 
     def average_dense_gradients(self, extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
-        """Replaces each dense parameter's gradient by its mean over ranks, and returns the means of
-        ``extra`` tensors (e.g. per-task gradients) computed in the same all-reduce (see
-        ``towerrec.trainer.distributed.sharding.DenseReplicas``). Every rank must call it at the same point of a step."""
+        """Replaces each dense parameter's gradient by its mean over ranks (waiting for the bucketed
+        all-reduces that backward started, see ``towerrec.trainer.distributed.sharding.DenseGradientReducer``),
+        and returns the means of ``extra`` tensors (e.g. per-task gradients) in one more all-reduce.
+        Every rank must call it after each backward, before the optimizer step."""
         extra = list(extra)
         if self.world_size == 1:
             return extra
-        grads = [p.grad for _, p in self._replicas.parameters if p.grad is not None]
-        averaged = self.mean_over_ranks(grads + extra)
-        for grad, mean in zip(grads, averaged):
-            grad.copy_(mean)
-        return averaged[len(grads) :]
+        if self._replicas.reducer is not None:
+            self._replicas.reducer.finish()
+        return self.mean_over_ranks(extra)
 
     def dense_digests(self) -> tuple[list[str], torch.Tensor]:
-        """(names, (P, 2) int64): two checksums of each dense parameter's bits, equal on every rank
-        exactly when the replicas are bitwise identical (up to a vanishing chance of collision)."""
-        names, rows = [], []
-        for name, param in self._replicas.parameters:
-            bits = param.detach().reshape(-1).contiguous()
-            bits = bits.view(torch.int32) if bits.element_size() == 4 else bits.view(torch.int16)
-            bits = bits.to(torch.int64)
-            positions = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
-            rows.append(torch.stack([bits.sum(), (bits * positions).remainder(2_147_483_629).sum()]))
-            names.append(name)
-        return names, torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
+        """(names, (P, 2) int64) of the dense replicas: see ``parameter_digests``."""
+        return parameter_digests(self._replicas.parameters)
 
     @property
     def dmp(self) -> DistributedModelParallel:
@@ -195,7 +186,7 @@ class TorchRecStrategy(DDPStrategy):
         """DMP placed every shard and the dense part already."""
 
     def configure_ddp(self) -> None:
-        """DMP wraps the dense part in DDP itself."""
+        """No DDP wrapper: the dense part is data-parallel through ``sharding.DenseReplicas``."""
 
     # ------------------------------------------------------------------------------ checkpoints
     def dense_parameter_names(self) -> dict[torch.nn.Parameter, str]:
@@ -270,10 +261,17 @@ class TorchRecStrategy(DDPStrategy):
         self.load_weights(self._checkpoint_to_load)
 
     def load_weights(self, path: Path) -> None:
-        """The model's tensors (not the optimizers') from checkpoint ``path``; every rank takes part."""
+        """The model's tensors (not the optimizers') from checkpoint ``path``; every rank takes part.
+
+        ``state_dict()`` first writes UVM-cached rows back to the tables' host-memory store (fbgemm's
+        flush), then every cache is emptied, and only then are the stored weights loaded into that
+        store: a row cached from the live weights can neither be read instead of the loaded one nor
+        flushed over it later (a GPU-only path: CPU kernels hold no cache). TorchRec's sharded
+        collections also empty their caches in their load_state_dict hook; this does not rely on it."""
         self._row_reset = None  # collected again from the loaded shards
         replicated = self.replicated_state()
         tensors = {"model": self.dmp.state_dict(), **replicated}
+        invalidate_embedding_caches(self.dmp)
         ckpt.load_tensors(path, tensors, self.process_group)
         # DMP.state_dict() returns views of the live shards, but dense tensors may be copies:
         self.dmp.load_state_dict(tensors["model"])
@@ -283,8 +281,10 @@ class TorchRecStrategy(DDPStrategy):
     def load_tables(self, path: Path, tables: dict[str, str]) -> None:
         """Tables of another model's checkpoint ``path`` into this model's tables (``tables``: our
         state-dict key → the checkpoint's key, both a table's weight of the same shape); loaded in
-        place, resharded by DCP; every rank takes part."""
+        place, resharded by DCP; every rank takes part. UVM caches are emptied first, as in
+        ``load_weights``."""
         ours = self.dmp.state_dict()
+        invalidate_embedding_caches(self.dmp)
         tensors = {"model": {theirs: ours[key] for key, theirs in tables.items()}}
         ckpt.load_tensors(path, tensors, self.process_group)
         self.dmp.load_state_dict(
@@ -327,6 +327,7 @@ class TorchRecStrategy(DDPStrategy):
             shutil.rmtree(filepath, ignore_errors=True)
 
     def setup_environment(self) -> None:
+        nccl_error_handling(self._get_process_group_backend(), os.environ)  # before NCCL starts
         super().setup_environment()
         if self.world_size > 1:  # host and pid of every rank, to name a lost one (trainer.distributed.faults)
             register_rank(dist.distributed_c10d._get_default_store(), self.global_rank)
@@ -338,6 +339,38 @@ class TorchRecStrategy(DDPStrategy):
         if not interrupted and dist.is_available() and dist.is_initialized():
             dist.barrier()  # without it gloo can abort at interpreter exit (destroyed async work)
         super().teardown()
+
+
+def invalidate_embedding_caches(dmp: torch.nn.Module) -> int:
+    """Drops every row cached by a UVM-caching table without writing it back (fbgemm's
+    ``reset_cache_states``; nothing to drop for an uncached table); returns the number of fbgemm
+    table-batched lookups visited."""
+    lookups = [  # a sharded collection holds its lookups in a plain list, outside modules()
+        kernel
+        for module in dmp.modules()
+        for lookup in getattr(module, "_lookups", [])
+        for kernel in lookup.modules()
+        if isinstance(kernel, SplitTableBatchedEmbeddingBagsCodegen)
+    ]
+    for lookup in lookups:
+        lookup.reset_cache_states()
+    return len(lookups)
+
+
+def parameter_digests(parameters: list[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    """(names, (P, 2) int64 on the parameters' device): two checksums of each parameter's bits, equal
+    on every rank exactly when the replicas are bitwise identical (up to a vanishing chance of
+    collision). Everything is computed where the parameters live: no copy to the host."""
+    names, rows = [], []
+    device = parameters[0][1].device if parameters else torch.device("cpu")
+    for name, param in parameters:
+        bits = param.detach().reshape(-1).contiguous()
+        bits = bits.view(torch.int32) if bits.element_size() == 4 else bits.view(torch.int16)
+        bits = bits.to(torch.int64)
+        positions = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+        rows.append(torch.stack([bits.sum(), (bits * positions).remainder(2_147_483_629).sum()]))
+        names.append(name)
+    return names, torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64, device=device)
 
 
 def _materialize_state(optimizer: torch.optim.Optimizer) -> None:
