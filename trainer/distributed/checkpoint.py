@@ -334,9 +334,10 @@ def is_complete(path: Path) -> bool:
 
 
 def find_latest(root: str | os.PathLike) -> Path | None:
-    """The checkpoint named by ``latest`` if complete, else the newest complete one, else None."""
+    """The checkpoint named by ``latest`` if complete, else the newest complete one, else None
+    (also when ``root`` is not a folder: the run folder's check reports that)."""
     root = Path(root)
-    if not root.exists():
+    if not root.is_dir():
         return None
     pointer = root / LATEST_FILE
     if pointer.exists():
