@@ -368,6 +368,14 @@ class OutOfRangeReport(L.Callback):
         epoch reads the training split once; one stopped early counts the windows read so far)."""
         self._counted_before = OutOfRangeIds()
 
+    def state_dict(self) -> dict:
+        # a run resumed after its last epoch reports that epoch's ids as the uninterrupted run did
+        # (an epoch resumed part-way counts the windows read after the checkpoint)
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = state.get("last_epoch")
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         counted = getattr(trainer.datamodule.train_stream, "out_of_range_ids", None)
         if counted is None or not self.features:  # stand-in streams (tests, benchmarks) count nothing
