@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,19 +38,111 @@ TINY_SYNTHETIC = [
 
 
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None, check: bool = True):
-    """Runs ``towerrec ARGS`` (through torchrun when nproc > 1); returns the CompletedProcess."""
+    """Runs ``towerrec ARGS`` (through torchrun when nproc > 1); returns the CompletedProcess.
+
+    A single process is forked from ``tests.cli_server`` (the stack imported once, a fresh process
+    per command) unless TOWERREC_TEST_FORK=0; torchrun starts its processes as a user's would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         cmd += ["-m", "towerrec.trainer.cli", *args]
-    else:
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    elif os.environ.get("TOWERREC_TEST_FORK", "1") == "0":
         cmd = [sys.executable, "-m", "towerrec.trainer.cli", *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    else:
+        cmd = ["towerrec", *args]
+        result = _fork_server().run(args, full_env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+class CliForkServer:
+    """The client of ``tests/cli_server.py`` (started on first use, restarted if it died)."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="towerrec-cli-"))
+        self.log = open(self.folder / "server.log", "w")  # noqa: SIM115 - open as long as the server
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "cli_server.py")],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.count = 0
+        self.answers: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.answers.put(json.loads(line))
+        self.answers.put(None)
+
+    def _answer(self, timeout: float | None) -> dict:
+        try:
+            answer = self.answers.get(timeout=timeout)
+        except queue.Empty:
+            return {}
+        if answer is None:
+            log = (self.folder / "server.log").read_text()[-4000:]
+            raise RuntimeError(f"tests/cli_server.py ended (exit {self.process.wait()}):\n{log}")
+        return answer
+
+    def run(self, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        self.count += 1
+        out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
+        request = {"args": args, "env": env, "cwd": str(REPO), "stdout": str(out), "stderr": str(err)}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        pid = self._answer(None)["pid"]
+        answer = self._answer(timeout)
+        timed_out = not answer
+        if timed_out:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            answer = self._answer(None)
+        result = subprocess.CompletedProcess(
+            ["towerrec", *args],
+            answer["returncode"],
+            out.read_text(errors="replace"),
+            err.read_text(errors="replace"),
+        )
+        out.unlink()
+        err.unlink()
+        if timed_out:
+            raise subprocess.TimeoutExpired(result.args, timeout, result.stdout, result.stderr)
+        return result
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_FORK_SERVER: list[CliForkServer] = []
+
+
+def _fork_server() -> CliForkServer:
+    if not _FORK_SERVER or not _FORK_SERVER[0].alive():
+        _FORK_SERVER[:] = [CliForkServer()]
+    return _FORK_SERVER[0]
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for server in _FORK_SERVER:
+        server.close()
 
 
 @pytest.fixture(scope="session")
