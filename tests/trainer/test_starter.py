@@ -76,7 +76,7 @@ def test_init_refuses_a_text_label_and_an_existing_config(tmp_path):
     config.write_text("# mine\n")
     again = run_cli(["init", "--source", str(source), "--label", "x=answer == 'yes'", "--output", str(config)],
                     check=False)  # fmt: skip
-    assert again.returncode != 0 and "never writes over a config" in again.stderr
+    assert again.returncode == 2 and "never writes over a config" in again.stderr
     assert config.read_text() == "# mine\n"
 
 
