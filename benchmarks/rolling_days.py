@@ -246,13 +246,18 @@ def write_report(
                   "counts them (they read as row 0): " + "; ".join(
                       f"day {d}: " + ", ".join(f"{c} {n:,}" for c, n in counts.items())
                       for d, counts in enumerate(frozen["outside_vocabulary"]) if d)]  # fmt: skip
-    evictions = {name: [r["evictions"] for r in result["incremental"]] for name, result in results.items()}
-    if any(any(e) for e in evictions.values()):
-        lines += ["", "Eviction counters the dynamic-id runs reported (incremental, per trained day): "
-                  + json.dumps(evictions)]  # fmt: skip
+    for name, result in results.items():
+        per_day = [
+            {key.split(".")[2]: int(value) for key, value in r["evictions"].items() if ".last_epoch." in key}
+            for r in result["incremental"]
+        ]
+        if any(per_day):
+            lines += ["", f"Rows evicted per trained day ({name}, incremental; capacity {args.capacity:,} per table): "
+                      + "; ".join(f"day {d}: " + ", ".join(f"{t} {n:,}" for t, n in counts.items())
+                                  for d, counts in enumerate(per_day))]  # fmt: skip
     for name, why in skipped.items():
         lines += ["", f"**{name}: not run.** This checkout's config does not accept it ({why}); the variant is "
-                  "wired in `benchmarks/rolling_days.py` and runs once `id_mapping: dynamic` is on main."]  # fmt: skip
+                  "wired in `benchmarks/rolling_days.py`."]  # fmt: skip
     lines += [
         "",
         "```json",
