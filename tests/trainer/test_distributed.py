@@ -1,11 +1,9 @@
-"""Two processes (gloo): tables placed on different ranks, exact resume, resharding 2→1 and 1→2,
-and metrics computed over all ranks equal single-process ones on the same predictions."""
+"""Two processes under torchrun (gloo): the smoke test of what ``test_multirank.py`` proves in process."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -41,59 +39,33 @@ def flat(per_task: dict) -> dict:
     return {f"{task}/{name}": value for task, values in per_task.items() for name, value in values.items()}
 
 
-def test_two_ranks_place_tables_apart_and_resume_exactly(synthetic_data, tmp_path):
-    straight = tmp_path / "straight"
-    run_cli(fit_args(synthetic_data, straight, *COMMON), nproc=2)
-    plan = json.loads((straight / "plan.json").read_text())
+def test_torchrun_two_ranks_place_tables_apart_resume_and_reshard_to_one_process(synthetic_data, tmp_path):
+    """The torchrun smoke test. The in-process harness (``test_multirank.py``) proves the invariants
+    bit for bit: 2 ranks train the 1-rank model, exact resume, resume on another world size (2→1,
+    1→2), metrics over ranks equal one process's; here the real launcher and the CLI do the same
+    steps once: tables apart, a stop at step 30 and a resume, the 2-rank checkpoint tested in one
+    process with the fit's test metrics, and the AUC over both ranks within its bound."""
+    run = tmp_path / "two"
+    run_cli(fit_args(synthetic_data, run, *COMMON, "--trainer.max_steps", "30"), nproc=2)
+    plan = json.loads((run / "plan.json").read_text())
     ranks = {t["table"]: t["ranks"] for t in plan["tables"]}
     assert ranks["t_user_id"] != ranks["t_item_id"] and len(ranks["t_user_id"]) == 1
-
-    interrupted = tmp_path / "interrupted"
-    run_cli(fit_args(synthetic_data, interrupted, *COMMON, "--trainer.max_steps", "30"), nproc=2)
-    resumed = run_cli(fit_args(synthetic_data, interrupted, *COMMON), nproc=2)
-    assert "resuming from" in resumed.stdout
-    assert metrics(interrupted) == metrics(straight)
+    resumed = run_cli(fit_args(synthetic_data, run, *COMMON), nproc=2)
+    assert "resuming from" in resumed.stdout and "step-00000030" in resumed.stdout
+    assert json.loads((run / "metrics.json").read_text())["global_step"] > 30
     assert_readable_log(resumed.stdout + resumed.stderr, world_size=2)
 
-
-def test_checkpoints_reshard_between_world_sizes(synthetic_data, tmp_path):
-    two = tmp_path / "two"
-    run_cli(fit_args(synthetic_data, two, "--trainer.max_epochs", "1"), nproc=2)
-    evaluate = [
-        "test",
-        "--config",
-        "configs/default.yaml",
-        "--data.path",
-        str(synthetic_data),
-        *SMALL_SYNTHETIC,
-        "--trainer.progress_bar",
-        "false",
-    ]
-
-    # 2 -> 1: a single process loads the 2-rank checkpoint and gets the same test metrics.
-    run_cli([*evaluate, "--run_dir", str(tmp_path / "eval1"), "--checkpoint", str(two)])
-    assert flat(evaluation(tmp_path / "eval1")) == pytest.approx(flat(metrics(two)), rel=1e-6)
-    # ... and the AUC over both ranks is within its stated bound of sklearn's exact AUC of the
-    # single-process predictions.
-    run_cli(["predict", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), *SMALL_SYNTHETIC, "--run_dir", str(two),
-             "--output", str(tmp_path / "preds"), "--trainer.progress_bar", "false"])  # fmt: skip
+    evaluate = ["test", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), *SMALL_SYNTHETIC,
+                "--trainer.progress_bar", "false", "--model.dropout", "0.1"]  # fmt: skip
+    run_cli([*evaluate, "--run_dir", str(tmp_path / "eval1"), "--checkpoint", str(run)])
+    assert flat(evaluation(tmp_path / "eval1")) == pytest.approx(flat(metrics(run)), rel=1e-6)
+    run_cli(["predict", "--config", "configs/default.yaml", "--data.path", str(synthetic_data), *SMALL_SYNTHETIC,
+             "--model.dropout", "0.1", "--run_dir", str(run), "--output", str(tmp_path / "preds"),
+             "--trainer.progress_bar", "false"])  # fmt: skip
     preds = pq.read_table(tmp_path / "preds")
     rows, scores = preds.column("row").to_numpy(), preds.column("ctr").to_numpy()
     labels = pq.read_table(synthetic_data / "test", columns=["click"]).column(0).to_numpy()
     assert sorted(rows) == list(range(len(labels)))
-    ctr = metrics(two)["ctr"]
+    ctr = metrics(run)["ctr"]
     assert 0 < ctr["auc_error_bound"] < 1e-3
     assert abs(ctr["auc"] - roc_auc_score(labels[rows], scores)) <= ctr["auc_error_bound"] + 1e-6
-
-    # 1 -> 2: a 1-rank checkpoint evaluated by 2 ranks (another plan) gives the same metrics.
-    one = tmp_path / "one"
-    run_cli(fit_args(synthetic_data, one, "--trainer.max_epochs", "1"))
-    run_cli([*evaluate, "--run_dir", str(tmp_path / "eval2"), "--checkpoint", str(one)], nproc=2)
-    # each rank scores half the rows per batch: the dense matmuls run other blockings, so scores may
-    # differ in their last bits, and AUC counts each near-tie that flips (~4e-7 a pair here)
-    assert flat(evaluation(tmp_path / "eval2")) == pytest.approx(flat(metrics(one)), rel=1e-5)
-
-    # Training continues across a change of world size (2-rank checkpoint, 1 process).
-    run_cli(fit_args(synthetic_data, two, "--trainer.max_epochs", "2"))
-    assert json.loads((two / "metrics.json").read_text())["global_step"] > 0
-    assert np.isfinite(metrics(two)["rating"]["rmse"])

@@ -287,9 +287,10 @@ class TorchRecStrategy(DDPStrategy):
         invalidate_embedding_caches(self.dmp)
         tensors = {"model": {theirs: ours[key] for key, theirs in tables.items()}}
         ckpt.load_tensors(path, tensors, self.process_group)
-        self.dmp.load_state_dict(
-            {key: tensors["model"][theirs] for key, theirs in tables.items()}, strict=False
-        )
+        # the whole state dict back: TorchRec's sharded collections look up each of their tables
+        # in it (a partial one raised KeyError for a table not named)
+        ours.update({key: tensors["model"][theirs] for key, theirs in tables.items()})
+        self.dmp.load_state_dict(ours)
 
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
         assert self._checkpoint_to_load is not None
