@@ -50,7 +50,8 @@ def sessions(tmp_path_factory) -> dict[str, Path]:
 
 def overrides(sessions, name: str) -> list[str]:
     return [
-        f"--data.prepare.source={sessions['source']}", f"--data.path={sessions['root'] / ('data-' + name)}",
+        # one data set for every model: the recipe (data.prepare) is the same, only the reading differs
+        f"--data.prepare.source={sessions['source']}", f"--data.path={sessions['root'] / 'data'}",
         f"--run_dir={sessions['root'] / name}", "--trainer.progress_bar=false", *MODELS[name],
     ]  # fmt: skip
 
