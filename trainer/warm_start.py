@@ -147,6 +147,9 @@ class WarmStart(L.Callback):
         if trainer.ckpt_path is not None:
             return
         trainer.strategy.warm_start(self.path)
+        ids = getattr(pl_module, "dynamic_ids", None)
+        if ids is not None:  # this run's epochs count their own ids (the source's epoch 0 is not ours)
+            ids.epoch.fill_(-1)
         if trainer.is_global_zero:
             print(
                 f"[towerrec] warm start from {self.path} (tables, dense weights, optimizer state)", flush=True
