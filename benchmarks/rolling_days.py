@@ -176,7 +176,9 @@ def write_report(
     lines = [
         "# Day-by-day training on a drifting log: frozen vocabulary, hashing, dynamic ids",
         "",
-        f"`python -m benchmarks.rolling_days --days {args.days} --rows-per-day {args.rows_per_day} --epochs {args.epochs}` · "
+        f"`python -m benchmarks.rolling_days --days {args.days} --rows-per-day {args.rows_per_day} --epochs {args.epochs}"
+        f"{f' --capacity {args.capacity}' if args.capacity != 8_000 else ''}"
+        f"{f' --variants {args.variants!r}' if args.variants != 'frozen vocabulary,hashing,dynamic ids' else ''}` · "
         f"commit {commit} · {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · {os.cpu_count()} CPUs, "
         f"{args.threads} torch threads per run · load average {os.getloadavg()[0]:.1f} at the end · {elapsed / 60:.1f} min",
         "",
