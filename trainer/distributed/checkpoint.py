@@ -46,7 +46,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from towerrec.trainer.errors import CheckpointError, naming
+from towerrec.trainer.errors import CheckpointError
+from towerrec.trainer.run_folder import write_whole
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -280,18 +281,8 @@ class _ChecksummingWriter(dcp.FileSystemWriter):
 
 
 def _write_json(path: Path, tree: Any, text: str | None = None) -> None:
-    """Writes ``path`` whole or not at all (beside, synced, renamed): a crash or a full disk leaves
-    the previous version (or nothing)."""
-    partial = path.with_name(path.name + ".tmp")
-    try:
-        with open(partial, "w") as f:
-            f.write(json.dumps(tree) if text is None else text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as err:
-        partial.unlink(missing_ok=True)
-        raise naming(err, path) from err
+    """Writes ``path`` whole or not at all (``run_folder.write_whole``)."""
+    write_whole(path, json.dumps(tree) if text is None else text)
 
 
 def _rank_and_world(process_group) -> tuple[int, int]:
